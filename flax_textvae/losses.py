@@ -1,0 +1,224 @@
+"""Pure loss functions for text VAEs: token NLL, Gaussian KL, free bits, KL constraint, ELBO assembly.
+
+Everything here is a pure, jit-able function of arrays (DESIGN §4, §6). Only jax is imported, so users can
+``import flax_textvae.losses`` into their own training code.
+
+Conventions:
+  * ``B`` batch, ``T`` target length, ``V`` vocabulary, ``Dz`` latent size.
+  * The reconstruction term is the per-example SUM of token NLLs, averaged over EXAMPLES -- never over padded
+    positions (DESIGN §7.3). Averages over padded final batches are exact through ``example_weight``.
+  * All arithmetic is done in float32 whatever the input dtype.
+"""
+from typing import Any, Dict, Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Scalar = Union[float, Array]
+
+KINDS = ("elbo", "free_bits", "constraint")
+FREE_BITS_MODES = ("per_example", "batch")
+
+
+def _safe_div(num: Array, den: Array) -> Array:
+    """num / den, and 0 where den == 0 (NaN-free in value and gradient)."""
+    ok = den > 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+def _weighted_mean(x: Array, example_weight: Optional[Array]) -> Array:
+    """Mean over the leading axis of ``x`` [B, ...], weighted by ``example_weight`` [B] when given."""
+    if example_weight is None:
+        return jnp.mean(x, axis=0)
+    ew = jnp.asarray(example_weight, jnp.float32)
+    w = ew.reshape((-1,) + (1,) * (x.ndim - 1))
+    total = jnp.sum(jnp.where(w > 0, x * w, 0.0), axis=0)
+    return _safe_div(total, jnp.sum(ew))
+
+
+def gaussian_kl(mean: Array, logvar: Array) -> Array:
+    """Per-dimension KL( N(mean, exp(logvar)) || N(0, 1) ), in closed form.
+
+    Args:
+      mean: posterior means, shape [..., Dz].
+      logvar: posterior log-variances, same shape as ``mean``.
+
+    Returns:
+      float32 array [..., Dz]: ``0.5 * (mean**2 + exp(logvar) - 1 - logvar)``, >= 0.
+    """
+    mean = jnp.asarray(mean, jnp.float32)
+    logvar = jnp.asarray(logvar, jnp.float32)
+    return 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+
+
+def token_nll(logits: Array, targets: Array, weights: Array) -> Array:
+    """Per-example summed negative log-likelihood of the target tokens.
+
+    Positions with ``weights == 0`` (padding) do not influence the value or the gradient, even when their
+    logits are huge, inf or NaN, and their targets may be any integer (e.g. -100).
+
+    Args:
+      logits: decoder logits [B, T, V] (any float dtype; log-softmax is taken in float32).
+      targets: target token ids [B, T], integer.
+      weights: per-token weights [B, T]; 1 on real tokens (EOS included), 0 on padding.
+
+    Returns:
+      float32 [B]: ``sum_t weights[b, t] * -log softmax(logits[b, t])[targets[b, t]]``.
+    """
+    weights = jnp.asarray(weights, jnp.float32)
+    valid = weights > 0
+    logits = jnp.where(valid[..., None], logits.astype(jnp.float32), 0.0)
+    targets = jnp.where(valid, targets, 0).astype(jnp.int32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, -target_logp * weights, 0.0), axis=-1)
+
+
+def free_bits(kl: Array, threshold: Scalar, mode: str = "per_example",
+              example_weight: Optional[Array] = None) -> Array:
+    """Free bits / KL thresholding with a per-dimension floor ``lambda = threshold``.
+
+    Args:
+      kl: per-dimension KL [B, Dz] (e.g. from :func:`gaussian_kl`).
+      threshold: lambda, nats per latent dimension; a scalar or a [Dz] array.
+      mode: ``'per_example'`` (Park & Lee 2021): value[b] = sum_d max(kl[b, d], lambda); gradient 1 where
+        kl[b, d] > lambda, else 0.
+        ``'batch'`` (Kingma et al. 2016; Li et al. 2019): with m_d = mean_b kl[b, d] (weighted by
+        ``example_weight`` when given), value[b] = sum_d (kl[b, d] if m_d > lambda else lambda), so the
+        (weighted) mean over b equals sum_d max(m_d, lambda); dimensions whose batch mean is under the floor
+        get zero gradient, the others the plain gradient of the mean.
+      example_weight: optional [B] row weights (0 for filler rows); only used by ``'batch'`` to form m_d.
+
+    Returns:
+      float32 [B] per-example values; average them (with the same ``example_weight``) for the loss term.
+
+    Raises:
+      ValueError: if ``mode`` is not one of ``'per_example'``, ``'batch'``.
+    """
+    if mode not in FREE_BITS_MODES:
+        raise ValueError(f"free_bits mode must be one of {FREE_BITS_MODES}, got {mode!r}")
+    kl = jnp.asarray(kl, jnp.float32)
+    lam = jnp.asarray(threshold, jnp.float32)
+    if mode == "per_example":
+        above = kl > lam
+    else:
+        above = (_weighted_mean(kl, example_weight) > lam)[None, :]
+    return jnp.sum(jnp.where(above, kl, jnp.broadcast_to(lam, kl.shape)), axis=-1)
+
+
+def kl_constraint(kl: Array, target: Scalar, beta: Scalar = 1.0,
+                  example_weight: Optional[Array] = None) -> Array:
+    """Prokhorov et al. (2019) KL constraint ``beta * |mean_b kl[b] - C|``.
+
+    Args:
+      kl: per-example total KL [B] (sum over latent dimensions).
+      target: C, the KL (nats per example) the latent should carry; may come from a schedule.
+      beta: multiplier of the constraint.
+      example_weight: optional [B] row weights (0 for filler rows) for an exact mean.
+
+    Returns:
+      float32 scalar.
+    """
+    mean_kl = _weighted_mean(jnp.asarray(kl, jnp.float32), example_weight)
+    return jnp.asarray(beta, jnp.float32) * jnp.abs(mean_kl - jnp.asarray(target, jnp.float32))
+
+
+def vae_loss(logits: Array, targets: Array, weights: Array, mean: Array, logvar: Array, *,
+             kind: str = "elbo", weight: Scalar = 1.0, threshold: Scalar = 0.0,
+             free_bits_mode: str = "per_example", target: Scalar = 0.0, beta: Scalar = 1.0,
+             example_weight: Optional[Array] = None) -> Tuple[Array, Dict[str, Any]]:
+    """Assembles the text-VAE objective ``loss = mean_x rec(x) + KL_term`` (DESIGN §6).
+
+    ``rec(x)`` is the summed token NLL of example x; the mean is over examples (weighted by
+    ``example_weight``). ``KL_term`` depends on ``kind``:
+
+      * ``'elbo'``: ``weight * mean_x sum_d kl_d(x)`` (plain or annealed ELBO).
+      * ``'free_bits'``: ``weight * mean_x free_bits(kl(x), threshold, free_bits_mode)``.
+      * ``'constraint'``: ``beta * |mean_x sum_d kl_d(x) - target|`` (``weight`` is not used).
+
+    ``weight``, ``threshold``, ``target`` and ``beta`` may be traced scalars (e.g. schedule values at the
+    current step); ``kind`` and ``free_bits_mode`` are static Python strings.
+
+    Args:
+      logits: decoder logits [B, T, V].
+      targets: target ids [B, T].
+      weights: token weights [B, T]; 1 on real target tokens (EOS included), 0 on padding.
+      mean: posterior means [B, Dz].
+      logvar: posterior log-variances [B, Dz].
+      kind: ``'elbo'``, ``'free_bits'`` or ``'constraint'``.
+      weight: KL weight (beta of the annealed ELBO) for ``'elbo'`` and ``'free_bits'``.
+      threshold: free-bits floor lambda per latent dimension (``'free_bits'`` only).
+      free_bits_mode: ``'per_example'`` or ``'batch'`` (see :func:`free_bits`).
+      target: the constraint's C in nats per example (``'constraint'`` only).
+      beta: the constraint's multiplier (``'constraint'`` only).
+      example_weight: optional [B] row weights; 0 for filler rows of a padded final batch. Rows with weight 0
+        have no effect on any value or gradient, whatever their contents.
+
+    Returns:
+      ``(loss, aux)``: ``loss`` a float32 scalar; ``aux`` a dict of float32 scalars:
+        ``loss``; ``rec`` mean summed NLL per example; ``kl`` mean total KL per example (unclamped);
+        ``neg_elbo`` = rec + kl; ``kl_term`` the KL part of the loss; ``kl_weight`` the multiplier applied
+        (``weight``, or ``beta`` for ``'constraint'``); ``kl_target`` (``target`` for ``'constraint'``, else 0);
+        ``num_examples`` sum of example weights; ``num_tokens`` sum of token weights over real rows;
+        ``rec_sum`` and ``kl_sum`` weighted sums over examples (for exact aggregation over many batches);
+        ``nll_per_token`` = rec_sum / num_tokens.
+
+    Raises:
+      ValueError: for an unknown ``kind`` or ``free_bits_mode``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"vae_loss kind must be one of {KINDS}, got {kind!r}")
+    if free_bits_mode not in FREE_BITS_MODES:
+        raise ValueError(f"free_bits_mode must be one of {FREE_BITS_MODES}, got {free_bits_mode!r}")
+    batch = targets.shape[0]
+    if example_weight is None:
+        ew = jnp.ones((batch,), jnp.float32)
+    else:
+        ew = jnp.asarray(example_weight, jnp.float32)
+    row = ew > 0
+    # Isolate filler rows in the inputs themselves, so they cannot leak NaN/inf into values or gradients.
+    weights = jnp.where(row[:, None], jnp.asarray(weights, jnp.float32), 0.0)
+    mean = jnp.where(row[:, None], jnp.asarray(mean, jnp.float32), 0.0)
+    logvar = jnp.where(row[:, None], jnp.asarray(logvar, jnp.float32), 0.0)
+
+    nll = token_nll(logits, targets, weights)  # [B]
+    kl_dim = gaussian_kl(mean, logvar)  # [B, Dz]
+    kl = jnp.sum(kl_dim, axis=-1)  # [B]
+
+    num_examples = jnp.sum(ew)
+    num_tokens = jnp.sum(ew * jnp.sum(weights, axis=-1))
+    rec_sum = jnp.sum(ew * nll)
+    kl_sum = jnp.sum(ew * kl)
+    rec = _safe_div(rec_sum, num_examples)
+    kl_mean = _safe_div(kl_sum, num_examples)
+
+    weight = jnp.asarray(weight, jnp.float32)
+    beta = jnp.asarray(beta, jnp.float32)
+    if kind == "elbo":
+        kl_term = weight * kl_mean
+        kl_weight, kl_target = weight, jnp.zeros((), jnp.float32)
+    elif kind == "free_bits":
+        fb = free_bits(kl_dim, threshold, free_bits_mode, example_weight=ew)
+        kl_term = weight * _safe_div(jnp.sum(ew * fb), num_examples)
+        kl_weight, kl_target = weight, jnp.zeros((), jnp.float32)
+    else:
+        kl_term = kl_constraint(kl, target, beta, example_weight=ew)
+        kl_weight, kl_target = beta, jnp.asarray(target, jnp.float32)
+
+    loss = rec + kl_term
+    aux = {
+        "loss": loss,
+        "rec": rec,
+        "kl": kl_mean,
+        "neg_elbo": rec + kl_mean,
+        "kl_term": kl_term,
+        "kl_weight": kl_weight,
+        "kl_target": kl_target,
+        "num_examples": num_examples,
+        "num_tokens": num_tokens,
+        "rec_sum": rec_sum,
+        "kl_sum": kl_sum,
+        "nll_per_token": _safe_div(rec_sum, num_tokens),
+    }
+    return loss, aux
