@@ -1,0 +1,253 @@
+"""Reading raw text examples from plain text files or TFDS array_record data sets.
+
+A *spec* names where the examples come from:
+
+* a path to a UTF-8 text file, one example per line (``data/ptb/train.txt``); with ``column=k`` each line
+  is split on tabs and column ``k`` (0-based) is the example;
+* ``synthetic:N[:SEED]``: ``N`` sentences of the built-in grammar (``synthetic.synthetic_sentences``,
+  seed 0 by default); a held-out split is another seed, e.g. ``synthetic:500:1``;
+* ``tfds:NAME[/CONFIG][:SPLIT]`` (``tfds:text_vae_corpora/ptb:valid``), read with ``tfds.data_source``
+  from a data set already prepared in the ``array_record`` file format (random access, no TensorFlow).
+  ``SPLIT`` defaults to ``train``; the data directory is the ``data_dir`` argument, else the environment
+  variable ``TFDS_DATA_DIR``, else TFDS's default (``~/tensorflow_datasets``). Nothing is downloaded.
+
+Bad input is handled as follows (the behaviour is part of the API):
+
+* a missing file raises ``FileNotFoundError`` naming the path;
+* a TFDS name that is unknown or not prepared raises ``ValueError`` saying how to prepare it;
+* leading/trailing whitespace is stripped; lines that are then empty are skipped and counted
+  (``stats['empty_skipped']``);
+* a line that is not valid UTF-8 is, by default (``on_decode_error='skip'``), skipped and counted
+  (``stats['undecodable_skipped']``), its ``file:line`` recorded in ``stats['undecodable_locations']``
+  (first 20) and reported in ONE ``UnicodeWarning`` per file; with ``on_decode_error='raise'`` the first
+  such line raises ``ValueError`` naming ``file:line``.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import warnings
+from typing import Any, Sequence
+
+TFDS_PREFIX = "tfds:"
+SYNTHETIC_PREFIX = "synthetic:"
+DEFAULT_TEXT_FIELDS = ("text", "sentence")
+_MAX_LOCATIONS = 20
+_READ_CHUNK = 4096
+
+
+def _new_stats() -> dict[str, Any]:
+    return {"lines_read": 0, "empty_skipped": 0, "undecodable_skipped": 0, "undecodable_locations": [],
+            "examples": 0}
+
+
+def read_examples(spec: str | os.PathLike, *, column: int | None = None, max_examples: int | None = None,
+                  data_dir: str | os.PathLike | None = None, text_field: str | None = None,
+                  on_decode_error: str = "skip") -> tuple[list[str], dict[str, Any]]:
+    """Reads text examples from a text file or a TFDS array_record data set.
+
+    Args:
+      spec: a text file path, ``'synthetic:N[:SEED]'`` or ``'tfds:NAME[/CONFIG][:SPLIT]'``.
+      column: for text files, the 0-based index of the tab-separated column holding the text
+        (None: the whole line). A line with too few columns raises ``ValueError`` naming ``file:line``.
+      max_examples: stop after this many (non-empty, decodable) examples; None reads everything.
+      data_dir: TFDS data directory (default: ``$TFDS_DATA_DIR``, else TFDS's default).
+      text_field: TFDS feature holding the text (default: the first of 'text', 'sentence' present).
+      on_decode_error: 'skip' (default; skip, count and warn with file:line) or 'raise'.
+
+    Returns:
+      (texts, stats): the examples as stripped ``str`` in source order, and a dict with
+      ``lines_read`` (records looked at, empty and undecodable included), ``empty_skipped``,
+      ``undecodable_skipped``, ``undecodable_locations`` (up to 20 ``'file:line'`` strings) and
+      ``examples`` (== len(texts)).
+
+    Raises:
+      FileNotFoundError: the text file does not exist.
+      ValueError: unknown / unprepared TFDS data set, unknown split or field, bad column, or an
+        undecodable line with ``on_decode_error='raise'``.
+    """
+    if on_decode_error not in ("skip", "raise"):
+        raise ValueError(f"on_decode_error must be 'skip' or 'raise', got {on_decode_error!r}")
+    if max_examples is not None and max_examples < 0:
+        raise ValueError(f"max_examples must be >= 0 or None, got {max_examples}")
+    spec_str = os.fspath(spec)
+    if spec_str.startswith(SYNTHETIC_PREFIX):
+        return _read_synthetic(spec_str, max_examples=max_examples)
+    if spec_str.startswith(TFDS_PREFIX):
+        if column is not None:
+            raise ValueError(f"column={column} only applies to text files, not to {spec_str!r}; "
+                             "use text_field= to pick the TFDS feature")
+        return _read_tfds(spec_str, max_examples=max_examples, data_dir=data_dir, text_field=text_field,
+                          on_decode_error=on_decode_error)
+    return _read_text_file(spec_str, column=column, max_examples=max_examples,
+                           on_decode_error=on_decode_error)
+
+
+def _accept(text: str, stats: dict[str, Any], texts: list[str]) -> None:
+    text = text.strip()
+    if text:
+        texts.append(text)
+    else:
+        stats["empty_skipped"] += 1
+
+
+def _undecodable(where: str, err: UnicodeDecodeError, stats: dict[str, Any], on_decode_error: str) -> None:
+    if on_decode_error == "raise":
+        raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start}); fix or remove the "
+                         "line, or pass on_decode_error='skip' to skip such lines") from err
+    stats["undecodable_skipped"] += 1
+    if len(stats["undecodable_locations"]) < _MAX_LOCATIONS:
+        stats["undecodable_locations"].append(where)
+
+
+def _warn_undecodable(source: str, stats: dict[str, Any]) -> None:
+    n = stats["undecodable_skipped"]
+    if n:
+        shown = ", ".join(stats["undecodable_locations"][:5])
+        more = f" and {n - 5} more" if n > 5 else ""
+        warnings.warn(f"{source}: skipped {n} line(s) that are not valid UTF-8: {shown}{more}",
+                      UnicodeWarning, stacklevel=3)
+
+
+def _read_text_file(path: str, *, column: int | None, max_examples: int | None,
+                    on_decode_error: str) -> tuple[list[str], dict[str, Any]]:
+    p = pathlib.Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"text file {str(p)!r} does not exist (resolved: {p.resolve()}); give a path "
+                                "to a UTF-8 file with one example per line, or 'tfds:NAME[/CONFIG][:SPLIT]'")
+    if p.is_dir():
+        raise ValueError(f"{str(p)!r} is a directory; give a text file with one example per line")
+    if column is not None and column < 0:
+        raise ValueError(f"column must be >= 0, got {column}")
+    stats = _new_stats()
+    texts: list[str] = []
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if max_examples is not None and len(texts) >= max_examples:
+                break
+            stats["lines_read"] += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                _undecodable(f"{p}:{lineno}", err, stats, on_decode_error)
+                continue
+            if lineno == 1:
+                line = line.lstrip("\ufeff")  # byte-order mark
+            line = line.rstrip("\r\n")
+            if column is not None:
+                fields = line.split("\t")
+                if not line.strip():
+                    fields = [""] * (column + 1)  # an empty line is empty, not malformed
+                if column >= len(fields):
+                    raise ValueError(f"{p}:{lineno}: has {len(fields)} tab-separated column(s), column={column} "
+                                     "asked for; fix the line or choose another column")
+                line = fields[column]
+            _accept(line, stats, texts)
+    stats["examples"] = len(texts)
+    _warn_undecodable(str(p), stats)
+    return texts, stats
+
+
+def _read_synthetic(spec: str, *, max_examples: int | None) -> tuple[list[str], dict[str, Any]]:
+    from flax_textvae.data.synthetic import synthetic_sentences
+
+    parts = spec[len(SYNTHETIC_PREFIX):].split(":")
+    try:
+        if not 1 <= len(parts) <= 2:
+            raise ValueError
+        n, seed = int(parts[0]), int(parts[1]) if len(parts) == 2 else 0
+        if n < 0 or seed < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"bad synthetic spec {spec!r}; expected 'synthetic:N[:SEED]' with integers >= 0, "
+                         "e.g. 'synthetic:20000' or 'synthetic:500:1'") from None
+    texts = synthetic_sentences(n if max_examples is None else min(n, max_examples), seed)
+    stats = _new_stats()
+    stats["lines_read"] = stats["examples"] = len(texts)
+    return texts, stats
+
+
+def parse_tfds_spec(spec: str) -> tuple[str, str]:
+    """Splits ``'tfds:NAME[/CONFIG][:SPLIT]'`` into (``'NAME[/CONFIG]'``, split); split defaults to 'train'."""
+    body = spec[len(TFDS_PREFIX):] if spec.startswith(TFDS_PREFIX) else spec
+    name, _, split = body.partition(":")
+    name, split = name.strip(), (split.strip() or "train")
+    if not name or name.count("/") > 1 or ":" in split:
+        raise ValueError(f"bad TFDS spec {spec!r}; expected 'tfds:NAME[/CONFIG][:SPLIT]', "
+                         "e.g. 'tfds:text_vae_corpora/ptb:valid'")
+    return name, split
+
+
+def _prepare_hint(name: str, data_dir: str | None) -> str:
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    base = name.split("/")[0]
+    if base == "text_vae_corpora":
+        config = name.split("/")[1] if "/" in name else "ptb"
+        return (f"prepare it with: python -m flax_textvae.data.textvae_corpora --config={config} "
+                f"--manual_dir=DIR_WITH_{config}/{{train,valid,test}}.txt --data_dir={where} "
+                "(array_record format; see flax_textvae/data/textvae_corpora.py)")
+    return (f"prepare it in the array_record format (random access, no TensorFlow at run time), e.g. "
+            f"tfds.builder('{name}', data_dir='{where}', file_format='array_record').download_and_prepare() "
+            f"or, where TensorFlow is installed, `tfds build {base} --file_format=array_record "
+            f"--data_dir={where}`; then pass data_dir= or set TFDS_DATA_DIR")
+
+
+def _read_tfds(spec: str, *, max_examples: int | None, data_dir: str | os.PathLike | None,
+               text_field: str | None, on_decode_error: str) -> tuple[list[str], dict[str, Any]]:
+    name, split = parse_tfds_spec(spec)
+    data_dir = os.fspath(data_dir) if data_dir is not None else os.environ.get("TFDS_DATA_DIR") or None
+    import tensorflow_datasets as tfds  # lazy: only TFDS specs pay for the import
+
+    if name.split("/")[0] == "text_vae_corpora":
+        from flax_textvae.data import textvae_corpora  # noqa: F401  (registers the builder)
+    where = data_dir or "TFDS's default data dir"
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except tfds.core.registered.DatasetNotFoundError as err:
+        raise ValueError(f"{spec!r}: TFDS data set {name!r} is not known and not prepared in {where}; "
+                         f"{_prepare_hint(name, data_dir)}") from err
+    except (AssertionError, NotImplementedError, FileNotFoundError) as err:
+        raise ValueError(f"{spec!r}: TFDS data set {name!r} is not prepared as array_record in {where} "
+                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                         f"{_prepare_hint(name, data_dir)}") from err
+    except ValueError as err:
+        if "split" in str(err).lower():
+            raise ValueError(f"{spec!r}: {err}") from err
+        raise ValueError(f"{spec!r}: {err}; {_prepare_hint(name, data_dir)}") from err
+
+    features = getattr(getattr(source, "dataset_info", None), "features", None)
+    keys: Sequence[str] = list(features.keys()) if features is not None and hasattr(features, "keys") else []
+    field = text_field
+    if field is None:
+        field = next((k for k in DEFAULT_TEXT_FIELDS if k in keys), None)
+        if field is None and keys:
+            raise ValueError(f"{spec!r}: none of the default text fields {DEFAULT_TEXT_FIELDS} among the "
+                             f"features {list(keys)}; pass text_field=")
+        field = field or DEFAULT_TEXT_FIELDS[0]
+    elif keys and field not in keys:
+        raise ValueError(f"{spec!r}: text_field {field!r} not among the features {list(keys)}")
+
+    stats = _new_stats()
+    texts: list[str] = []
+    n = len(source)
+    for start in range(0, n, _READ_CHUNK):
+        if max_examples is not None and len(texts) >= max_examples:
+            break
+        records = source.__getitems__(list(range(start, min(n, start + _READ_CHUNK))))
+        for offset, record in enumerate(records):
+            if max_examples is not None and len(texts) >= max_examples:
+                break
+            stats["lines_read"] += 1
+            value = record[field] if isinstance(record, dict) else record
+            if hasattr(value, "item") and not isinstance(value, (bytes, str)):
+                value = value.item()
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    _undecodable(f"{spec}:{start + offset}", err, stats, on_decode_error)
+                    continue
+            _accept(str(value), stats, texts)
+    stats["examples"] = len(texts)
+    _warn_undecodable(spec, stats)
+    return texts, stats
