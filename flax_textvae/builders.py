@@ -1,0 +1,203 @@
+"""Config -> everything a run needs: backbone, tokenizer, TextVAE, data iterators, decoding helpers.
+
+``build_run(config, workdir)`` is shared by training, evaluation and the inference API, so all three see
+the same tokenizer, special ids and batch layout. The backbone's ``config.json`` and tokenizer are copied
+into ``WORKDIR/model/`` on the first run; evaluation and ``TextVAE.load`` rebuild the module from there
+(no hub access needed after training).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_textvae import data as data_lib
+from flax_textvae import models
+from flax_textvae.vae import TextVAE
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def split_name(spec: str) -> str:
+    """Default eval name of a split spec: 'a/test.txt' -> 'test', 'tfds:x/y:validation' -> 'validation'."""
+    if spec.startswith("tfds:"):
+        return spec.rsplit(":", 1)[-1] if spec.count(":") >= 2 else "train"
+    if spec.startswith("synthetic:"):
+        return "synthetic"
+    return os.path.splitext(os.path.basename(spec))[0]
+
+
+def _scratch_config(cfg, tokenizer, max_length: int):
+    """A transformers config for a from-scratch backbone sized by ``config.model.scratch``."""
+    import transformers
+
+    s = cfg.model.scratch
+    if s.d_model % s.num_heads:
+        raise ValueError(f"model.scratch.d_model={s.d_model} must be divisible by num_heads={s.num_heads}")
+    common = dict(vocab_size=len(tokenizer), d_model=s.d_model, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    if s.family == "bart":
+        return transformers.BartConfig(
+            **common, encoder_layers=s.num_layers, decoder_layers=s.num_layers,
+            encoder_attention_heads=s.num_heads, decoder_attention_heads=s.num_heads,
+            encoder_ffn_dim=s.ffn_dim, decoder_ffn_dim=s.ffn_dim, max_position_embeddings=max_length + 8,
+            dropout=s.dropout, attention_dropout=0.0, activation_dropout=0.0, bos_token_id=tokenizer.bos_token_id,
+            decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=tokenizer.bos_token_id,
+            scale_embedding=False, tie_word_embeddings=True)
+    if s.family == "t5":
+        return transformers.T5Config(
+            **common, d_kv=s.d_model // s.num_heads, d_ff=s.ffn_dim, num_layers=s.num_layers,
+            num_decoder_layers=s.num_layers, num_heads=s.num_heads, dropout_rate=s.dropout,
+            feed_forward_proj="relu", decoder_start_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    raise ValueError(f"model.scratch.family={s.family!r}; choose 'bart' or 't5'")
+
+
+@dataclasses.dataclass
+class Run:
+    """What training, evaluation and inference share."""
+
+    config: Any
+    model: TextVAE
+    tokenizer: Any
+    tokenizer_name: str
+    backbone_params: Any  # pretrained backbone parameters (None for from-scratch or eval-only)
+    pad_id: int
+    eos_id: int
+    mask_id: int
+    unk_id: int
+    special_ids: tuple
+    prompt: tuple  # forced decoder prefix: (decoder_start,) or (decoder_start, bos)
+    max_length: int
+    vocab_size: int
+    train_iter: Any = None
+    eval_batches: Callable[[], Iterator[dict]] | None = None
+    eval_spec: str = ""
+    eval_texts: list = dataclasses.field(default_factory=list)
+
+    def init_params(self, key: jax.Array):
+        """Random VAE parameters, with the pretrained backbone dropped in when there is one."""
+        b, s = 2, 8
+        ids = jnp.ones((b, s), jnp.int32)
+        params = jax.jit(lambda k: self.model.init({"params": k}, ids, ids, ids, sample=False)["params"])(key)
+        if self.backbone_params is not None:
+            models.loading.check_params(self.backbone_params, params["backbone"], "pretrained backbone")
+            params = dict(params, backbone=self.backbone_params)
+        return params
+
+    def encode_texts(self, params, texts: list[str]):
+        """(mean, logvar) numpy ``[N, Dz]`` for raw texts."""
+        ids, _ = data_lib.encode_texts(self.tokenizer, list(texts), self.max_length)
+        batch = data_lib.collate(ids, pad_id=self.pad_id, decoder_start_id=self.prompt[0],
+                                 bos_id=self.prompt[1] if len(self.prompt) > 1 else None)
+        mean, logvar = self.model.apply({"params": params}, jnp.asarray(batch["input_ids"]),
+                                        jnp.asarray(batch["attention_mask"]), method=TextVAE.encode)
+        return np.asarray(mean), np.asarray(logvar)
+
+    def greedy(self, params, z, *, max_length: int | None = None) -> np.ndarray:
+        """Greedy token ids ``[N, L]`` decoded from latent codes ``z [N, Dz]``."""
+        from flax_textvae import decoding
+
+        return decoding.decode_from_z(self.model, params, jnp.asarray(z), prompt=self.prompt, eos_id=self.eos_id,
+                                      pad_id=self.pad_id, max_length=max_length or self.max_length,
+                                      method="greedy")
+
+    def detokenize(self, ids) -> list[str]:
+        """Token ids -> text, special tokens and padding dropped."""
+        return [t.strip() for t in self.tokenizer.batch_decode(np.asarray(ids).tolist(), skip_special_tokens=True)]
+
+
+def _model_folder(workdir: str) -> str:
+    return os.path.join(workdir, "model")
+
+
+def _load_backbone(config, workdir: str, train: bool, train_texts: list[str] | None):
+    """(module, pretrained params or None, hf config, tokenizer, tokenizer name)."""
+    import transformers
+
+    dtype = DTYPES.get(config.model.dtype)
+    if dtype is None:
+        raise ValueError(f"model.dtype={config.model.dtype!r}; choose one of {sorted(DTYPES)}")
+    folder = _model_folder(workdir)
+    saved = os.path.isfile(os.path.join(folder, "config.json"))
+    main = jax.process_index() == 0
+    if saved and not (train and config.model.name_or_path != "scratch"):
+        hf_config = transformers.AutoConfig.from_pretrained(folder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        return models.build_module(hf_config, dtype), None, hf_config, tokenizer, folder
+    if not train:
+        raise FileNotFoundError(f"{folder} has no config.json: {workdir} is not a trained run's workdir")
+    if config.model.name_or_path == "scratch":
+        tokenizer = data_lib.train_word_tokenizer(
+            train_texts, os.path.join(folder, "_tok_tmp") if not main else folder,
+            family=config.model.scratch.family, vocab_size=config.model.scratch.vocab_size,
+            min_freq=config.model.scratch.min_freq)
+        hf_config = _scratch_config(config, tokenizer, config.data.max_length)
+        if main:
+            hf_config.save_pretrained(folder)
+        return models.build_module(hf_config, dtype), None, hf_config, tokenizer, f"word-level ({folder})"
+    pre = models.load_pretrained(config.model.name_or_path, dtype=dtype)
+    if main:
+        pre.config.save_pretrained(folder)
+        pre.tokenizer.save_pretrained(folder)
+    return pre.module, pre.params, pre.config, pre.tokenizer, config.model.name_or_path
+
+
+def _special(tokenizer) -> dict:
+    ids = {k: getattr(tokenizer, f"{k}_token_id", None) for k in ("pad", "eos", "bos", "unk", "mask")}
+    if ids["pad"] is None or ids["eos"] is None:
+        raise ValueError("the tokenizer needs pad and eos tokens")
+    return ids
+
+
+def build_run(config, workdir: str, *, train: bool = True, eval_spec: str | None = None,
+              eval_batch_size: int | None = None, with_eval: bool = True) -> Run:
+    """Builds the model, tokenizer and data for ``config``.
+
+    Args:
+      config: the run's ConfigDict.
+      workdir: the run's directory (``WORKDIR/model`` is written on the first training run).
+      train: also build the training iterator (and the backbone from ``model.name_or_path``); False for
+        evaluation / inference, which rebuild the backbone from ``WORKDIR/model``.
+      eval_spec: the split for ``eval_batches`` (default ``config.data.eval``).
+      eval_batch_size: default ``config.batch_size``.
+      with_eval: read and tokenize the eval split (False for the inference API).
+    """
+    data_cfg = config.data
+    column = None if data_cfg.column < 0 else data_cfg.column
+    read = lambda spec: data_lib.read_examples(spec, column=column, text_field=data_cfg.text_field,
+                                               data_dir=data_cfg.tfds_data_dir or None)
+    train_texts = read(data_cfg.train)[0] if train else None
+    module, backbone_params, hf_config, tokenizer, tok_name = _load_backbone(config, workdir, train, train_texts)
+    sp = _special(tokenizer)
+    bos_first = sp["bos"] is not None and tokenizer("a")["input_ids"][0] == sp["bos"]
+    start = getattr(hf_config, "decoder_start_token_id", None)
+    start = sp["eos"] if start is None else start
+    prompt = (start, sp["bos"]) if bos_first else (start,)
+    specials = tuple(sorted({i for i in sp.values() if i is not None}))
+    model = TextVAE(backbone=module, latent_size=config.vae.latent_size, pooling=config.vae.pooling,
+                    injection=tuple(s.strip() for s in config.vae.injection.split(",") if s.strip()),
+                    num_memory_slots=config.vae.num_memory_slots, dtype=DTYPES[config.model.dtype])
+    run = Run(config=config, model=model, tokenizer=tokenizer, tokenizer_name=tok_name,
+              backbone_params=backbone_params, pad_id=sp["pad"], eos_id=sp["eos"],
+              mask_id=sp["mask"] if sp["mask"] is not None else sp["unk"], unk_id=sp["unk"] if sp["unk"] is not None
+              else sp["pad"], special_ids=specials, prompt=prompt, max_length=data_cfg.max_length,
+              vocab_size=module.vocab_size)
+    batch_kw = dict(pad_id=run.pad_id, decoder_start_id=prompt[0], bos_id=prompt[1] if bos_first else None)
+    if train:
+        ids, _ = data_lib.encode_texts(tokenizer, train_texts, data_cfg.max_length)
+        run.train_iter = data_lib.TrainIterator(
+            ids, batch_size=config.batch_size, max_length=data_cfg.max_length, num_buckets=data_cfg.num_buckets,
+            seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(), **batch_kw)
+    if not with_eval:
+        return run
+    run.eval_spec = eval_spec or data_cfg.eval
+    run.eval_texts = read(run.eval_spec)[0]
+    eval_ids, _ = data_lib.encode_texts(tokenizer, run.eval_texts, data_cfg.max_length)
+    bs = eval_batch_size or config.batch_size
+    run.eval_batches = lambda: iter(data_lib.EvalIterator(
+        eval_ids, batch_size=bs, max_length=data_cfg.max_length, num_buckets=data_cfg.num_buckets, **batch_kw))
+    return run

@@ -1,0 +1,107 @@
+"""The config schema shared by every file in ``configs/``.
+
+``base_config()`` returns an unlocked ``ml_collections.ConfigDict`` holding every field the library reads,
+each with a comment; a file in ``configs/`` changes what it needs and returns ``config.lock()``-ed, so a
+mistyped ``--config.x=y`` override is an error rather than a silently ignored key.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# Parameter-path patterns (regular expressions matched with re.search against 'a/b/c' paths) frozen in
+# phase 1: the whole decoder side, including the embeddings it shares with the encoder and the LM head,
+# so phase 1 changes only the encoder and the latent layers (posterior heads and the z -> decoder
+# projections), as in Park & Lee 2021, §3.2.
+FREEZE_DECODER = (
+    r"^backbone/model/decoder/",  # BART decoder stack
+    r"^backbone/model/shared/",  # BART shared token embedding (also the tied LM head)
+    r"^backbone/final_logits_bias",  # BART
+    r"^backbone/decoder/",  # T5 decoder stack
+    r"^backbone/shared/",  # T5 shared token embedding
+    r"^backbone/lm_head/",  # untied LM heads (T5 v1.1, some BARTs)
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field the library reads, with its default."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name_or_path = "facebook/bart-base"  # hub id, local folder, or 'scratch' (build from model.scratch)
+    c.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
+    c.model.scratch = ml_collections.ConfigDict()  # used only when name_or_path == 'scratch'
+    c.model.scratch.family = "bart"  # 'bart' or 't5' architecture for the from-scratch model
+    c.model.scratch.d_model = 64  # hidden size
+    c.model.scratch.num_layers = 2  # encoder layers = decoder layers
+    c.model.scratch.num_heads = 4  # attention heads
+    c.model.scratch.ffn_dim = 128  # feed-forward inner size
+    c.model.scratch.dropout = 0.1  # dropout in the from-scratch model
+    c.model.scratch.vocab_size = 8000  # upper bound on the word tokenizer trained from data.train
+    c.model.scratch.min_freq = 1  # words rarer than this map to <unk>
+
+    c.vae = ml_collections.ConfigDict()
+    c.vae.latent_size = 32  # size of z
+    c.vae.pooling = "mean"  # 'mean' | 'max' | 'first' (masked: padding is never pooled)
+    c.vae.injection = "memory"  # comma-separated subset of memory,cross_attention,embedding
+    c.vae.num_memory_slots = 1  # slots projected from z for 'cross_attention'
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "synthetic:20000"  # text file, 'tfds:NAME[/CONFIG][:SPLIT]', or 'synthetic:N'
+    c.data.eval = "synthetic:500:1"  # held-out split, same forms (synthetic:N:SEED)
+    c.data.column = -1  # tab-separated column to read from text files (-1: the whole line)
+    c.data.text_field = "text"  # feature name for TFDS sources
+    c.data.tfds_data_dir = ""  # TFDS data_dir ('' = TFDS default / $TFDS_DATA_DIR)
+    c.data.max_length = 64  # tokens per example incl. specials; longer ones are truncated (counted)
+    c.data.num_buckets = 4  # length buckets = compiled shapes
+    c.data.eval_max_examples = 0  # cap on examples for the periodic in-training eval (0: whole split)
+
+    c.batch_size = 32  # global batch (examples), split over all devices and hosts
+    c.train_steps = 2000  # total optimizer steps over both phases
+    c.log_every = 50  # steps between metrics.jsonl / TensorBoard rows
+    c.eval_every = 500  # steps between evaluations on data.eval (0: only at the end)
+    c.checkpoint_every = 500  # steps between checkpoints
+    c.keep_checkpoints = 2  # how many recent checkpoints to keep (plus the best of phase 1)
+    c.seed = 0  # seeds parameters, data order and all noise
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-4  # peak learning rate (AdamW)
+    c.optimizer.warmup_steps = 100  # linear warm-up steps at the start of each phase
+    c.optimizer.decay = "linear"  # 'linear' | 'cosine' | 'constant' after warm-up, to the end of the phase
+    c.optimizer.weight_decay = 0.0  # decoupled weight decay
+    c.optimizer.grad_clip = 1.0  # global-norm gradient clipping (0: off)
+    c.optimizer.b1 = 0.9  # Adam beta1
+    c.optimizer.b2 = 0.999  # Adam beta2
+    c.optimizer.grad_accum_steps = 1  # micro-batches accumulated per optimizer step
+
+    c.phase1 = ml_collections.ConfigDict()
+    c.phase1.steps = 0  # encoder warm-up steps (KL weight 0, frozen decoder); 0 = single phase
+    c.phase1.frozen = FREEZE_DECODER  # regexes of parameter paths frozen in phase 1
+    c.phase1.select_by = "rec"  # phase 2 starts from the phase-1 checkpoint with the lowest eval 'rec'
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.kind = "elbo"  # 'elbo' (annealed) | 'free_bits' | 'constraint' (Prokhorov et al. 2019)
+    c.loss.free_bits = 0.0  # KL threshold lambda per latent dimension (nats), kind='free_bits'
+    c.loss.free_bits_mode = "per_example"  # 'per_example' (Park & Lee) | 'batch' (Kingma et al. 2016)
+    c.loss.beta = 1.0  # constraint strength, kind='constraint'
+    c.loss.target = 5.0  # target KL C (nats per example), kind='constraint'
+    c.loss.target_ramp_steps = 0  # steps to ramp C from 0 to target (0: constant)
+    c.loss.kl_schedule = ml_collections.ConfigDict()  # KL weight over phase-2 steps (elbo, free_bits)
+    c.loss.kl_schedule.kind = "linear"  # 'constant' | 'linear' | 'cyclical' | 'sigmoid'
+    c.loss.kl_schedule.value = 1.0  # final / maximum weight
+    c.loss.kl_schedule.start = 0.0  # initial weight (linear)
+    c.loss.kl_schedule.steps = 1000  # ramp length (linear), period (cyclical) or midpoint (sigmoid)
+    c.loss.kl_schedule.ratio_increase = 0.5  # fraction of each cycle spent increasing (cyclical)
+    c.loss.kl_schedule.steepness = 0.01  # slope of the sigmoid
+
+    c.denoise = ml_collections.ConfigDict()
+    c.denoise.delete_rate = 0.0  # max per-example encoder-input deletion rate p (rate ~ U(0, p))
+    c.denoise.mask_rate = 0.0  # max per-example encoder-input masking rate
+    c.denoise.word_dropout = 0.0  # decoder-input word dropout rate (Bowman et al. 2016)
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.mode = "mesh"  # 'mesh' (jit + NamedSharding) | 'pmap'
+    c.parallel.fsdp = 1  # devices on the 'fsdp' mesh axis sharding parameters + optimizer state
+    c.parallel.coordinator_address = ""  # 'host:port' for multi-host; '' = single host (or auto on TPU)
+    c.parallel.num_processes = 0  # multi-host: number of processes (0: let JAX detect)
+    c.parallel.process_id = -1  # multi-host: this process's id (-1: let JAX detect)
+    return c

@@ -1,0 +1,217 @@
+"""Held-out metrics over a whole split (DESIGN §5) and ``evaluate(config, workdir, ...)`` for run_eval.py.
+
+Per example x (``T(x)`` = real target tokens, EOS counted, padding and BOS not):
+
+* ``rec``: -log p(x|z), one z ~ q(z|x); ``kl``: closed-form KL(q(z|x) || N(0, I)).
+* ``nll``: importance-weighted -log p(x) with K samples from q, drawn ``chunk`` at a time and combined with
+  an exact running log-sum-exp (the encoder runs once per example).
+* ``mi`` and ``au`` over the whole split, from every example's posterior (not per batch).
+* ``bleu``: corpus BLEU of greedy reconstructions from z = mean.
+
+Every random draw is keyed by the example's index in the split, so results do not depend on the batch size,
+on the bucket an example lands in, or on the number of devices; the same seed gives the same numbers.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_textvae import losses, metrics
+from flax_textvae.vae import TextVAE
+
+_LOGITS_BUDGET = 2**28  # floats of logits one IW chunk may hold (1 GiB in float32)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(model: TextVAE):
+    """Jitted per-batch functions for ``model`` (built once per model; compiled once per bucket shape)."""
+    hit = _COMPILED.get(id(model))
+    if hit is not None and hit[0] is model:
+        return hit[1]
+    fns = _build(model)
+    _COMPILED[id(model)] = (model, fns)
+    return fns
+
+
+def _build(model: TextVAE):
+
+    def posterior(params, batch):
+        return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], method=TextVAE.encode)
+
+    def log_px(params, z, batch, reps):
+        rep = lambda x: jnp.repeat(x, reps, axis=0)
+        logits = model.apply({"params": params}, z, rep(batch["decoder_input_ids"]), method=TextVAE.decode)
+        return -losses.token_nll(logits, rep(batch["labels"]), rep(batch["label_weights"]))
+
+    @jax.jit
+    def stats(params, batch, key):
+        mean, logvar = posterior(params, batch)
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(batch["index"])
+        eps = jax.vmap(lambda k: jax.random.normal(k, (mean.shape[-1],)))(keys)
+        z = mean + jnp.exp(0.5 * logvar) * eps
+        rec = -log_px(params, z, batch, 1)
+        kl = losses.gaussian_kl(mean, logvar).sum(-1)
+        return {"rec": rec, "kl": kl, "mean": mean, "logvar": logvar, "z": z,
+                "tokens": batch["label_weights"].sum(-1)}
+
+    @functools.partial(jax.jit, static_argnums=(6,))
+    def iw_chunk(params, batch, mean, logvar, key, chunk_id, k):
+        b, d = mean.shape
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), chunk_id))(batch["index"])
+        eps = jax.vmap(lambda kk: jax.random.normal(kk, (k, d)))(keys)
+        z = mean[:, None] + jnp.exp(0.5 * logvar)[:, None] * eps  # [B, k, D]
+        lp = log_px(params, z.reshape(b * k, d), batch, k).reshape(b, k)
+        return lp, z
+
+    return stats, iw_chunk
+
+
+def _progress(name: str, done: int, total: int | None, t0: float) -> None:
+    if jax.process_index() != 0 or not sys.stderr.isatty():
+        return
+    rate = done / max(time.time() - t0, 1e-9)
+    of = f"/{total}" if total else ""
+    print(f"\r  eval {name}: {done}{of} examples  ({rate:.1f} ex/s)", end="", file=sys.stderr, flush=True)
+
+
+def evaluate_split(run, params, batches_fn, *, iw_samples: int = 0, seed: int = 0, max_examples: int = 0,
+                   with_bleu: bool = False, iw_chunk: int = 0, name: str = "eval", mi_au: bool = True) -> dict:
+    """The DESIGN §5 metrics of ``params`` over every example ``batches_fn()`` yields.
+
+    Args:
+      run: a ``builders.Run`` (model, tokenizer, decoding ids).
+      params: VAE parameters.
+      batches_fn: callable returning an iterator of eval batches (dicts of numpy arrays with ``index`` and
+        ``example_weight``; filler rows have weight 0 and are ignored).
+      iw_samples: K for the importance-weighted ``nll`` (0 skips it: ``nll``/``ppl`` are None).
+      seed: seeds every draw (per example, by index).
+      max_examples: evaluate only the first N batches' worth of examples (0: all).
+      with_bleu: also decode greedy reconstructions from z = mean and score corpus BLEU.
+      iw_chunk: samples per decoder pass (0: as many as fit a 1 GiB logits budget, at most 100).
+      name: label for the progress line.
+      mi_au: compute ``mi`` and ``au`` (needs every posterior; cheap).
+
+    Returns:
+      dict with exactly the keys of ``metrics.SUMMARY_KEYS``.
+    """
+    stats_fn, iw_fn = _compiled(run.model)
+    key = jax.random.key(seed)
+    k_rec, k_iw = jax.random.split(key)
+    cols = {k: [] for k in ("index", "rec", "kl", "mean", "logvar", "z", "tokens", "nll")}
+    hyps, refs = [], []
+    t0, done = time.time(), 0
+    for batch in batches_fn():
+        keep = np.asarray(batch["example_weight"]) > 0
+        dev = {k: jnp.asarray(v) for k, v in batch.items()}
+        out = jax.device_get(stats_fn(params, dev, k_rec))
+        if iw_samples > 0:
+            b, t = batch["labels"].shape
+            k = iw_chunk or int(max(1, min(100, _LOGITS_BUDGET // (b * t * run.vocab_size))))
+            state = metrics.iw_init(b)
+            mean, logvar = jnp.asarray(out["mean"]), jnp.asarray(out["logvar"])
+            for c, start in enumerate(range(0, iw_samples, k)):
+                kc = min(k, iw_samples - start)
+                lp, z = iw_fn(params, dev, mean, logvar, k_iw, c, kc)
+                state = metrics.iw_update(state, lp, z, mean, logvar)
+            cols["nll"].append(-np.asarray(metrics.iw_result(state))[keep])
+        for k_ in ("rec", "kl", "mean", "logvar", "z", "tokens"):
+            cols[k_].append(np.asarray(out[k_])[keep])
+        cols["index"].append(np.asarray(batch["index"])[keep])
+        if with_bleu:
+            ids = run.greedy(params, out["mean"][keep], max_length=batch["labels"].shape[1])
+            hyps += run.detokenize(ids)
+            refs += run.detokenize(np.asarray(batch["labels"])[keep])
+        done += int(keep.sum())
+        _progress(name, done, None, t0)
+        if max_examples and done >= max_examples:
+            break
+    if jax.process_index() == 0:
+        print(file=sys.stderr, flush=True)
+    if done == 0:
+        raise ValueError(f"evaluation split {name!r} produced no examples")
+    cat = {k: np.concatenate(v) for k, v in cols.items() if v}
+    order = np.argsort(cat["index"], kind="stable")
+    cat = {k: v[order] for k, v in cat.items()}
+    mi = metrics.mutual_information(cat["mean"], cat["logvar"], cat["z"]) if mi_au else None
+    au = metrics.active_units(cat["mean"]) if mi_au else None
+    bleu = None
+    if with_bleu:
+        import sacrebleu
+        bleu = float(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    return metrics.summarize(cat["rec"], cat["kl"], cat.get("nll"), cat["tokens"], mi=mi, au=au, bleu=bleu,
+                             iw_samples=iw_samples)
+
+
+def reconstruct_examples(run, params, n: int = 5) -> list[tuple[str, str]]:
+    """(input text, greedy reconstruction from z = mean) for the first ``n`` eval examples."""
+    texts = list(run.eval_texts[:n])
+    mean, _ = run.encode_texts(params, texts)
+    outs = run.detokenize(run.greedy(params, mean, max_length=run.max_length))
+    return list(zip(texts, outs))
+
+
+def evaluate(config, workdir: str, *, data: str | None = None, name: str | None = None,
+             iw_samples: int = 500, seed: int | None = None, batch_size: int | None = None,
+             step: int | None = None) -> dict:
+    """Evaluates a run's checkpoint on a split and writes ``WORKDIR/eval/NAME.json``.
+
+    Args:
+      config: the run's config (``WORKDIR/config.json`` as a ConfigDict).
+      workdir: the run's directory.
+      data: split spec (default ``config.data.eval``): a text file, ``tfds:NAME[/CONFIG][:SPLIT]``, or
+        ``synthetic:N[:SEED]``.
+      name: output name (default: the file's stem, or the TFDS split).
+      iw_samples: K for the importance-weighted NLL (DESIGN default 500).
+      seed: default ``config.seed``.
+      batch_size: eval batch size (default ``config.batch_size``); results do not depend on it.
+      step: checkpoint step (default: the newest).
+
+    Returns:
+      The DESIGN §5 dict (also written as JSON).
+    """
+    from flax_textvae import builders, checkpoints  # builders imports the data stack
+
+    spec = data or config.data.eval
+    name = name or builders.split_name(spec)
+    run = builders.build_run(config, workdir, train=False, eval_spec=spec, eval_batch_size=batch_size)
+    params, used_step = checkpoints.load_params(workdir, step)
+    result = evaluate_split(run, params, run.eval_batches, iw_samples=iw_samples,
+                            seed=config.seed if seed is None else seed, with_bleu=True, name=name)
+    if jax.process_index() == 0:
+        out_dir = os.path.join(workdir, "eval")
+        os.makedirs(out_dir, exist_ok=True)
+        checkpoints.save_json(os.path.join(out_dir, f"{name}.json"), result)
+        with open(os.path.join(out_dir, f"{name}.meta.json"), "w") as f:
+            json.dump({"step": used_step, "data": spec, "tokenizer": run.tokenizer_name}, f, indent=2)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A fixed-width two-column table of a metrics dict."""
+    lines = [f"{'metric':>14s}  value", f"{'-' * 14}  {'-' * 12}"]
+    for k in metrics.SUMMARY_KEYS:
+        v = result.get(k)
+        lines.append(f"{k:>14s}  {v:.4f}" if isinstance(v, float) else f"{k:>14s}  {v}")
+    return "\n".join(lines)
+
+
+def per_dim_kl(run, params, batches_fn) -> np.ndarray:
+    """``[Dz]`` mean over the split of KL(q(z_d|x) || N(0, 1)) per latent dimension."""
+    stats_fn, _ = _compiled(run.model)
+    total, count = None, 0
+    for batch in batches_fn():
+        keep = np.asarray(batch["example_weight"]) > 0
+        out = jax.device_get(stats_fn(params, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(0)))
+        kl = np.asarray(losses.gaussian_kl(out["mean"], out["logvar"]), np.float64)[keep]
+        total = kl.sum(0) if total is None else total + kl.sum(0)
+        count += int(keep.sum())
+    return total / max(count, 1)

@@ -1,0 +1,280 @@
+"""``train_and_evaluate(config, workdir)``: the two-phase training loop (Park & Lee 2021).
+
+Phase 1 (``config.phase1.steps > 0``): KL weight 0, the parameters matching ``config.phase1.frozen`` (the
+decoder side) get no updates; evaluation keeps the checkpoint with the best validation reconstruction.
+Phase 2 starts from that checkpoint with a fresh optimizer and trains everything with the configured
+collapse remedy (``config.loss``). ``config.train_steps`` counts the steps of both phases.
+
+Robustness: rerunning with the same workdir resumes from the newest checkpoint (state, phase, data-iterator
+position); SIGTERM saves a checkpoint and returns; a non-finite loss stops the run naming the step, and the
+checkpoints on disk stay those of the last good state. Only process 0 writes logs.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_textvae import builders, checkpoints, evaluate, parallel
+from flax_textvae.step import StepConfig, TrainState, kl_fns, make_optimizer, train_step
+
+__all__ = ["TrainState", "train_step", "train_and_evaluate", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss or gradient becomes NaN / inf."""
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard on process 0, and a one-line progress display."""
+
+    def __init__(self, workdir: str, total_steps: int):
+        self.main = jax.process_index() == 0
+        self.total = total_steps
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if self.main:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # optional
+                self.tb = None
+        self.t0 = time.time()
+        self.start_step = None
+
+    def write(self, row: dict) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row["step"])
+            self.tb.flush()
+
+    def progress(self, step: int, row: dict) -> None:
+        if not self.main:
+            return
+        if self.start_step is None:
+            self.start_step, self.t0 = step, time.time()
+            eta = "?"
+        else:
+            rate = (step - self.start_step) / max(time.time() - self.t0, 1e-9)
+            left = (self.total - step) / max(rate, 1e-9)
+            eta = f"{int(left // 60)}m{int(left % 60):02d}s"
+        kl_ctl = f"C {row['kl_target']:.2f}" if row.get("kl_target") else f"w {row.get('kl_weight', 0):.3f}"
+        print(f"[phase {row['phase']}] step {step}/{self.total}  loss {row['loss']:.3f}  rec {row['rec']:.3f}  "
+              f"kl {row['kl']:.3f}  {kl_ctl}  |  {row.get('steps_per_s', 0):.2f} steps/s  "
+              f"{row.get('tokens_per_s', 0):.0f} tok/s  ETA {eta}", flush=True)
+
+
+def _phases(config) -> list[tuple[int, int, int]]:
+    """[(phase, first_step, end_step)] for the configured phases."""
+    p1 = int(config.phase1.steps)
+    if p1 >= config.train_steps:
+        raise ValueError(f"phase1.steps={p1} must be smaller than train_steps={config.train_steps}")
+    return ([(1, 0, p1)] if p1 > 0 else []) + [(2, p1, int(config.train_steps))]
+
+
+class _Runner:
+    """Compiled step + placement for one phase, in 'mesh' or 'pmap' mode."""
+
+    def __init__(self, config, run, phase: int, first: int, end: int, init_params):
+        self.mode = config.parallel.mode
+        if self.mode not in ("mesh", "pmap"):
+            raise ValueError(f"parallel.mode={self.mode!r}; choose 'mesh' or 'pmap'")
+        frozen = tuple(config.phase1.frozen) if phase == 1 else ()
+        self.tx, lr = make_optimizer(config.optimizer, end - first, init_params, frozen)
+        wfn, tfn = kl_fns(config.loss, phase)
+        cfg = StepConfig(
+            kind="elbo" if phase == 1 else config.loss.kind, free_bits=config.loss.free_bits,
+            free_bits_mode=config.loss.free_bits_mode, beta=config.loss.beta, phase_start=first,
+            delete_rate=config.denoise.delete_rate, mask_rate=config.denoise.mask_rate,
+            word_dropout=config.denoise.word_dropout, special_ids=run.special_ids, pad_id=run.pad_id,
+            mask_id=run.mask_id, unk_id=run.unk_id, grad_accum_steps=config.optimizer.grad_accum_steps)
+        fn = functools.partial(train_step, model=run.model, tx=self.tx, cfg=cfg, kl_weight_fn=wfn,
+                               kl_target_fn=tfn, lr_fn=lr)
+        if self.mode == "pmap":
+            parallel.global_batch_size_check(config.batch_size, jax.device_count())
+            self.step = jax.pmap(functools.partial(fn, axis_name="batch"), axis_name="batch", donate_argnums=0)
+        else:
+            self.mesh = parallel.make_mesh(config.parallel.fsdp)
+            parallel.global_batch_size_check(config.batch_size, self.mesh)
+            self.batch_sh = parallel.batch_sharding(self.mesh)
+            abstract = jax.eval_shape(lambda: self.new_state(init_params, 0, jax.random.key(0), raw=True))
+            self.state_sh = parallel.state_shardings(abstract, self.mesh)
+            self.step = jax.jit(fn, in_shardings=(self.state_sh, self.batch_sh),
+                                out_shardings=(self.state_sh, parallel.replicated(self.mesh)), donate_argnums=0)
+
+    def new_state(self, params, step: int, key, raw: bool = False) -> TrainState:
+        state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=self.tx.init(params),
+                           rng=jnp.array(jax.random.key_data(key), copy=True))
+        return state if raw else self.place(state)
+
+    def place(self, state: TrainState) -> TrainState:
+        if self.mode == "pmap":
+            return parallel.replicate_for_pmap(state)
+        return jax.device_put(state, self.state_sh)
+
+    def abstract(self, state: TrainState):
+        """Restore target with this runner's shardings (host-local, unreplicated for pmap)."""
+        if self.mode == "pmap":
+            return checkpoints.abstract_like(state)
+        return checkpoints.abstract_like(state, self.state_sh)
+
+    def host_state(self, state: TrainState) -> TrainState:
+        """The state as one logical copy (for saving)."""
+        return parallel.unreplicate(state) if self.mode == "pmap" else state
+
+    def batch(self, local: dict) -> dict:
+        if self.mode == "pmap":
+            return parallel.to_pmap(local, jax.local_device_count())
+        return parallel.to_global(local, self.batch_sh)
+
+    def metrics(self, m: dict) -> dict:
+        return parallel.unreplicate(m) if self.mode == "pmap" else m
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains (or resumes) the run in ``workdir`` and returns the final evaluation metrics."""
+    parallel.initialize_distributed(config.parallel)
+    os.makedirs(workdir, exist_ok=True)
+    run = builders.build_run(config, workdir)
+    if jax.process_index() == 0:
+        checkpoints.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+    ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
+    log = _Logger(workdir, config.train_steps)
+    meta = ckpt.read_meta()
+    if meta is not None:
+        run.train_iter.set_state(meta["data"])
+        print(f"Resuming from step {meta['step']} (phase {meta['phase']}) in {workdir}", flush=True)
+    best = (meta or {}).get("best_rec", float("inf"))
+    params = run.init_params(jax.random.key(config.seed))
+    key = jax.random.key(config.seed + 1)
+    result: dict = {}
+
+    with _Preemption() as preempt:
+        for phase, first, end in _phases(config):
+            if meta is not None and (meta["phase"] > phase or meta["step"] >= end):
+                continue  # finished before the restart
+            runner = _Runner(config, run, phase, first, end, params)
+            state = runner.new_state(params, first, key, raw=True)
+            if meta is not None and meta["phase"] == phase:
+                state, _ = ckpt.restore(runner.abstract(state))
+            elif phase == 2 and first > 0:
+                state = runner.new_state(_best_phase1_params(ckpt, runner, state), first, key, raw=True)
+            state = runner.place(state)
+            meta = None
+            state, best, stop = _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt)
+            params = runner.host_state(state).params
+            if stop:
+                ckpt.close()
+                return {"preempted": True, "step": int(runner.host_state(state).step)}
+    result = evaluate.evaluate_split(run, params, run.eval_batches, iw_samples=0, seed=config.seed,
+                                     with_bleu=True)
+    log.write({"step": int(config.train_steps), "phase": 2, "split": "eval", **result})
+    if jax.process_index() == 0:
+        _print_final(run, params, result)
+    ckpt.close()
+    return result
+
+
+def _best_phase1_params(ckpt, runner, state):
+    if ckpt.latest_step(best=True) is None:
+        return state.params
+    restored, meta = ckpt.restore(checkpoints.abstract_like({"params": state.params}), best=True)
+    print(f"Phase 2 starts from the phase-1 checkpoint of step {meta['step']} (eval rec {meta['best_rec']:.3f})",
+          flush=True)
+    return restored["params"]
+
+
+def _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt):
+    """Steps until ``end``; returns (state, best phase-1 rec, stopped_early)."""
+    step = int(runner.host_state(state).step)
+    pending, t_last, s_last = [], time.time(), step
+
+    def save(step, *, best_ckpt=False, best_rec=best):
+        meta = {"step": step, "phase": phase, "data": run.train_iter.get_state(), "best_rec": best_rec}
+        host = runner.host_state(state)
+        ckpt.save(step, {"params": host.params} if best_ckpt else host, meta, best=best_ckpt)
+
+    while step < end:
+        local = next(run.train_iter)
+        state, m = runner.step(state, runner.batch(local))
+        pending.append((step, m))
+        step += 1
+        last = step == end
+        if step % config.log_every == 0 or last or preempt.requested:
+            rows = [(s, jax.device_get(runner.metrics(x))) for s, x in pending]
+            bad = [s for s, r in rows if r["nonfinite"]]
+            if bad:
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient at step {bad[0]} (phase {phase}); the run stopped there and the "
+                    f"last checkpoint on disk is step {ckpt.latest_step()}. Lower optimizer.learning_rate, "
+                    f"enable optimizer.grad_clip or try model.dtype=float32.")
+            dt = time.time() - t_last
+            row = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1] if k != "nonfinite"}
+            tokens = float(np.sum([r["num_tokens"] for _, r in rows]))
+            row.update(step=step, phase=phase, steps_per_s=(step - s_last) / dt, tokens_per_s=tokens / dt,
+                       examples_per_s=(step - s_last) * config.batch_size / dt)
+            log.write(row)
+            log.progress(step, row)
+            pending, t_last, s_last = [], time.time(), step
+        # The end of phase 2 is evaluated once, fully, by train_and_evaluate.
+        if ((config.eval_every and step % config.eval_every == 0) or last) and not (last and end == config.train_steps):
+            ev = evaluate.evaluate_split(run, runner.host_state(state).params, run.eval_batches,
+                                         iw_samples=0, seed=config.seed, max_examples=config.data.eval_max_examples)
+            log.write({"step": step, "phase": phase, "split": "eval", **ev})
+            if jax.process_index() == 0:
+                print(f"  eval @ {step}: rec {ev['rec']:.3f}  kl {ev['kl']:.3f}  au {ev['au']}  "
+                      f"ppl_elbo {ev['ppl_elbo']:.2f}", flush=True)
+            if phase == 1 and ev["rec"] < best:
+                best = ev["rec"]
+                save(step, best_ckpt=True, best_rec=best)
+        if step % config.checkpoint_every == 0 or last or preempt.requested:
+            save(step, best_rec=best)
+        if preempt.requested:
+            print(f"SIGTERM: saved the checkpoint of step {step} in {ckpt.workdir}; exiting.", flush=True)
+            return state, best, True
+    return state, best, False
+
+
+def _print_final(run, params, result) -> None:
+    print("\nFinal evaluation on", run.eval_spec)
+    for k, v in result.items():
+        print(f"  {k:>14s}  {v:.4f}" if isinstance(v, float) else f"  {k:>14s}  {v}")
+    pairs = evaluate.reconstruct_examples(run, params, n=5)
+    print("\nReconstructions (z = posterior mean, greedy):")
+    for src, out in pairs:
+        print(f"  in : {src}\n  out: {out}")
+    sys.stdout.flush()
