@@ -1,0 +1,429 @@
+"""BART sequence-to-sequence LM in Flax linen, numerically equal to HF `BartForConditionalGeneration`.
+
+The parameter tree is the Hugging Face Flax layout (what transformers 4.x `FlaxBartForConditionalGeneration`
+wrote to flax_model.msgpack):
+
+    {'model': {'shared': {'embedding': [V, D]},
+               'encoder': {'embed_positions': {'embedding': [P + 2, D]}, 'layernorm_embedding': {scale, bias},
+                           'layers': {'0': {'self_attn': {q_proj, k_proj, v_proj, out_proj},
+                                            'self_attn_layer_norm', 'fc1', 'fc2', 'final_layer_norm'}, ...}},
+               'decoder': {... as encoder, layers also have 'encoder_attn', 'encoder_attn_layer_norm'}},
+     'final_logits_bias': [1, V],
+     'lm_head': {'kernel': [D, V]}}          # only when config.tie_word_embeddings is False
+
+Public API:
+  * `BartForConditionalGeneration(config, dtype=jnp.float32)` with methods `__call__`, `encode`, `decode`,
+    `lm_logits` and properties `d_model`, `num_decoder_layers`, `vocab_size`, `pad_token_id`,
+    `eos_token_id`, `decoder_start_token_id` (see the interface contract; common.py for masks / cache).
+  * `params_from_torch(state_dict, config)`: PyTorch state dict (numpy arrays) -> params, by an explicit table.
+  * `torch_name_table(config)`: that table, [(torch name, flax path, transpose, torch shape)].
+  * `init_cache(module, batch_size, max_length)` (re-exported from common).
+
+Not implemented (training-time only in HF): LayerDrop (encoder_layerdrop / decoder_layerdrop).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_textvae.models.common import (MultiHeadAttention, cache_position, get_activation, init_cache,
+                                        mismatch_report, padding_mask)
+
+Array = jax.Array
+Dtype = Any
+POSITION_OFFSET = 2  # BART's learned positions are looked up at position + 2
+LN_EPS = 1e-5
+
+__all__ = ["BartForConditionalGeneration", "params_from_torch", "torch_name_table", "init_cache"]
+
+
+def _init(config) -> Any:
+    return nn.initializers.normal(config.init_std)
+
+
+def _attention(config, num_heads: int, dtype: Dtype, name: str) -> MultiHeadAttention:
+    return MultiHeadAttention(num_heads=num_heads, head_dim=config.d_model // num_heads,
+                              out_features=config.d_model, use_bias=True, scale_query=True,
+                              dropout_rate=config.attention_dropout, kernel_init=_init(config), dtype=dtype,
+                              name=name)
+
+
+def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name)
+
+
+def _feed_forward(config, ffn_dim: int, dtype: Dtype, x: Array, deterministic: bool) -> Array:
+    """fc1 -> activation -> activation dropout -> fc2; call inside a compact method (parameters land there)."""
+    h = nn.Dense(ffn_dim, dtype=dtype, kernel_init=_init(config), name="fc1")(x)
+    h = get_activation(config.activation_function)(h)
+    h = nn.Dropout(config.activation_dropout)(h, deterministic=deterministic)
+    return nn.Dense(config.d_model, dtype=dtype, kernel_init=_init(config), name="fc2")(h)
+
+
+class BartEncoderLayer(nn.Module):
+    """Post-LN encoder layer: self-attention, then feed-forward; [B, S, D] -> [B, S, D]."""
+    config: Any
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Optional[Array], deterministic: bool) -> Array:
+        cfg = self.config
+        drop = nn.Dropout(cfg.dropout)
+        h = _attention(cfg, cfg.encoder_attention_heads, self.dtype, "self_attn")(
+            x, mask=mask, deterministic=deterministic)
+        x = _layer_norm(self.dtype, "self_attn_layer_norm")(x + drop(h, deterministic=deterministic))
+        h = _feed_forward(cfg, cfg.encoder_ffn_dim, self.dtype, x, deterministic)
+        return _layer_norm(self.dtype, "final_layer_norm")(x + drop(h, deterministic=deterministic))
+
+
+class BartDecoderLayer(nn.Module):
+    """Post-LN decoder layer: causal self-attention (+ prefix slots), cross-attention (if memory), FFN."""
+    config: Any
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, self_mask: Optional[Array], memory: Optional[Array],
+                 memory_mask: Optional[Array], prefix: Optional[Array], prefix_mask: Optional[Array],
+                 deterministic: bool, decode: bool) -> Array:
+        cfg = self.config
+        drop = nn.Dropout(cfg.dropout)
+        h = _attention(cfg, cfg.decoder_attention_heads, self.dtype, "self_attn")(
+            x, mask=self_mask, causal=True, prefix=prefix, prefix_mask=prefix_mask, decode=decode,
+            deterministic=deterministic)
+        x = _layer_norm(self.dtype, "self_attn_layer_norm")(x + drop(h, deterministic=deterministic))
+        if memory is not None:
+            h = _attention(cfg, cfg.decoder_attention_heads, self.dtype, "encoder_attn")(
+                x, memory, mask=memory_mask, deterministic=deterministic)
+            x = _layer_norm(self.dtype, "encoder_attn_layer_norm")(x + drop(h, deterministic=deterministic))
+        h = _feed_forward(cfg, cfg.decoder_ffn_dim, self.dtype, x, deterministic)
+        return _layer_norm(self.dtype, "final_layer_norm")(x + drop(h, deterministic=deterministic))
+
+
+class _EncoderLayers(nn.Module):
+    """The 'layers' scope holding encoder layers '0', '1', ... (HF Flax layer-collection naming)."""
+    config: Any
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Optional[Array], deterministic: bool) -> Array:
+        for i in range(self.config.encoder_layers):
+            x = BartEncoderLayer(self.config, self.dtype, name=str(i))(x, mask, deterministic)
+        return x
+
+
+class _DecoderLayers(nn.Module):
+    """The 'layers' scope holding decoder layers '0', '1', ...; prefix [B, L, P, D] split per layer."""
+    config: Any
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, self_mask, memory, memory_mask, prefix, prefix_mask, deterministic, decode):
+        for i in range(self.config.decoder_layers):
+            layer_prefix = None if prefix is None else prefix[:, i]
+            x = BartDecoderLayer(self.config, self.dtype, name=str(i))(
+                x, self_mask, memory, memory_mask, layer_prefix, prefix_mask, deterministic, decode)
+        return x
+
+
+def _embed(module: nn.Module, embed_tokens: nn.Embed, ids: Array, offset: Optional[Array]) -> Array:
+    """Token embedding * embed_scale (+ offset), in the module's compute dtype."""
+    cfg = module.config
+    scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
+    x = embed_tokens(ids).astype(module.dtype) * jnp.asarray(scale, module.dtype)
+    if offset is not None:
+        offset = offset.astype(module.dtype)
+        x = x + (offset[:, None, :] if offset.ndim == 2 else offset)
+    return x
+
+
+def _positions_and_norm(module: nn.Module, x: Array, start: Any, deterministic: bool) -> Array:
+    """Adds learned positions (start + t + 2), layernorm_embedding, dropout."""
+    cfg = module.config
+    positions = start + jnp.arange(x.shape[1]) + POSITION_OFFSET
+    pos_table = nn.Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.d_model, dtype=module.dtype,
+                         embedding_init=_init(cfg), name="embed_positions")
+    x = x + pos_table(positions)[None].astype(module.dtype)
+    x = _layer_norm(module.dtype, "layernorm_embedding")(x)
+    return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+
+
+class BartEncoder(nn.Module):
+    """Embeddings + encoder layers; ids [B, S] -> hidden [B, S, D]."""
+    config: Any
+    embed_tokens: nn.Embed
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: Array, attention_mask: Optional[Array], deterministic: bool = True) -> Array:
+        x = _embed(self, self.embed_tokens, input_ids, None)
+        x = _positions_and_norm(self, x, 0, deterministic)
+        mask = None if attention_mask is None else padding_mask(attention_mask)
+        return _EncoderLayers(self.config, self.dtype, name="layers")(x, mask, deterministic)
+
+
+class BartDecoder(nn.Module):
+    """Embeddings + decoder layers; ids [B, T] -> hidden [B, T, D] (see BartForConditionalGeneration.decode)."""
+    config: Any
+    embed_tokens: nn.Embed
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids, mask, memory, memory_mask, prefix_states, prefix_mask, embed_offset,
+                 deterministic: bool = True, decode: bool = False) -> Array:
+        cfg = self.config
+        x = _embed(self, self.embed_tokens, ids, embed_offset)
+        start = cache_position(self, ids.shape[1]) if decode else 0
+        x = _positions_and_norm(self, x, start, deterministic)
+        self_mask = None if mask is None else padding_mask(mask)
+        if memory is not None:
+            memory = memory.astype(self.dtype)
+            memory_mask = None if memory_mask is None else padding_mask(memory_mask)
+        if prefix_states is not None:
+            if prefix_states.ndim != 4 or prefix_states.shape[1] != cfg.decoder_layers:
+                raise ValueError(f"prefix_states must be [B, {cfg.decoder_layers}, P, {cfg.d_model}], "
+                                 f"got {prefix_states.shape}")
+            prefix_states = prefix_states.astype(self.dtype)
+        return _DecoderLayers(cfg, self.dtype, name="layers")(
+            x, self_mask, memory, memory_mask, prefix_states, prefix_mask, deterministic, decode)
+
+
+class BartModel(nn.Module):
+    """The 'model' scope: shared embedding, encoder, decoder."""
+    config: Any
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype, embedding_init=_init(cfg))
+        self.encoder = BartEncoder(cfg, embed_tokens=self.shared, dtype=self.dtype)
+        self.decoder = BartDecoder(cfg, embed_tokens=self.shared, dtype=self.dtype)
+
+    def __call__(self, *args, **kwargs):  # pragma: no cover - the top module calls encoder/decoder directly
+        raise NotImplementedError
+
+
+class _LMHead(nn.Module):
+    """Untied LM head: 'kernel' [D, V], no bias; float32 accumulation."""
+    config: Any
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        kernel = self.param("kernel", _init(self.config), (self.config.d_model, self.config.vocab_size))
+        return jnp.einsum("btd,dv->btv", h, kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+
+
+class BartForConditionalGeneration(nn.Module):
+    """BART LM (HF `BartForConditionalGeneration`), HF Flax parameter names.
+
+    Attributes:
+      config: a transformers BartConfig.
+      dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32, logits are float32.
+    """
+    config: Any
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        self.model = BartModel(cfg, dtype=self.dtype)
+        self.final_logits_bias = self.param("final_logits_bias", nn.initializers.zeros, (1, cfg.vocab_size))
+        if not self.tied:
+            self.lm_head = _LMHead(cfg, dtype=self.dtype)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tied(self) -> bool:
+        return bool(getattr(self.config, "tie_word_embeddings", True))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.d_model)
+
+    @property
+    def num_decoder_layers(self) -> int:
+        return int(self.config.decoder_layers)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.config.pad_token_id)
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.config.eos_token_id)
+
+    @property
+    def decoder_start_token_id(self) -> int:
+        start = self.config.decoder_start_token_id
+        return int(self.config.eos_token_id if start is None else start)
+
+    # ------------------------------------------------------------------ methods
+    def encode(self, input_ids: Array, attention_mask: Optional[Array] = None, *,
+               deterministic: bool = True) -> Array:
+        """Encoder hidden states [B, S, D] (compute dtype) for ids [B, S] and mask [B, S] {0,1}."""
+        return self.model.encoder(input_ids, attention_mask, deterministic=deterministic)
+
+    def lm_logits(self, hidden: Array) -> Array:
+        """Decoder hidden [B, T, D] -> float32 logits [B, T, V] (tied or untied head + final_logits_bias)."""
+        hidden = hidden.astype(self.dtype)
+        if self.tied:
+            embedding = self.model.shared.embedding.astype(self.dtype)
+            logits = jnp.einsum("btd,vd->btv", hidden, embedding, preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32)
+
+    def decode(self, decoder_input_ids: Array, decoder_attention_mask: Optional[Array] = None,
+               memory: Optional[Array] = None, memory_mask: Optional[Array] = None, *,
+               prefix_states: Optional[Array] = None, prefix_mask: Optional[Array] = None,
+               embed_offset: Optional[Array] = None, deterministic: bool = True,
+               decode: bool = False) -> Array:
+        """Decoder logits.
+
+        Args:
+          decoder_input_ids: [B, T] int32 ([B, 1] per step when decode=True).
+          decoder_attention_mask: [B, T] {0,1} masking padded keys, or None; with decode=True, None or
+            [B, max_length] over the cache slots.
+          memory: cross-attention memory [B, M, D], or None to skip the cross-attention sub-layers.
+          memory_mask: [B, M] {0,1}, or None (all visible).
+          prefix_states: [B, L, P, D] extra self-attention key/value slots per decoder layer (hidden space,
+            projected by that layer's k_proj / v_proj), visible to every query; or None.
+          prefix_mask: [B, P] {0,1} for the prefix slots, or None.
+          embed_offset: [B, D] or [B, T, D] added to the scaled token embeddings (before positions), or None.
+          deterministic: disables dropout when True (else needs the 'dropout' rng).
+          decode: incremental decoding with the 'cache' collection (mutable=['cache']); positions continue
+            from the cache index.
+
+        Returns:
+          float32 logits [B, T, V].
+        """
+        hidden = self.model.decoder(decoder_input_ids, decoder_attention_mask, memory, memory_mask,
+                                    prefix_states, prefix_mask, embed_offset, deterministic=deterministic,
+                                    decode=decode)
+        return self.lm_logits(hidden)
+
+    def __call__(self, input_ids: Array, attention_mask: Optional[Array], decoder_input_ids: Array,
+                 decoder_attention_mask: Optional[Array] = None, *, deterministic: bool = True) -> Array:
+        """Full seq2seq forward: float32 logits [B, T, V] (== HF BartForConditionalGeneration logits)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        memory = self.encode(input_ids, attention_mask, deterministic=deterministic)
+        return self.decode(decoder_input_ids, decoder_attention_mask, memory, attention_mask,
+                           deterministic=deterministic)
+
+
+# ---------------------------------------------------------------------------------- PyTorch -> Flax
+_TIED_ALIASES = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
+
+
+def torch_name_table(config) -> list[tuple[str, tuple[str, ...], bool, tuple[int, ...]]]:
+    """Explicit PyTorch -> Flax name table for a BartConfig.
+
+    Returns:
+      [(torch name, flax path, transpose, expected torch shape)]. Linear weights [out, in] are transposed
+      to Flax kernels [in, out]; LayerNorm weight -> scale. Tied-embedding aliases are not listed (see
+      params_from_torch).
+    """
+    d, v = config.d_model, config.vocab_size
+    table = [("model.shared.weight", ("model", "shared", "embedding"), False, (v, d)),
+             ("final_logits_bias", ("final_logits_bias",), False, (1, v))]
+    if not getattr(config, "tie_word_embeddings", True):
+        table.append(("lm_head.weight", ("lm_head", "kernel"), True, (v, d)))
+
+    def linear(tname, fpath, n_out, n_in):
+        table.append((f"{tname}.weight", fpath + ("kernel",), True, (n_out, n_in)))
+        table.append((f"{tname}.bias", fpath + ("bias",), False, (n_out,)))
+
+    def norm(tname, fpath):
+        table.append((f"{tname}.weight", fpath + ("scale",), False, (d,)))
+        table.append((f"{tname}.bias", fpath + ("bias",), False, (d,)))
+
+    stacks = (("encoder", config.encoder_layers, config.encoder_ffn_dim, ("self_attn",)),
+              ("decoder", config.decoder_layers, config.decoder_ffn_dim, ("self_attn", "encoder_attn")))
+    for stack, n_layers, ffn, attns in stacks:
+        t0, f0 = f"model.{stack}", ("model", stack)
+        table.append((f"{t0}.embed_positions.weight", f0 + ("embed_positions", "embedding"), False,
+                      (config.max_position_embeddings + POSITION_OFFSET, d)))
+        norm(f"{t0}.layernorm_embedding", f0 + ("layernorm_embedding",))
+        for i in range(n_layers):
+            tl, fl = f"{t0}.layers.{i}", f0 + ("layers", str(i))
+            for attn in attns:
+                for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                    linear(f"{tl}.{attn}.{proj}", fl + (attn, proj), d, d)
+                norm(f"{tl}.{attn}_layer_norm", fl + (f"{attn}_layer_norm",))
+            linear(f"{tl}.fc1", fl + ("fc1",), ffn, d)
+            linear(f"{tl}.fc2", fl + ("fc2",), d, ffn)
+            norm(f"{tl}.final_layer_norm", fl + ("final_layer_norm",))
+    return table
+
+
+def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
+    """Maps a PyTorch BartForConditionalGeneration state dict to Flax params (float32 jax arrays).
+
+    Handles both layouts of the tied embedding: stored once as model.shared.weight (transformers 5) and the
+    older duplicated keys (model.encoder/decoder.embed_tokens.weight, lm_head.weight), which may also stand
+    in for a missing model.shared.weight. With tie_word_embeddings=False, lm_head.weight is the separate
+    head and the encoder/decoder embed_tokens copies must equal model.shared.weight. Keys with a '.version'
+    suffix are ignored.
+
+    Args:
+      state_dict: torch name -> numpy array (any float dtype).
+      config: the BartConfig.
+
+    Returns:
+      Nested params dict in the HF Flax layout.
+
+    Raises:
+      ValueError: listing every missing, unexpected and shape-mismatched tensor.
+    """
+    sd = {k: v for k, v in state_dict.items() if not k.endswith(".version")}
+    tied = getattr(config, "tie_word_embeddings", True)
+    aliases = _TIED_ALIASES if tied else _TIED_ALIASES[:2]
+    if "model.shared.weight" not in sd:
+        for alias in aliases:
+            if alias in sd:
+                sd["model.shared.weight"] = sd[alias]
+                break
+    used = set()
+    missing, mismatched, params = [], [], {}
+    for tname, fpath, transpose, shape in torch_name_table(config):
+        if tname not in sd:
+            missing.append(tname)
+            continue
+        used.add(tname)
+        arr = np.asarray(sd[tname])
+        if tuple(arr.shape) != tuple(shape):
+            mismatched.append(f"{tname}: got {tuple(arr.shape)}, expected {tuple(shape)}")
+            continue
+        arr = arr.astype(np.float32)
+        node = params
+        for part in fpath[:-1]:
+            node = node.setdefault(part, {})
+        node[fpath[-1]] = jnp.asarray(arr.T if transpose else arr)
+    d, v = config.d_model, config.vocab_size
+    for alias in aliases:  # duplicated copies of the input embedding: accept when the shape fits
+        if alias in sd and alias not in used:
+            used.add(alias)
+            if tuple(np.shape(sd[alias])) != (v, d):
+                mismatched.append(f"{alias}: got {tuple(np.shape(sd[alias]))}, expected {(v, d)}")
+            elif (not tied and "model.shared.weight" in sd
+                  and not np.array_equal(np.asarray(sd[alias]), np.asarray(sd["model.shared.weight"]))):
+                # transformers 5 unties encoder/decoder input embeddings too when tie_word_embeddings=False;
+                # this model (like the HF Flax layout) has one input embedding, so they must agree.
+                mismatched.append(f"{alias}: differs from model.shared.weight (separate encoder/decoder "
+                                  "input embeddings are not supported)")
+    unexpected = sorted(set(sd) - used)
+    if missing or unexpected or mismatched:
+        raise ValueError(mismatch_report("BART PyTorch state dict does not match the config", missing,
+                                         unexpected, mismatched))
+    return params
+
+

@@ -1,0 +1,230 @@
+"""Checkpoint folder (or hub id) -> Flax module + params + config + tokenizer.
+
+A checkpoint folder holds
+  * config.json (a transformers config; `model_type` 'bart' or 't5' picks the family module),
+  * weights: model.safetensors, or sharded model-0000x-of-0000y.safetensors + model.safetensors.index.json
+    (PyTorch names, mapped by the family's explicit `params_from_torch` table), or flax_model.msgpack
+    (the HF Flax layout that transformers 4.x saved; used as is, shapes verified),
+  * tokenizer files (tokenizer.json / tokenizer_config.json, or vocab.json + merges.txt, or spiece.model).
+
+Public API:
+  * `load_pretrained(name_or_path, *, dtype=jnp.float32) -> Pretrained(module, params, config, tokenizer, path)`
+  * `build_module(config, dtype=jnp.float32) -> nn.Module`
+  * `init_params(module, rng, config=None) -> params` (random init, for from-scratch models)
+  * `param_shapes(module) -> pytree of jax.ShapeDtypeStruct` (no computation)
+  * `load_params(folder, config, module) -> params`
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from flax_textvae.models.common import mismatch_report
+
+Dtype = Any
+
+__all__ = ["Pretrained", "load_pretrained", "build_module", "init_params", "param_shapes", "load_params",
+           "FOLDER_CONTENTS"]
+
+# model_type -> (python module, class name)
+_FAMILIES = {
+    "bart": ("flax_textvae.models.bart", "BartForConditionalGeneration"),
+    "t5": ("flax_textvae.models.t5", "T5ForConditionalGeneration"),
+}
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+MSGPACK_NAME = "flax_model.msgpack"
+TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+                      "generation_config.json"]
+FOLDER_CONTENTS = (
+    "a local checkpoint folder must contain: config.json (model_type 'bart' or 't5'); weights as "
+    "model.safetensors (or model.safetensors.index.json + its shards) or flax_model.msgpack; and the "
+    "tokenizer files (tokenizer.json + tokenizer_config.json, or vocab.json + merges.txt, or spiece.model). "
+    "Such a folder is what `save_pretrained` of a transformers model and its tokenizer writes.")
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A loaded checkpoint.
+
+    Attributes:
+      module: the linen seq2seq LM (BartForConditionalGeneration / T5ForConditionalGeneration).
+      params: float32 parameter pytree in the HF Flax layout.
+      config: the transformers config.
+      tokenizer: the transformers tokenizer of the checkpoint.
+      path: the local folder it was read from.
+    """
+    module: nn.Module
+    params: Any
+    config: Any
+    tokenizer: Any
+    path: str = ""
+
+
+def _family(config):
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(_FAMILIES)}")
+    module_name, class_name = _FAMILIES[model_type]
+    family = importlib.import_module(module_name)
+    return family, getattr(family, class_name)
+
+
+def build_module(config, dtype: Dtype = jnp.float32) -> nn.Module:
+    """The family module for `config.model_type`, computing in `dtype` (params stay float32)."""
+    _, cls = _family(config)
+    return cls(config, dtype=dtype)
+
+
+def _dummy_inputs():
+    ids = jnp.ones((1, 4), jnp.int32)
+    return ids, jnp.ones((1, 4), jnp.int32), ids
+
+
+def init_params(module: nn.Module, rng: jax.Array, config: Any = None) -> Any:
+    """Random float32 parameters for `module` (every sub-layer, incl. cross-attention / untied heads).
+
+    Args:
+      module: a family module.
+      rng: PRNG key.
+      config: unused (kept for the interface contract; the module carries its config).
+    """
+    del config
+    return jax.jit(module.init)(rng, *_dummy_inputs())["params"]
+
+
+def param_shapes(module: nn.Module) -> Any:
+    """Parameter shapes/dtypes of `module` as jax.ShapeDtypeStruct (no computation)."""
+    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *_dummy_inputs()))["params"]
+
+
+
+
+def check_params(params: Any, expected: Any, source: str = "params") -> Any:
+    """Verifies `params` against `expected` shapes; returns float32 jax arrays.
+
+    Raises:
+      ValueError listing every missing, unexpected and shape-mismatched parameter path.
+    """
+    got = flatten_dict(params, sep="/")
+    want = flatten_dict(expected, sep="/")
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    mismatched = [f"{k}: got {tuple(np.shape(got[k]))}, expected {tuple(want[k].shape)}"
+                  for k in sorted(set(got) & set(want)) if tuple(np.shape(got[k])) != tuple(want[k].shape)]
+    if missing or unexpected or mismatched:
+        raise ValueError(mismatch_report(f"{source} does not match the model", missing, unexpected,
+                                         mismatched))
+    return unflatten_dict({k: jnp.asarray(np.asarray(v, np.float32)) for k, v in got.items()}, sep="/")
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    try:
+        from safetensors.numpy import load_file
+        return load_file(path)
+    except (TypeError, ValueError):  # e.g. bfloat16 tensors, which numpy cannot hold
+        from safetensors import safe_open
+        out = {}
+        with safe_open(path, framework="flax") as f:
+            for name in f.keys():
+                out[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
+        return out
+
+
+def load_params(folder: str, config, module: nn.Module) -> Any:
+    """Reads the weights in `folder` (safetensors preferred, else flax_model.msgpack) as float32 params."""
+    family, _ = _family(config)
+    index = os.path.join(folder, SAFETENSORS_INDEX_NAME)
+    single = os.path.join(folder, SAFETENSORS_NAME)
+    msgpack = os.path.join(folder, MSGPACK_NAME)
+    if os.path.isfile(single) or os.path.isfile(index):
+        if os.path.isfile(single):
+            state = _read_safetensors(single)
+        else:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            state = {}
+            for shard in shards:
+                state.update(_read_safetensors(os.path.join(folder, shard)))
+        params = family.params_from_torch(state, config)
+        return check_params(params, param_shapes(module), source=f"{folder} (safetensors)")
+    if os.path.isfile(msgpack):
+        with open(msgpack, "rb") as f:
+            params = serialization.msgpack_restore(f.read())
+        if set(params) == {"params"}:
+            params = params["params"]
+        return check_params(params, param_shapes(module), source=f"{msgpack}")
+    raise FileNotFoundError(f"no weights in {folder}: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} "
+                            f"or {MSGPACK_NAME}; {FOLDER_CONTENTS}")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_folder(name_or_path: str) -> str:
+    """Local folder for `name_or_path`: the folder itself, or a hub snapshot (downloaded if reachable).
+
+    Raises:
+      FileNotFoundError / OSError with a message saying to pass a local folder and what it must contain.
+    """
+    path = os.path.expanduser(str(name_or_path))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise FileNotFoundError(f"{name_or_path!r} is not a checkpoint folder; {FOLDER_CONTENTS}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:  # pragma: no cover
+        raise OSError(f"huggingface_hub is not installed; pass a local folder instead. {FOLDER_CONTENTS}") from err
+    offline = _offline()
+    patterns = [CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX_NAME] + TOKENIZER_PATTERNS
+    try:
+        folder = snapshot_download(path, allow_patterns=patterns, local_files_only=offline)
+        has_weights = any(n.endswith(".safetensors") for n in os.listdir(folder))
+        if not has_weights:
+            folder = snapshot_download(path, allow_patterns=patterns + [MSGPACK_NAME], local_files_only=offline)
+    except Exception as err:  # offline, unreachable, unknown repo, gated, ...
+        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline
+               else f"the hub could not be reached or has no such model ({type(err).__name__}: {err})")
+        raise OSError(f"cannot load hub id {name_or_path!r}: {why}. Pass a local folder instead; "
+                      f"{FOLDER_CONTENTS}") from err
+    return folder
+
+
+def load_pretrained(name_or_path: str | os.PathLike, *, dtype: Dtype = jnp.float32) -> Pretrained:
+    """Loads a pretrained BART / T5 checkpoint.
+
+    Args:
+      name_or_path: local checkpoint folder, or a hub id (only where the hub is reachable or the model is
+        already in the local hub cache).
+      dtype: compute dtype of the module (parameters are float32).
+
+    Returns:
+      Pretrained(module, params, config, tokenizer, path).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = resolve_folder(str(name_or_path))
+    if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}; {FOLDER_CONTENTS}")
+    config = AutoConfig.from_pretrained(folder)
+    module = build_module(config, dtype)
+    params = load_params(folder, config, module)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as err:
+        raise OSError(f"cannot load the tokenizer from {folder} ({err}); {FOLDER_CONTENTS}") from err
+    return Pretrained(module=module, params=params, config=config, tokenizer=tokenizer, path=folder)
