@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.mode = "mesh"  # 'mesh' (jit + NamedSharding) | 'pmap'
+    c.parallel.num_devices = 0  # devices per process to use (0: all)
     c.parallel.fsdp = 1  # devices on the 'fsdp' mesh axis sharding parameters + optimizer state
     c.parallel.coordinator_address = ""  # 'host:port' for multi-host; '' = single host (or auto on TPU)
     c.parallel.num_processes = 0  # multi-host: number of processes (0: let JAX detect)

@@ -114,10 +114,28 @@ def to_pmap(local_batch: dict, n_local: int) -> dict:
     return {k: v.reshape((n_local, v.shape[0] // n_local) + v.shape[1:]) for k, v in local_batch.items()}
 
 
-def replicate_for_pmap(tree):
-    """Copies a pytree onto every local device (``jax.device_put_replicated`` is gone in jax 0.10)."""
-    n = jax.local_device_count()
-    return jax.pmap(lambda x: x)(jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree))
+def local_devices(num: int = 0) -> list:
+    """This process's devices, or its first ``num`` (0: all)."""
+    devs = jax.local_devices()
+    if num < 0 or num > len(devs):
+        raise ValueError(f"parallel.num_devices={num}, but this process has {len(devs)} devices")
+    return devs[:num] if num else devs
+
+
+def global_devices(num: int = 0) -> list:
+    """Every process's first ``num`` local devices (0: all devices)."""
+    if not num:
+        return jax.devices()
+    local_devices(num)  # validates
+    return [d for p in range(jax.process_count()) for d in
+            [x for x in jax.devices() if x.process_index == p][:num]]
+
+
+def replicate_for_pmap(tree, devices=None):
+    """Copies a pytree onto ``devices`` (default: all local ones) for ``pmap``."""
+    devices = devices or jax.local_devices()
+    n = len(devices)
+    return jax.pmap(lambda x: x, devices=devices)(jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree))
 
 
 def unreplicate(tree):

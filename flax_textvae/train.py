@@ -125,10 +125,13 @@ class _Runner:
         fn = functools.partial(train_step, model=run.model, tx=self.tx, cfg=cfg, kl_weight_fn=wfn,
                                kl_target_fn=tfn, lr_fn=lr)
         if self.mode == "pmap":
-            parallel.global_batch_size_check(config.batch_size, jax.device_count())
-            self.step = jax.pmap(functools.partial(fn, axis_name="batch"), axis_name="batch", donate_argnums=0)
+            parallel.global_batch_size_check(config.batch_size, len(parallel.local_devices(
+                config.parallel.num_devices)) * jax.process_count())
+            self.devices = parallel.local_devices(config.parallel.num_devices)
+            self.step = jax.pmap(functools.partial(fn, axis_name="batch"), axis_name="batch", donate_argnums=0,
+                                 devices=self.devices)
         else:
-            self.mesh = parallel.make_mesh(config.parallel.fsdp)
+            self.mesh = parallel.make_mesh(config.parallel.fsdp, parallel.global_devices(config.parallel.num_devices))
             parallel.global_batch_size_check(config.batch_size, self.mesh)
             self.batch_sh = parallel.batch_sharding(self.mesh)
             abstract = jax.eval_shape(lambda: self.new_state(init_params, 0, jax.random.key(0), raw=True))
@@ -143,7 +146,7 @@ class _Runner:
 
     def place(self, state: TrainState) -> TrainState:
         if self.mode == "pmap":
-            return parallel.replicate_for_pmap(state)
+            return parallel.replicate_for_pmap(state, self.devices)
         return jax.device_put(state, self.state_sh)
 
     def abstract(self, state: TrainState):
@@ -158,7 +161,7 @@ class _Runner:
 
     def batch(self, local: dict) -> dict:
         if self.mode == "pmap":
-            return parallel.to_pmap(local, jax.local_device_count())
+            return parallel.to_pmap(local, len(self.devices))
         return parallel.to_global(local, self.batch_sh)
 
     def metrics(self, m: dict) -> dict:
@@ -221,7 +224,7 @@ def _best_phase1_params(ckpt, runner, state):
 def _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt):
     """Steps until ``end``; returns (state, best phase-1 rec, stopped_early)."""
     step = int(runner.host_state(state).step)
-    pending, t_last, s_last = [], time.time(), step
+    pending, t_last = [], time.time()
 
     def save(step, *, best_ckpt=False, best_rec=best):
         meta = {"step": step, "phase": phase, "data": run.train_iter.get_state(), "best_rec": best_rec}
@@ -234,7 +237,9 @@ def _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt)
         pending.append((step, m))
         step += 1
         last = step == end
-        if step % config.log_every == 0 or last or preempt.requested:
+        do_ckpt = step % config.checkpoint_every == 0 or last or preempt.requested
+        if step % config.log_every == 0 or do_ckpt:
+            # The only host sync: fetch this interval's metrics, and never checkpoint past a non-finite step.
             rows = [(s, jax.device_get(runner.metrics(x))) for s, x in pending]
             bad = [s for s, r in rows if r["nonfinite"]]
             if bad:
@@ -242,14 +247,15 @@ def _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt)
                     f"non-finite loss or gradient at step {bad[0]} (phase {phase}); the run stopped there and the "
                     f"last checkpoint on disk is step {ckpt.latest_step()}. Lower optimizer.learning_rate, "
                     f"enable optimizer.grad_clip or try model.dtype=float32.")
-            dt = time.time() - t_last
-            row = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1] if k != "nonfinite"}
-            tokens = float(np.sum([r["num_tokens"] for _, r in rows]))
-            row.update(step=step, phase=phase, steps_per_s=(step - s_last) / dt, tokens_per_s=tokens / dt,
-                       examples_per_s=(step - s_last) * config.batch_size / dt)
-            log.write(row)
-            log.progress(step, row)
-            pending, t_last, s_last = [], time.time(), step
+            if step % config.log_every == 0 or last:
+                dt = time.time() - t_last
+                row = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1] if k != "nonfinite"}
+                tokens = float(np.sum([r["num_tokens"] for _, r in rows]))
+                row.update(step=step, phase=phase, steps_per_s=len(rows) / dt, tokens_per_s=tokens / dt,
+                           examples_per_s=len(rows) * config.batch_size / dt)
+                log.write(row)
+                log.progress(step, row)
+                pending, t_last = [], time.time()
         # The end of phase 2 is evaluated once, fully, by train_and_evaluate.
         if ((config.eval_every and step % config.eval_every == 0) or last) and not (last and end == config.train_steps):
             ev = evaluate.evaluate_split(run, runner.host_state(state).params, run.eval_batches,
@@ -261,7 +267,7 @@ def _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt)
             if phase == 1 and ev["rec"] < best:
                 best = ev["rec"]
                 save(step, best_ckpt=True, best_rec=best)
-        if step % config.checkpoint_every == 0 or last or preempt.requested:
+        if do_ckpt:
             save(step, best_rec=best)
         if preempt.requested:
             print(f"SIGTERM: saved the checkpoint of step {step} in {ckpt.workdir}; exiting.", flush=True)

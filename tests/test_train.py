@@ -1,0 +1,156 @@
+"""Training: the loss goes down, phase 1 freezes the decoder, NaN stops the run, resume is exact, SIGTERM saves."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_textvae import builders, checkpoints, train
+from flax_textvae.step import param_labels
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import tiny  # noqa: E402  (configs/tiny.py)
+
+
+def tiny_config(**overrides):
+    c = tiny.get_config()
+    c.unlock()
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c.lock()
+
+
+def _runner(config, run, phase, end):
+    params = run.init_params(jax.random.key(config.seed))
+    first = config.phase1.steps if phase == 2 else 0
+    runner = train._Runner(config, run, phase, first, end, params)
+    return runner, runner.place(runner.new_state(params, first, jax.random.key(1), raw=True))
+
+
+def test_loss_decreases_on_a_fixed_batch(tmp_path):
+    config = tiny_config(**{"phase1.steps": 0, "optimizer.warmup_steps": 0, "optimizer.decay": "constant"})
+    run = builders.build_run(config, str(tmp_path))
+    runner, state = _runner(config, run, 2, 60)
+    batch = runner.batch(next(run.train_iter))
+    losses = []
+    for _ in range(60):
+        state, m = runner.step(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.75 * losses[0], losses
+    assert np.all(np.isfinite(losses))
+
+
+def test_phase1_leaves_the_decoder_bit_identical(tmp_path):
+    config = tiny_config(**{"optimizer.weight_decay": 0.01})
+    run = builders.build_run(config, str(tmp_path))
+    runner, state = _runner(config, run, 1, 10)
+    before = jax.device_get(state.params)
+    for _ in range(5):
+        state, m = runner.step(state, runner.batch(next(run.train_iter)))
+        assert float(m["kl_weight"]) == 0.0
+    after = jax.device_get(state.params)
+    labels = param_labels(before, config.phase1.frozen)
+    flat = lambda t: jax.tree_util.tree_flatten_with_path(t)[0]
+    frozen = changed = 0
+    for (path, b), (_, a), (_, lab) in zip(flat(before), flat(after), flat(labels)):
+        name = jax.tree_util.keystr(path)
+        if lab == "frozen":
+            frozen += 1
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            changed += int(not np.array_equal(a, b))
+    assert frozen >= 10, "the decoder, shared embedding and final_logits_bias must be frozen"
+    assert changed >= 5, "encoder and latent layers must train in phase 1"
+    assert any("decoder" in jax.tree_util.keystr(p) and lab == "frozen" for p, lab in flat(labels))
+    assert not any("encoder" in jax.tree_util.keystr(p) and lab == "frozen" for p, lab in flat(labels))
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from flax_textvae import step as step_lib
+
+    bad_from = 7
+    monkeypatch.setattr(step_lib, "kl_weight_schedule",
+                        lambda cfg: (lambda s: jnp.where(s >= bad_from, jnp.nan, 1.0)))
+    config = tiny_config(**{"phase1.steps": 0, "checkpoint_every": 3, "log_every": 5, "train_steps": 12})
+    with pytest.raises(train.NonFiniteLossError, match=f"step {bad_from}") as err:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert "last checkpoint on disk is step 6" in str(err.value)
+    ckpt = checkpoints.Checkpointer(str(tmp_path))
+    assert ckpt.latest_step() == 6
+    params, _ = checkpoints.load_params(str(tmp_path))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params)))
+    ckpt.close()
+
+
+def _cli(workdir, *overrides, **popen):
+    cmd = [sys.executable, os.path.join(REPO, "run_train.py"), f"--config={REPO}/configs/tiny.py",
+           f"--workdir={workdir}", *overrides]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+
+
+RESUME_FLAGS = ("--config.train_steps=300", "--config.phase1.steps=100", "--config.checkpoint_every=20",
+                "--config.eval_every=0", "--config.log_every=20", "--config.denoise.delete_rate=0.3",
+                "--config.model.scratch.dropout=0.1")
+
+
+def _wait_for_checkpoint(workdir, proc, min_step, timeout=240):
+    ckdir = os.path.join(workdir, "checkpoints")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        steps = [int(d) for d in os.listdir(ckdir) if d.isdigit()] if os.path.isdir(ckdir) else []
+        if steps and max(steps) >= min_step:
+            return max(steps)
+        if proc.poll() is not None:
+            raise AssertionError("training ended before it could be interrupted:\n" + proc.stdout.read())
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    p = _cli(full, *RESUME_FLAGS)
+    out = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, out
+    p = _cli(cut, *RESUME_FLAGS)
+    killed_after = _wait_for_checkpoint(cut, p, 140)  # in phase 2, past the phase switch
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert killed_after < 300
+    p = _cli(cut, *RESUME_FLAGS)
+    out = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, out
+    assert "Resuming from step" in out
+    a, step_a = checkpoints.load_params(full)
+    b, step_b = checkpoints.load_params(cut)
+    assert step_a == step_b == 300
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+    rows = [json.loads(line) for line in open(os.path.join(cut, "metrics.jsonl"))]
+    assert {"step", "phase", "loss", "rec", "kl"} <= set(rows[0])
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    workdir = str(tmp_path / "run")
+    p = _cli(workdir, *RESUME_FLAGS, "--config.checkpoint_every=100000")
+    # checkpoint_every is huge: the only checkpoints are the phase-1 end and the one SIGTERM makes.
+    first = _wait_for_checkpoint(workdir, p, 100)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, out
+    assert "SIGTERM: saved the checkpoint of step" in out
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert steps[-1] > first, (steps, out)
