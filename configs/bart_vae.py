@@ -15,9 +15,9 @@ def get_config():
     c.vae.pooling = "mean"
     c.vae.injection = "memory"
     c.data.train = "tfds:text_vae_corpora/ptb:train"
-    c.data.eval = "tfds:text_vae_corpora/ptb:validation"
+    c.data.eval = "tfds:text_vae_corpora/ptb:valid"
     c.data.max_length = 64
-    c.data.num_buckets = 6
+    c.data.num_buckets = 8
     c.batch_size = 64
     c.train_steps = 30000
     c.log_every = 100

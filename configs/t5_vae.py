@@ -11,14 +11,14 @@ from flax_textvae.configuration import base_config
 
 def get_config():
     c = base_config()
-    c.model.name_or_path = "t5-small"
+    c.model.name_or_path = "google-t5/t5-small"
     c.vae.latent_size = 32
     c.vae.pooling = "max"
     c.vae.injection = "memory"
     c.data.train = "tfds:text_vae_corpora/ptb:train"
-    c.data.eval = "tfds:text_vae_corpora/ptb:validation"
+    c.data.eval = "tfds:text_vae_corpora/ptb:valid"
     c.data.max_length = 64
-    c.data.num_buckets = 6
+    c.data.num_buckets = 8
     c.batch_size = 64
     c.train_steps = 30000
     c.log_every = 100

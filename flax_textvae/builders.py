@@ -168,7 +168,7 @@ def build_run(config, workdir: str, *, train: bool = True, eval_spec: str | None
     """
     data_cfg = config.data
     column = None if data_cfg.column < 0 else data_cfg.column
-    read = lambda spec: data_lib.read_examples(spec, column=column, text_field=data_cfg.text_field,
+    read = lambda spec: data_lib.read_examples(spec, column=column, text_field=data_cfg.text_field or None,
                                                data_dir=data_cfg.tfds_data_dir or None)
     train_texts = read(data_cfg.train)[0] if train else None
     module, backbone_params, hf_config, tokenizer, tok_name = _load_backbone(config, workdir, train, train_texts)

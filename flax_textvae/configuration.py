@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train = "synthetic:20000"  # text file, 'tfds:NAME[/CONFIG][:SPLIT]', or 'synthetic:N'
     c.data.eval = "synthetic:500:1"  # held-out split, same forms (synthetic:N:SEED)
     c.data.column = -1  # tab-separated column to read from text files (-1: the whole line)
-    c.data.text_field = "text"  # feature name for TFDS sources
+    c.data.text_field = ""  # feature name for TFDS sources ("": "text", else "sentence")
     c.data.tfds_data_dir = ""  # TFDS data_dir ('' = TFDS default / $TFDS_DATA_DIR)
     c.data.max_length = 64  # tokens per example incl. specials; longer ones are truncated (counted)
     c.data.num_buckets = 4  # length buckets = compiled shapes

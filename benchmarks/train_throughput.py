@@ -1,0 +1,178 @@
+"""Training-step throughput of a flax_textvae VAE at real model sizes (random weights, no download).
+
+    python benchmarks/train_throughput.py --arch=t5-small --batch=16 --steps=20 \
+        --lengths-from=../shared/data/ptb/test.txt [--dtype=bfloat16] [--pad=bucket|256] --json
+
+The sentences are those the PyTorch baseline (``torch_baseline.py``) sees for the same ``--seed``: the
+multiset of lengths from ``lengths.batches_of_lengths``, with random token ids. ``--pad=bucket`` (default)
+feeds them through the library's own length-bucketed batcher (static shapes, one compile per bucket);
+``--pad=256`` pads every sentence to 256 tokens like the released Park & Lee recipe.
+
+Reports compile time (first call of every bucket shape), steady-state examples/s and real (non-padding)
+tokens/s over the timed steps, the padding fraction of the computed positions, peak memory, and — from XLA's
+FLOP count of the compiled step — achieved FLOP/s and model FLOPs utilisation on GPUs/TPUs whose peak is known.
+With ``--json`` the last line printed is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import lengths as lengths_lib  # noqa: E402
+
+# Dense bf16 peak FLOP/s per device, by device_kind substring (vendor datasheets).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5e": 197e12,
+              "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def arch_config(arch: str):
+    """A transformers config of the given size (random weights; nothing is downloaded)."""
+    import transformers
+
+    if arch == "t5-small":
+        return transformers.T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
+                                     feed_forward_proj="relu", pad_token_id=0, eos_token_id=1,
+                                     decoder_start_token_id=0, dropout_rate=0.1)
+    if arch == "bart-base":
+        return transformers.BartConfig(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6,
+                                       encoder_attention_heads=12, decoder_attention_heads=12, encoder_ffn_dim=3072,
+                                       decoder_ffn_dim=3072, max_position_embeddings=1024, pad_token_id=1,
+                                       bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, dropout=0.1)
+    if arch == "tiny":
+        return transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                     feed_forward_proj="relu", pad_token_id=0, eos_token_id=1,
+                                     decoder_start_token_id=0, dropout_rate=0.0)
+    raise SystemExit(f"unknown --arch={arch}; choose t5-small, bart-base or tiny")
+
+
+def build(args):
+    """(runner, run, batches): the library's own training step over bucketed random-token batches."""
+    from flax_textvae import builders, data, models, train
+    from flax_textvae.configuration import base_config
+    from flax_textvae.vae import TextVAE
+
+    hf = arch_config(args.arch)
+    dtype = builders.DTYPES[args.dtype]
+    model = TextVAE(backbone=models.build_module(hf, dtype), latent_size=32, pooling="mean", injection=("memory",),
+                    dtype=dtype)
+    pad, eos, start = hf.pad_token_id, hf.eos_token_id, hf.decoder_start_token_id
+    run = builders.Run(config=None, model=model, tokenizer=None, tokenizer_name="random ids", backbone_params=None,
+                       pad_id=pad, eos_id=eos, mask_id=pad, unk_id=pad, special_ids=(pad, eos), prompt=(start,),
+                       max_length=args.max_length, vocab_size=hf.vocab_size)
+    c = base_config()
+    c.batch_size = args.batch
+    c.model.dtype = args.dtype
+    c.phase1.steps = 0
+    c.train_steps = args.steps
+    c.optimizer.warmup_steps = 0
+    c.optimizer.grad_accum_steps = args.grad_accum
+    c.loss.kind = "elbo"
+    c.loss.kl_schedule.kind = "constant"
+    # Sentences: the lengths of the baseline's batches, random ids ending in EOS.
+    lens = lengths_lib.load_lengths(args.lengths_from)
+    plan = lengths_lib.batches_of_lengths(lens, args.batch, args.steps, seed=args.seed)
+    flat = np.minimum(np.concatenate(plan), args.max_length)
+    rng = np.random.default_rng(args.seed)
+    examples = [np.append(rng.integers(max(pad, eos) + 1, hf.vocab_size, size=n - 1), eos).astype(np.int32)
+                for n in flat]
+    kw = dict(batch_size=args.batch, pad_id=pad, decoder_start_token_id=start, bos_id=None,
+              max_length=max(args.max_length, 256) if args.pad == "256" else args.max_length)
+    if args.pad == "256":
+        kw["boundaries"] = [256]
+    else:
+        kw["num_buckets"] = args.num_buckets
+    it = data.Batcher(examples, **kw).train_iterator(seed=args.seed)
+    batches = [next(it) for _ in range(args.steps)]
+    params = run.init_params(jax.random.key(0))
+    runner = train._Runner(c, run, 2, 0, args.steps, params)
+    state = runner.place(runner.new_state(params, 0, jax.random.key(1), raw=True))
+    return runner, state, batches
+
+
+def measure(args) -> dict:
+    runner, state, batches = build(args)
+    shapes = {}
+    for b in batches:
+        shapes.setdefault(b["input_ids"].shape, b)
+    # Compile every bucket shape once (timed: trace + lower + XLA compile) and count its FLOPs; then one
+    # untimed warm-up call per shape so the steady loop below never compiles.
+    compile_s, flops = 0.0, {}
+    for shape, b in sorted(shapes.items()):
+        gb = runner.batch(b)
+        t0 = time.perf_counter()
+        compiled = runner.step.lower(state, gb).compile()
+        compile_s += time.perf_counter() - t0
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops[shape] = float(cost.get("flops", 0.0)) if cost else 0.0
+        state, m = runner.step(state, gb)
+        jax.block_until_ready(m["loss"])
+    # Steady state: every batch once, dispatched asynchronously, one sync at the end.
+    placed = [runner.batch(b) for b in batches]
+    t0 = time.perf_counter()
+    for gb in placed:
+        state, m = runner.step(state, gb)
+    jax.block_until_ready((state, m))
+    dt = time.perf_counter() - t0
+    real = float(sum(b["attention_mask"].sum() for b in batches))
+    computed = float(sum(b["attention_mask"].size for b in batches))
+    total_flops = sum(flops[b["input_ids"].shape] for b in batches)
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    peak_mb = (stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in dev.device_kind), None)
+    achieved = total_flops / dt if total_flops else None
+    return {
+        "framework": "jax", "arch": args.arch, "batch": args.batch, "steps": args.steps, "pad": args.pad,
+        "dtype": args.dtype, "device": dev.device_kind, "num_devices": jax.device_count(),
+        "num_shapes": len(shapes), "shapes": sorted(s[1] for s in shapes),
+        "compile_s": round(compile_s, 2), "steady_s": round(dt, 3),
+        "examples_per_s": round(len(batches) * args.batch / dt, 2), "real_tokens_per_s": round(real / dt, 1),
+        "padding_fraction": round(1 - real / computed, 4), "peak_memory_mb": round(peak_mb, 1),
+        "flops_per_step": round(total_flops / len(batches)) if total_flops else None,
+        "achieved_tflops": round(achieved / 1e12, 3) if achieved else None,
+        "mfu": round(achieved / (peak * jax.device_count()), 4) if achieved and peak else None,
+    }
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="t5-small")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--lengths-from", default=None, help="text file whose sentence lengths to use")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--pad", default="bucket", choices=["bucket", "256"])
+    p.add_argument("--num-buckets", type=int, default=6)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    r = measure(args)
+    width = max(len(k) for k in r)
+    for k, v in r.items():
+        print(f"{k:>{width}s}  {v}")
+    if args.json:
+        print(json.dumps(r))
+    return r
+
+
+if __name__ == "__main__":
+    main()
