@@ -64,10 +64,14 @@ def _build(model: TextVAE):
                 "tokens": batch["label_weights"].sum(-1)}
 
     @functools.partial(jax.jit, static_argnums=(6,))
-    def iw_chunk(params, batch, mean, logvar, key, chunk_id, k):
+    def iw_chunk(params, batch, mean, logvar, key, start, k):
         b, d = mean.shape
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), chunk_id))(batch["index"])
-        eps = jax.vmap(lambda kk: jax.random.normal(kk, (k, d)))(keys)
+
+        def draws(i):  # samples start .. start + k - 1 of example i: keyed by (example, sample) index only
+            ki = jax.random.fold_in(key, i)
+            return jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(ki, j), (d,)))(start + jnp.arange(k))
+
+        eps = jax.vmap(draws)(batch["index"])  # [B, k, D], the same whatever the chunk size
         z = mean[:, None] + jnp.exp(0.5 * logvar)[:, None] * eps  # [B, k, D]
         lp = log_px(params, z.reshape(b * k, d), batch, k).reshape(b, k)
         return lp, z
@@ -75,16 +79,31 @@ def _build(model: TextVAE):
     return stats, iw_chunk
 
 
-def _progress(name: str, done: int, total: int | None, t0: float) -> None:
-    if jax.process_index() != 0 or not sys.stderr.isatty():
-        return
-    rate = done / max(time.time() - t0, 1e-9)
-    of = f"/{total}" if total else ""
-    print(f"\r  eval {name}: {done}{of} examples  ({rate:.1f} ex/s)", end="", file=sys.stderr, flush=True)
+class _Progress:
+    """Examples done and rate: a self-updating line on a terminal, else a line every 30 s (process 0)."""
+
+    def __init__(self, name: str):
+        self.name, self.t0, self.last = name, time.time(), time.time()
+        self.on = jax.process_index() == 0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, done: int) -> None:
+        now = time.time()
+        if not self.on or (not self.tty and now - self.last < 30):
+            return
+        self.last = now
+        msg = f"  eval {self.name}: {done} examples  ({done / max(now - self.t0, 1e-9):.1f} ex/s)"
+        print("\r" + msg if self.tty else msg, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self, done: int) -> None:
+        if self.on and (self.tty or time.time() - self.t0 >= 30):
+            print(("\r" if self.tty else "") + f"  eval {self.name}: {done} examples in "
+                  f"{time.time() - self.t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def evaluate_split(run, params, batches_fn, *, iw_samples: int = 0, seed: int = 0, max_examples: int = 0,
-                   with_bleu: bool = False, iw_chunk: int = 0, name: str = "eval", mi_au: bool = True) -> dict:
+                   with_bleu: bool = False, iw_chunk: int = 0, name: str = "eval", mi_au: bool = True,
+                   mesh=None) -> dict:
     """The DESIGN §5 metrics of ``params`` over every example ``batches_fn()`` yields.
 
     Args:
@@ -99,43 +118,54 @@ def evaluate_split(run, params, batches_fn, *, iw_samples: int = 0, seed: int = 
       iw_chunk: samples per decoder pass (0: as many as fit a 1 GiB logits budget, at most 100).
       name: label for the progress line.
       mi_au: compute ``mi`` and ``au`` (needs every posterior; cheap).
+      mesh: a ``parallel.make_mesh`` mesh: batches are split over its devices, parameters replicated
+        (the batch size must be divisible by its size). None: the default device.
 
     Returns:
       dict with exactly the keys of ``metrics.SUMMARY_KEYS``.
     """
     stats_fn, iw_fn = _compiled(run.model)
+    place = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
+    if mesh is not None and jax.process_count() > 1:
+        mesh = None  # multi-host: every process evaluates the whole split on its own default device
+    if mesh is not None:
+        from flax_textvae import parallel
+
+        params = jax.device_put(params, parallel.replicated(mesh))
+        place = lambda b: jax.device_put(dict(b), parallel.batch_sharding(mesh))
     key = jax.random.key(seed)
     k_rec, k_iw = jax.random.split(key)
     cols = {k: [] for k in ("index", "rec", "kl", "mean", "logvar", "z", "tokens", "nll")}
     hyps, refs = [], []
-    t0, done = time.time(), 0
+    progress, done = _Progress(name), 0
     for batch in batches_fn():
         keep = np.asarray(batch["example_weight"]) > 0
-        dev = {k: jnp.asarray(v) for k, v in batch.items()}
+        dev = place(batch)
         out = jax.device_get(stats_fn(params, dev, k_rec))
         if iw_samples > 0:
             b, t = batch["labels"].shape
             k = iw_chunk or int(max(1, min(100, _LOGITS_BUDGET // (b * t * run.vocab_size))))
             state = metrics.iw_init(b)
             mean, logvar = jnp.asarray(out["mean"]), jnp.asarray(out["logvar"])
-            for c, start in enumerate(range(0, iw_samples, k)):
+            for start in range(0, iw_samples, k):
                 kc = min(k, iw_samples - start)
-                lp, z = iw_fn(params, dev, mean, logvar, k_iw, c, kc)
+                lp, z = iw_fn(params, dev, mean, logvar, k_iw, start, kc)
                 state = metrics.iw_update(state, lp, z, mean, logvar)
             cols["nll"].append(-np.asarray(metrics.iw_result(state))[keep])
         for k_ in ("rec", "kl", "mean", "logvar", "z", "tokens"):
             cols[k_].append(np.asarray(out[k_])[keep])
         cols["index"].append(np.asarray(batch["index"])[keep])
         if with_bleu:
-            ids = run.greedy(params, out["mean"][keep], max_length=batch["labels"].shape[1])
+            # all B rows (one compile per split) and up to max_length, not the bucket length: which bucket an
+            # example lands in depends on the batch size, and so would the cut-off
+            ids = run.greedy(params, out["mean"], max_length=run.max_length)[keep]
             hyps += run.detokenize(ids)
             refs += run.detokenize(np.asarray(batch["labels"])[keep])
         done += int(keep.sum())
-        _progress(name, done, None, t0)
+        progress.update(done)
         if max_examples and done >= max_examples:
             break
-    if jax.process_index() == 0:
-        print(file=sys.stderr, flush=True)
+    progress.close(done)
     if done == 0:
         raise ValueError(f"evaluation split {name!r} produced no examples")
     cat = {k: np.concatenate(v) for k, v in cols.items() if v}
@@ -184,8 +214,13 @@ def evaluate(config, workdir: str, *, data: str | None = None, name: str | None 
     name = name or builders.split_name(spec)
     run = builders.build_run(config, workdir, train=False, eval_spec=spec, eval_batch_size=batch_size)
     params, used_step = checkpoints.load_params(workdir, step)
+    from flax_textvae import parallel
+
+    mesh = None
+    if jax.device_count() > 1 and (batch_size or config.batch_size) % jax.device_count() == 0:
+        mesh = parallel.make_mesh(1)
     result = evaluate_split(run, params, run.eval_batches, iw_samples=iw_samples,
-                            seed=config.seed if seed is None else seed, with_bleu=True, name=name)
+                            seed=config.seed if seed is None else seed, with_bleu=True, name=name, mesh=mesh)
     if jax.process_index() == 0:
         out_dir = os.path.join(workdir, "eval")
         os.makedirs(out_dir, exist_ok=True)

@@ -128,8 +128,10 @@ class _Runner:
             parallel.global_batch_size_check(config.batch_size, len(parallel.local_devices(
                 config.parallel.num_devices)) * jax.process_count())
             self.devices = parallel.local_devices(config.parallel.num_devices)
+            # The mapped axis spans every process's devices, grouped by process (each process feeds its own
+            # local ones); with only the local devices each process would train alone on its own rows.
             self.step = jax.pmap(functools.partial(fn, axis_name="batch"), axis_name="batch", donate_argnums=0,
-                                 devices=self.devices)
+                                 devices=parallel.global_devices(len(self.devices)))
         else:
             self.mesh = parallel.make_mesh(config.parallel.fsdp, parallel.global_devices(config.parallel.num_devices))
             parallel.global_batch_size_check(config.batch_size, self.mesh)
@@ -259,7 +261,8 @@ def _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt)
         # The end of phase 2 is evaluated once, fully, by train_and_evaluate.
         if ((config.eval_every and step % config.eval_every == 0) or last) and not (last and end == config.train_steps):
             ev = evaluate.evaluate_split(run, runner.host_state(state).params, run.eval_batches,
-                                         iw_samples=0, seed=config.seed, max_examples=config.data.eval_max_examples)
+                                         iw_samples=0, seed=config.seed, max_examples=config.data.eval_max_examples,
+                                         mesh=getattr(runner, "mesh", None))
             log.write({"step": step, "phase": phase, "split": "eval", **ev})
             if jax.process_index() == 0:
                 print(f"  eval @ {step}: rec {ev['rec']:.3f}  kl {ev['kl']:.3f}  au {ev['au']}  "
