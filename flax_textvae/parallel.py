@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
+MIN_SHARD_SIZE = 2**14  # arrays with fewer elements stay replicated under fsdp (not worth a gather)
 
 
 def initialize_distributed(parallel_cfg) -> None:
@@ -38,7 +39,9 @@ def initialize_distributed(parallel_cfg) -> None:
             kwargs["num_processes"] = parallel_cfg.num_processes
         if parallel_cfg.process_id >= 0:
             kwargs["process_id"] = parallel_cfg.process_id
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        # CPU processes need a cross-process collectives implementation (gloo, the default of current JAX).
+        # Do not ask jax.default_backend() here: it starts XLA, and initialize() then refuses to run.
+        if not jax.config.jax_cpu_collectives_implementation:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         logging.info("jax.distributed.initialize(%s)", kwargs)
         jax.distributed.initialize(**kwargs)
@@ -67,7 +70,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def _param_spec(shape: tuple, fsdp: int) -> P:
     """Shards the largest axis divisible by ``fsdp``; small or indivisible arrays stay replicated."""
-    if fsdp <= 1 or not shape or int(np.prod(shape)) < 2**14:
+    if fsdp <= 1 or not shape or int(np.prod(shape)) < MIN_SHARD_SIZE:
         return P()
     order = sorted(range(len(shape)), key=lambda i: -shape[i])
     for axis in order:
