@@ -25,7 +25,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def split_name(spec: str) -> str:
     """Default eval name of a split spec: 'a/test.txt' -> 'test', 'tfds:x/y:validation' -> 'validation'."""
     if spec.startswith("tfds:"):
-        return spec.rsplit(":", 1)[-1] if spec.count(":") >= 2 else "train"
+        return data_lib.parse_tfds_spec(spec)[1]
     if spec.startswith("synthetic:"):
         return "synthetic"
     return os.path.splitext(os.path.basename(spec))[0]

@@ -27,7 +27,7 @@ def run_eval_main(flags) -> int:
         print(evaluate.format_table(result))
         return 0
     if flags.mode == "plot":
-        return _plot(workdir, flags.output)
+        return _plot(workdir, flags.output, flags.step)
     vae = generate.TrainedTextVAE.load(workdir, step=flags.step)
     seed = 0 if flags.seed is None else flags.seed
     if flags.mode == "reconstruct":
@@ -55,7 +55,7 @@ def run_eval_main(flags) -> int:
     return 0
 
 
-def _plot(workdir: str, out_dir: str | None) -> int:
+def _plot(workdir: str, out_dir: str | None, step: int | None = None) -> int:
     from flax_textvae import generate, plots
 
     out_dir = out_dir or os.path.join(workdir, "plots")
@@ -67,7 +67,7 @@ def _plot(workdir: str, out_dir: str | None) -> int:
     from flax_textvae.evaluate import per_dim_kl
 
     run = builders.build_run(config, workdir, train=False)
-    params, _ = checkpoints.load_params(workdir)
+    params, _ = checkpoints.load_params(workdir, step)  # --step, else the newest
     kl = per_dim_kl(run, params, run.eval_batches)
     path = plots.plot_kl_per_dim(kl, os.path.join(out_dir, "kl_per_dim.png"))
     with open(os.path.join(out_dir, "kl_per_dim.json"), "w") as f:

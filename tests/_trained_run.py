@@ -1,0 +1,49 @@
+"""One tiny training run shared by test_evaluate.py, test_generate.py and test_cli.py.
+
+Each of those files defines a session-scoped fixture that calls :func:`trained_run`; the run itself is cached
+here at module level, so a pytest session that collects all three files trains ``configs/tiny.py`` once.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.join(REPO, "configs") not in sys.path:
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+import tiny  # noqa: E402  (configs/tiny.py)
+
+# 60 steps (20 of phase 1): enough for a non-trivial posterior, a few seconds on CPU.
+TRAIN_OVERRIDES = {"train_steps": 60, "phase1.steps": 20, "eval_every": 0, "checkpoint_every": 30,
+                   "log_every": 10}
+
+_CACHE: dict = {}
+
+
+def tiny_config(**overrides):
+    """``configs/tiny.py`` with dotted-key overrides (``{'phase1.steps': 20}``), locked again."""
+    c = tiny.get_config()
+    c.unlock()
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c.lock()
+
+
+def trained_run(tmp_path_factory):
+    """``(config, workdir)`` of the shared tiny run, trained on first use.
+
+    Args:
+      tmp_path_factory: pytest's session-scoped factory (the workdir lives under its base temp).
+    """
+    if "run" not in _CACHE:
+        from flax_textvae import train
+
+        config = tiny_config(**TRAIN_OVERRIDES)
+        workdir = str(tmp_path_factory.mktemp("tiny_run"))
+        train.train_and_evaluate(config, workdir)
+        _CACHE["run"] = (config, workdir)
+    return _CACHE["run"]

@@ -1,0 +1,79 @@
+"""flax_textvae.TextVAE.load(workdir): the text-level inference API on a real (tiny) trained run."""
+import numpy as np
+import pytest
+
+from _trained_run import trained_run
+from flax_textvae import TextVAE, generate
+from flax_textvae.data import read_examples
+
+N = 3  # every call decodes 3 rows, so greedy compiles once for all of them
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    return trained_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def vae(tiny_run):
+    return TextVAE.load(tiny_run[1])
+
+
+@pytest.fixture(scope="module")
+def train_texts(tiny_run):
+    config, _ = tiny_run
+    return read_examples(config.data.train)[0][:N]
+
+
+def _strings(outs, n):
+    assert isinstance(outs, list) and len(outs) == n
+    assert all(isinstance(s, str) for s in outs)
+
+
+def test_load_restores_the_newest_checkpoint(vae, tiny_run):
+    config, _ = tiny_run
+    assert isinstance(vae, generate.TrainedTextVAE)
+    assert vae.step == config.train_steps
+    assert vae.latent_size == config.vae.latent_size
+
+
+def test_load_of_a_non_run_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a flax_textvae run directory"):
+        TextVAE.load(str(tmp_path))
+
+
+def test_encode_shapes_and_determinism(vae, train_texts):
+    mean, logvar = vae.encode(train_texts)
+    assert mean.shape == logvar.shape == (N, vae.latent_size)
+    assert np.all(np.isfinite(mean)) and np.all(np.isfinite(logvar))
+    m1, _ = vae.encode(train_texts[:1])
+    np.testing.assert_allclose(m1[0], mean[0], rtol=1e-5, atol=1e-6)  # padding to the batch's longest is masked
+    single, _ = vae.encode(train_texts[0])  # a bare string is one text
+    assert single.shape == (1, vae.latent_size)
+
+
+def test_reconstruct_sample_interpolate(vae, train_texts):
+    _strings(vae.reconstruct(train_texts), N)
+    _strings(vae.sample(N, seed=0), N)
+    _strings(vae.interpolate(train_texts[0], train_texts[1], steps=N), N)
+    with pytest.raises(ValueError, match="at least 2"):
+        vae.interpolate(train_texts[0], train_texts[1], steps=1)
+
+
+def test_interpolation_end_points_are_the_reconstructions(vae, train_texts):
+    a, b = train_texts[:2]
+    line = vae.interpolate(a, b, steps=N)
+    rec = vae.reconstruct([a, b, a])  # 3 rows: same compiled program
+    assert line[0] == rec[0] and line[-1] == rec[1]
+
+
+def test_decode_rejects_a_wrong_latent_size(vae):
+    with pytest.raises(ValueError, match=f"latent_size is {vae.latent_size}"):
+        vae.decode(np.zeros((2, vae.latent_size + 1), np.float32))
+
+
+def test_beam_of_size_one_is_greedy(vae):
+    z = np.asarray(np.random.default_rng(0).normal(size=(N, vae.latent_size)), np.float32)
+    greedy = vae.decode(z)
+    assert vae.decode(z, method="beam", beam_size=1) == greedy
+    _strings(greedy, N)
