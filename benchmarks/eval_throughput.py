@@ -25,27 +25,17 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import lengths as lengths_lib  # noqa: E402
-from train_throughput import arch_config  # noqa: E402
+from train_throughput import random_examples, random_run  # noqa: E402
 
 
 def measure(args) -> dict:
-    from flax_textvae import builders, data, evaluate, models
-    from flax_textvae.vae import TextVAE
+    from flax_textvae import data, evaluate
 
-    hf = arch_config(args.arch)
-    dtype = builders.DTYPES[args.dtype]
-    model = TextVAE(backbone=models.build_module(hf, dtype), latent_size=32, pooling="mean", injection=("memory",),
-                    dtype=dtype)
-    pad, eos, start = hf.pad_token_id, hf.eos_token_id, hf.decoder_start_token_id
-    run = builders.Run(config=None, model=model, tokenizer=None, tokenizer_name="random ids", backbone_params=None,
-                       pad_id=pad, eos_id=eos, mask_id=pad, unk_id=pad, special_ids=(pad, eos), prompt=(start,),
-                       max_length=args.max_length, vocab_size=hf.vocab_size)
+    run, hf = random_run(args)
     lens = lengths_lib.load_lengths(args.lengths_from)
     flat = np.minimum(lengths_lib.batches_of_lengths(lens, args.examples, 1, seed=args.seed)[0], args.max_length)
-    rng = np.random.default_rng(args.seed)
-    examples = [np.append(rng.integers(max(pad, eos) + 1, hf.vocab_size, size=n - 1), eos).astype(np.int32)
-                for n in flat]
-    batcher = data.Batcher(examples, batch_size=args.batch, pad_id=pad, decoder_start_token_id=start, bos_id=None,
+    batcher = data.Batcher(random_examples(flat, hf, args), batch_size=args.batch, pad_id=hf.pad_token_id,
+                           decoder_start_token_id=hf.decoder_start_token_id, bos_id=None,
                            max_length=args.max_length, num_buckets=args.num_buckets)
     params = run.init_params(jax.random.key(0))
     kw = dict(iw_samples=args.iw_samples, seed=0, iw_chunk=args.chunk)

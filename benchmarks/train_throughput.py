@@ -56,10 +56,9 @@ def arch_config(arch: str):
     raise SystemExit(f"unknown --arch={arch}; choose t5-small, bart-base or tiny")
 
 
-def build(args):
-    """(runner, run, batches): the library's own training step over bucketed random-token batches."""
-    from flax_textvae import builders, data, models, train
-    from flax_textvae.configuration import base_config
+def random_run(args):
+    """(run, hf_config): a TextVAE of ``args.arch`` with random weights, wrapped as a ``builders.Run``."""
+    from flax_textvae import builders, models
     from flax_textvae.vae import TextVAE
 
     hf = arch_config(args.arch)
@@ -70,6 +69,23 @@ def build(args):
     run = builders.Run(config=None, model=model, tokenizer=None, tokenizer_name="random ids", backbone_params=None,
                        pad_id=pad, eos_id=eos, mask_id=pad, unk_id=pad, special_ids=(pad, eos), prompt=(start,),
                        max_length=args.max_length, vocab_size=hf.vocab_size)
+    return run, hf
+
+
+def random_examples(lens, hf, args) -> list:
+    """Random-id sentences (ending in EOS) with the given lengths, truncated to ``args.max_length``."""
+    rng = np.random.default_rng(args.seed)
+    low = max(hf.pad_token_id, hf.eos_token_id) + 1
+    return [np.append(rng.integers(low, hf.vocab_size, size=n - 1), hf.eos_token_id).astype(np.int32)
+            for n in np.minimum(lens, args.max_length)]
+
+
+def build(args):
+    """(runner, state, batches): the library's own training step over bucketed random-token batches."""
+    from flax_textvae import data, train
+    from flax_textvae.configuration import base_config
+
+    run, hf = random_run(args)
     c = base_config()
     c.batch_size = args.batch
     c.model.dtype = args.dtype
@@ -79,15 +95,12 @@ def build(args):
     c.optimizer.grad_accum_steps = args.grad_accum
     c.loss.kind = "elbo"
     c.loss.kl_schedule.kind = "constant"
-    # Sentences: the lengths of the baseline's batches, random ids ending in EOS.
+    # Sentences: the lengths of the baseline's batches.
     lens = lengths_lib.load_lengths(args.lengths_from)
     plan = lengths_lib.batches_of_lengths(lens, args.batch, args.steps, seed=args.seed)
-    flat = np.minimum(np.concatenate(plan), args.max_length)
-    rng = np.random.default_rng(args.seed)
-    examples = [np.append(rng.integers(max(pad, eos) + 1, hf.vocab_size, size=n - 1), eos).astype(np.int32)
-                for n in flat]
-    kw = dict(batch_size=args.batch, pad_id=pad, decoder_start_token_id=start, bos_id=None,
-              max_length=max(args.max_length, 256) if args.pad == "256" else args.max_length)
+    examples = random_examples(np.concatenate(plan), hf, args)
+    kw = dict(batch_size=args.batch, pad_id=hf.pad_token_id, decoder_start_token_id=hf.decoder_start_token_id,
+              bos_id=None, max_length=max(args.max_length, 256) if args.pad == "256" else args.max_length)
     if args.pad == "256":
         kw["boundaries"] = [256]
     else:

@@ -6,27 +6,13 @@ per-example KL thresholding (free bits), encoder-input token deletion, two phase
   python run_train.py --config=configs/t5_vae.py --workdir=runs/t5 \
       --config.data.train=PATH/train.txt --config.data.eval=PATH/valid.txt
 """
-from flax_textvae.configuration import base_config
+from flax_textvae.configuration import finetune_config
 
 
 def get_config():
-    c = base_config()
-    c.model.name_or_path = "google-t5/t5-small"
-    c.vae.latent_size = 32
+    c = finetune_config("google-t5/t5-small")
     c.vae.pooling = "max"
-    c.vae.injection = "memory"
-    c.data.train = "tfds:text_vae_corpora/ptb:train"
-    c.data.eval = "tfds:text_vae_corpora/ptb:valid"
-    c.data.max_length = 64
-    c.data.num_buckets = 8
-    c.batch_size = 64
-    c.train_steps = 30000
-    c.log_every = 100
-    c.eval_every = 2000
-    c.checkpoint_every = 2000
     c.optimizer.learning_rate = 1e-4
-    c.optimizer.warmup_steps = 500
-    c.phase1.steps = 5000
     c.loss.kind = "free_bits"
     c.loss.free_bits_mode = "per_example"
     c.loss.free_bits = 0.5

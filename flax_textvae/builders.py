@@ -77,6 +77,7 @@ class Run:
     eval_batches: Callable[[], Iterator[dict]] | None = None
     eval_spec: str = ""
     eval_texts: list = dataclasses.field(default_factory=list)
+    eval_subset: Callable[[int], Callable[[], Iterator[dict]]] | None = None  # first n examples in file order
 
     def init_params(self, key: jax.Array):
         """Random VAE parameters, with the pretrained backbone dropped in when there is one."""
@@ -198,6 +199,12 @@ def build_run(config, workdir: str, *, train: bool = True, eval_spec: str | None
     run.eval_texts = read(run.eval_spec)[0]
     eval_ids, _ = data_lib.encode_texts(tokenizer, run.eval_texts, data_cfg.max_length)
     bs = eval_batch_size or config.batch_size
-    run.eval_batches = lambda: iter(data_lib.EvalIterator(
-        eval_ids, batch_size=bs, max_length=data_cfg.max_length, num_buckets=data_cfg.num_buckets, **batch_kw))
+
+    def subset(n: int = 0) -> Callable[[], Iterator[dict]]:
+        ids = eval_ids[:n] if n else eval_ids  # batches are length-sorted: cut before batching, not after
+        return lambda: iter(data_lib.EvalIterator(ids, batch_size=bs, max_length=data_cfg.max_length,
+                                                  num_buckets=data_cfg.num_buckets, **batch_kw))
+
+    run.eval_subset = subset
+    run.eval_batches = subset(0)
     return run

@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tfds_data_dir = ""  # TFDS data_dir ('' = TFDS default / $TFDS_DATA_DIR)
     c.data.max_length = 64  # tokens per example incl. specials; longer ones are truncated (counted)
     c.data.num_buckets = 4  # length buckets = compiled shapes
-    c.data.eval_max_examples = 0  # cap on examples for the periodic in-training eval (0: whole split)
+    c.data.eval_max_examples = 0  # in-training evals use the split's first N examples in file order (0: all)
 
     c.batch_size = 32  # global batch (examples), split over all devices and hosts
     c.train_steps = 2000  # total optimizer steps over both phases
@@ -106,3 +106,37 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.num_processes = 0  # multi-host: number of processes (0: let JAX detect)
     c.parallel.process_id = -1  # multi-host: this process's id (-1: let JAX detect)
     return c
+
+
+def finetune_config(name_or_path: str) -> ml_collections.ConfigDict:
+    """Shared settings of the pretrained-model configs (PTB through the TFDS builder, two phases)."""
+    c = base_config()
+    c.model.name_or_path = name_or_path
+    c.vae.latent_size = 32
+    c.vae.injection = "memory"
+    c.data.train = "tfds:text_vae_corpora/ptb:train"
+    c.data.eval = "tfds:text_vae_corpora/ptb:valid"
+    c.data.max_length = 64
+    c.data.num_buckets = 8
+    c.batch_size = 64
+    c.train_steps = 30000
+    c.log_every = 100
+    c.eval_every = 2000
+    c.checkpoint_every = 2000
+    c.optimizer.warmup_steps = 500
+    c.phase1.steps = 5000
+    return c
+
+
+def with_overrides(config: ml_collections.ConfigDict, **dotted) -> ml_collections.ConfigDict:
+    """A locked copy of ``config`` with ``{'a.b.c': value}`` overrides (what ``--config.a.b.c=`` does)."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    for key, value in dotted.items():
+        node = c
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        if last not in node:
+            raise KeyError(f"config has no field {key!r}")
+        node[last] = value
+    return c.lock()

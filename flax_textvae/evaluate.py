@@ -101,8 +101,7 @@ class _Progress:
                   f"{time.time() - self.t0:.1f} s", file=sys.stderr, flush=True)
 
 
-def evaluate_split(run, params, batches_fn, *, iw_samples: int = 0, seed: int = 0, max_examples: int = 0,
-                   with_bleu: bool = False, iw_chunk: int = 0, name: str = "eval", mi_au: bool = True,
+def evaluate_split(run, params, batches_fn, *, iw_samples: int = 0, seed: int = 0, with_bleu: bool = False, iw_chunk: int = 0, name: str = "eval", mi_au: bool = True,
                    mesh=None) -> dict:
     """The DESIGN §5 metrics of ``params`` over every example ``batches_fn()`` yields.
 
@@ -113,7 +112,6 @@ def evaluate_split(run, params, batches_fn, *, iw_samples: int = 0, seed: int = 
         ``example_weight``; filler rows have weight 0 and are ignored).
       iw_samples: K for the importance-weighted ``nll`` (0 skips it: ``nll``/``ppl`` are None).
       seed: seeds every draw (per example, by index).
-      max_examples: evaluate only the first N batches' worth of examples (0: all).
       with_bleu: also decode greedy reconstructions from z = mean and score corpus BLEU.
       iw_chunk: samples per decoder pass (0: as many as fit a 1 GiB logits budget, at most 100).
       name: label for the progress line.
@@ -163,8 +161,6 @@ def evaluate_split(run, params, batches_fn, *, iw_samples: int = 0, seed: int = 
             refs += run.detokenize(np.asarray(batch["labels"])[keep])
         done += int(keep.sum())
         progress.update(done)
-        if max_examples and done >= max_examples:
-            break
     progress.close(done)
     if done == 0:
         raise ValueError(f"evaluation split {name!r} produced no examples")

@@ -260,9 +260,9 @@ def _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt)
                 pending, t_last = [], time.time()
         # The end of phase 2 is evaluated once, fully, by train_and_evaluate.
         if ((config.eval_every and step % config.eval_every == 0) or last) and not (last and end == config.train_steps):
-            ev = evaluate.evaluate_split(run, runner.host_state(state).params, run.eval_batches,
-                                         iw_samples=0, seed=config.seed, max_examples=config.data.eval_max_examples,
-                                         mesh=getattr(runner, "mesh", None))
+            ev = evaluate.evaluate_split(run, runner.host_state(state).params,
+                                         run.eval_subset(config.data.eval_max_examples), iw_samples=0,
+                                         seed=config.seed, mesh=getattr(runner, "mesh", None))
             log.write({"step": step, "phase": phase, "split": "eval", **ev})
             if jax.process_index() == 0:
                 print(f"  eval @ {step}: rec {ev['rec']:.3f}  kl {ev['kl']:.3f}  au {ev['au']}  "

@@ -13,6 +13,8 @@ if os.path.join(REPO, "configs") not in sys.path:
     sys.path.insert(0, os.path.join(REPO, "configs"))
 import tiny  # noqa: E402  (configs/tiny.py)
 
+from flax_textvae.configuration import with_overrides  # noqa: E402
+
 # 60 steps (20 of phase 1): enough for a non-trivial posterior, a few seconds on CPU.
 TRAIN_OVERRIDES = {"train_steps": 60, "phase1.steps": 20, "eval_every": 0, "checkpoint_every": 30,
                    "log_every": 10}
@@ -22,15 +24,7 @@ _CACHE: dict = {}
 
 def tiny_config(**overrides):
     """``configs/tiny.py`` with dotted-key overrides (``{'phase1.steps': 20}``), locked again."""
-    c = tiny.get_config()
-    c.unlock()
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c.lock()
+    return with_overrides(tiny.get_config(), **overrides)
 
 
 def trained_run(tmp_path_factory):

@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from flax_textvae import builders, parallel, train  # noqa: E402
+from flax_textvae.configuration import with_overrides  # noqa: E402
 import tiny  # noqa: E402  (configs/tiny.py)
 
 # The tiny model's matrices are all below parallel's 2**14-element sharding threshold; lower it so that
@@ -61,24 +62,13 @@ parallel.MIN_SHARD_SIZE = 256
 
 def make_config(steps: int, **overrides):
     """configs/tiny.py, phase 2 only, with per-example denoising and word dropout switched on."""
-    c = tiny.get_config()
-    c.unlock()
-    c.phase1.steps = 0
-    c.train_steps = steps
-    c.data.num_buckets = 1  # one static shape: each layout compiles its step once
-    c.denoise.delete_rate = 0.3  # keyed by global row: must agree across layouts
-    c.denoise.word_dropout = 0.1
     # Backbone dropout masks come from one 'dropout' key per step for the whole (per-device) batch, so under
     # pmap each device draws masks for its own slice from the same key: they legitimately differ from the
-    # 1-device run. Switch it off; everything else random is keyed per example.
-    c.model.scratch.dropout = 0.0
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c.lock()
+    # 1-device run. Switch it off; everything else random (denoising, word dropout, z) is keyed per example.
+    base = {"phase1.steps": 0, "train_steps": steps,
+            "data.num_buckets": 1,  # one static shape: each layout compiles its step once
+            "denoise.delete_rate": 0.3, "denoise.word_dropout": 0.1, "model.scratch.dropout": 0.0}
+    return with_overrides(tiny.get_config(), **{**base, **overrides})
 
 
 def train_layout(config, run, init_params, batches, *, report_sharding: bool = False):

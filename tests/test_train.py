@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from flax_textvae import builders, checkpoints, train
+from flax_textvae.configuration import with_overrides
 from flax_textvae.step import param_labels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,15 +21,8 @@ import tiny  # noqa: E402  (configs/tiny.py)
 
 
 def tiny_config(**overrides):
-    c = tiny.get_config()
-    c.unlock()
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c.lock()
+    """``configs/tiny.py`` with dotted-key overrides (``{'phase1.steps': 20}``)."""
+    return with_overrides(tiny.get_config(), **overrides)
 
 
 def _runner(config, run, phase, end):

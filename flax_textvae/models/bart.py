@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_textvae.models.common import (MultiHeadAttention, cache_position, get_activation, init_cache,
+from flax_textvae.models.common import (MultiHeadAttention, apply_name_table, cache_position, get_activation, init_cache,
                                         mismatch_report, padding_mask)
 
 Array = jax.Array
@@ -392,22 +392,7 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
             if alias in sd:
                 sd["model.shared.weight"] = sd[alias]
                 break
-    used = set()
-    missing, mismatched, params = [], [], {}
-    for tname, fpath, transpose, shape in torch_name_table(config):
-        if tname not in sd:
-            missing.append(tname)
-            continue
-        used.add(tname)
-        arr = np.asarray(sd[tname])
-        if tuple(arr.shape) != tuple(shape):
-            mismatched.append(f"{tname}: got {tuple(arr.shape)}, expected {tuple(shape)}")
-            continue
-        arr = arr.astype(np.float32)
-        node = params
-        for part in fpath[:-1]:
-            node = node.setdefault(part, {})
-        node[fpath[-1]] = jnp.asarray(arr.T if transpose else arr)
+    params, used, missing, mismatched = apply_name_table(sd, torch_name_table(config))
     d, v = config.d_model, config.vocab_size
     for alias in aliases:  # duplicated copies of the input embedding: accept when the shape fits
         if alias in sd and alias not in used:

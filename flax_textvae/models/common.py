@@ -48,11 +48,12 @@ Attention:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Dtype = Any
@@ -172,6 +173,34 @@ def mismatch_report(title: str, missing: Sequence[str], unexpected: Sequence[str
             lines.append(f"  {label} ({len(items)}):")
             lines.extend(f"    {item}" for item in items)
     return "\n".join(lines)
+
+
+def apply_name_table(state_dict: Mapping[str, Any], table) -> tuple[dict, set, list, list]:
+    """Builds a Flax params tree from a PyTorch state dict through an explicit name table.
+
+    Args:
+      state_dict: PyTorch name -> array.
+      table: iterable of ``(torch_name, flax_path_tuple, transpose, expected_torch_shape)``.
+
+    Returns:
+      ``(params, used_names, missing, mismatched)``; float32 arrays, Linear weights transposed to kernels.
+    """
+    used, missing, mismatched, params = set(), [], [], {}
+    for tname, fpath, transpose, shape in table:
+        if tname not in state_dict:
+            missing.append(tname)
+            continue
+        used.add(tname)
+        arr = np.asarray(state_dict[tname])
+        if tuple(arr.shape) != tuple(shape):
+            mismatched.append(f"{tname}: got {tuple(arr.shape)}, expected {tuple(shape)}")
+            continue
+        arr = arr.astype(np.float32)
+        node = params
+        for part in fpath[:-1]:
+            node = node.setdefault(part, {})
+        node[fpath[-1]] = jnp.asarray(arr.T if transpose else arr)
+    return params, used, missing, mismatched
 
 
 # -------------------------------------------------------------------------------------------- attention

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_textvae.models.common import (causal_mask, combine_masks, get_activation, init_cache, mask_to_bias,
-                                        padding_mask)
+from flax_textvae.models.common import (apply_name_table, causal_mask, combine_masks, get_activation, init_cache,
+                                        mask_to_bias, mismatch_report, padding_mask)
 
 Array = jax.Array
 _normal = jax.nn.initializers.normal
@@ -512,21 +512,7 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
         if "lm_head.weight" not in sd and "shared.weight" in sd:
             sd["lm_head.weight"] = sd["shared.weight"]
         table.append(("lm_head.weight", ("lm_head", "kernel"), True, (config.vocab_size, config.d_model)))
-    used, missing, mismatched, params = set(), [], [], {}
-    for tname, fpath, transpose, shape in table:
-        if tname not in sd:
-            missing.append(tname)
-            continue
-        used.add(tname)
-        arr = np.asarray(sd[tname])
-        if tuple(arr.shape) != tuple(shape):
-            mismatched.append(f"{tname}: got {tuple(arr.shape)}, expected {tuple(shape)}")
-            continue
-        arr = arr.astype(np.float32)
-        node = params
-        for part in fpath[:-1]:
-            node = node.setdefault(part, {})
-        node[fpath[-1]] = jnp.asarray(arr.T if transpose else arr)
+    params, used, missing, mismatched = apply_name_table(sd, table)
     expected = (config.vocab_size, config.d_model)
     for alias in aliases:  # duplicated tied copies: accept when the shape fits
         if alias in sd and alias not in used:
@@ -537,10 +523,6 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
                 mismatched.append("lm_head.weight: differs from shared.weight, but the config ties the head")
     unexpected = sorted(set(sd) - used)
     if missing or unexpected or mismatched:
-        lines = ["T5 PyTorch state dict does not match the config:"]
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if items:
-                lines.append(f"  {label} ({len(items)}):")
-                lines.extend(f"    {item}" for item in items)
-        raise ValueError("\n".join(lines))
+        raise ValueError(mismatch_report("T5 PyTorch state dict does not match the config", missing,
+                                         unexpected, mismatched))
     return params
