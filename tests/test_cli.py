@@ -56,7 +56,6 @@ def test_reconstruct_writes_the_output_file(tiny_run, tmp_path):
     assert out.count("out: ") == len(texts)
 
 
-@pytest.mark.slow
 def test_sample_prints_num_sentences(tiny_run, tmp_path):
     _, workdir = tiny_run
     output = tmp_path / "samples.txt"
@@ -65,7 +64,6 @@ def test_sample_prints_num_sentences(tiny_run, tmp_path):
     assert len(out.splitlines()) == 3
 
 
-@pytest.mark.slow
 def test_interpolate_between_two_texts(tiny_run):
     _, workdir = tiny_run
     out, _ = run_eval(workdir, "--mode=interpolate", "--text=a dog barks", "--text=the old man slept",

@@ -97,9 +97,10 @@ def test_iw_nll_does_not_depend_on_the_chunk_size(tiny_run, heldout):
     path, _ = heldout
     run = builders.build_run(config, workdir, train=False, eval_spec=path, eval_batch_size=16)
     params, _ = checkpoints.load_params(workdir)
-    kw = dict(iw_samples=6, seed=3, mi_au=False, max_examples=1)  # the first batch is enough
-    whole = evaluate.evaluate_split(run, params, run.eval_batches, iw_chunk=6, **kw)
-    chunked = evaluate.evaluate_split(run, params, run.eval_batches, iw_chunk=3, **kw)
+    kw = dict(iw_samples=6, seed=3, mi_au=False)
+    first16 = run.eval_subset(16)  # one batch is enough
+    whole = evaluate.evaluate_split(run, params, first16, iw_chunk=6, **kw)
+    chunked = evaluate.evaluate_split(run, params, first16, iw_chunk=3, **kw)
     assert whole["num_examples"] == 16
     np.testing.assert_allclose(chunked["nll"], whole["nll"], rtol=1e-5)
     assert chunked["rec"] == whole["rec"]

@@ -88,7 +88,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode,devices", [("mesh", 2), ("pmap", 1)])
 def test_two_processes_train_together_and_match_one_process(single, tmp_path, mode, devices):
     """2 processes x ``devices`` CPU devices (jax.distributed over gloo); each feeds its own rows."""

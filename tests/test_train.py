@@ -113,7 +113,6 @@ def _wait_for_checkpoint(workdir, proc, min_step, timeout=240):
     raise AssertionError("no checkpoint appeared")
 
 
-@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     p = _cli(full, *RESUME_FLAGS)
