@@ -1,7 +1,6 @@
 """run_eval.py in a subprocess on a real (tiny) trained run: metrics, generation modes and plots.
 
-Each subprocess pays a JAX start-up and compile, so the default run keeps three (metrics, reconstruct, plot);
-sample and interpolate are marked slow.
+Each subprocess pays a JAX start-up and compile (a few seconds each on 2 cores).
 """
 import json
 import os
