@@ -168,7 +168,7 @@ def parse(argv=None):
     p.add_argument("--lengths-from", default=None, help="text file whose sentence lengths to use")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--pad", default="bucket", choices=["bucket", "256"])
-    p.add_argument("--num-buckets", type=int, default=6)
+    p.add_argument("--num-buckets", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_textvae.models.common import (MultiHeadAttention, apply_name_table, cache_position, get_activation, init_cache,
+from flax_textvae.models.common import (Dropout, MultiHeadAttention, apply_name_table, cache_position, get_activation, init_cache,
                                         mismatch_report, padding_mask)
 
 Array = jax.Array
@@ -61,7 +61,7 @@ def _feed_forward(config, ffn_dim: int, dtype: Dtype, x: Array, deterministic: b
     """fc1 -> activation -> activation dropout -> fc2; call inside a compact method (parameters land there)."""
     h = nn.Dense(ffn_dim, dtype=dtype, kernel_init=_init(config), name="fc1")(x)
     h = get_activation(config.activation_function)(h)
-    h = nn.Dropout(config.activation_dropout)(h, deterministic=deterministic)
+    h = Dropout(config.activation_dropout)(h, deterministic=deterministic)
     return nn.Dense(config.d_model, dtype=dtype, kernel_init=_init(config), name="fc2")(h)
 
 
@@ -73,7 +73,7 @@ class BartEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, mask: Optional[Array], deterministic: bool) -> Array:
         cfg = self.config
-        drop = nn.Dropout(cfg.dropout)
+        drop = Dropout(cfg.dropout)
         h = _attention(cfg, cfg.encoder_attention_heads, self.dtype, "self_attn")(
             x, mask=mask, deterministic=deterministic)
         x = _layer_norm(self.dtype, "self_attn_layer_norm")(x + drop(h, deterministic=deterministic))
@@ -91,7 +91,7 @@ class BartDecoderLayer(nn.Module):
                  memory_mask: Optional[Array], prefix: Optional[Array], prefix_mask: Optional[Array],
                  deterministic: bool, decode: bool) -> Array:
         cfg = self.config
-        drop = nn.Dropout(cfg.dropout)
+        drop = Dropout(cfg.dropout)
         h = _attention(cfg, cfg.decoder_attention_heads, self.dtype, "self_attn")(
             x, mask=self_mask, causal=True, prefix=prefix, prefix_mask=prefix_mask, decode=decode,
             deterministic=deterministic)
@@ -149,7 +149,7 @@ def _positions_and_norm(module: nn.Module, x: Array, start: Any, deterministic: 
                          embedding_init=_init(cfg), name="embed_positions")
     x = x + pos_table(positions)[None].astype(module.dtype)
     x = _layer_norm(module.dtype, "layernorm_embedding")(x)
-    return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    return Dropout(cfg.dropout)(x, deterministic=deterministic)
 
 
 class BartEncoder(nn.Module):

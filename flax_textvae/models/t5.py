@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_textvae.models.common import (apply_name_table, causal_mask, combine_masks, get_activation, init_cache,
+from flax_textvae.models.common import (Dropout, apply_name_table, causal_mask, combine_masks, get_activation, init_cache,
                                         mask_to_bias, mismatch_report, padding_mask)
 
 Array = jax.Array
@@ -195,7 +195,7 @@ class T5Attention(nn.Module):
             scores = scores + bias
         if mask is not None:
             scores = scores + mask_to_bias(mask, jnp.float32)
-        weights = nn.Dropout(c.dropout_rate)(jax.nn.softmax(scores, axis=-1), deterministic=deterministic)
+        weights = Dropout(c.dropout_rate)(jax.nn.softmax(scores, axis=-1), deterministic=deterministic)
         weights = weights.astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(self.dtype))
         return o_proj(out.reshape(b, t, -1)), position_bias
@@ -217,7 +217,7 @@ class T5DenseReluDense(nn.Module):
             h = h * dense(c.d_ff, kernel_init=wi_init, name="wi_1")(x)
         else:
             h = get_activation(act)(dense(c.d_ff, kernel_init=wi_init, name="wi")(x))
-        h = nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+        h = Dropout(c.dropout_rate)(h, deterministic=deterministic)
         return dense(c.d_model, kernel_init=_normal(c.initializer_factor * c.d_ff ** -0.5), name="wo")(h)
 
 
@@ -232,7 +232,7 @@ class T5Block(nn.Module):
     def __call__(self, h, key_mask, position_bias, memory, memory_mask, prefix, prefix_mask,
                  deterministic: bool, decode: bool):
         c = self.config
-        drop = nn.Dropout(c.dropout_rate)
+        drop = Dropout(c.dropout_rate)
         y, position_bias = _SubLayer(c, "SelfAttention", self.has_relative_bias, self.causal, self.dtype,
                                      name="0")(h, key_mask, position_bias, None, prefix, prefix_mask,
                                                deterministic, decode)
@@ -306,7 +306,7 @@ class T5Stack(nn.Module):
                  prefix_mask: Array | None = None, deterministic: bool = True, decode: bool = False) -> Array:
         c = self.config
         n = c.num_decoder_layers if self.causal else c.num_layers
-        drop = nn.Dropout(c.dropout_rate)
+        drop = Dropout(c.dropout_rate)
         h = drop(embeds, deterministic=deterministic)
         h = _Blocks(c, n, self.causal, self.dtype, name="block")(
             h, key_mask, memory, memory_mask, prefix_states, prefix_mask, deterministic, decode)
