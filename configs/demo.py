@@ -13,7 +13,7 @@ def get_config():
     c.model.scratch.num_heads = 4
     c.model.scratch.ffn_dim = 128
     c.model.scratch.num_layers = 2
-    c.model.scratch.dropout = 0.1
+    c.model.scratch.dropout = 0.0
     c.vae.latent_size = 32
     c.vae.pooling = "max"
     c.vae.injection = "memory,embedding"
@@ -21,16 +21,17 @@ def get_config():
     c.data.eval = "synthetic:500:1"
     c.data.max_length = 48
     c.batch_size = 32
-    c.train_steps = 3000
+    c.train_steps = 6000
     c.log_every = 50
-    c.eval_every = 1000
-    c.checkpoint_every = 500
-    c.optimizer.learning_rate = 1e-3
+    c.eval_every = 2000
+    c.checkpoint_every = 1000
+    c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 50
     c.phase1.steps = 500
     c.loss.kind = "free_bits"
-    c.loss.free_bits = 1.0
+    c.loss.free_bits = 1.5
     c.loss.kl_schedule.kind = "linear"
     c.loss.kl_schedule.steps = 1000
-    c.denoise.delete_rate = 0.15
+    c.denoise.delete_rate = 0.1
+    c.denoise.word_dropout = 0.25
     return c.lock()

@@ -68,8 +68,7 @@ class _Logger:
                 self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             except ImportError:  # optional
                 self.tb = None
-        self.t0 = time.time()
-        self.start_step = None
+        self.rate = None
 
     def write(self, row: dict) -> None:
         if not self.main:
@@ -85,13 +84,11 @@ class _Logger:
     def progress(self, step: int, row: dict) -> None:
         if not self.main:
             return
-        if self.start_step is None:
-            self.start_step, self.t0 = step, time.time()
-            eta = "?"
-        else:
-            rate = (step - self.start_step) / max(time.time() - self.t0, 1e-9)
-            left = (self.total - step) / max(rate, 1e-9)
-            eta = f"{int(left // 60)}m{int(left % 60):02d}s"
+        # ETA from a moving average of recent intervals' rates (the first ones include compile time).
+        rate = row.get("steps_per_s", 0.0)
+        self.rate = rate if self.rate is None else 0.7 * self.rate + 0.3 * rate
+        left = (self.total - step) / max(self.rate, 1e-9)
+        eta = f"{int(left // 60)}m{int(left % 60):02d}s"
         kl_ctl = f"C {row['kl_target']:.2f}" if row.get("kl_target") else f"w {row.get('kl_weight', 0):.3f}"
         print(f"[phase {row['phase']}] step {step}/{self.total}  loss {row['loss']:.3f}  rec {row['rec']:.3f}  "
               f"kl {row['kl']:.3f}  {kl_ctl}  |  {row.get('steps_per_s', 0):.2f} steps/s  "
