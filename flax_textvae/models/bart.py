@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_textvae.models.common import (Dropout, MultiHeadAttention, apply_name_table, cache_position, get_activation, init_cache,
-                                        mismatch_report, padding_mask)
+from flax_textvae.models.common import (Dropout, MultiHeadAttention, Seq2SeqProperties, apply_name_table,
+                                        cache_position, get_activation, init_cache, mismatch_report, padding_mask)
 
 Array = jax.Array
 Dtype = Any
@@ -218,7 +218,7 @@ class _LMHead(nn.Module):
         return jnp.einsum("btd,dv->btv", h, kernel.astype(self.dtype), preferred_element_type=jnp.float32)
 
 
-class BartForConditionalGeneration(nn.Module):
+class BartForConditionalGeneration(Seq2SeqProperties, nn.Module):
     """BART LM (HF `BartForConditionalGeneration`), HF Flax parameter names.
 
     Attributes:
@@ -236,34 +236,12 @@ class BartForConditionalGeneration(nn.Module):
             self.lm_head = _LMHead(cfg, dtype=self.dtype)
 
     # ------------------------------------------------------------------ properties
+    _DECODER_LAYERS = "decoder_layers"
+    _DEFAULT_START = "eos_token_id"
+
     @property
     def tied(self) -> bool:
         return bool(getattr(self.config, "tie_word_embeddings", True))
-
-    @property
-    def d_model(self) -> int:
-        return int(self.config.d_model)
-
-    @property
-    def num_decoder_layers(self) -> int:
-        return int(self.config.decoder_layers)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.config.vocab_size)
-
-    @property
-    def pad_token_id(self) -> int:
-        return int(self.config.pad_token_id)
-
-    @property
-    def eos_token_id(self) -> int:
-        return int(self.config.eos_token_id)
-
-    @property
-    def decoder_start_token_id(self) -> int:
-        start = self.config.decoder_start_token_id
-        return int(self.config.eos_token_id if start is None else start)
 
     # ------------------------------------------------------------------ methods
     def encode(self, input_ids: Array, attention_mask: Optional[Array] = None, *,

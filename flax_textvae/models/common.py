@@ -203,6 +203,46 @@ def apply_name_table(state_dict: Mapping[str, Any], table) -> tuple[dict, set, l
     return params, used, missing, mismatched
 
 
+class Seq2SeqProperties:
+    """The family-neutral properties every backbone exposes, read from its transformers ``config``.
+
+    A family sets ``_DECODER_LAYERS`` (the config field counting decoder layers) and
+    ``_DEFAULT_START`` (the field used when ``decoder_start_token_id`` is unset).
+    """
+
+    _DECODER_LAYERS = "decoder_layers"
+    _DEFAULT_START = "eos_token_id"
+
+    @staticmethod
+    def _int(value) -> int:
+        return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.d_model)
+
+    @property
+    def num_decoder_layers(self) -> int:
+        return int(getattr(self.config, self._DECODER_LAYERS))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.config.pad_token_id)
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._int(self.config.eos_token_id)
+
+    @property
+    def decoder_start_token_id(self) -> int:
+        start = getattr(self.config, "decoder_start_token_id", None)
+        return self._int(getattr(self.config, self._DEFAULT_START) if start is None else start)
+
+
 class Dropout(nn.Module):
     """Inverted dropout drawing its keep mask from 16-bit random numbers (two per 32-bit draw).
 

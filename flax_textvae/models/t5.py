@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_textvae.models.common import (Dropout, apply_name_table, causal_mask, combine_masks, get_activation, init_cache,
-                                        mask_to_bias, mismatch_report, padding_mask)
+from flax_textvae.models.common import (Dropout, Seq2SeqProperties, apply_name_table, causal_mask, combine_masks,
+                                        get_activation, init_cache, mask_to_bias, mismatch_report, padding_mask)
 
 Array = jax.Array
 _normal = jax.nn.initializers.normal
@@ -327,7 +327,7 @@ class _LMHead(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ the model
-class T5ForConditionalGeneration(nn.Module):
+class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
     """T5 LM (HF `T5ForConditionalGeneration`), HF Flax parameter names.
 
     Attributes:
@@ -348,31 +348,8 @@ class T5ForConditionalGeneration(nn.Module):
             self.lm_head = _LMHead(c, dtype=self.dtype)
 
     # ------------------------------------------------------------------ properties
-    @property
-    def d_model(self) -> int:
-        return int(self.config.d_model)
-
-    @property
-    def num_decoder_layers(self) -> int:
-        return int(self.config.num_decoder_layers)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.config.vocab_size)
-
-    @property
-    def pad_token_id(self) -> int:
-        return int(self.config.pad_token_id)
-
-    @property
-    def eos_token_id(self) -> int:
-        eos = self.config.eos_token_id
-        return int(eos[0] if isinstance(eos, (list, tuple)) else eos)
-
-    @property
-    def decoder_start_token_id(self) -> int:
-        start = self.config.decoder_start_token_id
-        return int(self.config.pad_token_id if start is None else start)
+    _DECODER_LAYERS = "num_decoder_layers"
+    _DEFAULT_START = "pad_token_id"
 
     # ------------------------------------------------------------------ methods
     def encode(self, input_ids: Array, attention_mask: Array | None = None, *,
