@@ -111,7 +111,7 @@ def plot_training_curves(metrics_jsonl_path: str | os.PathLike, out_png: str | o
     sched = []
     for key in ("kl_weight", "kl_target"):
         s, v = _series(train, key)
-        if len(s):
+        if len(s) and (key == "kl_weight" or np.any(np.asarray(v) != 0)):  # C is 0 unless a constraint is used
             sched.append((key, s, v, "-"))
     if sched:
         panels.append(("KL weight / target C", sched))
