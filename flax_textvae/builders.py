@@ -154,6 +154,20 @@ def _special(tokenizer) -> dict:
     return ids
 
 
+def _report(split: str, spec: str, read_stats: dict, tok_stats: dict, max_length: int) -> None:
+    """One line per split on process 0: what was read, skipped and truncated."""
+    if jax.process_index() != 0:
+        return
+    skipped = [f"{read_stats.get(k, 0)} {what}" for k, what in
+               (("empty_skipped", "empty lines skipped"), ("undecodable_skipped", "undecodable lines skipped"))
+               if read_stats.get(k, 0)]
+    if tok_stats.get("truncated", 0):
+        skipped.append(f"{tok_stats['truncated']} truncated to data.max_length={max_length}")
+    print(f"data {split}: {spec}: {tok_stats.get('examples', 0)} examples, "
+          f"mean {tok_stats.get('mean_length', 0):.1f} tokens" + (f" ({', '.join(skipped)})" if skipped else ""),
+          flush=True)
+
+
 def build_run(config, workdir: str, *, train: bool = True, eval_spec: str | None = None,
               eval_batch_size: int | None = None, with_eval: bool = True) -> Run:
     """Builds the model, tokenizer and data for ``config``.
@@ -171,7 +185,11 @@ def build_run(config, workdir: str, *, train: bool = True, eval_spec: str | None
     column = None if data_cfg.column < 0 else data_cfg.column
     read = lambda spec: data_lib.read_examples(spec, column=column, text_field=data_cfg.text_field or None,
                                                data_dir=data_cfg.tfds_data_dir or None)
-    train_texts = read(data_cfg.train)[0] if train else None
+    read_stats = {}
+    if train:
+        train_texts, read_stats["train"] = read(data_cfg.train)
+    else:
+        train_texts = None
     module, backbone_params, hf_config, tokenizer, tok_name = _load_backbone(config, workdir, train, train_texts)
     sp = _special(tokenizer)
     bos_first = sp["bos"] is not None and tokenizer("a")["input_ids"][0] == sp["bos"]
@@ -189,15 +207,17 @@ def build_run(config, workdir: str, *, train: bool = True, eval_spec: str | None
               vocab_size=module.vocab_size)
     batch_kw = dict(pad_id=run.pad_id, decoder_start_id=prompt[0], bos_id=prompt[1] if bos_first else None)
     if train:
-        ids, _ = data_lib.encode_texts(tokenizer, train_texts, data_cfg.max_length)
+        ids, tok_stats = data_lib.encode_texts(tokenizer, train_texts, data_cfg.max_length)
+        _report("train", data_cfg.train, read_stats["train"], tok_stats, data_cfg.max_length)
         run.train_iter = data_lib.TrainIterator(
             ids, batch_size=config.batch_size, max_length=data_cfg.max_length, num_buckets=data_cfg.num_buckets,
             seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(), **batch_kw)
     if not with_eval:
         return run
     run.eval_spec = eval_spec or data_cfg.eval
-    run.eval_texts = read(run.eval_spec)[0]
-    eval_ids, _ = data_lib.encode_texts(tokenizer, run.eval_texts, data_cfg.max_length)
+    run.eval_texts, eval_read = read(run.eval_spec)
+    eval_ids, eval_tok = data_lib.encode_texts(tokenizer, run.eval_texts, data_cfg.max_length)
+    _report("eval", run.eval_spec, eval_read, eval_tok, data_cfg.max_length)
     bs = eval_batch_size or config.batch_size
 
     def subset(n: int = 0) -> Callable[[], Iterator[dict]]:
