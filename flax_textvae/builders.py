@@ -125,7 +125,11 @@ def _load_backbone(config, workdir: str, train: bool, train_texts: list[str] | N
     folder = _model_folder(workdir)
     saved = os.path.isfile(os.path.join(folder, "config.json"))
     main = jax.process_index() == 0
-    if saved and not (train and config.model.name_or_path != "scratch"):
+    ckdir = os.path.join(workdir, "checkpoints")
+    resuming = os.path.isdir(ckdir) and any(d.isdigit() for d in os.listdir(ckdir))
+    # Rebuild from WORKDIR/model for eval / inference, for from-scratch runs, and when resuming (the checkpoint
+    # holds the weights, so a preempted run restarts without the hub).
+    if saved and (not train or resuming or config.model.name_or_path == "scratch"):
         hf_config = transformers.AutoConfig.from_pretrained(folder)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
         return models.build_module(hf_config, dtype), None, hf_config, tokenizer, folder

@@ -179,11 +179,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     meta = ckpt.read_meta()
     if meta is not None:
         run.train_iter.set_state(meta["data"])
-        print(f"Resuming from step {meta['step']} (phase {meta['phase']}) in {workdir}", flush=True)
+        if meta["step"] >= config.train_steps:
+            print(f"{workdir} finished at step {meta['step']}: evaluating its final checkpoint", flush=True)
+        else:
+            print(f"Resuming from step {meta['step']} (phase {meta['phase']}) in {workdir}", flush=True)
     best = (meta or {}).get("best_rec", float("inf"))
     params = run.init_params(jax.random.key(config.seed))
+    trained = False
     key = jax.random.key(config.seed + 1)
-    result: dict = {}
 
     with _Preemption() as preempt:
         for phase, first, end in _phases(config):
@@ -198,10 +201,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
             state = runner.place(state)
             meta = None
             state, best, stop = _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt)
-            params = runner.host_state(state).params
+            params, trained = runner.host_state(state).params, True
             if stop:
                 ckpt.close()
                 return {"preempted": True, "step": int(runner.host_state(state).step)}
+    if not trained:  # the run had already finished: evaluate its final checkpoint
+        params, _ = checkpoints.load_params(workdir)
     result = evaluate.evaluate_split(run, params, run.eval_batches, iw_samples=0, seed=config.seed,
                                      with_bleu=True)
     log.write({"step": int(config.train_steps), "phase": 2, "split": "eval", **result})
