@@ -76,7 +76,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.phase1 = ml_collections.ConfigDict()
     c.phase1.steps = 0  # encoder warm-up steps (KL weight 0, frozen decoder); 0 = single phase
     c.phase1.frozen = FREEZE_DECODER  # regexes of parameter paths frozen in phase 1
-    c.phase1.select_by = "rec"  # phase 2 starts from the phase-1 checkpoint with the lowest eval 'rec'
 
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "elbo"  # 'elbo' (annealed) | 'free_bits' | 'constraint' (Prokhorov et al. 2019)

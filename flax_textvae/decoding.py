@@ -14,7 +14,8 @@ How one call runs: the forced decoder prefix ``prompt`` (e.g. ``(decoder_start,)
 BART as our data pipeline trains it) is fed one token at a time through the cache; the logits after its last
 token give the first generated token. Each ``jax.lax.while_loop`` iteration feeds one token (the first
 ``len(prompt) - 1`` iterations feed the prompt and ignore the logits, so the compiled program holds a single
-copy of the decoder); the loop stops early once every row (every beam) has emitted EOS. The whole call is one ``jax.jit`` per
+copy of the decoder); the loop stops early once every row (every beam) has emitted EOS.
+The whole call is one ``jax.jit`` per
 (vae, method, prompt, eos/pad ids, max_length, top_k, nucleus on/off, beam size); ``params``, ``z``, the rng,
 ``temperature``, ``top_p`` and ``length_penalty`` are traced, so changing them does not recompile. Compiled
 functions are kept in a small module-level cache (``clear_compiled_cache()`` empties it).

@@ -101,7 +101,8 @@ class _Progress:
                   f"{time.time() - self.t0:.1f} s", file=sys.stderr, flush=True)
 
 
-def evaluate_split(run, params, batches_fn, *, iw_samples: int = 0, seed: int = 0, with_bleu: bool = False, iw_chunk: int = 0, name: str = "eval", mi_au: bool = True,
+def evaluate_split(run, params, batches_fn, *, iw_samples: int = 0, seed: int = 0, with_bleu: bool = False,
+                   iw_chunk: int = 0, name: str = "eval", mi_au: bool = True,
                    mesh=None) -> dict:
     """The DESIGN §5 metrics of ``params`` over every example ``batches_fn()`` yields.
 

@@ -138,7 +138,8 @@ def replicate_for_pmap(tree, devices=None):
     """Copies a pytree onto ``devices`` (default: all local ones) for ``pmap``."""
     devices = devices or jax.local_devices()
     n = len(devices)
-    return jax.pmap(lambda x: x, devices=devices)(jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree))
+    stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
+    return jax.pmap(lambda x: x, devices=devices)(stacked)
 
 
 def unreplicate(tree):

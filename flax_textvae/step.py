@@ -51,6 +51,7 @@ class StepConfig:
     mask_id: int = -1
     unk_id: int = -1
     grad_accum_steps: int = 1
+    frozen: tuple = ()  # regexes of parameter paths that get no gradient in this phase
 
 
 # ----------------------------------------------------------------------------------------- optimizer
@@ -121,15 +122,22 @@ def _noisy_inputs(batch: dict, keys: jax.Array, cfg: StepConfig):
     return ids, mask, dec_in
 
 
-def loss_and_metrics(params, batch: dict, step_rng: jax.Array, rows: jax.Array, *, model: TextVAE,
-                     cfg: StepConfig, kl_weight, kl_target):
-    """The training objective on one (micro-)batch; differentiable in ``params``."""
-    keys = _per_example_keys(step_rng, rows)
+def loss_and_metrics(params, batch: dict, example_rng: jax.Array, dropout_rng: jax.Array, rows: jax.Array, *,
+                     model: TextVAE, cfg: StepConfig, kl_weight, kl_target):
+    """The training objective on one (micro-)batch; differentiable in ``params``.
+
+    ``example_rng`` is folded with each example's global row (latent noise, denoising); ``dropout_rng`` is
+    the backbone's dropout stream for this device and micro-batch. Frozen parameters are wrapped in
+    ``stop_gradient`` so XLA does not even compute their weight gradients.
+    """
+    if cfg.frozen:
+        labels = param_labels(params, cfg.frozen)
+        params = jax.tree.map(lambda p, lab: jax.lax.stop_gradient(p) if lab == "frozen" else p, params, labels)
+    keys = _per_example_keys(example_rng, rows)
     ids, mask, dec_in = _noisy_inputs(batch, keys, cfg)
     eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (model.latent_size,)))(keys)
     out = model.apply({"params": params}, ids, mask, dec_in, batch.get("decoder_attention_mask"),
-                      eps=eps, deterministic=False,
-                      rngs={"dropout": jax.random.fold_in(step_rng, 0x0D0D)})
+                      eps=eps, deterministic=False, rngs={"dropout": dropout_rng})
     loss, aux = losses.vae_loss(
         out["logits"], batch["labels"], batch["label_weights"], out["mean"], out["logvar"],
         kind=cfg.kind, weight=kl_weight, threshold=cfg.free_bits, free_bits_mode=cfg.free_bits_mode,
@@ -156,6 +164,9 @@ def train_step(state: TrainState, batch: dict, *, model: TextVAE, tx: optax.Grad
     offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b
     rows = offset + jnp.arange(b)
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    example_rng, dropout_rng = jax.random.split(step_rng)  # two streams that never collide
+    if axis_name is not None:  # each device draws its own dropout masks
+        dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
     phase_step = state.step - cfg.phase_start
     kl_weight, kl_target = kl_weight_fn(phase_step), kl_target_fn(phase_step)
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
@@ -163,19 +174,21 @@ def train_step(state: TrainState, batch: dict, *, model: TextVAE, tx: optax.Grad
 
     a = cfg.grad_accum_steps
     if a == 1:
-        (loss, aux), grads = grad_fn(state.params, batch, step_rng, rows, **kw)
+        (loss, aux), grads = grad_fn(state.params, batch, example_rng, dropout_rng, rows, **kw)
     else:
         if b % a:
             raise ValueError(f"per-device batch {b} is not divisible by grad_accum_steps={a}")
         split = lambda x: jnp.moveaxis(x.reshape((b // a, a) + x.shape[1:]), 1, 0)
-        micro = jax.tree.map(split, (batch, rows))
+        micro = jax.tree.map(split, (batch, rows)) + (jnp.arange(a),)
 
         def body(carry, mb):
-            (l, x), g = grad_fn(state.params, mb[0], step_rng, mb[1], **kw)
+            (l, x), g = grad_fn(state.params, mb[0], example_rng, jax.random.fold_in(dropout_rng, mb[2]), mb[1],
+                                **kw)
             return jax.tree.map(jnp.add, carry, (l, x, g)), None
 
         zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro[0]), step_rng, micro[1][0], **kw)))
+            lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro[0]), example_rng, dropout_rng,
+                            micro[1][0], **kw)))
         (loss, aux, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]), micro)
         loss, grads = loss / a, jax.tree.map(lambda g: g / a, grads)
         aux = {k: (v if k.endswith(("_sum", "num_tokens", "num_examples")) else v / a) for k, v in aux.items()}
@@ -184,6 +197,7 @@ def train_step(state: TrainState, batch: dict, *, model: TextVAE, tx: optax.Grad
 
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    # The norm of what the optimizer sees (frozen gradients are zero by stop_gradient anyway).
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
@@ -191,7 +205,9 @@ def train_step(state: TrainState, batch: dict, *, model: TextVAE, tx: optax.Grad
                               opt_state=keep(new_opt, state.opt_state))
     metrics = {
         "loss": loss, "rec": aux["rec"], "kl": aux["kl"], "kl_term": aux["kl_term"],
-        "kl_weight": jnp.asarray(kl_weight, jnp.float32), "kl_target": jnp.asarray(kl_target, jnp.float32),
+        # What multiplies the KL term (the schedule's weight; beta for the constraint) and the target C.
+        "kl_weight": jnp.asarray(aux["kl_weight"], jnp.float32),
+        "kl_target": jnp.asarray(aux["kl_target"], jnp.float32),
         "grad_norm": grad_norm, "param_norm": optax.global_norm(state.params),
         "learning_rate": jnp.asarray(lr_fn(phase_step), jnp.float32),
         "num_tokens": aux["num_tokens"], "nonfinite": (~ok).astype(jnp.int32),

@@ -70,6 +70,21 @@ class _Logger:
                 self.tb = None
         self.rate = None
 
+    def truncate_after(self, step: int) -> None:
+        """Drops rows logged after ``step`` (a resumed run logs those steps again)."""
+        if not self.main or not os.path.isfile(self.path):
+            return
+        def keep(line: str) -> bool:
+            try:
+                return json.loads(line).get("step", 0) <= step
+            except ValueError:  # a line torn by the crash
+                return False
+
+        with open(self.path) as f:
+            rows = [line for line in f if line.strip() and keep(line)]
+        with open(self.path, "w") as f:
+            f.writelines(rows)
+
     def write(self, row: dict) -> None:
         if not self.main:
             return
@@ -118,7 +133,15 @@ class _Runner:
             free_bits_mode=config.loss.free_bits_mode, beta=config.loss.beta, phase_start=first,
             delete_rate=config.denoise.delete_rate, mask_rate=config.denoise.mask_rate,
             word_dropout=config.denoise.word_dropout, special_ids=run.special_ids, pad_id=run.pad_id,
-            mask_id=run.mask_id, unk_id=run.unk_id, grad_accum_steps=config.optimizer.grad_accum_steps)
+            mask_id=run.mask_id, unk_id=run.unk_id, grad_accum_steps=config.optimizer.grad_accum_steps,
+            frozen=frozen)
+        global_kl = cfg.kind == "constraint" or (cfg.kind == "free_bits" and cfg.free_bits_mode == "batch")
+        if global_kl and (self.mode == "pmap" or cfg.grad_accum_steps > 1):
+            raise ValueError(
+                f"loss.kind={cfg.kind!r} (free_bits_mode={cfg.free_bits_mode!r}) needs the KL of the whole batch, "
+                "which parallel.mode='pmap' and optimizer.grad_accum_steps > 1 compute per shard; use "
+                "--config.parallel.mode=mesh --config.optimizer.grad_accum_steps=1 (the mesh splits the batch "
+                "over every device and still computes the global KL)")
         fn = functools.partial(train_step, model=run.model, tx=self.tx, cfg=cfg, kl_weight_fn=wfn,
                                kl_target_fn=tfn, lr_fn=lr)
         if self.mode == "pmap":
@@ -183,7 +206,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
             print(f"{workdir} finished at step {meta['step']}: evaluating its final checkpoint", flush=True)
         else:
             print(f"Resuming from step {meta['step']} (phase {meta['phase']}) in {workdir}", flush=True)
-    best = (meta or {}).get("best_rec", float("inf"))
+    best_meta = ckpt.read_meta(best=True) if meta is not None else None
+    best = min((meta or {}).get("best_rec", float("inf")), (best_meta or {}).get("best_rec", float("inf")))
+    if meta is not None:
+        log.truncate_after(meta["step"])
     params = run.init_params(jax.random.key(config.seed))
     trained = False
     key = jax.random.key(config.seed + 1)
@@ -254,12 +280,15 @@ def _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt)
             if step % config.log_every == 0 or last:
                 dt = time.time() - t_last
                 row = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1] if k != "nonfinite"}
+                # Schedules and norms as they are at `step`; losses and rates averaged over the interval.
+                row.update({k: float(rows[-1][1][k]) for k in ("kl_weight", "kl_target", "learning_rate",
+                                                                "param_norm")})
                 tokens = float(np.sum([r["num_tokens"] for _, r in rows]))
                 row.update(step=step, phase=phase, steps_per_s=len(rows) / dt, tokens_per_s=tokens / dt,
                            examples_per_s=len(rows) * config.batch_size / dt)
                 log.write(row)
                 log.progress(step, row)
-                pending, t_last = [], time.time()
+                pending = []
         # The end of phase 2 is evaluated once, fully, by train_and_evaluate.
         if ((config.eval_every and step % config.eval_every == 0) or last) and not (last and end == config.train_steps):
             ev = evaluate.evaluate_split(run, runner.host_state(state).params,
@@ -274,6 +303,8 @@ def _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt)
                 save(step, best_ckpt=True, best_rec=best)
         if do_ckpt:
             save(step, best_rec=best)
+        if not pending:
+            t_last = time.time()  # after any eval / save, so rates measure training steps only
         if preempt.requested:
             print(f"SIGTERM: saved the checkpoint of step {step} in {ckpt.workdir}; exiting.", flush=True)
             return state, best, True

@@ -134,6 +134,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
     rows = [json.loads(line) for line in open(os.path.join(cut, "metrics.jsonl"))]
     assert {"step", "phase", "loss", "rec", "kl"} <= set(rows[0])
+    steps = [r["step"] for r in rows if r.get("split") != "eval"]
+    assert steps == sorted(set(steps)), "rows logged after the last checkpoint are dropped on resume"
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -147,3 +149,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "SIGTERM: saved the checkpoint of step" in out
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert steps[-1] > first, (steps, out)
+
+
+@pytest.mark.parametrize("overrides", [{"parallel.mode": "pmap"}, {"optimizer.grad_accum_steps": 2},
+                                       {"parallel.mode": "pmap", "loss.kind": "free_bits",
+                                        "loss.free_bits_mode": "batch"}])
+def test_objectives_of_the_whole_batch_refuse_per_shard_modes(tmp_path, overrides):
+    """beta * |KL - C| and batch free bits need the global batch mean: pmap / accumulation would be wrong."""
+    config = tiny_config(**{"phase1.steps": 0, "loss.kind": "constraint", **overrides})
+    run = builders.build_run(config, str(tmp_path))
+    with pytest.raises(ValueError, match="whole batch"):
+        _runner(config, run, 2, 10)
