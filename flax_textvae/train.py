@@ -254,7 +254,7 @@ def _best_phase1_params(ckpt, runner, state):
 def _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt):
     """Steps until ``end``; returns (state, best phase-1 rec, stopped_early)."""
     step = int(runner.host_state(state).step)
-    pending, t_last = [], time.time()
+    pending, fetched, t_last = [], [], time.time()  # device metrics not yet fetched; fetched, not yet logged
 
     def save(step, *, best_ckpt=False, best_rec=best):
         meta = {"step": step, "phase": phase, "data": run.train_iter.get_state(), "best_rec": best_rec}
@@ -270,14 +270,16 @@ def _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt)
         do_ckpt = step % config.checkpoint_every == 0 or last or preempt.requested
         if step % config.log_every == 0 or do_ckpt:
             # The only host sync: fetch this interval's metrics, and never checkpoint past a non-finite step.
-            rows = [(s, jax.device_get(runner.metrics(x))) for s, x in pending]
-            bad = [s for s, r in rows if r["nonfinite"]]
+            new = [(s, jax.device_get(runner.metrics(x))) for s, x in pending]
+            pending, fetched = [], fetched + new
+            bad = [s for s, r in new if r["nonfinite"]]
             if bad:
                 raise NonFiniteLossError(
                     f"non-finite loss or gradient at step {bad[0]} (phase {phase}); the run stopped there and the "
                     f"last checkpoint on disk is step {ckpt.latest_step()}. Lower optimizer.learning_rate, "
                     f"enable optimizer.grad_clip or try model.dtype=float32.")
             if step % config.log_every == 0 or last:
+                rows, fetched = fetched, []
                 dt = time.time() - t_last
                 row = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1] if k != "nonfinite"}
                 # Schedules and norms as they are at `step`; losses and rates averaged over the interval.
@@ -288,7 +290,6 @@ def _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt)
                            examples_per_s=len(rows) * config.batch_size / dt)
                 log.write(row)
                 log.progress(step, row)
-                pending = []
         # The end of phase 2 is evaluated once, fully, by train_and_evaluate.
         if ((config.eval_every and step % config.eval_every == 0) or last) and not (last and end == config.train_steps):
             ev = evaluate.evaluate_split(run, runner.host_state(state).params,
@@ -303,8 +304,8 @@ def _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt)
                 save(step, best_ckpt=True, best_rec=best)
         if do_ckpt:
             save(step, best_rec=best)
-        if not pending:
-            t_last = time.time()  # after any eval / save, so rates measure training steps only
+        if not pending and not fetched:
+            t_last = time.time()  # after the log row and any eval / save, so rates measure training steps only
         if preempt.requested:
             print(f"SIGTERM: saved the checkpoint of step {step} in {ckpt.workdir}; exiting.", flush=True)
             return state, best, True

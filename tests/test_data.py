@@ -1,7 +1,6 @@
 """Tests for flax_textvae.data: sources, the TFDS builder, synthetic text and length bucketing."""
 import json
 import pathlib
-import warnings
 
 import numpy as np
 import pytest

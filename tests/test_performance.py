@@ -10,7 +10,7 @@ import numpy as np
 from flax_textvae import builders, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import REPO, _runner, tiny_config  # noqa: E402
+from test_train import REPO, _runner, fit_fixed_batch, tiny_config  # noqa: E402
 
 
 def test_step_compiles_once_per_bucket_shape_and_never_in_the_steady_loop(tmp_path, monkeypatch):
@@ -40,15 +40,7 @@ def test_step_compiles_once_per_bucket_shape_and_never_in_the_steady_loop(tmp_pa
 
 
 def test_bfloat16_training_reduces_the_loss(tmp_path):
-    config = tiny_config(**{"phase1.steps": 0, "model.dtype": "bfloat16", "optimizer.warmup_steps": 0,
-                            "optimizer.decay": "constant"})
-    run = builders.build_run(config, str(tmp_path))
-    runner, state = _runner(config, run, 2, 40)
-    batch = runner.batch(next(run.train_iter))
-    losses = []
-    for _ in range(40):
-        state, m = runner.step(state, batch)
-        losses.append(float(m["loss"]))
+    losses, state = fit_fixed_batch(tmp_path, 40, **{"model.dtype": "bfloat16"})
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.8 * losses[0], losses
     leaves = jax.tree.leaves(jax.device_get(state.params))

@@ -32,15 +32,22 @@ def _runner(config, run, phase, end):
     return runner, runner.place(runner.new_state(params, first, jax.random.key(1), raw=True))
 
 
-def test_loss_decreases_on_a_fixed_batch(tmp_path):
-    config = tiny_config(**{"phase1.steps": 0, "optimizer.warmup_steps": 0, "optimizer.decay": "constant"})
+def fit_fixed_batch(tmp_path, steps, **overrides):
+    """(losses, final state) of ``steps`` phase-2 steps on one batch, constant learning rate."""
+    config = tiny_config(**{"phase1.steps": 0, "optimizer.warmup_steps": 0, "optimizer.decay": "constant",
+                            **overrides})
     run = builders.build_run(config, str(tmp_path))
-    runner, state = _runner(config, run, 2, 60)
+    runner, state = _runner(config, run, 2, steps)
     batch = runner.batch(next(run.train_iter))
     losses = []
-    for _ in range(60):
+    for _ in range(steps):
         state, m = runner.step(state, batch)
         losses.append(float(m["loss"]))
+    return losses, state
+
+
+def test_loss_decreases_on_a_fixed_batch(tmp_path):
+    losses, _ = fit_fixed_batch(tmp_path, 60)
     assert losses[-1] < 0.75 * losses[0], losses
     assert np.all(np.isfinite(losses))
 

@@ -20,7 +20,7 @@ import dataclasses
 import importlib
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
