@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from flax_textvae import data as data_lib
 from flax_textvae import models
@@ -78,16 +80,45 @@ class Run:
     eval_spec: str = ""
     eval_texts: list = dataclasses.field(default_factory=list)
     eval_subset: Callable[[int], Callable[[], Iterator[dict]]] | None = None  # first n examples in file order
+    _unused: tuple | None = dataclasses.field(default=None, repr=False)
 
     def init_params(self, key: jax.Array):
-        """Random VAE parameters, with the pretrained backbone dropped in when there is one."""
+        """Random VAE parameters whose backbone subtree holds the complete seq2seq model.
+
+        The backbone always carries every tensor of the pretrained architecture, cross-attention included,
+        even where the configured injection never calls it, so a trained run contains the whole backbone
+        (and can be exported whole). The pretrained weights replace the random backbone when there are any;
+        from scratch, the tensors the VAE uses keep the VAE's own initialisation and the unused rest comes
+        from the backbone's. ``unused_param_patterns`` lists what the forward pass never reads.
+        """
         b, s = 2, 8
         ids = jnp.ones((b, s), jnp.int32)
         params = jax.jit(lambda k: self.model.init({"params": k}, ids, ids, ids, sample=False)["params"])(key)
         if self.backbone_params is not None:
-            models.loading.check_params(self.backbone_params, params["backbone"], "pretrained backbone")
-            params = dict(params, backbone=self.backbone_params)
-        return params
+            full = models.param_shapes(self.model.backbone)
+            models.loading.check_params(self.backbone_params, full, "pretrained backbone")
+            return dict(params, backbone=self.backbone_params)
+        if not self.unused_param_patterns():
+            return params
+        full = flatten_dict(models.init_params(self.model.backbone, jax.random.fold_in(key, 1)), sep="/")
+        full.update(flatten_dict(params["backbone"], sep="/"))
+        return dict(params, backbone=unflatten_dict(full, sep="/"))
+
+    def unused_param_patterns(self) -> tuple[str, ...]:
+        """Anchored regexes of the backbone tensors the VAE's forward pass never reads.
+
+        With ``vae.injection`` without ``cross_attention`` the decoder's cross-attention sub-layers are never
+        called; their weights stay in the tree, get no gradient, no optimizer update and no weight decay.
+        """
+        if self._unused is None:
+            b, s = 2, 8
+            ids = jnp.ones((b, s), jnp.int32)
+            used = jax.eval_shape(lambda: self.model.init({"params": jax.random.key(0)}, ids, ids, ids,
+                                                          sample=False)["params"]["backbone"])
+            full = models.param_shapes(self.model.backbone)
+            unused = set(flatten_dict(full, sep="/")) - set(flatten_dict(used, sep="/"))
+            self._unused = tuple("^" + re.escape("backbone/" + k) + "$" for k in sorted(unused))
+        return self._unused
 
     def encode_texts(self, params, texts: list[str]):
         """(mean, logvar) numpy ``[N, Dz]`` for raw texts."""

@@ -125,7 +125,8 @@ class _Runner:
         self.mode = config.parallel.mode
         if self.mode not in ("mesh", "pmap"):
             raise ValueError(f"parallel.mode={self.mode!r}; choose 'mesh' or 'pmap'")
-        frozen = tuple(config.phase1.frozen) if phase == 1 else ()
+        # Phase 1 freezes the decoder side; the tensors the forward pass never reads are frozen throughout.
+        frozen = (tuple(config.phase1.frozen) if phase == 1 else ()) + run.unused_param_patterns()
         self.tx, lr = make_optimizer(config.optimizer, end - first, init_params, frozen)
         wfn, tfn = kl_fns(config.loss, phase)
         cfg = StepConfig(
