@@ -5,7 +5,12 @@ Data flow (Park & Lee 2021, DESIGN §3/§6)::
     encoder states [B,S,D] --masked pooling--> [B,D] --linear--> mean, logvar [B,Dz]
     z = mean + exp(logvar / 2) * eps                     (z = mean when deterministic)
     z --> injection into the decoder, any combination of
-          'memory'           one extra key/value slot per decoder self-attention layer (Optimus / Park & Lee),
+          'memory'           one extra key/value slot per decoder self-attention layer, in one of two styles:
+                             'head_kv' (Park & Lee) z -> one bias-free vector per layer in head space
+                             [heads, d_kv], used as both key and value with no W_k / W_v: a length-1
+                             cache prefix, so the tokens sit at decoder positions 1..T;
+                             'hidden' (Optimus) z -> one hidden-state vector per layer that goes through
+                             that layer's own W_k / W_v, tokens at positions 0..T-1,
           'cross_attention'  `num_memory_slots` slots the decoder cross-attends to (pretrained cross-attention),
           'embedding'        a vector added to every decoder input embedding.
 
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 
 POOLINGS = ("mean", "max", "first")
 INJECTIONS = ("memory", "cross_attention", "embedding")
+MEMORY_STYLES = ("head_kv", "hidden")
 
 
 def masked_pool(hidden: jax.Array, mask: jax.Array, kind: str) -> jax.Array:
@@ -66,6 +72,8 @@ class TextVAE(nn.Module):
       pooling: ``'mean'``, ``'max'`` or ``'first'`` (masked; padding never pooled).
       injection: which of ``'memory'``, ``'cross_attention'``, ``'embedding'`` feed z to the decoder.
       num_memory_slots: number of cross-attention slots projected from z (``'cross_attention'`` only).
+      memory_style: ``'head_kv'`` or ``'hidden'``, how ``'memory'`` builds its slot (see the module docstring).
+      posterior_bias: biases on the posterior heads (mean, logvar); False as in the released recipe.
       dtype: compute dtype of the latent projections fed to the backbone.
 
     ``TextVAE.load(path)`` (a classmethod) returns the text-level inference object of
@@ -77,6 +85,8 @@ class TextVAE(nn.Module):
     pooling: str = "mean"
     injection: Sequence[str] = ("memory",)
     num_memory_slots: int = 1
+    memory_style: str = "hidden"
+    posterior_bias: bool = True
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -85,9 +95,14 @@ class TextVAE(nn.Module):
         bad = [i for i in self.injection if i not in INJECTIONS]
         if bad or not self.injection:
             raise ValueError(f"injection must be a non-empty subset of {INJECTIONS}, got {tuple(self.injection)}")
+        if self.memory_style not in MEMORY_STYLES:
+            raise ValueError(f"unknown memory_style {self.memory_style!r}; choose one of {MEMORY_STYLES}")
         d = self.backbone.d_model
-        self.to_moments = nn.Dense(2 * self.latent_size, name="to_moments")
-        if "memory" in self.injection:
+        self.to_moments = nn.Dense(2 * self.latent_size, use_bias=self.posterior_bias, name="to_moments")
+        if "memory" in self.injection and self.memory_style == "head_kv":
+            size = self.backbone.num_decoder_layers * self.backbone.num_decoder_heads * self.backbone.decoder_head_dim
+            self.to_memory = nn.Dense(size, use_bias=False, dtype=self.dtype, name="to_memory")
+        elif "memory" in self.injection:
             self.to_memory = nn.Dense(self.backbone.num_decoder_layers * d, dtype=self.dtype, name="to_memory")
         if "cross_attention" in self.injection:
             self.to_cross = nn.Dense(self.num_memory_slots * d, dtype=self.dtype, name="to_cross")
@@ -116,7 +131,12 @@ class TextVAE(nn.Module):
         b = z.shape[0]
         d = self.backbone.d_model
         out: dict = {}
-        if "memory" in self.injection:
+        if "memory" in self.injection and self.memory_style == "head_kv":
+            # [B, L*H*Dh] -> [B, L, 1, H, Dh]: only trailing axes are split, so rows never mix.
+            bb = self.backbone
+            out["prefix_kv"] = self.to_memory(z).reshape(b, bb.num_decoder_layers, 1, bb.num_decoder_heads,
+                                                         bb.decoder_head_dim)
+        elif "memory" in self.injection:
             # [B, L*D] -> [B, L, 1, D]: only trailing axes are split, so rows never mix.
             out["prefix_states"] = self.to_memory(z).reshape(b, self.backbone.num_decoder_layers, 1, d)
         if "cross_attention" in self.injection:

@@ -89,12 +89,12 @@ class BartDecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, self_mask: Optional[Array], memory: Optional[Array],
                  memory_mask: Optional[Array], prefix: Optional[Array], prefix_mask: Optional[Array],
-                 deterministic: bool, decode: bool) -> Array:
+                 deterministic: bool, decode: bool, prefix_kv: Optional[Array] = None) -> Array:
         cfg = self.config
         drop = Dropout(cfg.dropout)
         h = _attention(cfg, cfg.decoder_attention_heads, self.dtype, "self_attn")(
-            x, mask=self_mask, causal=True, prefix=prefix, prefix_mask=prefix_mask, decode=decode,
-            deterministic=deterministic)
+            x, mask=self_mask, causal=True, prefix=prefix, prefix_mask=prefix_mask, prefix_kv=prefix_kv,
+            decode=decode, deterministic=deterministic)
         x = _layer_norm(self.dtype, "self_attn_layer_norm")(x + drop(h, deterministic=deterministic))
         if memory is not None:
             h = _attention(cfg, cfg.decoder_attention_heads, self.dtype, "encoder_attn")(
@@ -117,16 +117,18 @@ class _EncoderLayers(nn.Module):
 
 
 class _DecoderLayers(nn.Module):
-    """The 'layers' scope holding decoder layers '0', '1', ...; prefix [B, L, P, D] split per layer."""
+    """The 'layers' scope holding decoder layers '0', '1', ...; prefixes [B, L, P, ...] split per layer."""
     config: Any
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, self_mask, memory, memory_mask, prefix, prefix_mask, deterministic, decode):
+    def __call__(self, x, self_mask, memory, memory_mask, prefix, prefix_mask, deterministic, decode,
+                 prefix_kv=None):
         for i in range(self.config.decoder_layers):
             layer_prefix = None if prefix is None else prefix[:, i]
+            layer_kv = None if prefix_kv is None else prefix_kv[:, i]
             x = BartDecoderLayer(self.config, self.dtype, name=str(i))(
-                x, self_mask, memory, memory_mask, layer_prefix, prefix_mask, deterministic, decode)
+                x, self_mask, memory, memory_mask, layer_prefix, prefix_mask, deterministic, decode, layer_kv)
         return x
 
 
@@ -174,10 +176,19 @@ class BartDecoder(nn.Module):
 
     @nn.compact
     def __call__(self, ids, mask, memory, memory_mask, prefix_states, prefix_mask, embed_offset,
-                 deterministic: bool = True, decode: bool = False) -> Array:
+                 deterministic: bool = True, decode: bool = False, prefix_kv: Optional[Array] = None) -> Array:
         cfg = self.config
         x = _embed(self, self.embed_tokens, ids, embed_offset)
         start = cache_position(self, ids.shape[1]) if decode else 0
+        if prefix_kv is not None:
+            # Head-space slots stand where a length-P cache would: the tokens take positions P, P+1, ...
+            heads, head_dim = cfg.decoder_attention_heads, cfg.d_model // cfg.decoder_attention_heads
+            if prefix_kv.ndim != 5 or prefix_kv.shape[1] != cfg.decoder_layers or prefix_kv.shape[3:] != (
+                    heads, head_dim):
+                raise ValueError(f"prefix_kv must be [B, {cfg.decoder_layers}, P, {heads}, {head_dim}], "
+                                 f"got {prefix_kv.shape}")
+            start = start + prefix_kv.shape[2]
+            prefix_kv = prefix_kv.astype(self.dtype)
         x = _positions_and_norm(self, x, start, deterministic)
         self_mask = None if mask is None else padding_mask(mask)
         if memory is not None:
@@ -189,7 +200,7 @@ class BartDecoder(nn.Module):
                                  f"got {prefix_states.shape}")
             prefix_states = prefix_states.astype(self.dtype)
         return _DecoderLayers(cfg, self.dtype, name="layers")(
-            x, self_mask, memory, memory_mask, prefix_states, prefix_mask, deterministic, decode)
+            x, self_mask, memory, memory_mask, prefix_states, prefix_mask, deterministic, decode, prefix_kv)
 
 
 class BartModel(nn.Module):
@@ -262,8 +273,8 @@ class BartForConditionalGeneration(Seq2SeqProperties, nn.Module):
     def decode(self, decoder_input_ids: Array, decoder_attention_mask: Optional[Array] = None,
                memory: Optional[Array] = None, memory_mask: Optional[Array] = None, *,
                prefix_states: Optional[Array] = None, prefix_mask: Optional[Array] = None,
-               embed_offset: Optional[Array] = None, deterministic: bool = True,
-               decode: bool = False) -> Array:
+               prefix_kv: Optional[Array] = None, embed_offset: Optional[Array] = None,
+               deterministic: bool = True, decode: bool = False) -> Array:
         """Decoder logits.
 
         Args:
@@ -275,6 +286,9 @@ class BartForConditionalGeneration(Seq2SeqProperties, nn.Module):
           prefix_states: [B, L, P, D] extra self-attention key/value slots per decoder layer (hidden space,
             projected by that layer's k_proj / v_proj), visible to every query; or None.
           prefix_mask: [B, P] {0,1} for the prefix slots, or None.
+          prefix_kv: [B, L, P, H, Dh] per-layer self-attention slots already in head space, used as both key
+            and value without the layer's projections: what Hugging Face's decoder receives as a length-P
+            `past_key_values`. The slots take decoder positions 0..P-1 and the tokens P, P+1, ...; or None.
           embed_offset: [B, D] or [B, T, D] added to the scaled token embeddings (before positions), or None.
           deterministic: disables dropout when True (else needs the 'dropout' rng).
           decode: incremental decoding with the 'cache' collection (mutable=['cache']); positions continue
@@ -285,7 +299,7 @@ class BartForConditionalGeneration(Seq2SeqProperties, nn.Module):
         """
         hidden = self.model.decoder(decoder_input_ids, decoder_attention_mask, memory, memory_mask,
                                     prefix_states, prefix_mask, embed_offset, deterministic=deterministic,
-                                    decode=decode)
+                                    decode=decode, prefix_kv=prefix_kv)
         return self.lm_logits(hidden)
 
     def __call__(self, input_ids: Array, attention_mask: Optional[Array], decoder_input_ids: Array,

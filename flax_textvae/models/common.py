@@ -32,13 +32,15 @@ Attention:
       names=("q_proj", "k_proj", "v_proj", "out_proj"), dropout_rate=0.0, kernel_init=..., q_kernel_init=None,
       o_kernel_init=None, dtype=jnp.float32, param_dtype=jnp.float32)`, called as
       `attn(x [B,Q,D], kv [B,K,D] or None, *, mask=None, causal=False, position_bias=None, prefix=None,
-      prefix_mask=None, decode=False, deterministic=True) -> [B, Q, out_features]` in `dtype`.
+      prefix_mask=None, prefix_kv=None, decode=False, deterministic=True) -> [B, Q, out_features]` in `dtype`.
       - kv None -> self-attention on x; `causal=True` adds the causal mask (and, with decode=True, the
         cached-key mask), so callers only pass padding masks in `mask` (bool, broadcastable to [B,1,Q,K]).
       - scale_query: divide scores by sqrt(head_dim) (BART); False for T5.
       - position_bias: additive [B or 1, H, Q, K] (T5 relative bias); prefix slots get bias 0.
       - prefix [B, P, D]: hidden-space states projected by this layer's own k/v projections and prepended
         to the keys/values; every query sees them (no causal mask), except where prefix_mask [B, P] is 0.
+      - prefix_kv [B, P, H, Dh]: slots already in head space, used as key and value as they are (what a
+        length-P `past_key_values` cache holds); same visibility as `prefix`.
       - decode=True (self-attention only): keys/values of the new tokens are written into
         cache/cached_key, cache/cached_value [B, max_len, H, Dh] at cache/cache_index (then advanced); `mask`
         then refers to the max_len cache positions (e.g. [B,1,1,max_len]) or is None. During `init` (no cache
@@ -206,11 +208,12 @@ def apply_name_table(state_dict: Mapping[str, Any], table) -> tuple[dict, set, l
 class Seq2SeqProperties:
     """The family-neutral properties every backbone exposes, read from its transformers ``config``.
 
-    A family sets ``_DECODER_LAYERS`` (the config field counting decoder layers) and
-    ``_DEFAULT_START`` (the field used when ``decoder_start_token_id`` is unset).
+    A family sets ``_DECODER_LAYERS`` / ``_DECODER_HEADS`` (the config fields counting decoder layers and
+    heads) and ``_DEFAULT_START`` (the field used when ``decoder_start_token_id`` is unset).
     """
 
     _DECODER_LAYERS = "decoder_layers"
+    _DECODER_HEADS = "decoder_attention_heads"
     _DEFAULT_START = "eos_token_id"
 
     @staticmethod
@@ -224,6 +227,15 @@ class Seq2SeqProperties:
     @property
     def num_decoder_layers(self) -> int:
         return int(getattr(self.config, self._DECODER_LAYERS))
+
+    @property
+    def num_decoder_heads(self) -> int:
+        return int(getattr(self.config, self._DECODER_HEADS))
+
+    @property
+    def decoder_head_dim(self) -> int:
+        """Per-head key / value size of decoder self-attention (the size of a ``prefix_kv`` slot)."""
+        return self.d_model // self.num_decoder_heads
 
     @property
     def vocab_size(self) -> int:
@@ -307,7 +319,7 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, kv: Optional[Array] = None, *, mask: Optional[Array] = None,
                  causal: bool = False, position_bias: Optional[Array] = None, prefix: Optional[Array] = None,
-                 prefix_mask: Optional[Array] = None, decode: bool = False,
+                 prefix_mask: Optional[Array] = None, prefix_kv: Optional[Array] = None, decode: bool = False,
                  deterministic: bool = True) -> Array:
         """Attends from x to kv (or to x itself), see the module docstring.
 
@@ -319,6 +331,8 @@ class MultiHeadAttention(nn.Module):
           position_bias: additive bias [B or 1, H, Q, K], or None.
           prefix: extra key/value slots in hidden space [B, P, D], or None.
           prefix_mask: [B, P] {0,1} for the prefix slots, or None (all visible).
+          prefix_kv: extra slots already in head space [B, P, H, Dh], used as both key and value without
+            this layer's projections (a length-P cache prefix); excludes `prefix`.
           decode: incremental decoding with the 'cache' collection (self-attention only).
           deterministic: disables dropout when True.
 
@@ -363,10 +377,15 @@ class MultiHeadAttention(nn.Module):
         if position_bias is not None:
             bias = position_bias.astype(jnp.float32)
 
-        if prefix is not None:
-            batch, num_slots = prefix.shape[0], prefix.shape[1]
-            p_key = self._split(k_proj(prefix)).astype(key.dtype)
-            p_value = self._split(v_proj(prefix)).astype(value.dtype)
+        if prefix is not None and prefix_kv is not None:
+            raise ValueError("pass either prefix (hidden space) or prefix_kv (head space), not both")
+        if prefix is not None or prefix_kv is not None:
+            if prefix is not None:
+                p_key = self._split(k_proj(prefix)).astype(key.dtype)
+                p_value = self._split(v_proj(prefix)).astype(value.dtype)
+            else:
+                p_key, p_value = prefix_kv.astype(key.dtype), prefix_kv.astype(value.dtype)
+            batch, num_slots = p_key.shape[0], p_key.shape[1]
             key = jnp.concatenate([p_key, key], axis=1)
             value = jnp.concatenate([p_value, value], axis=1)
             p_mask = (jnp.ones((batch, 1, q_len, num_slots), bool) if prefix_mask is None else

@@ -143,7 +143,8 @@ class T5Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, key_mask: Array | None, position_bias: Array | None, *,
                  memory: Array | None = None, prefix: Array | None = None, prefix_mask: Array | None = None,
-                 deterministic: bool = True, decode: bool = False) -> tuple[Array, Array | None]:
+                 prefix_kv: Array | None = None, deterministic: bool = True,
+                 decode: bool = False) -> tuple[Array, Array | None]:
         """Attention of x [B,T,D] over itself (self) or over `memory` [B,M,D] (cross).
 
         Args:
@@ -153,11 +154,15 @@ class T5Attention(nn.Module):
           memory: cross-attention keys/values source; None for self-attention.
           prefix: [B, P, D] extra self-attention slots projected by k/v, bias 0, never causal-masked.
           prefix_mask: [B, P] {0,1} or None (all visible).
+          prefix_kv: [B, P, H, dk] self-attention slots already in head space, used as key and value as they
+            are, at positions 0..P-1 before the tokens (which then sit at P, P+1, ...): a length-P cache
+            prefix, with the relative-position bias that implies; excludes `prefix`.
           deterministic: no dropout when True.
           decode: incremental decoding with the 'cache' collection (self-attention only).
 
         Returns:
-          (output [B, T, D] in dtype, position bias of the token keys [1, H, T, K] or None).
+          (output [B, T, D] in dtype, position bias [1, H, T, K] of the token keys, or of the P slots and
+          the token keys [1, H, T, P + K] when `prefix_kv` is given; or None).
         """
         c = self.config
         inner, f = c.num_heads * c.d_kv, c.initializer_factor
@@ -178,18 +183,26 @@ class T5Attention(nn.Module):
             if self.causal:  # in decode mode this also hides the cache slots not written yet
                 mask = combine_masks(mask, causal_mask(t, k.shape[1], start))
             if position_bias is None and self.has_relative_bias:
-                position_bias = self._compute_bias(start + jnp.arange(t), jnp.arange(k.shape[1]))
+                slots = 0 if prefix_kv is None else prefix_kv.shape[1]
+                position_bias = self._compute_bias(slots + start + jnp.arange(t), jnp.arange(slots + k.shape[1]))
         bias = position_bias
-        if prefix is not None:
-            p = prefix.shape[1]
-            k = jnp.concatenate([self._split(k_proj(prefix)).astype(k.dtype), k], axis=1)
-            v = jnp.concatenate([self._split(v_proj(prefix)).astype(v.dtype), v], axis=1)
+        if prefix is not None and prefix_kv is not None:
+            raise ValueError("pass either prefix (hidden space) or prefix_kv (head space), not both")
+        if prefix is not None or prefix_kv is not None:
+            if prefix is not None:  # hidden-space slots: this layer's k / v, relative bias 0
+                pk, pv = self._split(k_proj(prefix)), self._split(v_proj(prefix))
+                if bias is not None:
+                    bias = jnp.concatenate([jnp.zeros(bias.shape[:3] + (prefix.shape[1],), bias.dtype), bias],
+                                           axis=-1)
+            else:  # head-space slots: already in the bias computed over P + K key positions
+                pk = pv = prefix_kv
+            p = pk.shape[1]
+            k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
             pmask = jnp.ones((b, 1, 1, p), bool) if prefix_mask is None else padding_mask(prefix_mask)
             tmask = jnp.ones((1, 1, 1, k.shape[1] - p), bool) if mask is None else mask
             mask = jnp.concatenate([jnp.broadcast_to(pmask, (b, 1, t, p)),
                                     jnp.broadcast_to(tmask, (b, 1, t, k.shape[1] - p))], axis=-1)
-            if bias is not None:
-                bias = jnp.concatenate([jnp.zeros(bias.shape[:3] + (p,), bias.dtype), bias], axis=-1)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         if bias is not None:
             scores = scores + bias
@@ -230,12 +243,12 @@ class T5Block(nn.Module):
 
     @nn.compact
     def __call__(self, h, key_mask, position_bias, memory, memory_mask, prefix, prefix_mask,
-                 deterministic: bool, decode: bool):
+                 deterministic: bool, decode: bool, prefix_kv=None):
         c = self.config
         drop = Dropout(c.dropout_rate)
         y, position_bias = _SubLayer(c, "SelfAttention", self.has_relative_bias, self.causal, self.dtype,
                                      name="0")(h, key_mask, position_bias, None, prefix, prefix_mask,
-                                               deterministic, decode)
+                                               deterministic, decode, prefix_kv)
         h = h + drop(y, deterministic=deterministic)
         if self.causal and memory is not None:
             y, _ = _SubLayer(c, "EncDecAttention", False, False, self.dtype, name="1")(
@@ -255,14 +268,15 @@ class _SubLayer(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, h, key_mask, position_bias, memory, prefix, prefix_mask, deterministic, decode):
+    def __call__(self, h, key_mask, position_bias, memory, prefix, prefix_mask, deterministic, decode,
+                 prefix_kv=None):
         c = self.config
         x = T5LayerNorm(c.d_model, c.layer_norm_epsilon, self.dtype, name="layer_norm")(h)
         if self.kind == "DenseReluDense":
             return T5DenseReluDense(c, self.dtype, name=self.kind)(x, deterministic), None
         attn = T5Attention(c, self.has_relative_bias, self.causal, self.dtype, name=self.kind)
         return attn(x, key_mask, position_bias, memory=memory, prefix=prefix, prefix_mask=prefix_mask,
-                    deterministic=deterministic, decode=decode)
+                    prefix_kv=prefix_kv, deterministic=deterministic, decode=decode)
 
 
 class _BlockSlot(nn.Module):
@@ -285,12 +299,15 @@ class _Blocks(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, h, key_mask, memory, memory_mask, prefix_states, prefix_mask, deterministic, decode):
+    def __call__(self, h, key_mask, memory, memory_mask, prefix_states, prefix_mask, deterministic, decode,
+                 prefix_kv=None):
         position_bias = None
         for i in range(self.num_layers):
             prefix = None if prefix_states is None else prefix_states[:, i].astype(self.dtype)
+            layer_kv = None if prefix_kv is None else prefix_kv[:, i].astype(self.dtype)
             h, position_bias = _BlockSlot(self.config, i == 0, self.causal, self.dtype, name=str(i))(
-                h, key_mask, position_bias, memory, memory_mask, prefix, prefix_mask, deterministic, decode)
+                h, key_mask, position_bias, memory, memory_mask, prefix, prefix_mask, deterministic, decode,
+                layer_kv)
         return h
 
 
@@ -303,13 +320,14 @@ class T5Stack(nn.Module):
     @nn.compact
     def __call__(self, embeds: Array, key_mask: Array | None, memory: Array | None = None,
                  memory_mask: Array | None = None, prefix_states: Array | None = None,
-                 prefix_mask: Array | None = None, deterministic: bool = True, decode: bool = False) -> Array:
+                 prefix_mask: Array | None = None, deterministic: bool = True, decode: bool = False,
+                 prefix_kv: Array | None = None) -> Array:
         c = self.config
         n = c.num_decoder_layers if self.causal else c.num_layers
         drop = Dropout(c.dropout_rate)
         h = drop(embeds, deterministic=deterministic)
         h = _Blocks(c, n, self.causal, self.dtype, name="block")(
-            h, key_mask, memory, memory_mask, prefix_states, prefix_mask, deterministic, decode)
+            h, key_mask, memory, memory_mask, prefix_states, prefix_mask, deterministic, decode, prefix_kv)
         h = T5LayerNorm(c.d_model, c.layer_norm_epsilon, self.dtype, name="final_layer_norm")(h)
         return drop(h, deterministic=deterministic)
 
@@ -349,7 +367,12 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
 
     # ------------------------------------------------------------------ properties
     _DECODER_LAYERS = "num_decoder_layers"
+    _DECODER_HEADS = "num_heads"
     _DEFAULT_START = "pad_token_id"
+
+    @property
+    def decoder_head_dim(self) -> int:
+        return int(self.config.d_kv)
 
     # ------------------------------------------------------------------ methods
     def encode(self, input_ids: Array, attention_mask: Array | None = None, *,
@@ -375,7 +398,8 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
     def decode(self, decoder_input_ids: Array, decoder_attention_mask: Array | None = None,
                memory: Array | None = None, memory_mask: Array | None = None, *,
                prefix_states: Array | None = None, prefix_mask: Array | None = None,
-               embed_offset: Array | None = None, deterministic: bool = True, decode: bool = False) -> Array:
+               prefix_kv: Array | None = None, embed_offset: Array | None = None, deterministic: bool = True,
+               decode: bool = False) -> Array:
         """Decoder logits.
 
         Args:
@@ -388,6 +412,10 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
             projected as they are by that layer's SelfAttention k / v, no layer norm), visible to every
             query, relative-position bias 0; or None.
           prefix_mask: [B, P] {0,1} for the prefix slots, or None.
+          prefix_kv: [B, L, P, H, d_kv] per-layer self-attention slots already in head space, used as both
+            key and value without the layer's projections: what Hugging Face's decoder receives as a length-P
+            `past_key_values`. The slots are relative positions 0..P-1 and the tokens P, P+1, ... (with the
+            learned relative bias between them); or None.
           embed_offset: [B, D] or [B, T, D] added to the token embeddings (before dropout), or None.
           deterministic: disables dropout when True (else needs the 'dropout' rng).
           decode: incremental decoding with the 'cache' collection (mutable=['cache']); the query position
@@ -402,8 +430,14 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
             embeds = embeds + offset.astype(embeds.dtype)
         if memory is not None:
             memory = memory.astype(self.dtype)
+        if prefix_kv is not None:
+            c = self.config
+            want = (c.num_decoder_layers, None, c.num_heads, c.d_kv)
+            if prefix_kv.ndim != 5 or any(w is not None and w != g for w, g in zip(want, prefix_kv.shape[1:])):
+                raise ValueError(f"prefix_kv must be [B, {c.num_decoder_layers}, P, {c.num_heads}, {c.d_kv}], "
+                                 f"got {prefix_kv.shape}")
         hidden = self.decoder(embeds, decoder_attention_mask, memory, memory_mask, prefix_states, prefix_mask,
-                              deterministic=deterministic, decode=decode)
+                              deterministic=deterministic, decode=decode, prefix_kv=prefix_kv)
         return self.lm_logits(hidden)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None, decoder_input_ids: Array,
