@@ -44,6 +44,7 @@ _FAMILIES = {
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+SAFETENSORS_SHARD_PATTERN = "model-*-of-*.safetensors"  # the shard names `save_pretrained` writes
 MSGPACK_NAME = "flax_model.msgpack"
 TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                       "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
@@ -171,14 +172,59 @@ def load_params(folder: str, config, module: nn.Module) -> Any:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    """Whether hub access is switched off.
+
+    Offline when HF_HUB_OFFLINE (or, where that is unset or empty, TRANSFORMERS_OFFLINE) is true now, or when
+    huggingface_hub read it as true at import time (it then refuses every request anyway).
+    """
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _short_cause(err: BaseException) -> str:
+    """`TypeName: message` of a hub error, on one line, cut at a word to about 200 characters."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    if len(text) > 200:
+        text = text[:200].rsplit(" ", 1)[0] + " ..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _missing_shards(folder: str) -> list[str]:
+    """Shards named by the safetensors index in `folder` that are not in `folder` (none without an index)."""
+    index = os.path.join(folder, SAFETENSORS_INDEX_NAME)
+    if not os.path.isfile(index):
+        return []
+    try:
+        with open(index) as f:
+            shards = set(json.load(f)["weight_map"].values())
+    except (ValueError, KeyError, AttributeError):  # a malformed index is reported by `load_params`
+        return []
+    return sorted(s for s in shards if not os.path.isfile(os.path.join(folder, s)))
 
 
 def resolve_folder(name_or_path: str) -> str:
     """Local folder for `name_or_path`: the folder itself, or a hub snapshot (downloaded if reachable).
 
+    A hub id ("org/name", or a legacy "name") is fetched with `huggingface_hub.snapshot_download` into the
+    normal hub cache (HF_HUB_CACHE, by default HF_HOME/hub), limited to config.json, the tokenizer files
+    and the weights: model.safetensors, or model.safetensors.index.json and the shards it names; only
+    where neither exists, flax_model.msgpack. Files already in the cache are not downloaded again. With
+    HF_HUB_OFFLINE=1 nothing is requested and the cached snapshot is used.
+
+    Args:
+      name_or_path: a local checkpoint folder or a hub model id.
+
+    Returns:
+      The local folder holding the checkpoint files.
+
     Raises:
-      FileNotFoundError / OSError with a message saying to pass a local folder and what it must contain.
+      FileNotFoundError: `name_or_path` looks like a path but is not a folder.
+      OSError: the id could not be fetched (hub unreachable or offline and not cached, unknown or gated
+        id); the message names the id, the short cause, and says to pass a local folder and what it
+        must contain.
     """
     path = os.path.expanduser(str(name_or_path))
     if os.path.isdir(path):
@@ -187,20 +233,25 @@ def resolve_folder(name_or_path: str) -> str:
         raise FileNotFoundError(f"{name_or_path!r} is not a checkpoint folder; {FOLDER_CONTENTS}")
     try:
         from huggingface_hub import snapshot_download
-    except ImportError as err:  # pragma: no cover
-        raise OSError(f"huggingface_hub is not installed; pass a local folder instead. {FOLDER_CONTENTS}") from err
+    except ImportError:  # pragma: no cover
+        raise OSError(f"huggingface_hub is not installed; pass a local folder instead. {FOLDER_CONTENTS}") from None
     offline = _offline()
-    patterns = [CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX_NAME] + TOKENIZER_PATTERNS
+    patterns = [CONFIG_NAME, SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, SAFETENSORS_SHARD_PATTERN] + TOKENIZER_PATTERNS
     try:
         folder = snapshot_download(path, allow_patterns=patterns, local_files_only=offline)
-        has_weights = any(n.endswith(".safetensors") for n in os.listdir(folder))
-        if not has_weights:
+        missing = _missing_shards(folder)
+        if missing:  # an index naming shards other than model-0000x-of-0000y.safetensors
+            folder = snapshot_download(path, allow_patterns=patterns + missing, local_files_only=offline)
+        elif not (os.path.isfile(os.path.join(folder, SAFETENSORS_NAME))
+                  or os.path.isfile(os.path.join(folder, SAFETENSORS_INDEX_NAME))):
             folder = snapshot_download(path, allow_patterns=patterns + [MSGPACK_NAME], local_files_only=offline)
     except Exception as err:  # offline, unreachable, unknown repo, gated, ...
-        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline
-               else f"the hub could not be reached or has no such model ({type(err).__name__}: {err})")
+        why = (f"HF_HUB_OFFLINE is set and it is not (completely) in the local hub cache ({_short_cause(err)})"
+               if offline else f"the hub could not be reached or has no such model ({_short_cause(err)})")
+        # `from None`: the message carries the cause; the chained httpx / huggingface_hub tracebacks
+        # would only bury it.
         raise OSError(f"cannot load hub id {name_or_path!r}: {why}. Pass a local folder instead; "
-                      f"{FOLDER_CONTENTS}") from err
+                      f"{FOLDER_CONTENTS}") from None
     return folder
 
 
