@@ -1,7 +1,10 @@
-"""t5-small finetuned into a VAE with the Park & Lee (2021) setup.
+"""t5-small finetuned into a VAE with Park & Lee's (2021) method and this library's defaults.
 
-Latent 32, max pooling, memory injection (one extra key/value slot per decoder self-attention layer),
-per-example KL thresholding (free bits), encoder-input token deletion, two phases.
+Latent 32, max pooling, memory injection (one extra key/value slot per decoder self-attention layer, the
+'hidden' style: z goes through each layer's own W_k / W_v), per-example KL thresholding (free bits 0.5) at
+a constant KL weight of 1, encoder-input token deletion up to 40%, two phases, linear learning-rate decay.
+The released recipe itself (head-space slot, lambda = 3, deletion 0.15, the released KL-weight ramp,
+constant learning rate) is configs/park_lee_t5.py; docs/method.md compares the two.
 
   python run_train.py --config=configs/t5_vae.py --workdir=runs/t5 \
       --config.data.train=PATH/train.txt --config.data.eval=PATH/valid.txt

@@ -71,7 +71,7 @@ class Run:
     eos_id: int
     mask_id: int
     unk_id: int
-    special_ids: tuple
+    special_ids: tuple  # protected from denoising / word dropout: BOS, EOS, PAD, mask, prompt (not <unk>)
     prompt: tuple  # forced decoder prefix: (decoder_start,) or (decoder_start, bos)
     max_length: int
     vocab_size: int
@@ -80,6 +80,7 @@ class Run:
     eval_spec: str = ""
     eval_texts: list = dataclasses.field(default_factory=list)
     eval_subset: Callable[[int], Callable[[], Iterator[dict]]] | None = None  # first n examples in file order
+    eval_stats: dict = dataclasses.field(default_factory=dict)  # encode_texts stats of the eval split
     _unused: tuple | None = dataclasses.field(default=None, repr=False)
 
     def init_params(self, key: jax.Array):
@@ -231,10 +232,13 @@ def build_run(config, workdir: str, *, train: bool = True, eval_spec: str | None
     start = getattr(hf_config, "decoder_start_token_id", None)
     start = sp["eos"] if start is None else start
     prompt = (start, sp["bos"]) if bos_first else (start,)
-    specials = tuple(sorted({i for i in sp.values() if i is not None}))
+    # Ids that denoising and word dropout never touch: BOS / EOS / PAD / mask and the decoder prompt.
+    # <unk> is an ordinary token here (about 5% of PTB), so it can be deleted, masked and dropped.
+    specials = tuple(sorted({sp[k] for k in ("pad", "eos", "bos", "mask") if sp[k] is not None} | set(prompt)))
     model = TextVAE(backbone=module, latent_size=config.vae.latent_size, pooling=config.vae.pooling,
                     injection=tuple(s.strip() for s in config.vae.injection.split(",") if s.strip()),
-                    num_memory_slots=config.vae.num_memory_slots, dtype=DTYPES[config.model.dtype])
+                    num_memory_slots=config.vae.num_memory_slots, memory_style=config.vae.get("memory_style", "hidden"),
+                    posterior_bias=config.vae.get("posterior_bias", True), dtype=DTYPES[config.model.dtype])
     run = Run(config=config, model=model, tokenizer=tokenizer, tokenizer_name=tok_name,
               backbone_params=backbone_params, pad_id=sp["pad"], eos_id=sp["eos"],
               mask_id=sp["mask"] if sp["mask"] is not None else sp["unk"], unk_id=sp["unk"] if sp["unk"] is not None
@@ -253,6 +257,7 @@ def build_run(config, workdir: str, *, train: bool = True, eval_spec: str | None
     run.eval_texts, eval_read = read(run.eval_spec)
     eval_ids, eval_tok = data_lib.encode_texts(tokenizer, run.eval_texts, data_cfg.max_length)
     _report("eval", run.eval_spec, eval_read, eval_tok, data_cfg.max_length)
+    run.eval_stats = eval_tok
     bs = eval_batch_size or config.batch_size
 
     def subset(n: int = 0) -> Callable[[], Iterator[dict]]:

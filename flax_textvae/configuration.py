@@ -6,12 +6,16 @@ mistyped ``--config.x=y`` override is an error rather than a silently ignored ke
 """
 from __future__ import annotations
 
+import inspect
+import re
+
 import ml_collections
 
 # Parameter-path patterns (regular expressions matched with re.search against 'a/b/c' paths) frozen in
 # phase 1: the whole decoder side, including the embeddings it shares with the encoder and the LM head,
 # so phase 1 changes only the encoder and the latent layers (posterior heads and the z -> decoder
-# projections), as in Park & Lee 2021, §3.2.
+# projections). The released Park & Lee code also keeps the z -> memory projection at its random
+# initialisation in phase 1: FREEZE_DECODER_AND_MEMORY (configs/park_lee_t5.py) does that.
 FREEZE_DECODER = (
     r"^backbone/model/decoder/",  # BART decoder stack
     r"^backbone/model/shared/",  # BART shared token embedding (also the tied LM head)
@@ -20,6 +24,7 @@ FREEZE_DECODER = (
     r"^backbone/shared/",  # T5 shared token embedding
     r"^backbone/lm_head/",  # untied LM heads (T5 v1.1, some BARTs)
 )
+FREEZE_DECODER_AND_MEMORY = FREEZE_DECODER + (r"^to_memory/",)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -44,6 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.vae.pooling = "mean"  # 'mean' | 'max' | 'first' (masked: padding is never pooled)
     c.vae.injection = "memory"  # comma-separated subset of memory,cross_attention,embedding
     c.vae.num_memory_slots = 1  # slots projected from z for 'cross_attention'
+    c.vae.memory_style = "hidden"  # 'memory' slot: 'hidden' (via each layer's W_k/W_v) | 'head_kv' (Park & Lee)
+    c.vae.posterior_bias = True  # biases on the mean / logvar heads (the released recipe has none)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "synthetic:20000"  # text file, 'tfds:NAME[/CONFIG][:SPLIT]', or 'synthetic:N'
@@ -139,3 +146,64 @@ def with_overrides(config: ml_collections.ConfigDict, **dotted) -> ml_collection
             raise KeyError(f"config has no field {key!r}")
         node[last] = value
     return c.lock()
+
+
+# One field assignment in base_config()'s source: `c.a.b = value  # comment`.
+_FIELD_LINE = re.compile(r"^\s*c\.(?P<field>[\w.]+)\s*=\s*.*?\s#\s?(?P<comment>.*)$")
+
+
+def field_comments() -> dict[str, str]:
+    """``{'a.b': comment}`` for every field (and section) of ``base_config()``, in the order it sets them.
+
+    The comments are read from the source of ``base_config()``, so the comment next to each field is the
+    one place that documents it.
+    """
+    comments: dict[str, str] = {}
+    for line in inspect.getsource(base_config).splitlines():
+        m = _FIELD_LINE.match(line)
+        if m:
+            comments[m["field"]] = m["comment"].strip()
+    return comments
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def describe(config: ml_collections.ConfigDict, width: int = 44) -> str:
+    """``config`` as one ``field = value  # comment`` line per field, in ``base_config()``'s order.
+
+    Fields the schema does not know come last in their section, without a comment; a section's own
+    comment (``model.scratch``) is printed as a ``# section: comment`` line before its first field.
+
+    Args:
+      config: any ConfigDict (or nested dict) built on ``base_config()``.
+      width: the column the comments are aligned to (longer lines push their comment right).
+
+    Returns:
+      The text, one line per field.
+    """
+    comments = field_comments()
+    rank = {f: i for i, f in enumerate(comments)}
+    top = {}
+    for f, i in rank.items():
+        top.setdefault(f.split(".")[0], i)
+    leaves = _leaves(config)
+    order = sorted(leaves, key=lambda f: (top.get(f.split(".")[0], len(rank)), rank.get(f, len(rank)), f))
+    lines, shown = [], set()
+    for f in order:
+        parts = f.split(".")
+        for n in range(1, len(parts)):
+            section = ".".join(parts[:n])
+            if section in comments and section not in shown:
+                shown.add(section)
+                lines.append(f"# {section}: {comments[section]}")
+        text = f"{f} = {leaves[f]!r}"
+        lines.append(f"{text:<{width}}  # {comments[f]}" if f in comments else text)
+    return "\n".join(lines)
