@@ -1,15 +1,19 @@
 """Evaluate a trained run: `python run_eval.py --workdir=runs/bart [--data=SPEC] [--name=NAME] [--iw_samples=K]`.
 
-Prints the DESIGN §5 metrics table and writes WORKDIR/eval/NAME.json. SPEC is a text file,
-`tfds:NAME[/CONFIG][:SPLIT]` or `synthetic:N[:SEED]` (default: the run's data.eval).
+Prints a table of held-out metrics (nats): rec (reconstruction -log p(x|z)), kl (KL(q(z|x)||p(z))),
+neg_elbo (rec + kl), nll (importance-weighted -log p(x) with K = --iw_samples), ppl and ppl_elbo (per-token
+perplexities from nll and neg_elbo), mi (mutual information I(x;z) over the whole split), au (active
+latent units) and bleu (greedy reconstructions), and writes them to WORKDIR/eval/NAME.json. SPEC is a
+text file, `tfds:NAME[/CONFIG][:SPLIT]` or `synthetic:N[:SEED]` (default: the run's data.eval).
 Other modes: --mode=reconstruct (--input=FILE or --text=...), --mode=sample (--num=N),
 --mode=interpolate (--text=A --text=B --steps=N), --mode=plot (training curves + per-dim KL PNGs);
 --output=FILE writes the sentences to a text file.
 """
-import os
 import sys
 
 from absl import app, flags, logging
+
+from flax_textvae import cli
 
 flags.DEFINE_string("workdir", None, "The run's workdir (holds config.json and checkpoints).", required=True)
 flags.DEFINE_enum("mode", "metrics", ["metrics", "reconstruct", "sample", "interpolate", "plot"], "What to do.")
@@ -24,6 +28,7 @@ flags.DEFINE_multi_string("text", [], "reconstruct / interpolate: sentences give
 flags.DEFINE_integer("num", 10, "sample: how many sentences.")
 flags.DEFINE_integer("steps", 5, "interpolate: number of points from A to B (inclusive).")
 flags.DEFINE_string("output", None, "Also write the produced sentences (or PNG folder for plot) here.")
+flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP)
 FLAGS = flags.FLAGS
 
 
@@ -32,10 +37,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep orbax / absl INFO chatter off the progress display
-    from flax_textvae import cli
-
     sys.exit(cli.run_eval_main(FLAGS))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

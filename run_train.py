@@ -2,7 +2,9 @@
 
 With no --config, runs the embedded default (configs/demo.py): a small model trained from scratch on the
 package's synthetic corpus, no download needed. Rerunning with the same --workdir resumes.
-Override any config field with --config.FIELD=VALUE (e.g. --config.batch_size=64).
+Override any config field with --config.FIELD=VALUE (e.g. --config.batch_size=64); --print_config lists
+every field with its meaning. A bad config, a missing data file or model ends with one error message
+(exit code 2) before anything is written.
 """
 import os
 import sys
@@ -10,26 +12,40 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from flax_textvae import cli, configuration, validation
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "demo.py"),
                                 "Path to a config file with get_config().", lock_config=True)
-flags.DEFINE_string("workdir", "runs/demo", "Directory for checkpoints, logs and evaluations.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluations "
+                    "(default: runs/<config file name>, e.g. runs/tiny for configs/tiny.py).")
+flags.DEFINE_bool("print_config", False, "Print the resolved config, each field with its comment, and exit.")
+flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP)
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep orbax / absl INFO chatter off the progress display
+    config = FLAGS.config  # loads the config file (an OSError naming it when it cannot)
+    config_file = config_flags.get_config_filename(FLAGS["config"])
+    workdir = FLAGS.workdir or cli.default_workdir(config_file)
+    if FLAGS.print_config:
+        print(f"# --config={config_file}  (workdir: {workdir})\n{configuration.describe(config)}")
+        validation.validate(config)
+        return 0
+    if not FLAGS.workdir:
+        print(f"workdir: {workdir} (pass --workdir=DIR to choose another)", flush=True)
     from flax_textvae.train import NonFiniteLossError, train_and_evaluate
 
     try:
-        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        train_and_evaluate(config, workdir)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

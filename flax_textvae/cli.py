@@ -1,11 +1,136 @@
-"""The logic behind run_eval.py's modes (the script itself only parses flags)."""
+"""What run_train.py and run_eval.py share: the exit conventions, the default workdir, run_eval's modes.
+
+``run(main)`` wraps ``absl.app.run``: ``--help`` exits 0; a user error (a bad flag or ``--config.FIELD``
+override, a :class:`~flax_textvae.validation.ConfigError`, a missing or unreadable file, model folder or
+hub id) prints one ``error: ...`` paragraph on stderr and exits 2, with the traceback only under
+``--verbose``; anything else is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import sys
+from typing import Callable, Sequence
 
 import numpy as np
+from absl import app
+from absl import flags as absl_flags
+
+from flax_textvae import configuration, validation
+
+USER_ERROR_EXIT = 2
+VERBOSE_HELP = "On a user error (bad config, missing file), show the Python traceback instead of a short message."
+# User errors that can surface while main runs; each carries a message written for the user.
+USER_ERRORS = (validation.ConfigError, OSError, app.UsageError)
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
+def default_workdir(config_file: str | None) -> str:
+    """``runs/<stem of the config file>``: ``configs/tiny.py`` -> ``runs/tiny``.
+
+    Args:
+      config_file: the ``--config`` path (``path:args`` allowed); None or '' gives ``runs/demo``.
+
+    Returns:
+      The workdir used when ``--workdir`` is not given.
+    """
+    path = (config_file or "demo.py").split(":")[0]
+    return os.path.join("runs", os.path.splitext(os.path.basename(path))[0] or "demo")
+
+
+def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> None:
+    """``absl.app.run(main)`` with the command-line tools' exit conventions (see the module docstring).
+
+    The calling script defines a boolean ``--verbose`` flag (help text :data:`VERBOSE_HELP`).
+
+    Args:
+      main: the script's ``main(argv)``; its return value is the exit code.
+      argv: the command line (default ``sys.argv``).
+    """
+    app.run(functools.partial(_guarded, main), argv=list(argv) if argv is not None else None,
+            flags_parser=_parse_flags)
+
+
+def fail(message: str) -> None:
+    """Prints ``error: message`` on stderr and exits with code 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(USER_ERROR_EXIT)
+
+
+def _flag_set(argv: Sequence[str], name: str) -> bool:
+    """Whether boolean flag ``name`` is on in a raw command line (the last mention wins)."""
+    on = False
+    for a in argv[1:]:
+        if a == "--":
+            break
+        key, eq, value = a.lstrip("-").partition("=")
+        if key == name:
+            on = not eq or value.lower() in ("1", "true", "t", "yes", "y")
+        elif key == f"no{name}" and not eq:
+            on = False
+    return on
+
+
+def _asked_for_help(argv: Sequence[str]) -> bool:
+    return any(a.startswith("-") and a.lstrip("-").split("=")[0] in _HELP_FLAGS
+               for a in argv[1:] if a != "--")
+
+
+def _override_message(err: BaseException, argv: Sequence[str]) -> str:
+    """The message for ml_collections' error about a ``--config.FIELD`` that names no field."""
+    while err.args and isinstance(err.args[0], BaseException):  # AttributeError(KeyError(text))
+        err = err.args[0]
+    text = str(err.args[0]) if err.args else str(err)
+    bad = re.match(r"\s*'([^']+)'", text)
+    key = bad.group(1) if bad else text.strip()
+    guess = re.search(r'Did you mean "([^"]+)"', text)
+    for a in argv[1:]:
+        name = a.lstrip("-").split("=")[0]
+        parts = name.split(".")
+        if parts[0] == "config" and key in parts[1:]:
+            fix = ""
+            if guess:
+                fixed = ".".join(guess.group(1) if p == key else p for p in parts)
+                fix = f"did you mean --{fixed}? "
+            return (f"--{name}: the config has no field {key!r}; {fix}Run with --print_config to list every "
+                    "field.")
+    hint = f" (did you mean {guess.group(1)!r}?)" if guess else ""
+    return f"the config has no field {key!r}{hint}; check the config file and the --config.FIELD overrides."
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """``FLAGS(argv)``: help exits 0; a bad flag, value or ``--config.FIELD`` is a user error (exit 2)."""
+    verbose = _flag_set(argv, "verbose")
+    argv = [argv[0]] + ["--help" if a == "-h" else a for a in argv[1:]]
+    try:
+        return absl_flags.FLAGS(argv)
+    except SystemExit as e:
+        if e.code == 1 and _asked_for_help(argv):  # absl ends --help with exit code 1
+            raise SystemExit(0) from None
+        raise
+    except absl_flags.Error as e:  # unknown flag, bad value, missing required flag, unreadable config file
+        if verbose:
+            raise
+        name = getattr(e, "flagname", None)
+        fields = [f for f in configuration.field_comments() if name and (f == name or f.endswith(f".{name}"))]
+        hint = (f"; config fields are set with --config.FIELD=VALUE: did you mean --config.{fields[0]}?"
+                if fields and "config" in absl_flags.FLAGS else "")
+        fail(f"{e}{hint}\nRun with --helpfull to list the flags.")
+    except (AttributeError, KeyError) as e:  # ml_collections: a field the locked config does not have
+        if verbose:
+            raise
+        fail(_override_message(e, argv))
+
+
+def _guarded(main: Callable[[list[str]], int | None], argv: list[str]) -> int | None:
+    try:
+        return main(argv)
+    except USER_ERRORS as e:
+        if "verbose" in absl_flags.FLAGS and absl_flags.FLAGS.verbose:
+            raise
+        fail(str(e))
 
 
 def _write_lines(path: str | None, lines: list[str]) -> None:
@@ -15,11 +140,29 @@ def _write_lines(path: str | None, lines: list[str]) -> None:
         print(f"wrote {len(lines)} lines to {path}", file=sys.stderr)
 
 
+def check_trained_run(workdir: str) -> None:
+    """Raises ``FileNotFoundError`` with the fix unless ``workdir`` holds config.json and a checkpoint."""
+    fix = "pass the --workdir of a run trained with run_train.py (it holds config.json and checkpoints/)"
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"--workdir={workdir}: no such directory; {fix}")
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise FileNotFoundError(f"--workdir={workdir} is not a trained run: it has no config.json; {fix}")
+    ckdir = os.path.join(workdir, "checkpoints")
+    if not (os.path.isdir(ckdir) and any(d.isdigit() for d in os.listdir(ckdir))):
+        raise FileNotFoundError(f"--workdir={workdir} has no checkpoint yet; train it first (python run_train.py "
+                                f"--config=... --workdir={workdir}) or {fix}")
+
+
 def run_eval_main(flags) -> int:
     """Dispatches ``run_eval.py --mode=...``; returns the process exit code."""
     from flax_textvae import evaluate, generate
 
     workdir = flags.workdir
+    check_trained_run(workdir)
+    if flags.data:
+        problems = validation.check_data_spec(flags.data, "--data")
+        if problems:
+            raise validation.ConfigError(problems, subject="--data")
     if flags.mode == "metrics":
         config = generate.load_config(workdir)
         result = evaluate.evaluate(config, workdir, data=flags.data, name=flags.name, iw_samples=flags.iw_samples,

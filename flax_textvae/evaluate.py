@@ -28,6 +28,12 @@ from flax_textvae.vae import TextVAE
 
 _LOGITS_BUDGET = 2**28  # floats of logits one IW chunk may hold (1 GiB in float32)
 
+# What ``evaluate`` returns and writes to WORKDIR/eval/NAME.json: the metrics, then how the split was cut
+# (``max_length``: data.max_length in tokens, special tokens included; ``num_truncated``: examples longer
+# than that, cut to it before scoring).
+DATA_KEYS = ("max_length", "num_truncated")
+RESULT_KEYS = metrics.SUMMARY_KEYS + DATA_KEYS
+
 
 _COMPILED: dict = {}
 
@@ -203,7 +209,8 @@ def evaluate(config, workdir: str, *, data: str | None = None, name: str | None 
       step: checkpoint step (default: the newest).
 
     Returns:
-      The DESIGN §5 dict (also written as JSON).
+      The metrics (``metrics.SUMMARY_KEYS``) plus ``max_length`` and ``num_truncated``: the keys
+      ``RESULT_KEYS``, also written as JSON.
     """
     from flax_textvae import builders, checkpoints  # builders imports the data stack
 
@@ -218,6 +225,7 @@ def evaluate(config, workdir: str, *, data: str | None = None, name: str | None 
         mesh = parallel.make_mesh(1)
     result = evaluate_split(run, params, run.eval_batches, iw_samples=iw_samples,
                             seed=config.seed if seed is None else seed, with_bleu=True, name=name, mesh=mesh)
+    result = dict(result, max_length=int(run.max_length), num_truncated=int(run.eval_stats.get("truncated", 0)))
     if jax.process_index() == 0:
         out_dir = os.path.join(workdir, "eval")
         os.makedirs(out_dir, exist_ok=True)
@@ -230,7 +238,7 @@ def evaluate(config, workdir: str, *, data: str | None = None, name: str | None 
 def format_table(result: dict) -> str:
     """A fixed-width two-column table of a metrics dict."""
     lines = [f"{'metric':>14s}  value", f"{'-' * 14}  {'-' * 12}"]
-    for k in metrics.SUMMARY_KEYS:
+    for k in metrics.SUMMARY_KEYS + tuple(k for k in DATA_KEYS if k in result):
         v = result.get(k)
         lines.append(f"{k:>14s}  {v:.4f}" if isinstance(v, float) else f"{k:>14s}  {v}")
     return "\n".join(lines)

@@ -46,7 +46,7 @@ class StepConfig:
     delete_rate: float = 0.0
     mask_rate: float = 0.0
     word_dropout: float = 0.0
-    special_ids: tuple = ()
+    special_ids: tuple = ()  # never deleted / masked / dropped: BOS, EOS, PAD, mask (not <unk>)
     pad_id: int = 0
     mask_id: int = -1
     unk_id: int = -1

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_textvae import builders, checkpoints, evaluate, parallel
+from flax_textvae import builders, checkpoints, evaluate, parallel, validation
 from flax_textvae.step import StepConfig, TrainState, kl_fns, make_optimizer, train_step
 
 __all__ = ["TrainState", "train_step", "train_and_evaluate", "NonFiniteLossError"]
@@ -193,6 +193,7 @@ class _Runner:
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains (or resumes) the run in ``workdir`` and returns the final evaluation metrics."""
+    validation.validate(config)  # every config / data-file problem at once, before anything is written
     parallel.initialize_distributed(config.parallel)
     os.makedirs(workdir, exist_ok=True)
     run = builders.build_run(config, workdir)

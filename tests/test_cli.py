@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from _trained_run import REPO, trained_run
-from flax_textvae import metrics
+from flax_textvae import evaluate, metrics
+from flax_textvae.data import synthetic_sentences
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -36,9 +37,13 @@ def test_metrics_prints_the_table_and_writes_the_json(tiny_run):
     path = os.path.join(workdir, "eval", "synthetic.json")  # default name of the default split synthetic:64:1
     with open(path) as f:
         result = json.load(f)
-    assert set(result) == set(metrics.SUMMARY_KEYS)
+    assert set(result) == set(evaluate.RESULT_KEYS)
     assert result["iw_samples"] == 4 and result["num_examples"] == 64
-    for key in metrics.SUMMARY_KEYS:
+    # synthetic:64:1 through the BART-layout word tokenizer: n words -> n + 2 tokens
+    assert result["max_length"] == config.data.max_length
+    assert result["num_truncated"] == sum(len(t.split()) + 2 > config.data.max_length
+                                          for t in synthetic_sentences(64, seed=1))
+    for key in evaluate.RESULT_KEYS:
         assert any(line.split()[:1] == [key] for line in out.splitlines()), (key, out)
     assert f"{result['rec']:.4f}" in out
 
@@ -90,3 +95,129 @@ def test_plot_writes_training_and_kl_pngs(tiny_run, tmp_path):
     with open(out_dir / "kl_per_dim.json") as f:
         kl = json.load(f)
     assert len(kl) == config.vae.latent_size and min(kl) >= 0.0
+
+
+# ------------------------------------------------------------------------------------------ user errors
+# Each of these fails before any backbone loads or any training starts: a JAX start-up, about 2 s each.
+
+from flax_textvae import cli  # noqa: E402
+
+
+def run_cli(script, *flags, timeout=120):
+    """Runs run_train.py / run_eval.py (or ``-c CODE``) from the repository root; returns the process."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    args = ["-c", script] if "\n" in script else [script]
+    return subprocess.run([sys.executable, *args, *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_user_error(p, *needles):
+    assert p.returncode == 2, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    assert "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith("error: "), p.stderr
+    for needle in needles:
+        assert needle in p.stderr, (needle, p.stderr)
+
+
+@pytest.mark.parametrize("script", ["run_train.py", "run_eval.py"])
+def test_help_exits_0(script):
+    p = run_cli(script, "--help")
+    assert p.returncode == 0, p.stderr
+    assert "--[no]verbose" in p.stdout and "Traceback" not in p.stderr
+
+
+def test_eval_help_describes_the_metrics():
+    p = run_cli("run_eval.py", "--helpshort")
+    assert p.returncode == 0 and "DESIGN" not in p.stdout
+    for word in ("neg_elbo", "nll", "ppl", "mi", "au", "bleu"):
+        assert word in p.stdout, word
+
+
+def test_print_config_shows_fields_with_their_comments():
+    p = run_cli("run_train.py", "--config=configs/tiny.py", "--config.vae.latent_size=12", "--print_config")
+    assert p.returncode == 0, p.stderr
+    line = next(x for x in p.stdout.splitlines() if x.startswith("vae.latent_size = "))
+    assert line.split("#")[0].strip() == "vae.latent_size = 12" and line.endswith("# size of z")
+    assert "(workdir: runs/tiny)" in p.stdout.splitlines()[0]
+    assert "# model.scratch: used only when name_or_path == 'scratch'" in p.stdout
+
+
+def test_default_workdir_is_named_after_the_config_file():
+    assert cli.default_workdir("configs/tiny.py") == os.path.join("runs", "tiny")
+    assert cli.default_workdir(os.path.join(REPO, "configs", "demo.py")) == os.path.join("runs", "demo")
+    assert cli.default_workdir("configs/t5_vae.py:arg") == os.path.join("runs", "t5_vae")
+    assert cli.default_workdir(None) == os.path.join("runs", "demo")
+
+
+def test_a_config_typo_is_a_short_error():
+    p = run_cli("run_train.py", "--config=configs/tiny.py", "--config.batch_sise=4")
+    assert_user_error(p, "--config.batch_sise", "no field 'batch_sise'", "did you mean --config.batch_size?")
+
+
+def test_a_bad_config_lists_every_problem_before_writing(tmp_path):
+    workdir = tmp_path / "run"
+    p = run_cli("run_train.py", "--config=configs/tiny.py", f"--workdir={workdir}", "--config.vae.pooling=avg",
+                "--config.batch_size=0", "--config.loss.kind=kl", "--config.phase1.steps=50")
+    assert_user_error(p, "4 problems", "vae.pooling='avg'", "--config.vae.pooling=", "batch_size=0",
+                      "loss.kind='kl'", "phase1.steps=50 with train_steps=20", "--config.train_steps=")
+    assert not workdir.exists()
+
+
+def test_missing_and_binary_data_files_are_short_errors(tmp_path):
+    binary = tmp_path / "valid.txt"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    missing = tmp_path / "train.txt"
+    p = run_cli("run_train.py", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
+                f"--config.data.train={missing}", f"--config.data.eval={binary}")
+    assert_user_error(p, f"data.train='{missing}': no such file", f"data.eval='{binary}'", "binary",
+                      "give the path of a UTF-8 text file")
+
+
+def test_a_missing_model_folder_is_a_short_error(tmp_path):
+    folder = tmp_path / "no_model"
+    p = run_cli("run_train.py", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
+                f"--config.model.name_or_path={folder}")
+    assert_user_error(p, f"model.name_or_path='{folder}'", "config.json", "hub id")
+
+
+def test_an_uncached_hub_id_offline_is_a_short_error(tmp_path):
+    p = run_cli("run_train.py", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
+                "--config.model.name_or_path=no-such-org/no-such-model")
+    assert_user_error(p, "'no-such-org/no-such-model'", "local folder")
+
+
+def test_verbose_shows_the_traceback():
+    p = run_cli("run_train.py", "--config=configs/tiny.py", "--config.vae.pooling=avg", "--print_config",
+                "--verbose")
+    assert p.returncode != 0 and "Traceback" in p.stderr and "ConfigError" in p.stderr
+
+
+@pytest.mark.parametrize("make", [lambda p: p / "absent", lambda p: p])
+def test_eval_of_a_workdir_that_is_not_a_run_is_a_short_error(tmp_path, make):
+    p = run_cli("run_eval.py", f"--workdir={make(tmp_path)}")
+    assert_user_error(p, f"--workdir={make(tmp_path)}", "run_train.py")
+
+
+def test_eval_of_a_missing_data_file_is_a_short_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+    p = run_cli("run_eval.py", f"--workdir={tmp_path}", f"--data={tmp_path / 'test.txt'}")
+    assert_user_error(p, "--data=", "test.txt", "no such file")
+
+
+BUG_SCRIPT = """
+from flax_textvae import cli
+def main(argv):
+    raise {}
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize("error,code", [("RuntimeError('an unknown bug')", 1),
+                                        ("FileNotFoundError('x.txt is missing; make it')", 2)])
+def test_bugs_keep_their_traceback_and_user_errors_do_not(error, code):
+    p = run_cli(BUG_SCRIPT.format(error))
+    assert p.returncode == code, p.stderr
+    assert ("Traceback" in p.stderr) == (code == 1), p.stderr
+    if code == 2:
+        assert p.stderr == "error: x.txt is missing; make it\n"

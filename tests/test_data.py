@@ -59,6 +59,39 @@ def test_unknown_tfds_name(tmp_path):
         read_examples("tfds:", data_dir=str(tmp_path))
 
 
+def test_tfds_spec_not_built_says_what_to_run(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    from flax_textvae.data import DatasetNotBuiltError
+
+    empty = tmp_path / "empty_tfds"
+    empty.mkdir()
+    spec = "tfds:text_vae_corpora/ptb:valid"
+    with pytest.raises(DatasetNotBuiltError) as info:
+        read_examples(spec, data_dir=str(empty))
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError) and repr(spec) in msg and f"data_dir {empty}" in msg
+    assert (f"python -m flax_textvae.data.textvae_corpora --config=ptb --manual_dir=DIR --data_dir={empty}\n"
+            in msg) and "DIR/ptb/train.txt, valid.txt and test.txt" in msg
+    assert msg.endswith("--config.data.train=PATH --config.data.eval=PATH")
+    # a data dir that does not exist, and another corpus config
+    with pytest.raises(DatasetNotBuiltError, match=r"(?s)'tfds:text_vae_corpora/yelp'.*--config=yelp .*--data_dir="
+                       + str(tmp_path / "nowhere")):
+        read_examples("tfds:text_vae_corpora/yelp", data_dir=str(tmp_path / "nowhere"))
+    # no data_dir and no TFDS_DATA_DIR: TFDS's default directory is searched and named (tfds itself would
+    # fail here with a KeyError on empty splits)
+    default = tmp_path / "default_tfds"
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(default))
+    with pytest.raises(DatasetNotBuiltError, match=f"data_dir {default};.*\n.*--data_dir={default}\n"):
+        read_examples("tfds:text_vae_corpora/snli:test")
+    # only another version is built there: the message says so
+    (empty / "text_vae_corpora" / "ptb" / "0.9.0").mkdir(parents=True)
+    (empty / "text_vae_corpora" / "ptb" / "0.9.0" / "dataset_info.json").write_text("{}")
+    with pytest.raises(DatasetNotBuiltError, match=r"found only version\(s\) 0\.9\.0 there: rebuild it"):
+        read_examples(spec, data_dir=str(empty))
+
+
 def test_tfds_builder_array_record_round_trip(tmp_path, monkeypatch):
     from flax_textvae.data.textvae_corpora import prepare
 
@@ -82,6 +115,43 @@ def test_tfds_builder_array_record_round_trip(tmp_path, monkeypatch):
         read_examples("tfds:text_vae_corpora/ptb:test", text_field="label")
     with pytest.raises(FileNotFoundError, match="missing corpus"):
         prepare("snli", tmp_path / "manual", data_dir)
+
+
+def test_parse_line_strips_the_label_of_labelled_corpora():
+    from flax_textvae.data.textvae_corpora import NO_LABEL, parse_line
+
+    assert parse_line("3\tthe food was great .\n", labelled=True) == {"text": "the food was great .", "label": 3}
+    assert parse_line("\ufeff0\t  why is the sky blue ?  \r\n", labelled=True) == {
+        "text": "why is the sky blue ?", "label": 0}
+    assert parse_line("10\ta\tb", labelled=True) == {"text": "a\tb", "label": 10}  # only the first tab
+    assert parse_line("no label here", labelled=True) == {"text": "no label here", "label": NO_LABEL}
+    assert parse_line("x\tnot a label", labelled=True) == {"text": "x\tnot a label", "label": NO_LABEL}
+    assert parse_line("4\t  \n", labelled=True) is None and parse_line("   \n", labelled=True) is None
+    # PTB / SNLI lines are kept whole, a leading number included
+    assert parse_line(" 3\tthe n years \n", labelled=False) == {"text": "3\tthe n years"}
+    assert parse_line("\n", labelled=False) is None
+
+
+@pytest.mark.parametrize("config", ["yelp", "yahoo"])
+def test_tfds_builder_labelled_corpus_text_has_no_label(tmp_path, config):
+    import tensorflow_datasets as tfds
+
+    from flax_textvae.data.textvae_corpora import prepare
+
+    manual = tmp_path / "manual" / config
+    manual.mkdir(parents=True)
+    rows = {s: [(i % 5, f"{s} review number {i} .") for i in range(6)] for s in ("train", "valid", "test")}
+    for split, rs in rows.items():
+        (manual / f"{split}.txt").write_text("".join(f"{y}\t{t}\n" for y, t in rs) + "\n", encoding="utf-8")
+    data_dir = tmp_path / "tfds"
+    prepare(config, tmp_path / "manual", data_dir)
+    texts, stats = read_examples(f"tfds:text_vae_corpora/{config}:valid", data_dir=str(data_dir))
+    assert texts == [t for _, t in rows["valid"]] and stats["examples"] == 6
+    source = tfds.data_source(f"text_vae_corpora/{config}", split="test", data_dir=str(data_dir), download=False)
+    records = [source[i] for i in range(len(source))]
+    assert [int(r["label"]) for r in records] == [y for y, _ in rows["test"]]
+    assert [r["text"].decode() if isinstance(r["text"], bytes) else r["text"] for r in records] == [
+        t for _, t in rows["test"]]
 
 
 # --------------------------------------------------------------------------------------------- synthetic

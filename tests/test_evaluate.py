@@ -12,6 +12,7 @@ from flax_textvae.data import synthetic_sentences
 
 IW = 20  # importance samples: small, the checks below do not need the DESIGN default of 500
 NUM_SENTENCES = 40
+LONG = (3, 17, 29)  # held-out lines made longer than data.max_length (32 tokens: 30 words + <s> </s>)
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +24,10 @@ def tiny_run(tmp_path_factory):
 def heldout(tmp_path_factory):
     """A small eval text file of synthetic sentences (a seed the run never trained on)."""
     texts = synthetic_sentences(NUM_SENTENCES, seed=7)
+    extra = iter(synthetic_sentences(100, seed=8))
+    for i in LONG:
+        while len(texts[i].split()) <= 34:
+            texts[i] += " " + next(extra)
     path = tmp_path_factory.mktemp("heldout") / "heldout_small.txt"
     path.write_text("\n".join(texts) + "\n")
     return str(path), texts
@@ -54,7 +59,7 @@ def test_split_name_defaults():
 def test_json_has_exactly_the_design_keys_and_is_deterministic(results):
     (text_a, ret_a), (text_b, _), _ = results
     data = json.loads(text_a)
-    assert set(data) == set(metrics.SUMMARY_KEYS)
+    assert set(data) == set(evaluate.RESULT_KEYS) == set(metrics.SUMMARY_KEYS) | {"max_length", "num_truncated"}
     assert data == ret_a
     assert data["iw_samples"] == IW and data["num_examples"] == NUM_SENTENCES
     assert all(data[k] is not None for k in metrics.SUMMARY_KEYS)
@@ -63,7 +68,7 @@ def test_json_has_exactly_the_design_keys_and_is_deterministic(results):
 
 def test_results_do_not_depend_on_the_batch_size(results):
     a, b = json.loads(results[0][0]), json.loads(results[2][0])
-    for k in metrics.SUMMARY_KEYS:
+    for k in evaluate.RESULT_KEYS:
         if isinstance(a[k], float):
             np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
         else:
@@ -89,6 +94,19 @@ def test_metric_relations_on_a_real_run(results, heldout, tiny_run):
     with open(os.path.join(workdir, "eval", "heldout_small.meta.json")) as f:
         meta = json.load(f)
     assert meta["tokenizer"] and meta["step"] == config.train_steps
+
+
+def test_json_records_max_length_and_truncated_count(results, heldout, tiny_run):
+    config, _ = tiny_run
+    _, texts = heldout
+    data, returned = json.loads(results[0][0]), results[0][1]
+    max_len = config.data.max_length
+    assert max_len == 32
+    # BART layout: a line of n words is n + 2 tokens; exactly the LONG lines are over 32 and get cut
+    assert [i for i, t in enumerate(texts) if len(t.split()) + 2 > max_len] == list(LONG)
+    assert data["max_length"] == returned["max_length"] == 32
+    assert data["num_truncated"] == returned["num_truncated"] == len(LONG) == 3
+    assert data["num_examples"] == NUM_SENTENCES
 
 
 def test_iw_nll_does_not_depend_on_the_chunk_size(tiny_run, heldout):

@@ -5,12 +5,13 @@ are loaded lazily, so importing this package does not import tensorflow_datasets
 """
 from flax_textvae.data.batching import (Batch, Batcher, BucketedIterator, EvalIterator, TrainIterator,
                                         bucket_index, collate, make_buckets, padding_fraction, round_up)
-from flax_textvae.data.sources import parse_tfds_spec, read_examples
+from flax_textvae.data.sources import DatasetNotBuiltError, parse_tfds_spec, read_examples
 from flax_textvae.data.synthetic import synthetic_sentences, synthetic_vocabulary
 from flax_textvae.data.tokenize import encode_texts, train_word_tokenizer
 
 __all__ = [
-    "Batch", "Batcher", "BucketedIterator", "EvalIterator", "TrainIterator", "bucket_index", "collate",
+    "Batch", "Batcher", "BucketedIterator", "DatasetNotBuiltError", "EvalIterator", "TrainIterator", "bucket_index",
+    "collate",
     "make_buckets", "padding_fraction",
     "round_up", "parse_tfds_spec", "read_examples", "synthetic_sentences", "synthetic_vocabulary",
     "encode_texts", "train_word_tokenizer", "TextVaeCorpora", "prepare_text_vae_corpora",

@@ -14,7 +14,9 @@ A *spec* names where the examples come from:
 Bad input is handled as follows (the behaviour is part of the API):
 
 * a missing file raises ``FileNotFoundError`` naming the path;
-* a TFDS name that is unknown or not prepared raises ``ValueError`` saying how to prepare it;
+* a TFDS name that is unknown raises ``ValueError``; one that is known but not built in the data directory
+  raises :class:`DatasetNotBuiltError` (a ``ValueError``) naming the spec and the directory and giving the
+  command that builds it, or the text-file flags to use instead;
 * leading/trailing whitespace is stripped; lines that are then empty are skipped and counted
   (``stats['empty_skipped']``);
 * a line that is not valid UTF-8 is, by default (``on_decode_error='skip'``), skipped and counted
@@ -34,6 +36,10 @@ SYNTHETIC_PREFIX = "synthetic:"
 DEFAULT_TEXT_FIELDS = ("text", "sentence")
 _MAX_LOCATIONS = 20
 _READ_CHUNK = 4096
+
+
+class DatasetNotBuiltError(ValueError):
+    """A ``tfds:`` spec names a data set that is not built (prepared) in the TFDS data directory."""
 
 
 def _new_stats() -> dict[str, Any]:
@@ -192,6 +198,28 @@ def _prepare_hint(name: str, data_dir: str | None) -> str:
             f"--data_dir={where}`; then pass data_dir= or set TFDS_DATA_DIR")
 
 
+def _not_built_message(spec: str, name: str, data_dir: str, builder: Any) -> str:
+    """What ``DatasetNotBuiltError`` says: the spec, the data dir, the build command, the text-file way."""
+    other = []
+    try:  # other versions built in the same folder (an older release of the builder)
+        folder = os.path.dirname(os.fspath(builder.data_dir))
+        other = sorted(v for v in os.listdir(folder) if os.path.isfile(os.path.join(folder, v, "dataset_info.json")))
+    except (OSError, TypeError, AttributeError):
+        pass
+    found = f" (found only version(s) {', '.join(other)} there: rebuild it)" if other else ""
+    if name.split("/")[0] == "text_vae_corpora":
+        config = name.split("/")[1] if "/" in name else "ptb"
+        build = (f"build it with:\n    python -m flax_textvae.data.textvae_corpora --config={config} "
+                 f"--manual_dir=DIR --data_dir={data_dir}\n  where DIR/{config}/train.txt, valid.txt and test.txt "
+                 "hold the corpus, one sentence per line (flax_textvae.data.textvae_corpora.prepare does the same "
+                 "from Python)")
+    else:
+        build = _prepare_hint(name, data_dir)
+    return (f"{spec!r}: TFDS data set {name!r} (version {getattr(builder, 'version', '?')}) is not built in "
+            f"data_dir {data_dir}{found}; {build};\n  or train on text files (one example per line) instead: "
+            "--config.data.train=PATH --config.data.eval=PATH")
+
+
 def _read_tfds(spec: str, *, max_examples: int | None, data_dir: str | os.PathLike | None,
                text_field: str | None, on_decode_error: str) -> tuple[list[str], dict[str, Any]]:
     name, split = parse_tfds_spec(spec)
@@ -201,11 +229,21 @@ def _read_tfds(spec: str, *, max_examples: int | None, data_dir: str | os.PathLi
     if name.split("/")[0] == "text_vae_corpora":
         from flax_textvae.data import textvae_corpora  # noqa: F401  (registers the builder)
     where = data_dir or "TFDS's default data dir"
+    resolved = data_dir or os.path.expanduser(os.fspath(tfds.core.constants.DATA_DIR))
+    builder = None
     try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        # Checked first: reading an unbuilt data set fails deep inside tfds (a KeyError on empty splits).
+        if not builder.is_prepared():
+            raise DatasetNotBuiltError(_not_built_message(spec, name, resolved, builder))
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except DatasetNotBuiltError:
+        raise
     except tfds.core.registered.DatasetNotFoundError as err:
         raise ValueError(f"{spec!r}: TFDS data set {name!r} is not known and not prepared in {where}; "
                          f"{_prepare_hint(name, data_dir)}") from err
+    except KeyError as err:  # tfds: "`splits` is empty", i.e. the data set has not been generated
+        raise DatasetNotBuiltError(_not_built_message(spec, name, resolved, builder)) from err
     except (AssertionError, NotImplementedError, FileNotFoundError) as err:
         raise ValueError(f"{spec!r}: TFDS data set {name!r} is not prepared as array_record in {where} "
                          f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "

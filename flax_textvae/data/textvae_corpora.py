@@ -11,6 +11,9 @@ Yang et al. 2017, He et al. 2019, Li et al. 2019); TFDS cannot download them, so
 for ``config`` in ``ptb``, ``yelp``, ``yahoo``, ``snli``. Each non-empty line (stripped) becomes one
 example ``{'text': str}``; file order is kept (``disable_shuffling``), so record ``i`` of a split is
 the ``i``-th non-empty line. Lines that are not valid UTF-8 fail the build with the file and line.
+Yelp and Yahoo lines are ``LABEL<TAB>sentence`` (He et al. 2019's files): the integer label is removed
+from ``text`` and kept as the ``label`` feature (``-1`` for a line without such a prefix); see
+:func:`parse_line`.
 
 Build it in the ``array_record`` format (random access; reading needs no TensorFlow). Building needs no
 TensorFlow either (tested with tensorflow-datasets 4.9 and no TensorFlow installed)::
@@ -35,12 +38,15 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-from typing import Iterator
+from typing import Any, Iterator
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 CONFIG_NAMES = ("ptb", "yelp", "yahoo", "snli")
 SPLITS = ("train", "valid", "test")
+LABELLED_CONFIGS = ("yelp", "yahoo")  # lines are LABEL<TAB>sentence
+NO_LABEL = -1
 
 _DESCRIPTIONS = {
     "ptb": "Penn Treebank, Mikolov et al. (2010) preprocessing (lower-cased, <unk>, numbers as N).",
@@ -53,8 +59,11 @@ _DESCRIPTIONS = {
 class TextVaeCorpora(tfds.core.GeneratorBasedBuilder):
     """One-sentence-per-line text-VAE benchmark corpora, read from ``{manual_dir}/{config}/{split}.txt``."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Yelp / Yahoo: the LABEL<TAB> prefix is removed from 'text' and kept as the 'label' feature.",
+    }
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n, description=_DESCRIPTIONS[n]) for n in CONFIG_NAMES]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Put the corpus files at {manual_dir}/{config}/{train,valid,test}.txt (one example per line, UTF-8), "
@@ -66,7 +75,7 @@ class TextVaeCorpora(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"Text-VAE corpus: {_DESCRIPTIONS[self.builder_config.name]}",
-            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            features=tfds.features.FeaturesDict(_features(self.builder_config.name)),
             supervised_keys=None,
             disable_shuffling=True,  # keep file order: record i == i-th non-empty line
         )
@@ -78,15 +87,53 @@ class TextVaeCorpora(tfds.core.GeneratorBasedBuilder):
             raise FileNotFoundError(f"missing corpus file(s) {missing}; {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
         return {s: self._generate_examples(folder / f"{s}.txt") for s in SPLITS}
 
-    def _generate_examples(self, path: pathlib.Path) -> Iterator[tuple[int, dict[str, str]]]:
+    def _generate_examples(self, path: pathlib.Path) -> Iterator[tuple[int, dict[str, Any]]]:
+        labelled = self.builder_config.name in LABELLED_CONFIGS
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
                 try:
-                    text = raw.decode("utf-8").lstrip("\ufeff").strip()
+                    line = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
                     raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({err.reason}); fix the file") from err
-                if text:
-                    yield lineno, {"text": text}
+                example = parse_line(line, labelled=labelled)
+                if example is not None:
+                    yield lineno, example
+
+
+def _features(config: str) -> dict[str, Any]:
+    """The feature specs of a config: ``text``, plus ``label`` for the labelled corpora."""
+    features: dict[str, Any] = {"text": tfds.features.Text()}
+    if config in LABELLED_CONFIGS:
+        features["label"] = tfds.features.Scalar(dtype=np.int64)
+    return features
+
+
+def parse_line(line: str, *, labelled: bool) -> dict[str, Any] | None:
+    """One corpus line -> the example's features, or None for a line that holds no text.
+
+    Args:
+      line: the decoded line (a trailing newline and a leading byte-order mark are allowed).
+      labelled: the corpus writes ``LABEL<TAB>sentence`` (``LABELLED_CONFIGS``). Then an integer first
+        tab-separated field is the label and is cut from the text; a line without such a prefix keeps its
+        whole text and gets ``NO_LABEL``.
+
+    Returns:
+      ``{'text': str}`` (unlabelled corpora) or ``{'text': str, 'label': int}``, the text stripped;
+      None when the text is empty.
+    """
+    line = line.lstrip("\ufeff")
+    if not labelled:
+        text = line.strip()
+        return {"text": text} if text else None
+    label = NO_LABEL
+    head, sep, rest = line.partition("\t")
+    try:
+        if sep:
+            label, line = int(head.strip()), rest
+    except ValueError:
+        pass  # the first field is not a label: the whole line is the text
+    text = line.strip()
+    return {"text": text, "label": label} if text else None
 
 
 def prepare(config: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> str:
