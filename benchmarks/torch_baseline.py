@@ -1,6 +1,6 @@
 """PyTorch + transformers baseline for the text-VAE training-step throughput benchmark.
 
-The same text VAE as ``flax_textvae`` (DESIGN §6), written with PyTorch and a randomly initialised Hugging
+The same text VAE as ``flax_textvae`` (docs/method.md), written with PyTorch and a randomly initialised Hugging
 Face seq2seq model (no download), so that the JAX implementation can be compared against it:
 
   encoder -> masked mean pooling -> Linear to (mean, logvar) [B, latent] -> z = mean + exp(logvar/2) * eps
@@ -27,6 +27,9 @@ Usage (from the repository root)::
 
     python benchmarks/torch_baseline.py --arch=t5-small --batch=16 --steps=5 \
         --lengths-from=../shared/data/ptb/test.txt --pad=longest --json
+
+On a GPU add ``--device=cuda --amp=bfloat16`` (bfloat16 autocast; attention is whatever transformers picks
+for the model, SDPA where it supports it, reported as ``attn_implementation``).
 """
 
 from __future__ import annotations
@@ -155,20 +158,26 @@ class TorchTextVAE(nn.Module):
         return rec + kl, {"rec": rec.detach(), "kl": kl.detach()}
 
 
-def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """numpy batch -> torch tensors (ids int64, weights float32)."""
+def to_torch(batch: dict[str, np.ndarray], device: str = "cpu") -> dict[str, torch.Tensor]:
+    """numpy batch -> torch tensors on ``device`` (ids int64, weights float32)."""
     out = {}
     for key, value in batch.items():
         t = torch.from_numpy(np.ascontiguousarray(value))
-        out[key] = t.long() if value.dtype.kind in "iu" else t.float()
+        out[key] = (t.long() if value.dtype.kind in "iu" else t.float()).to(device)
     return out
 
 
 def train_step(model: TorchTextVAE, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-               average_all_positions: bool) -> float:
-    """One AdamW step (zero_grad, forward, backward, step); returns the loss value."""
+               average_all_positions: bool, amp: str = "none") -> float:
+    """One AdamW step (zero_grad, forward, backward, step); returns the loss value.
+
+    ``amp='bfloat16'`` runs the forward pass under ``torch.autocast`` in bfloat16 (parameters, optimizer and
+    the float32 logits of ``logits_from_hidden`` stay float32).
+    """
     optimizer.zero_grad(set_to_none=True)
-    loss, _ = model(batch, average_all_positions)
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=amp == "bfloat16"):
+        loss, _ = model(batch, average_all_positions)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
@@ -188,6 +197,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--amp", default="none", choices=["none", "bfloat16"], help="autocast compute dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
@@ -196,8 +207,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def peak_memory_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
+def peak_memory_mb(device: str = "cpu") -> float:
+    """Peak CUDA memory allocated on a cuda ``device``, else peak resident set size of this process, in MiB."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / (1024.0 * 1024.0)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
 
@@ -208,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(max(1, int(args.threads)))
     torch.manual_seed(args.seed)
     config = build_config(args.arch)
-    model = TorchTextVAE(config, args.latent)
+    model = TorchTextVAE(config, args.latent).to(args.device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
@@ -224,12 +237,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     loss = float("nan")
     for i in range(args.warmup):
-        loss = train_step(model, optimizer, to_torch(batches[i % len(batches)]), average_all)
+        loss = train_step(model, optimizer, to_torch(batches[i % len(batches)], args.device), average_all, args.amp)
     step_seconds = []
     for batch in batches:
-        tb = to_torch(batch)
+        tb = to_torch(batch, args.device)
         start = time.perf_counter()
-        loss = train_step(model, optimizer, tb, average_all)
+        loss = train_step(model, optimizer, tb, average_all, args.amp)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize(args.device)  # the optimizer's kernels belong to this step
         step_seconds.append(time.perf_counter() - start)
 
     timed = batches
@@ -255,7 +270,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "seconds": seconds,
         "step_seconds": [round(s, 4) for s in step_seconds],
         "final_loss": loss,
-        "peak_memory_mb": peak_memory_mb(),
+        "peak_memory_mb": peak_memory_mb(args.device),
+        "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
+        "amp": args.amp,
         "threads": torch.get_num_threads(),
         "attn_implementation": getattr(config, "_attn_implementation", None),
         "torch_version": torch.__version__,

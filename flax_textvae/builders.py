@@ -18,7 +18,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from flax_textvae import data as data_lib
-from flax_textvae import models
+from flax_textvae import exported, models
 from flax_textvae.vae import TextVAE
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -31,31 +31,6 @@ def split_name(spec: str) -> str:
     if spec.startswith("synthetic:"):
         return "synthetic"
     return os.path.splitext(os.path.basename(spec))[0]
-
-
-def _scratch_config(cfg, tokenizer, max_length: int):
-    """A transformers config for a from-scratch backbone sized by ``config.model.scratch``."""
-    import transformers
-
-    s = cfg.model.scratch
-    if s.d_model % s.num_heads:
-        raise ValueError(f"model.scratch.d_model={s.d_model} must be divisible by num_heads={s.num_heads}")
-    common = dict(vocab_size=len(tokenizer), d_model=s.d_model, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id)
-    if s.family == "bart":
-        return transformers.BartConfig(
-            **common, encoder_layers=s.num_layers, decoder_layers=s.num_layers,
-            encoder_attention_heads=s.num_heads, decoder_attention_heads=s.num_heads,
-            encoder_ffn_dim=s.ffn_dim, decoder_ffn_dim=s.ffn_dim, max_position_embeddings=max_length + 8,
-            dropout=s.dropout, attention_dropout=0.0, activation_dropout=0.0, bos_token_id=tokenizer.bos_token_id,
-            decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=tokenizer.bos_token_id,
-            scale_embedding=False, tie_word_embeddings=True)
-    if s.family == "t5":
-        return transformers.T5Config(
-            **common, d_kv=s.d_model // s.num_heads, d_ff=s.ffn_dim, num_layers=s.num_layers,
-            num_decoder_layers=s.num_layers, num_heads=s.num_heads, dropout_rate=s.dropout,
-            feed_forward_proj="relu", decoder_start_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    raise ValueError(f"model.scratch.family={s.family!r}; choose 'bart' or 't5'")
 
 
 @dataclasses.dataclass
@@ -144,7 +119,8 @@ class Run:
 
 
 def _model_folder(workdir: str) -> str:
-    return os.path.join(workdir, "model")
+    # An exported folder (flax_textvae.export) keeps the backbone's config.json and tokenizer at its top.
+    return workdir if exported.is_exported(workdir) else os.path.join(workdir, "model")
 
 
 def _load_backbone(config, workdir: str, train: bool, train_texts: list[str] | None):
@@ -159,9 +135,10 @@ def _load_backbone(config, workdir: str, train: bool, train_texts: list[str] | N
     main = jax.process_index() == 0
     ckdir = os.path.join(workdir, "checkpoints")
     resuming = os.path.isdir(ckdir) and any(d.isdigit() for d in os.listdir(ckdir))
-    # Rebuild from WORKDIR/model for eval / inference, for from-scratch runs, and when resuming (the checkpoint
-    # holds the weights, so a preempted run restarts without the hub).
-    if saved and (not train or resuming or config.model.name_or_path == "scratch"):
+    # Rebuild from WORKDIR/model for eval / inference and when resuming (the checkpoint holds the weights, so a
+    # preempted run restarts without the hub). Training without a checkpoint builds it anew: a folder left by a
+    # start that never saved one may come from other data or another model.
+    if saved and (not train or resuming):
         hf_config = transformers.AutoConfig.from_pretrained(folder)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
         return models.build_module(hf_config, dtype), None, hf_config, tokenizer, folder
@@ -172,7 +149,8 @@ def _load_backbone(config, workdir: str, train: bool, train_texts: list[str] | N
             train_texts, os.path.join(folder, "_tok_tmp") if not main else folder,
             family=config.model.scratch.family, vocab_size=config.model.scratch.vocab_size,
             min_freq=config.model.scratch.min_freq)
-        hf_config = _scratch_config(config, tokenizer, config.data.max_length)
+        family = models.families.get(config.model.scratch.family)
+        hf_config = family.scratch_config(config.model.scratch, tokenizer, config.data.max_length)
         if main:
             hf_config.save_pretrained(folder)
         return models.build_module(hf_config, dtype), None, hf_config, tokenizer, f"word-level ({folder})"

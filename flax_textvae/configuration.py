@@ -11,19 +11,15 @@ import re
 
 import ml_collections
 
+from flax_textvae.models import families
+
 # Parameter-path patterns (regular expressions matched with re.search against 'a/b/c' paths) frozen in
-# phase 1: the whole decoder side, including the embeddings it shares with the encoder and the LM head,
-# so phase 1 changes only the encoder and the latent layers (posterior heads and the z -> decoder
-# projections). The released Park & Lee code also keeps the z -> memory projection at its random
-# initialisation in phase 1: FREEZE_DECODER_AND_MEMORY (configs/park_lee_t5.py) does that.
-FREEZE_DECODER = (
-    r"^backbone/model/decoder/",  # BART decoder stack
-    r"^backbone/model/shared/",  # BART shared token embedding (also the tied LM head)
-    r"^backbone/final_logits_bias",  # BART
-    r"^backbone/decoder/",  # T5 decoder stack
-    r"^backbone/shared/",  # T5 shared token embedding
-    r"^backbone/lm_head/",  # untied LM heads (T5 v1.1, some BARTs)
-)
+# phase 1: the whole decoder side of every registered family (`Family.decoder_params`: decoder stack, the
+# embedding it shares with the encoder, the LM head and its bias), so phase 1 changes only the encoder and
+# the latent layers (posterior heads and the z -> decoder projections). The released Park & Lee code also
+# keeps the z -> memory projection at its random initialisation in phase 1: FREEZE_DECODER_AND_MEMORY
+# (configs/park_lee_t5.py) does that.
+FREEZE_DECODER = families.frozen_decoder_patterns("backbone/")
 FREEZE_DECODER_AND_MEMORY = FREEZE_DECODER + (r"^to_memory/",)
 
 

@@ -21,8 +21,8 @@ The whole call is one ``jax.jit`` per
 functions are kept in a small module-level cache (``clear_compiled_cache()`` empties it).
 
 Outputs hold only the continuation after the prompt: EOS included, ``pad_id`` after it; rows that never emit
-EOS are cut at ``max_length``. The cache holds ``len(prompt) - 1 + max_length`` positions, so for BART
-``len(prompt) - 1 + max_length <= max_position_embeddings`` is required.
+EOS are cut at ``max_length``. The cache holds ``len(prompt) - 1 + max_length`` positions, which must not exceed
+the family's ``Family.max_decode_positions`` (BART: ``max_position_embeddings``; T5: no limit).
 
 Beam search keeps ``beam_size`` hypotheses per example as ``B * beam_size`` rows (z repeated). A finished beam
 stays in the beam with its score frozen and a pad continuation of cost 0, competing with the live ones.
@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_textvae.models import families
 from flax_textvae.vae import TextVAE
 
 METHODS = ("greedy", "sample", "beam")
@@ -315,11 +316,12 @@ def decode_from_z(
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     config = getattr(vae.backbone, "config", None)
-    positions = getattr(config, "max_position_embeddings", None)
-    if getattr(config, "model_type", "") == "bart" and positions is not None:
-        if len(prompt) - 1 + max_length > positions:
-            raise ValueError(f"len(prompt) - 1 + max_length = {len(prompt) - 1 + max_length} exceeds "
-                             f"max_position_embeddings = {positions}")
+    family = families.FAMILIES.get(getattr(config, "model_type", None))
+    positions = None if family is None else family.max_decode_positions(config)
+    needed = vae.num_slot_positions + len(prompt) - 1 + max_length  # a head-space slot takes position 0
+    if positions is not None and needed > positions:
+        raise ValueError(f"the memory slot + len(prompt) - 1 + max_length = {needed} exceeds the backbone's "
+                         f"{positions} decoder positions (max_position_embeddings)")
     z = jnp.asarray(z, jnp.float32)
     if z.ndim != 2 or z.shape[1] != vae.latent_size:
         raise ValueError(f"z must be [B, {vae.latent_size}], got {z.shape}")

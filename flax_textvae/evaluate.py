@@ -1,4 +1,4 @@
-"""Held-out metrics over a whole split (DESIGN §5) and ``evaluate(config, workdir, ...)`` for run_eval.py.
+"""Held-out metrics over a whole split (docs/metrics.md) and ``evaluate(config, workdir, ...)`` for run_eval.py.
 
 Per example x (``T(x)`` = real target tokens, EOS counted, padding and BOS not):
 
@@ -110,7 +110,7 @@ class _Progress:
 def evaluate_split(run, params, batches_fn, *, iw_samples: int = 0, seed: int = 0, with_bleu: bool = False,
                    iw_chunk: int = 0, name: str = "eval", mi_au: bool = True,
                    mesh=None) -> dict:
-    """The DESIGN §5 metrics of ``params`` over every example ``batches_fn()`` yields.
+    """The docs/metrics.md metrics of ``params`` over every example ``batches_fn()`` yields.
 
     Args:
       run: a ``builders.Run`` (model, tokenizer, decoding ids).
@@ -199,11 +199,11 @@ def evaluate(config, workdir: str, *, data: str | None = None, name: str | None 
 
     Args:
       config: the run's config (``WORKDIR/config.json`` as a ConfigDict).
-      workdir: the run's directory.
+      workdir: the run's directory, or an exported folder (``flax_textvae.export``).
       data: split spec (default ``config.data.eval``): a text file, ``tfds:NAME[/CONFIG][:SPLIT]``, or
         ``synthetic:N[:SEED]``.
       name: output name (default: the file's stem, or the TFDS split).
-      iw_samples: K for the importance-weighted NLL (DESIGN default 500).
+      iw_samples: K for the importance-weighted NLL (default 500).
       seed: default ``config.seed``.
       batch_size: eval batch size (default ``config.batch_size``); results do not depend on it.
       step: checkpoint step (default: the newest).
@@ -212,12 +212,13 @@ def evaluate(config, workdir: str, *, data: str | None = None, name: str | None 
       The metrics (``metrics.SUMMARY_KEYS``) plus ``max_length`` and ``num_truncated``: the keys
       ``RESULT_KEYS``, also written as JSON.
     """
-    from flax_textvae import builders, checkpoints  # builders imports the data stack
+    from flax_textvae import builders, checkpoints, exported  # builders imports the data stack
 
     spec = data or config.data.eval
     name = name or builders.split_name(spec)
     run = builders.build_run(config, workdir, train=False, eval_spec=spec, eval_batch_size=batch_size)
-    params, used_step = checkpoints.load_params(workdir, step)
+    load_params = exported.load_params if exported.is_exported(workdir) else checkpoints.load_params
+    params, used_step = load_params(workdir, step)
     from flax_textvae import parallel
 
     mesh = None

@@ -22,11 +22,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from flax_textvae import builders, checkpoints, decoding
+from flax_textvae import builders, checkpoints, decoding, exported
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The ConfigDict a run was trained with (``WORKDIR/config.json``)."""
+    """The ConfigDict a run was trained with (``WORKDIR/config.json``, or an exported folder's)."""
+    if exported.is_exported(workdir):
+        return exported.load_config(workdir)
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {workdir!r} is not a flax_textvae run directory")
@@ -45,10 +47,11 @@ class TrainedTextVAE:
 
     @classmethod
     def load(cls, path: str, *, step: int | None = None) -> "TrainedTextVAE":
-        """Loads the newest (or given) checkpoint of the run in ``path``."""
+        """Loads the newest (or given) checkpoint of the run in ``path`` (a workdir or an exported folder)."""
         config = load_config(path)
         run = builders.build_run(config, path, train=False, with_eval=False)
-        params, used = checkpoints.load_params(path, step)
+        load_params = exported.load_params if exported.is_exported(path) else checkpoints.load_params
+        params, used = load_params(path, step)
         return cls(run, params, used)
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

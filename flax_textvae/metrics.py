@@ -1,4 +1,4 @@
-"""Model-agnostic estimators for held-out text-VAE metrics (DESIGN §5).
+"""Model-agnostic estimators for held-out text-VAE metrics (docs/metrics.md).
 
 Everything here works on arrays that a model produced: per-example reconstruction log-likelihoods,
 posterior parameters and latent samples. Nothing here knows about BART/T5 or tokenizers.
@@ -11,7 +11,7 @@ posterior parameters and latent samples. Nothing here knows about BART/T5 or tok
   rounding).
 * Mutual information over a WHOLE split (:func:`mutual_information`), with the aggregate posterior
   built from all ``N`` posteriors, computed in blocks of the ``N x N`` log-density matrix (the reference
-  code did this per batch of 256, which caps the estimate near ``log 256``; DESIGN §7.5).
+  code did this per batch of 256, which caps the estimate near ``log 256``; docs/method.md, defect 5).
 * Active units (:func:`active_units`, :class:`ActiveUnitsAccumulator`), perplexity and the final
   summary dict (:func:`summarize`).
 
@@ -201,7 +201,7 @@ def _log_qagg_sum_rows(z_rows: jax.Array, mean_blocks: jax.Array, logvar_blocks:
 
 def mutual_information(means: np.ndarray, logvars: np.ndarray, z: np.ndarray, *,
                        chunk: int = 256, column_chunk: int = 1024) -> float:
-    """``I(x; z)`` under ``q`` over a whole split (DESIGN §5 ``mi``).
+    """``I(x; z)`` under ``q`` over a whole split (``mi`` in docs/metrics.md).
 
     ``mi = mean_i [log q(z_i|x_i) - log q_agg(z_i)]`` with
     ``log q_agg(z) = logsumexp_n log q(z|x_n) - log N`` and one sample ``z_i ~ q(z|x_i)`` per example.
@@ -271,7 +271,7 @@ def active_units(means: np.ndarray, threshold: float = 0.01) -> int:
 
     Args:
       means: ``[N, D]`` posterior means over the whole split.
-      threshold: 0.01 in DESIGN §5 (Burda et al. 2016).
+      threshold: 0.01 in docs/metrics.md (Burda et al. 2016).
 
     Returns:
       A python int in ``[0, D]``.
@@ -341,7 +341,7 @@ def perplexity(total_nll: float, total_tokens: float) -> float:
 def summarize(rec: np.ndarray, kl: np.ndarray, nll: Optional[np.ndarray], num_tokens: np.ndarray,
               *, mi: Optional[float], au: Optional[int], bleu: Optional[float],
               iw_samples: int) -> dict:
-    """Assembles the DESIGN §5 dict from per-example arrays accumulated over a split.
+    """Assembles the docs/metrics.md dict from per-example arrays accumulated over a split.
 
     Args:
       rec: ``[N]`` per-example ``-log p(x|z)``, ``z ~ q(z|x)`` (summed over tokens).

@@ -1,4 +1,4 @@
-"""KL-weight and KL-capacity schedules, ``step -> value``, compatible with optax (DESIGN §6).
+"""KL-weight and KL-capacity schedules, ``step -> value``, compatible with optax (docs/method.md).
 
 Every builder returns a pure function of the step (a Python int or a traced integer / float array, of any
 shape; it works elementwise) that returns a float32 array of the step's shape. They can be jitted, vmapped

@@ -1,6 +1,6 @@
 """The TextVAE module: a Gaussian bottleneck between a pretrained encoder and decoder.
 
-Data flow (Park & Lee 2021, DESIGN §3/§6)::
+Data flow (Park & Lee 2021; docs/method.md)::
 
     encoder states [B,S,D] --masked pooling--> [B,D] --linear--> mean, logvar [B,Dz]
     z = mean + exp(logvar / 2) * eps                     (z = mean when deterministic)
@@ -18,7 +18,7 @@ The decoder never sees the encoder states directly: everything it learns about x
 
 Every projection from z keeps the batch axis first and reshapes only trailing axes, so example b's latent
 can only reach example b's decoder (the released Park & Lee code reshaped ``[B, L*D]`` into ``[L, B, D]``
-and mixed latents across the batch; DESIGN §7.2). ``tests/test_vae.py`` checks permutation equivariance for
+and mixed latents across the batch; docs/method.md, defect 2). ``tests/test_vae.py`` checks permutation equivariance for
 every injection mode.
 """
 from __future__ import annotations
@@ -108,6 +108,11 @@ class TextVAE(nn.Module):
             self.to_cross = nn.Dense(self.num_memory_slots * d, dtype=self.dtype, name="to_cross")
         if "embedding" in self.injection:
             self.to_embedding = nn.Dense(d, dtype=self.dtype, name="to_embedding")
+
+    @property
+    def num_slot_positions(self) -> int:
+        """Decoder positions the head-space memory slot occupies before the tokens (1 for 'head_kv', else 0)."""
+        return 1 if "memory" in self.injection and self.memory_style == "head_kv" else 0
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array, *, deterministic: bool = True):
         """Posterior parameters q(z|x).

@@ -24,13 +24,13 @@ from flax_textvae.builders import DTYPES
 from flax_textvae.configuration import base_config
 from flax_textvae.data.sources import SYNTHETIC_PREFIX, TFDS_PREFIX
 from flax_textvae.losses import FREE_BITS_MODES, KINDS
-from flax_textvae.models import FOLDER_CONTENTS
+from flax_textvae.models import FOLDER_CONTENTS, families
 from flax_textvae.vae import INJECTIONS, MEMORY_STYLES, POOLINGS
 
 LR_DECAYS = ("linear", "cosine", "constant")  # step.learning_rate_fn
 KL_SCHEDULES = ("constant", "linear", "cyclical", "sigmoid")  # step.kl_weight_schedule
 PARALLEL_MODES = ("mesh", "pmap")  # the training loop's two step wrappers (jit over a mesh, pmap)
-SCRATCH_FAMILIES = ("bart", "t5")  # builders: from-scratch backbone architectures
+SCRATCH_FAMILIES = tuple(families.FAMILIES)  # from-scratch backbone architectures
 MIN_SCRATCH_VOCAB = 8  # the word tokenizer's special tokens (up to 5) plus a few words
 # Specs read by their own readers (TFDS, the built-in grammar, prepared shards); anything else is a file path.
 READER_PREFIXES = (TFDS_PREFIX, SYNTHETIC_PREFIX, "prepared:")
@@ -53,34 +53,43 @@ class ConfigError(ValueError):
         super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))
 
 
-def validate(config: Any, *, check_data: bool = True) -> None:
+def validate(config: Any, *, check_data: bool = True, workdir: str | None = None) -> None:
     """Checks every field of ``config`` and raises one error listing all problems.
 
     Args:
       config: a run's ``ml_collections.ConfigDict`` (or nested mapping) built on ``base_config()``.
       check_data: also check that ``data.train`` and ``data.eval``, when they are file paths, name
         readable, non-empty UTF-8 text files.
+      workdir: the run directory. When it already holds a checkpoint the run resumes from its own copy of
+        the backbone (``WORKDIR/model``), so a local ``model.name_or_path`` need not exist any more.
 
     Raises:
       ConfigError: if anything is wrong; its ``problems`` list names each field, its value and the fix.
     """
-    problems = config_problems(config, check_data=check_data)
+    resuming = bool(workdir) and _has_checkpoint(workdir)
+    problems = config_problems(config, check_data=check_data, check_model_path=not resuming)
     if problems:
         raise ConfigError(problems)
 
 
-def config_problems(config: Any, *, check_data: bool = True) -> list[str]:
+def _has_checkpoint(workdir: str) -> bool:
+    folder = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
+def config_problems(config: Any, *, check_data: bool = True, check_model_path: bool = True) -> list[str]:
     """The problems :func:`validate` would report, as a list (empty when the config is fine).
 
     Args:
       config: as for :func:`validate`.
       check_data: as for :func:`validate`.
+      check_model_path: refuse a local ``model.name_or_path`` that is not a folder.
 
     Returns:
       One ``field=value: what is wrong; how to fix it`` string per problem.
     """
     c = _Checks(config)
-    _check_model(c)
+    _check_model(c, check_model_path)
     _check_vae(c)
     _check_data(c, check_data)
     _check_loop(c)
@@ -234,10 +243,12 @@ class _Checks:
         return None
 
 
-def _check_model(c: _Checks) -> None:
+def _check_model(c: _Checks, check_path: bool = True) -> None:
     name = c.text("model.name_or_path", nonempty=True)
     c.choice("model.dtype", tuple(DTYPES))
     if name != "scratch":
+        if not check_path:
+            return
         # A hub id is checked when it is fetched; a local path that is not a folder can be refused now.
         path = os.path.expanduser(name) if name else ""
         if path and not os.path.isdir(path) and (os.path.exists(path) or path.startswith((".", "/", "~"))):

@@ -1,4 +1,4 @@
-"""evaluate(config, workdir): the DESIGN §5 JSON on a real (tiny) trained run, deterministic and batch-size free."""
+"""evaluate(config, workdir): the docs/metrics.md JSON on a real (tiny) trained run, deterministic and batch-size free."""
 import json
 import math
 import os
@@ -10,7 +10,7 @@ from _trained_run import trained_run
 from flax_textvae import builders, checkpoints, evaluate, metrics
 from flax_textvae.data import synthetic_sentences
 
-IW = 20  # importance samples: small, the checks below do not need the DESIGN default of 500
+IW = 20  # importance samples: small, the checks below do not need the default of 500
 NUM_SENTENCES = 40
 LONG = (3, 17, 29)  # held-out lines made longer than data.max_length (32 tokens: 30 words + <s> </s>)
 

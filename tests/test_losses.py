@@ -201,7 +201,7 @@ def test_vae_loss_matches_hand_computation(case):
 
 
 def test_vae_loss_average_is_per_example_not_per_position():
-    """Adding padding columns must not change the loss (DESIGN §7.3)."""
+    """Adding padding columns must not change the loss (docs/method.md, defect 3)."""
     logits, targets, weights, mean, logvar = _hand_batch()
     pad = 6
     logits_p = np.concatenate([logits, np.full((3, pad, 5), 7.0, np.float32)], 1)

@@ -1,4 +1,4 @@
-"""Known-answer tests for flax_textvae.metrics (DESIGN §5, §7.5).
+"""Known-answer tests for flax_textvae.metrics (docs/metrics.md; docs/method.md, defect 5).
 
 The IW tests use a linear-Gaussian model p(z) = N(0, I), p(x|z) = N(Wz + b, sigma^2 I) whose marginal
 p(x) = N(b, W W^T + sigma^2 I) and posterior are known in closed form. W has orthogonal columns, so the

@@ -16,24 +16,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-_ENCODE_CHUNK = 1024
+from flax_textvae.models import families
 
-# Special-token layouts: list of (token, id) in id order, and the post-processor templates.
-_LAYOUTS = {
-    "bart": {
-        "specials": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-        "single": "<s> $A </s>",
-        "pair": "<s> $A </s> </s> $B </s>",
-        "tokens": {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
-                   "mask_token": "<mask>"},
-    },
-    "t5": {
-        "specials": ["<pad>", "</s>", "<unk>"],
-        "single": "$A </s>",
-        "pair": "$A </s> $B </s>",
-        "tokens": {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
-    },
-}
+_ENCODE_CHUNK = 1024
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[list[np.ndarray], dict[str, Any]]:
@@ -80,7 +65,7 @@ def train_word_tokenizer(texts: Sequence[str], folder: str | os.PathLike, *, fam
                          vocab_size: int = 30000, min_freq: int = 1) -> Any:
     """Trains a whitespace word-level tokenizer offline, saves it to ``folder`` and loads it back.
 
-    Special-token layouts (ids fixed):
+    Special-token layouts (ids fixed; ``families.get(family).tokenizer_layout``):
       * ``'bart'``: ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``<mask>``=4; encoding gives
         ``<s> w1 .. wn </s>``.
       * ``'t5'``: ``<pad>``=0, ``</s>``=1, ``<unk>``=2; encoding gives ``w1 .. wn </s>``.
@@ -91,7 +76,7 @@ def train_word_tokenizer(texts: Sequence[str], folder: str | os.PathLike, *, fam
     Args:
       texts: training sentences (split on whitespace).
       folder: where ``save_pretrained`` writes the tokenizer files (created if needed).
-      family: 'bart' or 't5'.
+      family: a model_type of ``families.FAMILIES`` ('bart' or 't5').
       vocab_size: total vocabulary size, special tokens included.
       min_freq: minimum count for a word to get its own id.
 
@@ -101,10 +86,10 @@ def train_word_tokenizer(texts: Sequence[str], folder: str | os.PathLike, *, fam
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if family not in _LAYOUTS:
-        raise ValueError(f"family must be one of {sorted(_LAYOUTS)}, got {family!r}")
-    layout = _LAYOUTS[family]
-    specials = layout["specials"]
+    if family not in families.FAMILIES:
+        raise ValueError(f"family must be one of {sorted(families.FAMILIES)}, got {family!r}")
+    layout = families.get(family).tokenizer_layout
+    specials = list(layout.specials)
     if vocab_size <= len(specials):
         raise ValueError(f"vocab_size={vocab_size} leaves no room for words after {len(specials)} special tokens")
     # The vocabulary is counted here rather than by tokenizers' WordLevelTrainer, which leaves a hole in
@@ -116,15 +101,15 @@ def train_word_tokenizer(texts: Sequence[str], folder: str | os.PathLike, *, fam
     vocab = {s: i for i, s in enumerate(specials)}
     for w in words[:vocab_size - len(specials)]:
         vocab[w] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=layout["tokens"]["unk_token"]))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=layout.special_tokens["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(specials)
     ids = {s: i for i, s in enumerate(specials)}
-    used = [s for s in specials if s in layout["single"] or s in layout["pair"]]
+    used = [s for s in specials if s in layout.single or s in layout.pair]
     tok.post_processor = processors.TemplateProcessing(
-        single=layout["single"], pair=layout["pair"], special_tokens=[(s, ids[s]) for s in used])
+        single=layout.single, pair=layout.pair, special_tokens=[(s, ids[s]) for s in used])
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1024, padding_side="right",
-                                      **layout["tokens"])
+                                      **layout.special_tokens)
     os.makedirs(folder, exist_ok=True)
     wrapped.save_pretrained(os.fspath(folder))
     return AutoTokenizer.from_pretrained(os.fspath(folder))

@@ -14,7 +14,7 @@ wrote to flax_model.msgpack):
 Public API:
   * `BartForConditionalGeneration(config, dtype=jnp.float32)` with methods `__call__`, `encode`, `decode`,
     `lm_logits` and properties `d_model`, `num_decoder_layers`, `vocab_size`, `pad_token_id`,
-    `eos_token_id`, `decoder_start_token_id` (see the interface contract; common.py for masks / cache).
+    `eos_token_id`, `decoder_start_token_id` (attention.py holds the attention, masks and KV cache).
   * `params_from_torch(state_dict, config)`: PyTorch state dict (numpy arrays) -> params, by an explicit table.
   * `torch_name_table(config)`: that table, [(torch name, flax path, transpose, torch shape)].
   * `init_cache(module, batch_size, max_length)` (re-exported from common).
@@ -31,8 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_textvae.models.common import (Dropout, MultiHeadAttention, Seq2SeqProperties, apply_name_table,
-                                        cache_position, get_activation, init_cache, mismatch_report, padding_mask)
+from flax_textvae.models.attention import (CrossMemory, LatentSlots, MultiHeadAttention, cache_position,
+                                           padding_mask)
+from flax_textvae.models.common import (Dropout, LMHead, Seq2SeqProperties, apply_name_table, get_activation,
+                                        init_cache, mismatch_report, tied_logits)
 
 Array = jax.Array
 Dtype = Any
@@ -71,10 +73,10 @@ class BartEncoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, mask: Optional[Array], deterministic: bool) -> Array:
+    def __call__(self, x: Array, *, mask: Optional[Array], deterministic: bool) -> Array:
         cfg = self.config
         drop = Dropout(cfg.dropout)
-        h = _attention(cfg, cfg.encoder_attention_heads, self.dtype, "self_attn")(
+        h, _ = _attention(cfg, cfg.encoder_attention_heads, self.dtype, "self_attn")(
             x, mask=mask, deterministic=deterministic)
         x = _layer_norm(self.dtype, "self_attn_layer_norm")(x + drop(h, deterministic=deterministic))
         h = _feed_forward(cfg, cfg.encoder_ffn_dim, self.dtype, x, deterministic)
@@ -82,23 +84,21 @@ class BartEncoderLayer(nn.Module):
 
 
 class BartDecoderLayer(nn.Module):
-    """Post-LN decoder layer: causal self-attention (+ prefix slots), cross-attention (if memory), FFN."""
+    """Post-LN decoder layer: causal self-attention (+ latent slots), cross-attention (if memory), FFN."""
     config: Any
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, self_mask: Optional[Array], memory: Optional[Array],
-                 memory_mask: Optional[Array], prefix: Optional[Array], prefix_mask: Optional[Array],
-                 deterministic: bool, decode: bool, prefix_kv: Optional[Array] = None) -> Array:
+    def __call__(self, x: Array, *, self_mask: Optional[Array], memory: Optional[CrossMemory],
+                 slots: LatentSlots, deterministic: bool, decode: bool) -> Array:
         cfg = self.config
         drop = Dropout(cfg.dropout)
-        h = _attention(cfg, cfg.decoder_attention_heads, self.dtype, "self_attn")(
-            x, mask=self_mask, causal=True, prefix=prefix, prefix_mask=prefix_mask, prefix_kv=prefix_kv,
-            decode=decode, deterministic=deterministic)
+        h, _ = _attention(cfg, cfg.decoder_attention_heads, self.dtype, "self_attn")(
+            x, mask=self_mask, causal=True, slots=slots, decode=decode, deterministic=deterministic)
         x = _layer_norm(self.dtype, "self_attn_layer_norm")(x + drop(h, deterministic=deterministic))
         if memory is not None:
-            h = _attention(cfg, cfg.decoder_attention_heads, self.dtype, "encoder_attn")(
-                x, memory, mask=memory_mask, deterministic=deterministic)
+            h, _ = _attention(cfg, cfg.decoder_attention_heads, self.dtype, "encoder_attn")(
+                x, memory.states, mask=memory.key_mask, deterministic=deterministic)
             x = _layer_norm(self.dtype, "encoder_attn_layer_norm")(x + drop(h, deterministic=deterministic))
         h = _feed_forward(cfg, cfg.decoder_ffn_dim, self.dtype, x, deterministic)
         return _layer_norm(self.dtype, "final_layer_norm")(x + drop(h, deterministic=deterministic))
@@ -110,25 +110,24 @@ class _EncoderLayers(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, mask: Optional[Array], deterministic: bool) -> Array:
+    def __call__(self, x: Array, *, mask: Optional[Array], deterministic: bool) -> Array:
         for i in range(self.config.encoder_layers):
-            x = BartEncoderLayer(self.config, self.dtype, name=str(i))(x, mask, deterministic)
+            x = BartEncoderLayer(self.config, self.dtype, name=str(i))(x, mask=mask, deterministic=deterministic)
         return x
 
 
 class _DecoderLayers(nn.Module):
-    """The 'layers' scope holding decoder layers '0', '1', ...; prefixes [B, L, P, ...] split per layer."""
+    """The 'layers' scope holding decoder layers '0', '1', ...; the latent slots are split per layer."""
     config: Any
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, self_mask, memory, memory_mask, prefix, prefix_mask, deterministic, decode,
-                 prefix_kv=None):
+    def __call__(self, x: Array, *, self_mask: Optional[Array], memory: Optional[CrossMemory],
+                 slots: LatentSlots, deterministic: bool, decode: bool) -> Array:
         for i in range(self.config.decoder_layers):
-            layer_prefix = None if prefix is None else prefix[:, i]
-            layer_kv = None if prefix_kv is None else prefix_kv[:, i]
             x = BartDecoderLayer(self.config, self.dtype, name=str(i))(
-                x, self_mask, memory, memory_mask, layer_prefix, prefix_mask, deterministic, decode, layer_kv)
+                x, self_mask=self_mask, memory=memory, slots=slots.layer(i), deterministic=deterministic,
+                decode=decode)
         return x
 
 
@@ -165,7 +164,7 @@ class BartEncoder(nn.Module):
         x = _embed(self, self.embed_tokens, input_ids, None)
         x = _positions_and_norm(self, x, 0, deterministic)
         mask = None if attention_mask is None else padding_mask(attention_mask)
-        return _EncoderLayers(self.config, self.dtype, name="layers")(x, mask, deterministic)
+        return _EncoderLayers(self.config, self.dtype, name="layers")(x, mask=mask, deterministic=deterministic)
 
 
 class BartDecoder(nn.Module):
@@ -175,32 +174,15 @@ class BartDecoder(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, ids, mask, memory, memory_mask, prefix_states, prefix_mask, embed_offset,
-                 deterministic: bool = True, decode: bool = False, prefix_kv: Optional[Array] = None) -> Array:
-        cfg = self.config
+    def __call__(self, ids: Array, mask: Optional[Array], *, memory: Optional[CrossMemory], slots: LatentSlots,
+                 embed_offset: Optional[Array], deterministic: bool = True, decode: bool = False) -> Array:
         x = _embed(self, self.embed_tokens, ids, embed_offset)
         start = cache_position(self, ids.shape[1]) if decode else 0
-        if prefix_kv is not None:
-            # Head-space slots stand where a length-P cache would: the tokens take positions P, P+1, ...
-            heads, head_dim = cfg.decoder_attention_heads, cfg.d_model // cfg.decoder_attention_heads
-            if prefix_kv.ndim != 5 or prefix_kv.shape[1] != cfg.decoder_layers or prefix_kv.shape[3:] != (
-                    heads, head_dim):
-                raise ValueError(f"prefix_kv must be [B, {cfg.decoder_layers}, P, {heads}, {head_dim}], "
-                                 f"got {prefix_kv.shape}")
-            start = start + prefix_kv.shape[2]
-            prefix_kv = prefix_kv.astype(self.dtype)
-        x = _positions_and_norm(self, x, start, deterministic)
+        # Head-space slots stand where a length-P cache would: the tokens take positions P, P+1, ...
+        x = _positions_and_norm(self, x, start + slots.num_positioned, deterministic)
         self_mask = None if mask is None else padding_mask(mask)
-        if memory is not None:
-            memory = memory.astype(self.dtype)
-            memory_mask = None if memory_mask is None else padding_mask(memory_mask)
-        if prefix_states is not None:
-            if prefix_states.ndim != 4 or prefix_states.shape[1] != cfg.decoder_layers:
-                raise ValueError(f"prefix_states must be [B, {cfg.decoder_layers}, P, {cfg.d_model}], "
-                                 f"got {prefix_states.shape}")
-            prefix_states = prefix_states.astype(self.dtype)
-        return _DecoderLayers(cfg, self.dtype, name="layers")(
-            x, self_mask, memory, memory_mask, prefix_states, prefix_mask, deterministic, decode, prefix_kv)
+        return _DecoderLayers(self.config, self.dtype, name="layers")(
+            x, self_mask=self_mask, memory=memory, slots=slots, deterministic=deterministic, decode=decode)
 
 
 class BartModel(nn.Module):
@@ -218,17 +200,6 @@ class BartModel(nn.Module):
         raise NotImplementedError
 
 
-class _LMHead(nn.Module):
-    """Untied LM head: 'kernel' [D, V], no bias; float32 accumulation."""
-    config: Any
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, h: Array) -> Array:
-        kernel = self.param("kernel", _init(self.config), (self.config.d_model, self.config.vocab_size))
-        return jnp.einsum("btd,dv->btv", h, kernel.astype(self.dtype), preferred_element_type=jnp.float32)
-
-
 class BartForConditionalGeneration(Seq2SeqProperties, nn.Module):
     """BART LM (HF `BartForConditionalGeneration`), HF Flax parameter names.
 
@@ -244,7 +215,7 @@ class BartForConditionalGeneration(Seq2SeqProperties, nn.Module):
         self.model = BartModel(cfg, dtype=self.dtype)
         self.final_logits_bias = self.param("final_logits_bias", nn.initializers.zeros, (1, cfg.vocab_size))
         if not self.tied:
-            self.lm_head = _LMHead(cfg, dtype=self.dtype)
+            self.lm_head = LMHead(cfg.vocab_size, _init(cfg), dtype=self.dtype)
 
     # ------------------------------------------------------------------ properties
     _DECODER_LAYERS = "decoder_layers"
@@ -264,8 +235,7 @@ class BartForConditionalGeneration(Seq2SeqProperties, nn.Module):
         """Decoder hidden [B, T, D] -> float32 logits [B, T, V] (tied or untied head + final_logits_bias)."""
         hidden = hidden.astype(self.dtype)
         if self.tied:
-            embedding = self.model.shared.embedding.astype(self.dtype)
-            logits = jnp.einsum("btd,vd->btv", hidden, embedding, preferred_element_type=jnp.float32)
+            logits = tied_logits(hidden, self.model.shared.embedding, self.dtype)
         else:
             logits = self.lm_head(hidden)
         return logits.astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32)
@@ -297,9 +267,12 @@ class BartForConditionalGeneration(Seq2SeqProperties, nn.Module):
         Returns:
           float32 logits [B, T, V].
         """
-        hidden = self.model.decoder(decoder_input_ids, decoder_attention_mask, memory, memory_mask,
-                                    prefix_states, prefix_mask, embed_offset, deterministic=deterministic,
-                                    decode=decode, prefix_kv=prefix_kv)
+        slots = LatentSlots(states=prefix_states, kv=prefix_kv, mask=prefix_mask).check(
+            self.num_decoder_layers, self.d_model, self.num_decoder_heads, self.decoder_head_dim)
+        cross = None if memory is None else CrossMemory(memory.astype(self.dtype), memory_mask)
+        hidden = self.model.decoder(decoder_input_ids, decoder_attention_mask, memory=cross,
+                                    slots=slots.astype(self.dtype), embed_offset=embed_offset,
+                                    deterministic=deterministic, decode=decode)
         return self.lm_logits(hidden)
 
     def __call__(self, input_ids: Array, attention_mask: Optional[Array], decoder_input_ids: Array,

@@ -1,7 +1,7 @@
 """Checkpoint folder (or hub id) -> Flax module + params + config + tokenizer.
 
 A checkpoint folder holds
-  * config.json (a transformers config; `model_type` 'bart' or 't5' picks the family module),
+  * config.json (a transformers config; `model_type` picks the family in `families.FAMILIES`),
   * weights: model.safetensors, or sharded model-0000x-of-0000y.safetensors + model.safetensors.index.json
     (PyTorch names, mapped by the family's explicit `params_from_torch` table), or flax_model.msgpack
     (the HF Flax layout that transformers 4.x saved; used as is, shapes verified),
@@ -17,7 +17,6 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 from typing import Any
@@ -29,6 +28,7 @@ import numpy as np
 from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from flax_textvae.models import families
 from flax_textvae.models.common import mismatch_report
 
 Dtype = Any
@@ -36,11 +36,6 @@ Dtype = Any
 __all__ = ["Pretrained", "load_pretrained", "build_module", "init_params", "param_shapes", "load_params",
            "FOLDER_CONTENTS"]
 
-# model_type -> (python module, class name)
-_FAMILIES = {
-    "bart": ("flax_textvae.models.bart", "BartForConditionalGeneration"),
-    "t5": ("flax_textvae.models.t5", "T5ForConditionalGeneration"),
-}
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
@@ -49,8 +44,9 @@ MSGPACK_NAME = "flax_model.msgpack"
 TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                       "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
                       "generation_config.json"]
+_MODEL_TYPES = " or ".join(repr(t) for t in families.FAMILIES)
 FOLDER_CONTENTS = (
-    "a local checkpoint folder must contain: config.json (model_type 'bart' or 't5'); weights as "
+    f"a local checkpoint folder must contain: config.json (model_type {_MODEL_TYPES}); weights as "
     "model.safetensors (or model.safetensors.index.json + its shards) or flax_model.msgpack; and the "
     "tokenizer files (tokenizer.json + tokenizer_config.json, or vocab.json + merges.txt, or spiece.model). "
     "Such a folder is what `save_pretrained` of a transformers model and its tokenizer writes.")
@@ -74,19 +70,9 @@ class Pretrained:
     path: str = ""
 
 
-def _family(config):
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _FAMILIES:
-        raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(_FAMILIES)}")
-    module_name, class_name = _FAMILIES[model_type]
-    family = importlib.import_module(module_name)
-    return family, getattr(family, class_name)
-
-
 def build_module(config, dtype: Dtype = jnp.float32) -> nn.Module:
     """The family module for `config.model_type`, computing in `dtype` (params stay float32)."""
-    _, cls = _family(config)
-    return cls(config, dtype=dtype)
+    return families.get(getattr(config, "model_type", None)).build_module(config, dtype)
 
 
 def _dummy_inputs():
@@ -109,8 +95,6 @@ def init_params(module: nn.Module, rng: jax.Array, config: Any = None) -> Any:
 def param_shapes(module: nn.Module) -> Any:
     """Parameter shapes/dtypes of `module` as jax.ShapeDtypeStruct (no computation)."""
     return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *_dummy_inputs()))["params"]
-
-
 
 
 def check_params(params: Any, expected: Any, source: str = "params") -> Any:
@@ -146,7 +130,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 def load_params(folder: str, config, module: nn.Module) -> Any:
     """Reads the weights in `folder` (safetensors preferred, else flax_model.msgpack) as float32 params."""
-    family, _ = _family(config)
+    family = families.get(getattr(config, "model_type", None))
     index = os.path.join(folder, SAFETENSORS_INDEX_NAME)
     single = os.path.join(folder, SAFETENSORS_NAME)
     msgpack = os.path.join(folder, MSGPACK_NAME)

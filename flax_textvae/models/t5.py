@@ -24,7 +24,6 @@ a separate `lm_head` and no rescale. The module follows the flag; `params_from_t
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -32,8 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_textvae.models.common import (Dropout, Seq2SeqProperties, apply_name_table, causal_mask, combine_masks,
-                                        get_activation, init_cache, mask_to_bias, mismatch_report, padding_mask)
+from flax_textvae.models.attention import (CrossMemory, LatentSlots, MultiHeadAttention, RelativePositionBias,
+                                           padding_mask, relative_position_bucket)
+from flax_textvae.models.common import (Dropout, LMHead, Seq2SeqProperties, apply_name_table, get_activation,
+                                        init_cache, mismatch_report, tied_logits)
 
 Array = jax.Array
 _normal = jax.nn.initializers.normal
@@ -43,41 +44,6 @@ __all__ = ["T5ForConditionalGeneration", "params_from_torch", "torch_name_table"
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-@functools.lru_cache(maxsize=None)
-def _bucket_table(bidirectional: bool, num_buckets: int, max_distance: int) -> np.ndarray:
-    """Bucket of every relative position in [-max_distance, max_distance] (constant beyond)."""
-    rel = np.arange(-max_distance, max_distance + 1)
-    out = np.zeros_like(rel)
-    n = num_buckets
-    if bidirectional:
-        n //= 2
-        out += (rel > 0) * n
-        rel = np.abs(rel)
-    else:
-        rel = -np.minimum(rel, 0)
-    max_exact = n // 2
-    ratio = np.log(np.maximum(rel, 1).astype(np.float32) / max_exact) / math.log(max_distance / max_exact)
-    large = np.minimum(max_exact + (ratio * (n - max_exact)).astype(np.int64), n - 1)
-    return (out + np.where(rel < max_exact, rel, large)).astype(np.int32)
-
-
-def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
-                             max_distance: int) -> Array:
-    """T5's bucketing of relative positions (memory_position - query_position).
-
-    Args:
-      relative_position: int array of any shape.
-      bidirectional: False for the decoder (positive offsets share bucket 0).
-      num_buckets: `config.relative_attention_num_buckets`.
-      max_distance: `config.relative_attention_max_distance`.
-
-    Returns:
-      int32 array of the same shape with values in [0, num_buckets).
-    """
-    table = jnp.asarray(_bucket_table(bool(bidirectional), int(num_buckets), int(max_distance)))
-    return table[jnp.clip(relative_position, -max_distance, max_distance) + max_distance]
-
-
 def _ffn_kind(config) -> tuple[bool, str]:
     """(is_gated, activation name) from the config, as transformers derives them."""
     parts = config.feed_forward_proj.split("-")
@@ -89,6 +55,19 @@ def _ffn_kind(config) -> tuple[bool, str]:
 def separate_head(config) -> bool:
     """True for T5 v1.1-style checkpoints: own lm_head, decoder output not rescaled by d_model**-0.5."""
     return not bool(getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True)))
+
+
+def _attention(config, owns_bias: bool, causal: bool, dtype: Any, name: str) -> MultiHeadAttention:
+    """T5 attention: no biases, no query scaling, T5's initializers; the bias table where `owns_bias`."""
+    c, f = config, config.initializer_factor
+    bias = (RelativePositionBias(c.relative_attention_num_buckets, c.relative_attention_max_distance,
+                                 bidirectional=not causal, init_std=f * c.d_model ** -0.5) if owns_bias else None)
+    return MultiHeadAttention(num_heads=c.num_heads, head_dim=c.d_kv, out_features=c.d_model, use_bias=False,
+                              scale_query=False, names=("q", "k", "v", "o"), dropout_rate=c.dropout_rate,
+                              kernel_init=_normal(f * c.d_model ** -0.5),
+                              q_kernel_init=_normal(f * (c.d_model * c.d_kv) ** -0.5),
+                              o_kernel_init=_normal(f * (c.num_heads * c.d_kv) ** -0.5), relative_bias=bias,
+                              dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -104,114 +83,6 @@ class T5LayerNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return (weight * x32).astype(self.dtype)
-
-
-class T5Attention(nn.Module):
-    """Multi-head attention without query scaling; relative-position bias table if `has_relative_bias`."""
-    config: Any
-    has_relative_bias: bool = False
-    causal: bool = False
-    dtype: Any = jnp.float32
-
-    def _split(self, x: Array) -> Array:
-        return x.reshape(x.shape[:2] + (self.config.num_heads, self.config.d_kv))
-
-    def _compute_bias(self, q_pos: Array, k_pos: Array) -> Array:
-        """Relative-position bias [1, H, Q, K] float32 for query positions [Q] and key positions [K]."""
-        c = self.config
-        table = nn.Embed(c.relative_attention_num_buckets, c.num_heads, param_dtype=jnp.float32,
-                         embedding_init=_normal(c.initializer_factor * c.d_model ** -0.5),
-                         name="relative_attention_bias")
-        buckets = relative_position_bucket(k_pos[None, :] - q_pos[:, None], not self.causal,
-                                           c.relative_attention_num_buckets, c.relative_attention_max_distance)
-        return jnp.transpose(table(buckets), (2, 0, 1))[None].astype(jnp.float32)
-
-    def _update_cache(self, k: Array, v: Array) -> tuple[Array, Array, Array]:
-        """Writes k, v [B,T,H,dk] at the cache index; returns (keys, values, start position)."""
-        initialized = self.has_variable("cache", "cached_key")
-        ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-        ci = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-        if not initialized:  # cache creation (init / init_cache): plain causal attention over the input
-            return k, v, jnp.array(0, jnp.int32)
-        start = ci.value
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, start, 0, 0))
-        cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, start, 0, 0))
-        ci.value = start + k.shape[1]
-        return ck.value, cv.value, start
-
-    @nn.compact
-    def __call__(self, x: Array, key_mask: Array | None, position_bias: Array | None, *,
-                 memory: Array | None = None, prefix: Array | None = None, prefix_mask: Array | None = None,
-                 prefix_kv: Array | None = None, deterministic: bool = True,
-                 decode: bool = False) -> tuple[Array, Array | None]:
-        """Attention of x [B,T,D] over itself (self) or over `memory` [B,M,D] (cross).
-
-        Args:
-          x: normalized hidden states [B, T, D].
-          key_mask: [B, K] {0,1} padding mask of the keys (K = T, M, or the cache length), or None.
-          position_bias: [1, H, T, K] shared bias from block 0, or None (computed here / zero).
-          memory: cross-attention keys/values source; None for self-attention.
-          prefix: [B, P, D] extra self-attention slots projected by k/v, bias 0, never causal-masked.
-          prefix_mask: [B, P] {0,1} or None (all visible).
-          prefix_kv: [B, P, H, dk] self-attention slots already in head space, used as key and value as they
-            are, at positions 0..P-1 before the tokens (which then sit at P, P+1, ...): a length-P cache
-            prefix, with the relative-position bias that implies; excludes `prefix`.
-          deterministic: no dropout when True.
-          decode: incremental decoding with the 'cache' collection (self-attention only).
-
-        Returns:
-          (output [B, T, D] in dtype, position bias [1, H, T, K] of the token keys, or of the P slots and
-          the token keys [1, H, T, P + K] when `prefix_kv` is given; or None).
-        """
-        c = self.config
-        inner, f = c.num_heads * c.d_kv, c.initializer_factor
-        dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
-        q_proj = dense(inner, kernel_init=_normal(f * (c.d_model * c.d_kv) ** -0.5), name="q")
-        k_proj = dense(inner, kernel_init=_normal(f * c.d_model ** -0.5), name="k")
-        v_proj = dense(inner, kernel_init=_normal(f * c.d_model ** -0.5), name="v")
-        o_proj = dense(c.d_model, kernel_init=_normal(f * inner ** -0.5), name="o")
-        b, t = x.shape[:2]
-        q = self._split(q_proj(x))
-        src = x if memory is None else memory
-        k, v = self._split(k_proj(src)), self._split(v_proj(src))
-        mask = None if key_mask is None else padding_mask(key_mask)
-        if memory is None:
-            start = jnp.array(0, jnp.int32)
-            if decode:
-                k, v, start = self._update_cache(k, v)
-            if self.causal:  # in decode mode this also hides the cache slots not written yet
-                mask = combine_masks(mask, causal_mask(t, k.shape[1], start))
-            if position_bias is None and self.has_relative_bias:
-                slots = 0 if prefix_kv is None else prefix_kv.shape[1]
-                position_bias = self._compute_bias(slots + start + jnp.arange(t), jnp.arange(slots + k.shape[1]))
-        bias = position_bias
-        if prefix is not None and prefix_kv is not None:
-            raise ValueError("pass either prefix (hidden space) or prefix_kv (head space), not both")
-        if prefix is not None or prefix_kv is not None:
-            if prefix is not None:  # hidden-space slots: this layer's k / v, relative bias 0
-                pk, pv = self._split(k_proj(prefix)), self._split(v_proj(prefix))
-                if bias is not None:
-                    bias = jnp.concatenate([jnp.zeros(bias.shape[:3] + (prefix.shape[1],), bias.dtype), bias],
-                                           axis=-1)
-            else:  # head-space slots: already in the bias computed over P + K key positions
-                pk = pv = prefix_kv
-            p = pk.shape[1]
-            k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
-            v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
-            pmask = jnp.ones((b, 1, 1, p), bool) if prefix_mask is None else padding_mask(prefix_mask)
-            tmask = jnp.ones((1, 1, 1, k.shape[1] - p), bool) if mask is None else mask
-            mask = jnp.concatenate([jnp.broadcast_to(pmask, (b, 1, t, p)),
-                                    jnp.broadcast_to(tmask, (b, 1, t, k.shape[1] - p))], axis=-1)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        if bias is not None:
-            scores = scores + bias
-        if mask is not None:
-            scores = scores + mask_to_bias(mask, jnp.float32)
-        weights = Dropout(c.dropout_rate)(jax.nn.softmax(scores, axis=-1), deterministic=deterministic)
-        weights = weights.astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(self.dtype))
-        return o_proj(out.reshape(b, t, -1)), position_bias
 
 
 class T5DenseReluDense(nn.Module):
@@ -234,114 +105,124 @@ class T5DenseReluDense(nn.Module):
         return dense(c.d_model, kernel_init=_normal(c.initializer_factor * c.d_ff ** -0.5), name="wo")(h)
 
 
-class T5Block(nn.Module):
-    """One block: self-attention, cross-attention (decoder, when memory is given), feed-forward."""
-    config: Any
-    has_relative_bias: bool = False
-    causal: bool = False
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, h, key_mask, position_bias, memory, memory_mask, prefix, prefix_mask,
-                 deterministic: bool, decode: bool, prefix_kv=None):
-        c = self.config
-        drop = Dropout(c.dropout_rate)
-        y, position_bias = _SubLayer(c, "SelfAttention", self.has_relative_bias, self.causal, self.dtype,
-                                     name="0")(h, key_mask, position_bias, None, prefix, prefix_mask,
-                                               deterministic, decode, prefix_kv)
-        h = h + drop(y, deterministic=deterministic)
-        if self.causal and memory is not None:
-            y, _ = _SubLayer(c, "EncDecAttention", False, False, self.dtype, name="1")(
-                h, memory_mask, None, memory, None, None, deterministic, False)
-            h = h + drop(y, deterministic=deterministic)
-        y, _ = _SubLayer(c, "DenseReluDense", False, False, self.dtype, name="2" if self.causal else "1")(
-            h, None, None, None, None, None, deterministic, False)
-        return h + drop(y, deterministic=deterministic), position_bias
-
-
-class _SubLayer(nn.Module):
-    """layer/<j>: layer_norm + `kind` (SelfAttention, EncDecAttention or DenseReluDense), no residual."""
+class _AttentionSubLayer(nn.Module):
+    """layer/<j>: layer_norm + `kind` (SelfAttention or EncDecAttention), no residual."""
     config: Any
     kind: str
-    has_relative_bias: bool
+    owns_bias: bool
     causal: bool
     dtype: Any
 
     @nn.compact
-    def __call__(self, h, key_mask, position_bias, memory, prefix, prefix_mask, deterministic, decode,
-                 prefix_kv=None):
+    def __call__(self, h: Array, kv: Array | None = None, *, mask: Array | None, position_bias: Array | None = None,
+                 slots: LatentSlots | None = None, deterministic: bool,
+                 decode: bool = False) -> tuple[Array, Array | None]:
         c = self.config
         x = T5LayerNorm(c.d_model, c.layer_norm_epsilon, self.dtype, name="layer_norm")(h)
-        if self.kind == "DenseReluDense":
-            return T5DenseReluDense(c, self.dtype, name=self.kind)(x, deterministic), None
-        attn = T5Attention(c, self.has_relative_bias, self.causal, self.dtype, name=self.kind)
-        return attn(x, key_mask, position_bias, memory=memory, prefix=prefix, prefix_mask=prefix_mask,
-                    prefix_kv=prefix_kv, deterministic=deterministic, decode=decode)
+        attn = _attention(c, self.owns_bias, self.causal, self.dtype, self.kind)
+        return attn(x, kv, mask=mask, causal=self.causal, position_bias=position_bias, slots=slots,
+                    decode=decode, deterministic=deterministic)
+
+
+class _FeedForwardSubLayer(nn.Module):
+    """layer/<j>: layer_norm + DenseReluDense, no residual."""
+    config: Any
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, h: Array, deterministic: bool) -> Array:
+        c = self.config
+        x = T5LayerNorm(c.d_model, c.layer_norm_epsilon, self.dtype, name="layer_norm")(h)
+        return T5DenseReluDense(c, self.dtype, name="DenseReluDense")(x, deterministic)
+
+
+class T5Block(nn.Module):
+    """One block: self-attention, cross-attention (decoder, when memory is given), feed-forward."""
+    config: Any
+    owns_bias: bool = False
+    causal: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: Array, *, key_mask: Array | None, position_bias: Array | None,
+                 memory: CrossMemory | None, slots: LatentSlots, deterministic: bool,
+                 decode: bool) -> tuple[Array, Array | None]:
+        c = self.config
+        drop = Dropout(c.dropout_rate)
+        y, position_bias = _AttentionSubLayer(c, "SelfAttention", self.owns_bias, self.causal, self.dtype,
+                                              name="0")(h, mask=key_mask, position_bias=position_bias,
+                                                        slots=slots, deterministic=deterministic, decode=decode)
+        h = h + drop(y, deterministic=deterministic)
+        if self.causal and memory is not None:
+            y, _ = _AttentionSubLayer(c, "EncDecAttention", False, False, self.dtype, name="1")(
+                h, memory.states, mask=memory.key_mask, deterministic=deterministic)
+            h = h + drop(y, deterministic=deterministic)
+        y = _FeedForwardSubLayer(c, self.dtype, name="2" if self.causal else "1")(h, deterministic)
+        return h + drop(y, deterministic=deterministic), position_bias
 
 
 class _BlockSlot(nn.Module):
     """block/<i> (HF's FlaxT5LayerCollection): holds the block under the name 'layer'."""
     config: Any
-    has_relative_bias: bool
+    owns_bias: bool
     causal: bool
     dtype: Any
 
     @nn.compact
-    def __call__(self, *args):
-        return T5Block(self.config, self.has_relative_bias, self.causal, self.dtype, name="layer")(*args)
+    def __call__(self, h: Array, **kwargs) -> tuple[Array, Array | None]:
+        return T5Block(self.config, self.owns_bias, self.causal, self.dtype, name="layer")(h, **kwargs)
+
+
+class T5Stack(nn.Module):
+    """Encoder (causal=False) or decoder (causal=True) stack from input embeddings to the final norm.
+
+    Block 0 owns the relative-position bias table; the later blocks reuse the bias it computes.
+    """
+    config: Any
+    causal: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, embeds: Array, key_mask: Array | None, *, memory: CrossMemory | None = None,
+                 slots: LatentSlots | None = None, deterministic: bool = True, decode: bool = False) -> Array:
+        """Hidden states [B, T, D] (after final_layer_norm) for input embeddings [B, T, D].
+
+        Args:
+          embeds: [B, T, D] input embeddings.
+          key_mask: [B, K] {0,1} self-attention key padding (K = T, or the cache length), or None.
+          memory: the cross-attention memory (decoder only), or None.
+          slots: the decoder's `LatentSlots` (layer axis first after the batch), or None.
+          deterministic: disables dropout when True.
+          decode: incremental decoding with the 'cache' collection.
+        """
+        c = self.config
+        n = c.num_decoder_layers if self.causal else c.num_layers
+        slots = LatentSlots() if slots is None else slots
+        mask = None if key_mask is None else padding_mask(key_mask)
+        drop = Dropout(c.dropout_rate)
+        h = drop(embeds, deterministic=deterministic)
+        blocks = _Blocks(c, n, self.causal, self.dtype, name="block")
+        h = blocks(h, key_mask=mask, memory=memory, slots=slots, deterministic=deterministic, decode=decode)
+        h = T5LayerNorm(c.d_model, c.layer_norm_epsilon, self.dtype, name="final_layer_norm")(h)
+        return drop(h, deterministic=deterministic)
 
 
 class _Blocks(nn.Module):
-    """'block': the layers of one stack; block 0 owns the relative bias, later blocks reuse it."""
+    """'block': the blocks '0', '1', ... of one stack; block 0 owns the relative bias, later blocks reuse it."""
     config: Any
     num_layers: int
     causal: bool
     dtype: Any
 
     @nn.compact
-    def __call__(self, h, key_mask, memory, memory_mask, prefix_states, prefix_mask, deterministic, decode,
-                 prefix_kv=None):
+    def __call__(self, h: Array, *, key_mask: Array | None, memory: CrossMemory | None, slots: LatentSlots,
+                 deterministic: bool, decode: bool) -> Array:
         position_bias = None
         for i in range(self.num_layers):
-            prefix = None if prefix_states is None else prefix_states[:, i].astype(self.dtype)
-            layer_kv = None if prefix_kv is None else prefix_kv[:, i].astype(self.dtype)
             h, position_bias = _BlockSlot(self.config, i == 0, self.causal, self.dtype, name=str(i))(
-                h, key_mask, position_bias, memory, memory_mask, prefix, prefix_mask, deterministic, decode,
-                layer_kv)
+                h, key_mask=key_mask, position_bias=position_bias, memory=memory, slots=slots.layer(i),
+                deterministic=deterministic, decode=decode)
         return h
-
-
-class T5Stack(nn.Module):
-    """Encoder (causal=False) or decoder (causal=True) stack from input embeddings to the final norm."""
-    config: Any
-    causal: bool = False
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, embeds: Array, key_mask: Array | None, memory: Array | None = None,
-                 memory_mask: Array | None = None, prefix_states: Array | None = None,
-                 prefix_mask: Array | None = None, deterministic: bool = True, decode: bool = False,
-                 prefix_kv: Array | None = None) -> Array:
-        c = self.config
-        n = c.num_decoder_layers if self.causal else c.num_layers
-        drop = Dropout(c.dropout_rate)
-        h = drop(embeds, deterministic=deterministic)
-        h = _Blocks(c, n, self.causal, self.dtype, name="block")(
-            h, key_mask, memory, memory_mask, prefix_states, prefix_mask, deterministic, decode, prefix_kv)
-        h = T5LayerNorm(c.d_model, c.layer_norm_epsilon, self.dtype, name="final_layer_norm")(h)
-        return drop(h, deterministic=deterministic)
-
-
-class _LMHead(nn.Module):
-    """Separate (untied) LM head: 'kernel' [D, V], no bias; float32 accumulation."""
-    config: Any
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, h: Array) -> Array:
-        c = self.config
-        kernel = self.param("kernel", _normal(c.initializer_factor), (c.d_model, c.vocab_size), jnp.float32)
-        return jnp.einsum("btd,dv->btv", h, kernel.astype(self.dtype), preferred_element_type=jnp.float32)
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -363,7 +244,7 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
         self.encoder = T5Stack(c, causal=False, dtype=self.dtype)
         self.decoder = T5Stack(c, causal=True, dtype=self.dtype)
         if separate_head(c):
-            self.lm_head = _LMHead(c, dtype=self.dtype)
+            self.lm_head = LMHead(c.vocab_size, _normal(c.initializer_factor), dtype=self.dtype)
 
     # ------------------------------------------------------------------ properties
     _DECODER_LAYERS = "num_decoder_layers"
@@ -392,8 +273,7 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
         if separate_head(self.config):
             return self.lm_head(hidden)
         hidden = hidden * jnp.asarray(self.config.d_model ** -0.5, self.dtype)
-        embedding = self.shared.embedding.astype(self.dtype)
-        return jnp.einsum("btd,vd->btv", hidden, embedding, preferred_element_type=jnp.float32)
+        return tied_logits(hidden, self.shared.embedding, self.dtype)
 
     def decode(self, decoder_input_ids: Array, decoder_attention_mask: Array | None = None,
                memory: Array | None = None, memory_mask: Array | None = None, *,
@@ -428,16 +308,11 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
         if embed_offset is not None:
             offset = embed_offset if embed_offset.ndim == 3 else embed_offset[:, None, :]
             embeds = embeds + offset.astype(embeds.dtype)
-        if memory is not None:
-            memory = memory.astype(self.dtype)
-        if prefix_kv is not None:
-            c = self.config
-            want = (c.num_decoder_layers, None, c.num_heads, c.d_kv)
-            if prefix_kv.ndim != 5 or any(w is not None and w != g for w, g in zip(want, prefix_kv.shape[1:])):
-                raise ValueError(f"prefix_kv must be [B, {c.num_decoder_layers}, P, {c.num_heads}, {c.d_kv}], "
-                                 f"got {prefix_kv.shape}")
-        hidden = self.decoder(embeds, decoder_attention_mask, memory, memory_mask, prefix_states, prefix_mask,
-                              deterministic=deterministic, decode=decode, prefix_kv=prefix_kv)
+        slots = LatentSlots(states=prefix_states, kv=prefix_kv, mask=prefix_mask).check(
+            self.num_decoder_layers, self.d_model, self.num_decoder_heads, self.decoder_head_dim)
+        cross = None if memory is None else CrossMemory(memory.astype(self.dtype), memory_mask)
+        hidden = self.decoder(embeds, decoder_attention_mask, memory=cross, slots=slots.astype(self.dtype),
+                              deterministic=deterministic, decode=decode)
         return self.lm_logits(hidden)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None, decoder_input_ids: Array,
