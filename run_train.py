@@ -1,7 +1,9 @@
 """Train a text VAE: `python run_train.py --config=configs/bart_vae.py --workdir=runs/bart`.
 
 With no --config, runs the embedded default (configs/demo.py): a small model trained from scratch on the
-package's synthetic corpus, no download needed. Rerunning with the same --workdir resumes.
+package's synthetic corpus, no download needed. Rerunning with the same --workdir resumes, with the same
+config up to the loop's cadences, a larger train_steps and the parallel layout (anything else is refused:
+use a new --workdir); one training process at a time holds a workdir.
 Override any config field with --config.FIELD=VALUE (e.g. --config.batch_size=64); --print_config lists
 every field with its meaning. A bad config, a missing data file or model ends with one error message
 (exit code 2) before anything is written.

@@ -6,6 +6,9 @@ Layout of a workdir::
     WORKDIR/best_phase1/STEP/{state,meta}   the phase-1 checkpoint with the best validation reconstruction
     WORKDIR/model/                          config.json + tokenizer of the backbone (to rebuild the module)
     WORKDIR/config.json                     the run's ml_collections config
+    WORKDIR/metrics.jsonl                   one row per logged step (and per evaluation)
+    WORKDIR/.lock, data_fingerprint.json,   the training process's lock, the run's identity and the config
+      config_changes.jsonl                  changes of its resumes (see ``flax_textvae.workdir``)
 
 ``meta`` holds the phase, the data-iterator state and the best phase-1 score, so a restart continues
 with the same batches it would have seen without the interruption.

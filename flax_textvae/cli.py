@@ -18,7 +18,7 @@ import numpy as np
 from absl import app
 from absl import flags as absl_flags
 
-from flax_textvae import configuration, validation
+from flax_textvae import configuration, exported, validation
 
 USER_ERROR_EXIT = 2
 VERBOSE_HELP = "On a user error (bad config, missing file), show the Python traceback instead of a short message."
@@ -141,10 +141,15 @@ def _write_lines(path: str | None, lines: list[str]) -> None:
 
 
 def check_trained_run(workdir: str) -> None:
-    """Raises ``FileNotFoundError`` with the fix unless ``workdir`` holds config.json and a checkpoint."""
+    """Raises ``FileNotFoundError`` with the fix unless ``workdir`` holds config.json and a checkpoint.
+
+    An exported folder (``python -m flax_textvae.export``) passes too: it holds its one checkpoint.
+    """
     fix = "pass the --workdir of a run trained with run_train.py (it holds config.json and checkpoints/)"
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir={workdir}: no such directory; {fix}")
+    if exported.is_exported(workdir):  # a folder written by `python -m flax_textvae.export`
+        return
     if not os.path.isfile(os.path.join(workdir, "config.json")):
         raise FileNotFoundError(f"--workdir={workdir} is not a trained run: it has no config.json; {fix}")
     ckdir = os.path.join(workdir, "checkpoints")

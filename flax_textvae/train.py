@@ -5,12 +5,16 @@ decoder side) get no updates; evaluation keeps the checkpoint with the best vali
 Phase 2 starts from that checkpoint with a fresh optimizer and trains everything with the configured
 collapse remedy (``config.loss``). ``config.train_steps`` counts the steps of both phases.
 
-Robustness: rerunning with the same workdir resumes from the newest checkpoint (state, phase, data-iterator
-position); SIGTERM saves a checkpoint and returns; a non-finite loss stops the run naming the step, and the
-checkpoints on disk stay those of the last good state. Only process 0 writes logs.
+Robustness: one training process per workdir (``WORKDIR/.lock``, see ``flax_textvae.workdir``); rerunning
+with the same workdir resumes from the newest checkpoint (state, phase, data-iterator position) when the config
+continues the same run, and starts afresh, discarding what an earlier start left, when there is no checkpoint;
+``metrics.jsonl`` holds exactly one row per logged step across restarts; SIGTERM saves a checkpoint of the
+current step and returns; a non-finite loss stops the run naming the step, and the checkpoints on disk stay
+those of the last good state. Only process 0 writes logs.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_textvae import builders, checkpoints, evaluate, parallel, validation
+from flax_textvae import workdir as rundir
 from flax_textvae.step import StepConfig, TrainState, kl_fns, make_optimizer, train_step
 
 __all__ = ["TrainState", "train_step", "train_and_evaluate", "NonFiniteLossError"]
@@ -70,26 +75,45 @@ class _Logger:
                 self.tb = None
         self.rate = None
 
+    def _rows(self) -> list[str]:
+        """The complete rows on disk, as lines (a line torn by a crash is left out)."""
+        if not os.path.isfile(self.path):
+            return []
+        rows = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    if line.endswith("\n") and isinstance(json.loads(line), dict):
+                        rows.append(line)
+                except ValueError:
+                    pass
+        return rows
+
     def truncate_after(self, step: int) -> None:
-        """Drops rows logged after ``step`` (a resumed run logs those steps again)."""
+        """Drops rows logged after ``step`` (a resumed run logs those steps again), atomically.
+
+        ``step < 0`` empties the file (a first start). The file is replaced in one ``os.replace``, so a kill
+        during the rewrite leaves the old rows or the new ones.
+        """
         if not self.main or not os.path.isfile(self.path):
             return
-        def keep(line: str) -> bool:
-            try:
-                return json.loads(line).get("step", 0) <= step
-            except ValueError:  # a line torn by the crash
-                return False
+        rows = [line for line in self._rows() if step >= 0 and json.loads(line).get("step", 0) <= step]
+        rundir.write_atomic(self.path, "".join(rows))
 
-        with open(self.path) as f:
-            rows = [line for line in f if line.strip() and keep(line)]
-        with open(self.path, "w") as f:
-            f.writelines(rows)
+    def has_row(self, step: int, split: str) -> bool:
+        """Whether a row of ``split`` ('train' when a row has no split) at ``step`` is on disk."""
+        for line in self._rows():
+            row = json.loads(line)
+            if row.get("step") == step and row.get("split", "train") == split:
+                return True
+        return False
 
     def write(self, row: dict) -> None:
         if not self.main:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+            f.flush()
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -192,13 +216,36 @@ class _Runner:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains (or resumes) the run in ``workdir`` and returns the final evaluation metrics."""
-    validation.validate(config)  # every config / data-file problem at once, before anything is written
+    """Trains (or resumes) the run in ``workdir`` and returns the final evaluation metrics.
+
+    Holds ``WORKDIR/.lock`` throughout (process 0), so a second training process on the same workdir stops
+    at once with :class:`flax_textvae.workdir.WorkdirInUseError`. With a checkpoint in ``workdir`` the run
+    resumes if ``config`` continues it (else :class:`~flax_textvae.validation.ConfigError`, before anything
+    is written); without one it starts afresh.
+
+    Args:
+      config: the run's ConfigDict (see ``flax_textvae.configuration``).
+      workdir: the run directory.
+
+    Returns:
+      The final evaluation metrics on ``config.data.eval``, or ``{'preempted': True, 'step': N}`` after SIGTERM.
+    """
+    validation.validate(config, workdir=workdir)  # every config / data-file problem at once, before any write
     parallel.initialize_distributed(config.parallel)
     os.makedirs(workdir, exist_ok=True)
+    main = jax.process_index() == 0
+    # Process 0 holds the lock for the whole run: the other processes of a multi-host run write nothing.
+    with rundir.WorkdirLock(workdir) if main else contextlib.nullcontext():
+        return _train_locked(config, workdir, main)
+
+
+def _train_locked(config, workdir: str, main: bool) -> dict:
+    resuming = bool(rundir.checkpoint_steps(workdir))
+    changes = rundir.resume_changes(config, workdir) if resuming else []  # refuses before any write
+    if main and not resuming:
+        rundir.discard_unfinished(workdir)
+        rundir.record_start(config, workdir)
     run = builders.build_run(config, workdir)
-    if jax.process_index() == 0:
-        checkpoints.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     log = _Logger(workdir, config.train_steps)
     meta = ckpt.read_meta()
@@ -208,10 +255,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
             print(f"{workdir} finished at step {meta['step']}: evaluating its final checkpoint", flush=True)
         else:
             print(f"Resuming from step {meta['step']} (phase {meta['phase']}) in {workdir}", flush=True)
+        if main:
+            if not os.path.isfile(os.path.join(workdir, rundir.CONFIG_NAME)):
+                rundir.record_start(config, workdir)
+            rundir.record_changes(config, workdir, meta["step"], changes)
     best_meta = ckpt.read_meta(best=True) if meta is not None else None
     best = min((meta or {}).get("best_rec", float("inf")), (best_meta or {}).get("best_rec", float("inf")))
-    if meta is not None:
-        log.truncate_after(meta["step"])
+    log.truncate_after(meta["step"] if meta is not None else -1)
     params = run.init_params(jax.random.key(config.seed))
     trained = False
     key = jax.random.key(config.seed + 1)
@@ -237,8 +287,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         params, _ = checkpoints.load_params(workdir)
     result = evaluate.evaluate_split(run, params, run.eval_batches, iw_samples=0, seed=config.seed,
                                      with_bleu=True)
-    log.write({"step": int(config.train_steps), "phase": 2, "split": "eval", **result})
-    if jax.process_index() == 0:
+    if trained or not log.has_row(int(config.train_steps), "eval"):  # a rerun of a finished run logs it once
+        log.write({"step": int(config.train_steps), "phase": 2, "split": "eval", **result})
+    if main:
         _print_final(run, params, result)
     ckpt.close()
     return result
@@ -263,6 +314,18 @@ def _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt)
         host = runner.host_state(state)
         ckpt.save(step, {"params": host.params} if best_ckpt else host, meta, best=best_ckpt)
 
+    def fetch():
+        """This interval's device metrics, fetched; never checkpoint past a non-finite step."""
+        nonlocal pending, fetched
+        new = [(s, jax.device_get(runner.metrics(x))) for s, x in pending]
+        pending, fetched = [], fetched + new
+        bad = [s for s, r in new if r["nonfinite"]]
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {bad[0]} (phase {phase}); the run stopped there and the "
+                f"last checkpoint on disk is step {ckpt.latest_step()}. Lower optimizer.learning_rate, "
+                f"enable optimizer.grad_clip or try model.dtype=float32.")
+
     while step < end:
         local = next(run.train_iter)
         state, m = runner.step(state, runner.batch(local))
@@ -271,15 +334,7 @@ def _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt)
         last = step == end
         do_ckpt = step % config.checkpoint_every == 0 or last or preempt.requested
         if step % config.log_every == 0 or do_ckpt:
-            # The only host sync: fetch this interval's metrics, and never checkpoint past a non-finite step.
-            new = [(s, jax.device_get(runner.metrics(x))) for s, x in pending]
-            pending, fetched = [], fetched + new
-            bad = [s for s, r in new if r["nonfinite"]]
-            if bad:
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient at step {bad[0]} (phase {phase}); the run stopped there and the "
-                    f"last checkpoint on disk is step {ckpt.latest_step()}. Lower optimizer.learning_rate, "
-                    f"enable optimizer.grad_clip or try model.dtype=float32.")
+            fetch()  # the only host sync
             if step % config.log_every == 0 or last:
                 rows, fetched = fetched, []
                 dt = time.time() - t_last
@@ -306,11 +361,15 @@ def _run_phase(config, run, runner, state, phase, end, ckpt, log, best, preempt)
                 save(step, best_ckpt=True, best_rec=best)
         if do_ckpt:
             save(step, best_rec=best)
+        if preempt.requested:
+            if not do_ckpt:  # SIGTERM came after this step's save decision (during the evaluation, say)
+                fetch()
+                save(step, best_rec=best)
+            print(f"SIGTERM: saved the checkpoint of step {ckpt.latest_step()} in {ckpt.workdir}; exiting.",
+                  flush=True)
+            return state, best, True
         if not pending and not fetched:
             t_last = time.time()  # after the log row and any eval / save, so rates measure training steps only
-        if preempt.requested:
-            print(f"SIGTERM: saved the checkpoint of step {step} in {ckpt.workdir}; exiting.", flush=True)
-            return state, best, True
     return state, best, False
 
 
