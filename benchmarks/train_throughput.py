@@ -31,9 +31,14 @@ import numpy as np  # noqa: E402
 
 import lengths as lengths_lib  # noqa: E402
 
-# Dense bf16 peak FLOP/s per device, by device_kind substring (vendor datasheets).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5e": 197e12,
-              "TPU v5p": 459e12, "TPU v6": 918e12}
+# Dense peak FLOP/s per device by compute dtype and device_kind substring: vendor datasheet figures (H100 /
+# H200 SXM), not measurements. float32 is the non-tensor-core FP32 rate; XLA's default matmul precision may
+# run float32 matmuls as TF32 on these GPUs, which can lift a float32 MFU above what FP32 units allow.
+PEAK_FLOPS = {
+    "bfloat16": {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5e": 197e12,
+                 "TPU v5p": 459e12, "TPU v6": 918e12},
+    "float32": {"H100": 67e12, "H200": 67e12, "A100": 19.5e12},
+}
 
 
 def arch_config(arch: str):
@@ -108,8 +113,8 @@ def build(args):
     it = data.Batcher(examples, **kw).train_iterator(seed=args.seed)
     batches = [next(it) for _ in range(args.steps)]
     params = run.init_params(jax.random.key(0))
-    runner = train._Runner(c, run, 2, 0, args.steps, params)
-    state = runner.place(runner.new_state(params, 0, jax.random.key(1), raw=True))
+    runner = train.Trainer(c, run, 2, 0, args.steps, params)
+    state = runner.place(runner.new_state(params, 0, jax.random.key(1)))
     return runner, state, batches
 
 
@@ -145,7 +150,7 @@ def measure(args) -> dict:
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     peak_mb = (stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in dev.device_kind), None)
+    peak = next((v for k, v in PEAK_FLOPS[args.dtype].items() if k in dev.device_kind), None)
     achieved = total_flops / dt if total_flops else None
     return {
         "framework": "jax", "arch": args.arch, "batch": args.batch, "steps": args.steps, "pad": args.pad,
@@ -156,6 +161,7 @@ def measure(args) -> dict:
         "padding_fraction": round(1 - real / computed, 4), "peak_memory_mb": round(peak_mb, 1),
         "flops_per_step": round(total_flops / len(batches)) if total_flops else None,
         "achieved_tflops": round(achieved / 1e12, 3) if achieved else None,
+        "peak_flops_per_device": peak,
         "mfu": round(achieved / (peak * jax.device_count()), 4) if achieved and peak else None,
     }
 

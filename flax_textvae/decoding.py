@@ -34,6 +34,7 @@ per example (by the same normalised score) is returned.
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -49,7 +50,7 @@ _MAX_COMPILED = 32
 _COMPILED: "collections.OrderedDict[tuple, tuple[Any, Callable]]" = collections.OrderedDict()
 
 __all__ = ["METHODS", "init_vae_cache", "decode_from_z", "sequence_log_probs", "filter_logits",
-           "length_penalty_factor", "clear_compiled_cache"]
+           "length_penalty_factor", "clear_compiled_cache", "trace_count", "compiled_count"]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -179,7 +180,7 @@ def _build_ancestral(vae, method, prompt, eos_id, pad_id, max_length, top_k, use
         s = jax.lax.while_loop(cond, body, state)
         return s[3], s[5]
 
-    return jax.jit(run)
+    return _jit_counting_traces(run)
 
 
 # ------------------------------------------------------------------------------------------- beam search
@@ -242,7 +243,31 @@ def _build_beam(vae, prompt, eos_id, pad_id, max_length, beam_size):
         out = jnp.take_along_axis(seqs, best[:, None, None], axis=1)[:, 0]
         return out, jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]
 
-    return jax.jit(run)
+    return _jit_counting_traces(run)
+
+
+_TRACES = [0]  # how many times jax has traced a decoding program in this process
+
+
+def _jit_counting_traces(fn: Callable) -> Callable:
+    """``jax.jit(fn)``, counting each trace (the Python body runs only while jax traces it)."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        _TRACES[0] += 1
+        return fn(*args, **kwargs)
+
+    return jax.jit(traced)
+
+
+def trace_count() -> int:
+    """How many decoding programs jax has traced in this process (a repeated call should add none)."""
+    return _TRACES[0]
+
+
+def compiled_count() -> int:
+    """How many compiled decoding functions the module-level cache holds (at most 32)."""
+    return len(_COMPILED)
 
 
 def _compiled(vae: TextVAE, key: tuple, build: Callable[[], Callable]) -> Callable:
@@ -380,4 +405,4 @@ def _build_scorer(vae: TextVAE, prompt: tuple[int, ...], eos_id: int) -> Callabl
         upto_eos = (jnp.cumsum(is_eos, axis=1) - is_eos) == 0  # positions up to and including the first EOS
         return jnp.sum(jnp.where(upto_eos, logp, 0.0), axis=1)
 
-    return jax.jit(score)
+    return _jit_counting_traces(score)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_textvae import losses, metrics
+from flax_textvae import compile_cache, losses, metrics
 from flax_textvae.vae import TextVAE
 
 _LOGITS_BUDGET = 2**28  # floats of logits one IW chunk may hold (1 GiB in float32)
@@ -214,6 +214,7 @@ def evaluate(config, workdir: str, *, data: str | None = None, name: str | None 
     """
     from flax_textvae import builders, checkpoints, exported  # builders imports the data stack
 
+    compile_cache.enable(config.get("compile_cache_dir", "auto"))  # configs saved before the field existed
     spec = data or config.data.eval
     name = name or builders.split_name(spec)
     run = builders.build_run(config, workdir, train=False, eval_spec=spec, eval_batch_size=batch_size)

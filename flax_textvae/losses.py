@@ -1,14 +1,15 @@
 """Pure loss functions for text VAEs: token NLL, Gaussian KL, free bits, KL constraint, ELBO assembly.
 
-Everything here is a pure, jit-able function of arrays (DESIGN §4, §6). Only jax is imported, so users can
+Everything here is a pure, jit-able function of arrays (see docs/method.md). Only jax is imported, so users can
 ``import flax_textvae.losses`` into their own training code.
 
 Conventions:
   * ``B`` batch, ``T`` target length, ``V`` vocabulary, ``Dz`` latent size.
   * The reconstruction term is the per-example SUM of token NLLs, averaged over EXAMPLES -- never over padded
-    positions (DESIGN §7.3). Averages over padded final batches are exact through ``example_weight``.
+    positions (docs/method.md, defect 3). Averages over padded final batches are exact through ``example_weight``.
   * All arithmetic is done in float32 whatever the input dtype.
 """
+import functools
 from typing import Any, Dict, Optional, Tuple, Union
 
 import jax
@@ -75,6 +76,157 @@ def token_nll(logits: Array, targets: Array, weights: Array) -> Array:
     return jnp.sum(jnp.where(valid, -target_logp * weights, 0.0), axis=-1)
 
 
+HEAD_LAYOUTS = ("vd", "dv")
+
+
+def _head_chunk(head: Array, start: Array, size: int, vocab_axis: int) -> Array:
+    """Rows ``start .. start + size`` of the vocabulary of ``head`` as a [size, D] array."""
+    chunk = jax.lax.dynamic_slice_in_dim(head, start, size, axis=vocab_axis)
+    return chunk if vocab_axis == 0 else chunk.T
+
+
+def _chunk_logits(hidden: Array, head: Array, bias: Array, c: Array, size: int, vocab: int,
+                  vocab_axis: int) -> Tuple[Array, Array, Array, Array]:
+    """float32 logits [N, size] of vocabulary chunk ``c`` and its bookkeeping.
+
+    The last chunk is shifted left to end at ``vocab`` (so every slice has the static ``size``); the columns it
+    shares with the previous chunk are flagged in ``fresh`` and must be ignored.
+
+    Returns:
+      ``(logits, ids, fresh, start)``: logits [N, size] (-inf on stale columns), the vocabulary ids [size] of
+      the columns, the bool mask [size] of columns this chunk owns, and the chunk's first id.
+    """
+    start = jnp.minimum(c * size, vocab - size)
+    w = _head_chunk(head, start, size, vocab_axis).astype(hidden.dtype)  # [size, D]
+    logits = jnp.einsum("nd,vd->nv", hidden, w, preferred_element_type=jnp.float32)
+    logits = logits + jax.lax.dynamic_slice_in_dim(bias, start, size).astype(jnp.float32)[None, :]
+    ids = start + jnp.arange(size)
+    fresh = ids >= c * size
+    return jnp.where(fresh[None, :], logits, -jnp.inf), ids, fresh, start
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_nll(hidden: Array, head: Array, bias: Array, targets: Array, size: int, vocab_axis: int) -> Array:
+    """Per-position NLL [N] of ``targets`` [N] under logits ``hidden @ head_vd.T + bias``, by vocabulary chunks."""
+    return _chunked_nll_fwd(hidden, head, bias, targets, size, vocab_axis)[0]
+
+
+def _chunked_nll_fwd(hidden, head, bias, targets, size, vocab_axis):
+    vocab = head.shape[vocab_axis]
+    n = hidden.shape[0]
+
+    def body(carry, c):
+        run_max, run_sum, target_logit = carry
+        logits, ids, fresh, _ = _chunk_logits(hidden, head, bias, c, size, vocab, vocab_axis)
+        new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
+        run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1)
+        hit = (ids[None, :] == targets[:, None]) & fresh[None, :]
+        target_logit = target_logit + jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+        return (new_max, run_sum, target_logit), None
+
+    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
+    num_chunks = -(-vocab // size)
+    (run_max, run_sum, target_logit), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+    lse = run_max + jnp.log(run_sum)
+    return lse - target_logit, (hidden, head, bias, targets, lse)
+
+
+def _chunked_nll_bwd(size, vocab_axis, res, g):
+    hidden, head, bias, targets, lse = res
+    vocab = head.shape[vocab_axis]
+    g = g.astype(jnp.float32)
+
+    def body(carry, c):
+        d_hidden, d_head, d_bias = carry
+        logits, ids, fresh, start = _chunk_logits(hidden, head, bias, c, size, vocab, vocab_axis)
+        onehot = (ids[None, :] == targets[:, None]) & fresh[None, :]
+        # d nll / d logits = softmax - onehot; stale columns have softmax exp(-inf) = 0 and no target.
+        d_logits = (jnp.exp(logits - lse[:, None]) - onehot) * g[:, None]  # [N, size] float32
+        d_bias = jax.lax.dynamic_update_slice_in_dim(
+            d_bias, jax.lax.dynamic_slice_in_dim(d_bias, start, size) + jnp.sum(d_logits, axis=0), start, 0)
+        d_low = d_logits.astype(hidden.dtype)
+        w = _head_chunk(head, start, size, vocab_axis).astype(hidden.dtype)  # [size, D]
+        d_hidden = d_hidden + jnp.einsum("nv,vd->nd", d_low, w, preferred_element_type=jnp.float32)
+        d_w = jnp.einsum("nv,nd->vd", d_low, hidden, preferred_element_type=jnp.float32)  # [size, D]
+        if vocab_axis == 1:
+            d_w = d_w.T
+        old = jax.lax.dynamic_slice_in_dim(d_head, start, size, axis=vocab_axis)
+        d_head = jax.lax.dynamic_update_slice_in_dim(d_head, old + d_w, start, vocab_axis)
+        return (d_hidden, d_head, d_bias), None
+
+    init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(head.shape, jnp.float32),
+            jnp.zeros(bias.shape, jnp.float32))
+    num_chunks = -(-vocab // size)
+    (d_hidden, d_head, d_bias), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+    return d_hidden.astype(hidden.dtype), d_head.astype(head.dtype), d_bias.astype(bias.dtype), None
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
+
+
+def chunked_token_nll(hidden: Array, head: Array, targets: Array, weights: Array, *,
+                      bias: Optional[Array] = None, scale: Scalar = 1.0, head_layout: str = "vd",
+                      chunk_size: int = 8192) -> Array:
+    """:func:`token_nll` of the logits ``(scale * hidden) @ head + bias``, without forming those logits.
+
+    The LM head is applied one vocabulary chunk at a time inside a scan that keeps, per position, a running
+    maximum, a running sum of exponentials (an online log-sum-exp) and the target's logit, so the float32
+    logits that exist at once are [B * T, chunk_size] instead of [B, T, V]. The gradient has its own rule
+    that recomputes each chunk's logits from the saved log-sum-exp, so the backward pass does not keep them
+    either. Matmuls run in the dtype of ``hidden`` (the head is cast to it chunk by chunk) with float32
+    accumulation; all softmax arithmetic is float32. ``V`` need not be a multiple of ``chunk_size``.
+
+    How the models of ``flax_textvae.models`` map to the arguments (``params`` is the backbone's tree,
+    ``hidden`` the decoder output before ``lm_logits``):
+
+      * BART, tied head (``tie_word_embeddings`` True, the usual case): ``head =
+        params['model']['shared']['embedding']`` [V, D], ``head_layout='vd'``,
+        ``bias = params['final_logits_bias']`` ([1, V] is accepted), ``scale=1``.
+      * BART, untied: ``head = params['lm_head']['kernel']`` [D, V], ``head_layout='dv'``, the same bias.
+      * T5, tied (original T5): ``head = params['shared']['embedding']`` [V, D], ``head_layout='vd'``,
+        ``scale = d_model ** -0.5``, no bias.
+      * T5, untied (v1.1 / Flan-T5): ``head = params['lm_head']['kernel']`` [D, V], ``head_layout='dv'``,
+        ``scale=1``, no bias.
+
+    Args:
+      hidden: decoder hidden states [B, T, D] (float32 or bfloat16; the compute dtype).
+      head: the LM head, [V, D] (an embedding table) or [D, V] (a dense kernel), see ``head_layout``.
+      targets: target ids [B, T], integer; any value on padding.
+      weights: per-token weights [B, T]; 1 on real tokens, 0 on padding.
+      bias: optional logit bias [V] or [1, V].
+      scale: multiplier of ``hidden`` before the head, applied in the compute dtype (T5's tied head).
+      head_layout: ``'vd'`` when ``head`` is [V, D], ``'dv'`` when it is [D, V].
+      chunk_size: vocabulary entries per chunk (clipped to V); a static Python int.
+
+    Returns:
+      float32 [B]: ``sum_t weights[b, t] * -log softmax(logits[b, t])[targets[b, t]]``, equal to
+      :func:`token_nll` of the full logits. Positions with ``weights == 0`` influence neither the value nor
+      any gradient, whatever their hidden states hold.
+
+    Raises:
+      ValueError: for an unknown ``head_layout``, a non-positive ``chunk_size`` or mismatched shapes.
+    """
+    if head_layout not in HEAD_LAYOUTS:
+        raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS}, got {head_layout!r}")
+    if int(chunk_size) <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    vocab_axis = 0 if head_layout == "vd" else 1
+    batch, length, d_model = hidden.shape
+    if head.ndim != 2 or head.shape[1 - vocab_axis] != d_model:
+        raise ValueError(f"head of shape {head.shape} does not match layout {head_layout!r} and D={d_model}")
+    vocab = head.shape[vocab_axis]
+    bias = jnp.zeros((vocab,), jnp.float32) if bias is None else jnp.reshape(bias, (vocab,))
+    weights = jnp.asarray(weights, jnp.float32)
+    valid = weights > 0
+    hidden = jnp.where(valid[..., None], hidden, jnp.zeros((), hidden.dtype))
+    if not (isinstance(scale, (int, float)) and scale == 1):
+        hidden = hidden * jnp.asarray(scale, hidden.dtype)
+    targets = jnp.where(valid, targets, 0).astype(jnp.int32)
+    nll = _chunked_nll(hidden.reshape(batch * length, d_model), head, bias, targets.reshape(-1),
+                       min(int(chunk_size), vocab), vocab_axis)
+    return jnp.sum(jnp.where(valid, nll.reshape(batch, length) * weights, 0.0), axis=-1)
+
+
 def free_bits(kl: Array, threshold: Scalar, mode: str = "per_example",
               example_weight: Optional[Array] = None) -> Array:
     """Free bits / KL thresholding with a per-dimension floor ``lambda = threshold``.
@@ -128,7 +280,7 @@ def vae_loss(logits: Array, targets: Array, weights: Array, mean: Array, logvar:
              kind: str = "elbo", weight: Scalar = 1.0, threshold: Scalar = 0.0,
              free_bits_mode: str = "per_example", target: Scalar = 0.0, beta: Scalar = 1.0,
              example_weight: Optional[Array] = None) -> Tuple[Array, Dict[str, Any]]:
-    """Assembles the text-VAE objective ``loss = mean_x rec(x) + KL_term`` (DESIGN §6).
+    """Assembles the text-VAE objective ``loss = mean_x rec(x) + KL_term`` (docs/method.md).
 
     ``rec(x)`` is the summed token NLL of example x; the mean is over examples (weighted by
     ``example_weight``). ``KL_term`` depends on ``kind``:

@@ -7,11 +7,15 @@ Two ways to run the same training step over several devices:
   split over ``'fsdp'`` along their largest divisible axis (ZeRO-3 style; XLA inserts the gathers).
 * ``mode='pmap'``: the classic ``jax.pmap`` over local devices with an explicit ``pmean`` of gradients.
 
+``make_placement`` returns the object that compiles the step and moves states, batches and metrics for the
+chosen mode (:class:`MeshPlacement`, :class:`PmapPlacement`); the training loop never branches on the mode.
+
 Per-example randomness (latent noise, denoising) is keyed by the example's *global* index, so every mode and
 device count draws the same numbers for the same example.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -143,3 +147,90 @@ def replicate_for_pmap(tree, devices=None):
 
 def unreplicate(tree):
     return jax.tree.map(lambda x: x[0], tree)
+
+
+# ------------------------------------------------------------------------------------------- placements
+class MeshPlacement:
+    """One ``jit`` over a ``('data', 'fsdp')`` mesh: the default way a step runs on every device.
+
+    Args:
+      parallel_cfg: ``config.parallel`` (``num_devices``, ``fsdp``).
+      batch_size: the global batch, checked to divide over the mesh.
+      abstract_state: ``jax.eval_shape`` of the train state, to derive its shardings.
+    """
+
+    def __init__(self, parallel_cfg, batch_size: int, abstract_state):
+        self.mesh = make_mesh(parallel_cfg.fsdp, global_devices(parallel_cfg.num_devices))
+        global_batch_size_check(batch_size, self.mesh)
+        self.batch_sh = batch_sharding(self.mesh)
+        self.state_sh = state_shardings(abstract_state, self.mesh)
+
+    def compile(self, step_fn):
+        """``step_fn(state, batch) -> (state, metrics)`` jitted with explicit shardings, state donated."""
+        return jax.jit(step_fn, in_shardings=(self.state_sh, self.batch_sh),
+                       out_shardings=(self.state_sh, replicated(self.mesh)), donate_argnums=0)
+
+    def place(self, state):
+        return jax.device_put(state, self.state_sh)
+
+    def abstract(self, state):
+        """Restore target: shapes, dtypes and this placement's shardings."""
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, self.state_sh)
+
+    def host(self, state):
+        """The state as one logical copy (what is saved)."""
+        return state
+
+    def batch(self, local: dict) -> dict:
+        return to_global(local, self.batch_sh)
+
+    def metrics(self, metrics: dict) -> dict:
+        return metrics
+
+
+class PmapPlacement:
+    """The same step under ``pmap`` over every process's local devices (state replicated per device).
+
+    The mapped axis spans every process's devices, grouped by process (each process feeds its own local
+    ones); with only the local devices each process would train alone on its own rows.
+    """
+
+    mesh = None
+    axis_name = "batch"
+
+    def __init__(self, parallel_cfg, batch_size: int):
+        self.devices = local_devices(parallel_cfg.num_devices)
+        global_batch_size_check(batch_size, len(self.devices) * jax.process_count())
+
+    def compile(self, step_fn):
+        """``step_fn(state, batch, axis_name=...)`` pmapped, state donated."""
+        return jax.pmap(functools.partial(step_fn, axis_name=self.axis_name), axis_name=self.axis_name,
+                        donate_argnums=0, devices=global_devices(len(self.devices)))
+
+    def place(self, state):
+        return replicate_for_pmap(state, self.devices)
+
+    def abstract(self, state):
+        """Restore target: host-local and unreplicated (``place`` replicates it afterwards)."""
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+    def host(self, state):
+        return unreplicate(state)
+
+    def batch(self, local: dict) -> dict:
+        return to_pmap(local, len(self.devices))
+
+    def metrics(self, metrics: dict) -> dict:
+        return unreplicate(metrics)
+
+
+PARALLEL_MODES = ("mesh", "pmap")
+
+
+def make_placement(parallel_cfg, batch_size: int, abstract_state):
+    """The placement for ``parallel_cfg.mode``: :class:`MeshPlacement` or :class:`PmapPlacement`."""
+    if parallel_cfg.mode == "mesh":
+        return MeshPlacement(parallel_cfg, batch_size, abstract_state)
+    if parallel_cfg.mode == "pmap":
+        return PmapPlacement(parallel_cfg, batch_size)
+    raise ValueError(f"parallel.mode={parallel_cfg.mode!r}; choose one of {PARALLEL_MODES}")

@@ -52,7 +52,7 @@ def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.nd
     return arr[:, 0], arr[:, 1]
 
 
-def _phase_boundaries(rows: Sequence[dict[str, Any]]) -> list[tuple[float, Any]]:
+def phase_boundaries(rows: Sequence[dict[str, Any]]) -> list[tuple[float, Any]]:
     """Steps where the ``phase`` value changes (train rows, in step order), with the new phase."""
     pts = sorted((float(r["step"]), r["phase"]) for r in rows if "phase" in r and not _is_eval(r))
     out = []
@@ -121,7 +121,7 @@ def plot_training_curves(metrics_jsonl_path: str | os.PathLike, out_png: str | o
     if len(s):
         panels.append(("active units (eval)", [("au", s, v, "o-")]))
 
-    boundaries = _phase_boundaries(rows)
+    boundaries = phase_boundaries(rows)
     n = max(1, len(panels))
     fig = _new_figure(8.0, 2.2 * n + 0.6)
     axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]

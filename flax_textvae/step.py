@@ -101,11 +101,11 @@ def make_optimizer(opt_cfg, phase_steps: int, params, frozen: Sequence[str] = ()
 # -------------------------------------------------------------------------------------------- step
 
 
-def _per_example_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+def per_example_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
     return jax.vmap(lambda r: jax.random.fold_in(key, r))(rows)
 
 
-def _noisy_inputs(batch: dict, keys: jax.Array, cfg: StepConfig):
+def noisy_inputs(batch: dict, keys: jax.Array, cfg: StepConfig):
     """Encoder-input deletion / masking and decoder word dropout, each example with its own key."""
     ids, mask, dec_in = batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"]
     k_del, k_mask, k_wd = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in (1, 2, 3))
@@ -133,8 +133,8 @@ def loss_and_metrics(params, batch: dict, example_rng: jax.Array, dropout_rng: j
     if cfg.frozen:
         labels = param_labels(params, cfg.frozen)
         params = jax.tree.map(lambda p, lab: jax.lax.stop_gradient(p) if lab == "frozen" else p, params, labels)
-    keys = _per_example_keys(example_rng, rows)
-    ids, mask, dec_in = _noisy_inputs(batch, keys, cfg)
+    keys = per_example_keys(example_rng, rows)
+    ids, mask, dec_in = noisy_inputs(batch, keys, cfg)
     eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (model.latent_size,)))(keys)
     out = model.apply({"params": params}, ids, mask, dec_in, batch.get("decoder_attention_mask"),
                       eps=eps, deterministic=False, rngs={"dropout": dropout_rng})
@@ -143,6 +143,49 @@ def loss_and_metrics(params, batch: dict, example_rng: jax.Array, dropout_rng: j
         kind=cfg.kind, weight=kl_weight, threshold=cfg.free_bits, free_bits_mode=cfg.free_bits_mode,
         target=kl_target, beta=cfg.beta, example_weight=batch.get("example_weight"))
     return loss, aux
+
+
+# Auxiliary outputs of losses.vae_loss that are sums over the batch (added over micro-batches); the others
+# are means (averaged over micro-batches).
+SUMMED_AUX = ("rec_sum", "kl_sum", "num_tokens", "num_examples")
+
+
+def accumulate_gradients(grad_fn: Callable, params, batch: dict, example_rng: jax.Array, dropout_rng: jax.Array,
+                         rows: jax.Array, *, steps: int, **kw):
+    """Gradient accumulation: ``grad_fn`` over ``steps`` micro-batches in a ``lax.scan``.
+
+    Args:
+      grad_fn: ``value_and_grad(loss_and_metrics, has_aux=True)``.
+      params: the parameters.
+      batch: ``[B, ...]`` arrays, split row-wise into ``steps`` micro-batches of ``B / steps`` rows (row ``i``
+        goes to micro-batch ``i % steps``).
+      example_rng, dropout_rng: the step's keys; micro-batch ``j`` draws dropout from ``fold_in(dropout_rng,
+        j)``, while per-example draws stay keyed by each example's global row, as without accumulation.
+      rows: ``[B]`` global row index of each example.
+      steps: number of micro-batches.
+      **kw: the keyword arguments of ``grad_fn``.
+
+    Returns:
+      ``(loss, aux, grads)``: loss and gradients averaged over the micro-batches; ``aux`` entries in
+      ``SUMMED_AUX`` summed, the others averaged.
+    """
+    b = rows.shape[0]
+    if b % steps:
+        raise ValueError(f"per-device batch {b} is not divisible by grad_accum_steps={steps}")
+    split = lambda x: jnp.moveaxis(x.reshape((b // steps, steps) + x.shape[1:]), 1, 0)
+    micro = jax.tree.map(split, (batch, rows)) + (jnp.arange(steps),)
+
+    def body(carry, mb):
+        (loss, aux), grads = grad_fn(params, mb[0], example_rng, jax.random.fold_in(dropout_rng, mb[2]), mb[1], **kw)
+        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    (loss0, aux0), grads0 = jax.eval_shape(lambda: grad_fn(params, first[0], example_rng, dropout_rng, first[1],
+                                                           **kw))
+    zeros = jax.tree.map(jnp.zeros_like, (loss0, aux0, grads0))
+    (loss, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+    aux = {k: (v if k in SUMMED_AUX else v / steps) for k, v in aux.items()}
+    return loss / steps, aux, jax.tree.map(lambda g: g / steps, grads)
 
 
 def train_step(state: TrainState, batch: dict, *, model: TextVAE, tx: optax.GradientTransformation,
@@ -172,26 +215,11 @@ def train_step(state: TrainState, batch: dict, *, model: TextVAE, tx: optax.Grad
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
     kw = dict(model=model, cfg=cfg, kl_weight=kl_weight, kl_target=kl_target)
 
-    a = cfg.grad_accum_steps
-    if a == 1:
-        (loss, aux), grads = grad_fn(state.params, batch, example_rng, dropout_rng, rows, **kw)
+    args = (batch, example_rng, dropout_rng, rows)
+    if cfg.grad_accum_steps == 1:
+        (loss, aux), grads = grad_fn(state.params, *args, **kw)
     else:
-        if b % a:
-            raise ValueError(f"per-device batch {b} is not divisible by grad_accum_steps={a}")
-        split = lambda x: jnp.moveaxis(x.reshape((b // a, a) + x.shape[1:]), 1, 0)
-        micro = jax.tree.map(split, (batch, rows)) + (jnp.arange(a),)
-
-        def body(carry, mb):
-            (l, x), g = grad_fn(state.params, mb[0], example_rng, jax.random.fold_in(dropout_rng, mb[2]), mb[1],
-                                **kw)
-            return jax.tree.map(jnp.add, carry, (l, x, g)), None
-
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro[0]), example_rng, dropout_rng,
-                            micro[1][0], **kw)))
-        (loss, aux, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]), micro)
-        loss, grads = loss / a, jax.tree.map(lambda g: g / a, grads)
-        aux = {k: (v if k.endswith(("_sum", "num_tokens", "num_examples")) else v / a) for k, v in aux.items()}
+        loss, aux, grads = accumulate_gradients(grad_fn, state.params, *args, steps=cfg.grad_accum_steps, **kw)
     if axis_name is not None:
         grads, loss, aux = jax.lax.pmean((grads, loss, aux), axis_name)
 

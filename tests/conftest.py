@@ -6,6 +6,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Runs and subprocesses of one test session share a persistent compile cache in a fresh folder: the same tiny
+# programs are compiled once per session, and nothing is written to the user's cache.
+if "FLAX_TEXTVAE_COMPILE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["FLAX_TEXTVAE_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="flax_textvae_test_cache_")
 # The suite is dominated by XLA:CPU compile time of tiny models; skipping backend optimisation passes
 # roughly halves it and changes no result the tests check (subprocesses inherit the flag).
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):

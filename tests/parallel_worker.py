@@ -73,10 +73,10 @@ def make_config(steps: int, **overrides):
 
 def train_layout(config, run, init_params, batches, *, report_sharding: bool = False):
     """Trains ``init_params`` on ``batches`` (host-local numpy rows) under ``config.parallel``; host params."""
-    runner = train._Runner(config, run, 2, 0, config.train_steps, init_params)
-    state = runner.place(runner.new_state(init_params, 0, jax.random.key(config.seed + 1), raw=True))
+    runner = train.Trainer(config, run, 2, 0, config.train_steps, init_params)
+    state = runner.place(runner.new_state(init_params, 0, jax.random.key(config.seed + 1)))
     sharded = []
-    if report_sharding and runner.mode == "mesh":
+    if report_sharding and runner.mesh is not None:
         for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]:
             if any(axis is not None for axis in x.sharding.spec):
                 sharded.append(jax.tree_util.keystr(path) + " " + str(x.sharding.spec))
@@ -85,7 +85,7 @@ def train_layout(config, run, init_params, batches, *, report_sharding: bool = F
         # Collectives over fake devices on few cores can time out when steps pile up: one at a time.
         jax.block_until_ready((state, metrics))
     params = runner.host_state(state).params
-    if runner.mode == "mesh" and report_sharding:  # sharded arrays must still be sharded after the steps
+    if runner.mesh is not None and report_sharding:  # sharded arrays must still be sharded after the steps
         for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
             if any(axis is not None for axis in x.sharding.spec):
                 sharded.append("after: " + jax.tree_util.keystr(path))

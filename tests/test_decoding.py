@@ -109,12 +109,14 @@ def test_repeated_calls_do_not_retrace(bart_memory):
     z = _z()
     kw = dict(prompt=BART_PROMPT, eos_id=EOS, pad_id=PAD, max_length=MAX_LEN)
     a = decoding.decode_from_z(vae, params, z, **kw)
-    n = len(decoding._COMPILED)
-    fn = decoding._compiled(vae, ("greedy", BART_PROMPT, EOS, PAD, MAX_LEN), lambda: None)
-    size = fn._cache_size()
+    n, traces = decoding.compiled_count(), decoding.trace_count()
     b = decoding.decode_from_z(vae, {"params": params}, z, **kw)  # wrapped variables accepted too
     np.testing.assert_array_equal(a, b)
-    assert len(decoding._COMPILED) == n and fn._cache_size() == size
+    assert decoding.compiled_count() == n and decoding.trace_count() == traces
+    decoding.decode_from_z(vae, params, z + 1.0, **kw)  # new values of traced arguments: no retrace either
+    assert decoding.trace_count() == traces
+    decoding.decode_from_z(vae, params, z, **dict(kw, max_length=MAX_LEN - 1))  # a new static setting traces
+    assert decoding.trace_count() == traces + 1
 
 
 def test_beam_width_one_equals_greedy(bart_memory):

@@ -183,8 +183,8 @@ def _noisy(run, batch, **rates):
 
     cfg = step.StepConfig(special_ids=run.special_ids, pad_id=run.pad_id, mask_id=run.mask_id,
                           unk_id=run.unk_id, **rates)
-    keys = step._per_example_keys(jax.random.key(0), jnp.arange(batch["input_ids"].shape[0]))
-    out = step._noisy_inputs({k: jnp.asarray(v) for k, v in batch.items()}, keys, cfg)
+    keys = step.per_example_keys(jax.random.key(0), jnp.arange(batch["input_ids"].shape[0]))
+    out = step.noisy_inputs({k: jnp.asarray(v) for k, v in batch.items()}, keys, cfg)
     return tuple(np.asarray(x) for x in out)
 
 

@@ -7,7 +7,7 @@ import sys
 import jax
 import numpy as np
 
-from flax_textvae import builders, train
+from flax_textvae import builders, trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train import REPO, _runner, fit_fixed_batch, tiny_config  # noqa: E402
@@ -15,13 +15,13 @@ from test_train import REPO, _runner, fit_fixed_batch, tiny_config  # noqa: E402
 
 def test_step_compiles_once_per_bucket_shape_and_never_in_the_steady_loop(tmp_path, monkeypatch):
     traces = []
-    real_step = train.train_step
+    real_step = trainer.train_step
 
     def counting_step(state, batch, **kw):
         traces.append(batch["input_ids"].shape)  # runs only while jax traces the function
         return real_step(state, batch, **kw)
 
-    monkeypatch.setattr(train, "train_step", counting_step)
+    monkeypatch.setattr(trainer, "train_step", counting_step)
     config = tiny_config(**{"phase1.steps": 0, "data.num_buckets": 3})
     run = builders.build_run(config, str(tmp_path))
     steps_per_epoch = run.train_iter.steps_per_epoch

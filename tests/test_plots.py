@@ -67,7 +67,7 @@ def test_training_curves_optional_keys_do_not_crash(tmp_path, rows):
 def test_phase_boundaries():
     rows = [dict(step=s, phase=1 if s < 3 else 2) for s in (4, 0, 1, 2, 3)]
     rows.append(dict(step=2, phase=9, split="eval"))  # eval rows do not create boundaries
-    assert plots._phase_boundaries(rows) == [(3.0, 2)]
+    assert plots.phase_boundaries(rows) == [(3.0, 2)]
 
 
 @pytest.mark.parametrize("kl", [

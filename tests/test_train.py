@@ -28,8 +28,8 @@ def tiny_config(**overrides):
 def _runner(config, run, phase, end):
     params = run.init_params(jax.random.key(config.seed))
     first = config.phase1.steps if phase == 2 else 0
-    runner = train._Runner(config, run, phase, first, end, params)
-    return runner, runner.place(runner.new_state(params, first, jax.random.key(1), raw=True))
+    runner = train.Trainer(config, run, phase, first, end, params)
+    return runner, runner.place(runner.new_state(params, first, jax.random.key(1)))
 
 
 def fit_fixed_batch(tmp_path, steps, **overrides):

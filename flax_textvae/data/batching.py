@@ -272,6 +272,13 @@ class BucketedIterator:
                 raise ValueError(f"no full batch of {self.batcher.batch_size} examples with remainder='drop'")
 
     @property
+    def num_shapes(self) -> int:
+        """At most how many distinct batch shapes the iterator yields: the buckets from the shortest holding
+        examples to the longest holding examples (a bucket's leftover rows move to the next longer one)."""
+        used = np.unique(self.batcher.bucket_of)
+        return int(used.max() - used.min() + 1) if len(used) else 0
+
+    @property
     def steps_per_epoch(self) -> int:
         """Batches per epoch (the same every epoch)."""
         self._ensure_plan()

@@ -1,0 +1,338 @@
+"""The public training pieces: :class:`Trainer` (one phase: optimizer, compiled step, placement, the loop),
+:class:`MetricsLog` (``metrics.jsonl`` + TensorBoard), :class:`Progress` (what the console shows) and
+:class:`Preemption` (SIGTERM as a flag).
+
+``flax_textvae.train.train_and_evaluate`` strings phases of a :class:`Trainer` together; code that needs a
+step of its own (benchmarks, tests, other objectives) builds a :class:`Trainer` directly:
+
+    trainer = Trainer(config, run, phase=2, first=0, end=config.train_steps, init_params=params)
+    state = trainer.place(trainer.new_state(params, 0, jax.random.key(1)))
+    state, metrics = trainer.step(state, trainer.batch(next(run.train_iter)))
+
+The parallel mode is a placement object from ``flax_textvae.parallel`` (mesh or pmap); nothing here branches
+on it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_textvae import evaluate, parallel
+from flax_textvae import workdir as rundir
+from flax_textvae.step import StepConfig, TrainState, kl_fns, make_optimizer, train_step
+
+__all__ = ["Trainer", "MetricsLog", "Progress", "Preemption", "NonFiniteLossError", "PhaseContext"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss or gradient becomes NaN / inf."""
+
+
+class Preemption:
+    """Turns SIGTERM into a flag (``requested``) the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> "Preemption":
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+class MetricsLog:
+    """``WORKDIR/metrics.jsonl`` (one JSON row per logged step) and TensorBoard events, on process 0."""
+
+    def __init__(self, workdir: str):
+        self.main = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if self.main:
+            try:
+                from tensorboardX import SummaryWriter  # optional dependency
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def _rows(self) -> list[str]:
+        """The complete rows on disk, as lines (a line torn by a crash is left out)."""
+        if not os.path.isfile(self.path):
+            return []
+        rows = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    if line.endswith("\n") and isinstance(json.loads(line), dict):
+                        rows.append(line)
+                except ValueError:
+                    pass
+        return rows
+
+    def truncate_after(self, step: int) -> None:
+        """Drops rows logged after ``step`` (a resumed run logs those steps again), atomically.
+
+        ``step < 0`` empties the file (a first start). The file is replaced in one ``os.replace``, so a kill
+        during the rewrite leaves the old rows or the new ones.
+        """
+        if not self.main or not os.path.isfile(self.path):
+            return
+        rows = [line for line in self._rows() if step >= 0 and json.loads(line).get("step", 0) <= step]
+        rundir.write_atomic(self.path, "".join(rows))
+
+    def has_row(self, step: int, split: str) -> bool:
+        """Whether a row of ``split`` ('train' when a row has no split) at ``step`` is on disk."""
+        for line in self._rows():
+            row = json.loads(line)
+            if row.get("step") == step and row.get("split", "train") == split:
+                return True
+        return False
+
+    def write(self, row: dict) -> None:
+        """Appends one row (and its numbers to TensorBoard under ``SPLIT/KEY``)."""
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row["step"])
+            self.tb.flush()
+
+
+class Progress:
+    """The console lines of a run on process 0: compiles, training rows with an ETA, evaluations.
+
+    The ETA comes from a moving average of the training rate of recent logging intervals, with compile time
+    taken out of each interval, so the first rows do not promise hours.
+    """
+
+    def __init__(self, total_steps: int):
+        self.main = jax.process_index() == 0
+        self.total = total_steps
+        self.rate = None
+
+    def say(self, text: str) -> None:
+        if self.main:
+            print(text, flush=True)
+
+    def train_row(self, step: int, row: dict) -> None:
+        rate = row.get("steps_per_s", 0.0)
+        self.rate = rate if self.rate is None else 0.7 * self.rate + 0.3 * rate
+        left = (self.total - step) / max(self.rate, 1e-9)
+        eta = f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m" if left >= 3600 else \
+            f"{int(left // 60)}m{int(left % 60):02d}s"
+        kl_ctl = f"C {row['kl_target']:.2f}" if row.get("kl_target") else f"w {row.get('kl_weight', 0):.3f}"
+        self.say(f"[phase {row['phase']}] step {step}/{self.total}  loss {row['loss']:.3f}  rec {row['rec']:.3f}  "
+                 f"kl {row['kl']:.3f}  kl_term {row.get('kl_term', 0.0):.3f}  {kl_ctl}  |  "
+                 f"{row.get('steps_per_s', 0):.2f} steps/s  {row.get('tokens_per_s', 0):.0f} tok/s  ETA {eta}")
+
+
+@dataclasses.dataclass
+class PhaseContext:
+    """What the loop of one phase writes to and reads from besides the state."""
+
+    ckpt: object  # flax_textvae.checkpoints.Checkpointer
+    log: MetricsLog
+    progress: Progress
+    preempt: Preemption
+    best: float = float("inf")  # best phase-1 validation reconstruction so far
+
+
+def _step_config(config, run, phase: int, first: int, frozen: tuple) -> StepConfig:
+    return StepConfig(
+        kind="elbo" if phase == 1 else config.loss.kind, free_bits=config.loss.free_bits,
+        free_bits_mode=config.loss.free_bits_mode, beta=config.loss.beta, phase_start=first,
+        delete_rate=config.denoise.delete_rate, mask_rate=config.denoise.mask_rate,
+        word_dropout=config.denoise.word_dropout, special_ids=run.special_ids, pad_id=run.pad_id,
+        mask_id=run.mask_id, unk_id=run.unk_id, grad_accum_steps=config.optimizer.grad_accum_steps,
+        frozen=frozen)
+
+
+def _check_global_kl(cfg: StepConfig, mode: str) -> None:
+    global_kl = cfg.kind == "constraint" or (cfg.kind == "free_bits" and cfg.free_bits_mode == "batch")
+    if global_kl and (mode == "pmap" or cfg.grad_accum_steps > 1):
+        raise ValueError(
+            f"loss.kind={cfg.kind!r} (free_bits_mode={cfg.free_bits_mode!r}) needs the KL of the whole batch, "
+            "which parallel.mode='pmap' and optimizer.grad_accum_steps > 1 compute per shard; use "
+            "--config.parallel.mode=mesh --config.optimizer.grad_accum_steps=1 (the mesh splits the batch "
+            "over every device and still computes the global KL)")
+
+
+class Trainer:
+    """One training phase: optimizer, static step settings, the compiled step and its placement.
+
+    Args:
+      config: the run's ConfigDict.
+      run: the ``flax_textvae.builders.Run`` (model, tokenizer ids, data).
+      phase: 1 (KL weight 0, ``config.phase1.frozen`` frozen) or 2 (``config.loss``).
+      first, end: the phase's first global step and the step it ends at.
+      init_params: parameters with the shapes the state will hold (for the optimizer and shardings).
+    """
+
+    def __init__(self, config, run, phase: int, first: int, end: int, init_params):
+        self.config, self.run, self.phase, self.first, self.end = config, run, phase, first, end
+        # Phase 1 freezes the decoder side; the tensors the forward pass never reads are frozen throughout.
+        frozen = (tuple(config.phase1.frozen) if phase == 1 else ()) + run.unused_param_patterns()
+        self.tx, lr = make_optimizer(config.optimizer, end - first, init_params, frozen)
+        self.step_config = _step_config(config, run, phase, first, frozen)
+        _check_global_kl(self.step_config, config.parallel.mode)
+        wfn, tfn = kl_fns(config.loss, phase)
+        fn = functools.partial(train_step, model=run.model, tx=self.tx, cfg=self.step_config, kl_weight_fn=wfn,
+                               kl_target_fn=tfn, lr_fn=lr)
+        abstract = jax.eval_shape(lambda: self.new_state(init_params, 0, jax.random.key(0)))
+        self.placement = parallel.make_placement(config.parallel, config.batch_size, abstract)
+        self.step = self.placement.compile(fn)
+        self.mesh = self.placement.mesh
+
+    def new_state(self, params, step: int, key) -> TrainState:
+        """A fresh host-side state at ``step`` (fresh optimizer state); ``place`` it before stepping."""
+        return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=self.tx.init(params),
+                          rng=jnp.array(jax.random.key_data(key), copy=True))
+
+    def place(self, state: TrainState) -> TrainState:
+        return self.placement.place(state)
+
+    def abstract(self, state: TrainState):
+        """Restore target with this phase's placement."""
+        return self.placement.abstract(state)
+
+    def host_state(self, state: TrainState) -> TrainState:
+        """The state as one logical copy (for saving)."""
+        return self.placement.host(state)
+
+    def batch(self, local: dict) -> dict:
+        """This host's rows of a global batch, placed for the step."""
+        return self.placement.batch(local)
+
+    def metrics(self, metrics: dict) -> dict:
+        return self.placement.metrics(metrics)
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def run_phase(self, state: TrainState, ctx: PhaseContext) -> tuple[TrainState, bool]:
+        """Steps until ``self.end``, logging, evaluating and checkpointing on the config's cadence.
+
+        Returns:
+          ``(state, stopped)``; ``stopped`` is True when SIGTERM ended the phase early (after a save).
+        """
+        loop = _Loop(self, ctx, int(self.host_state(state).step))
+        return loop.run(state)
+
+
+class _Loop:
+    """The mutable bookkeeping of one phase's loop (kept off the Trainer so a Trainer can be reused)."""
+
+    def __init__(self, trainer: Trainer, ctx: PhaseContext, step: int):
+        self.t, self.ctx, self.step = trainer, ctx, step
+        self.config = trainer.config
+        self.pending, self.fetched = [], []  # device metrics not yet fetched; fetched, not yet logged
+        self.t_last, self.compile_s = time.time(), 0.0
+        self.shapes: set = set()
+
+    def run(self, state: TrainState) -> tuple[TrainState, bool]:
+        c, ctx = self.config, self.ctx
+        while self.step < self.t.end:
+            state = self._train_step(state)
+            last = self.step == self.t.end
+            do_ckpt = self.step % c.checkpoint_every == 0 or last or ctx.preempt.requested
+            if self.step % c.log_every == 0 or do_ckpt:
+                self._fetch()  # the only host sync
+                if self.step % c.log_every == 0 or last:
+                    self._log_row()
+            # The end of phase 2 is evaluated once, fully, by train_and_evaluate.
+            final = last and self.t.end == c.train_steps
+            if ((c.eval_every and self.step % c.eval_every == 0) or last) and not final:
+                self._evaluate(state)
+            if do_ckpt:
+                self._save(state)
+            if ctx.preempt.requested:
+                if not do_ckpt:  # SIGTERM came after this step's save decision (during the evaluation, say)
+                    self._fetch()
+                    self._save(state)
+                ctx.progress.say(f"SIGTERM: saved the checkpoint of step {ctx.ckpt.latest_step()} in "
+                                 f"{ctx.ckpt.workdir}; exiting.")
+                return state, True
+            if not self.pending and not self.fetched:
+                self.t_last, self.compile_s = time.time(), 0.0  # rates measure training steps only
+        return state, False
+
+    def _train_step(self, state: TrainState) -> TrainState:
+        local = next(self.t.run.train_iter)
+        shape = tuple(local["input_ids"].shape)
+        new_shape = shape not in self.shapes
+        if new_shape:
+            self.shapes.add(shape)
+            known = getattr(self.t.run.train_iter, "num_shapes", None)
+            of = f" ({len(self.shapes)} of at most {known})" if known else f" ({len(self.shapes)} so far)"
+            self.ctx.progress.say(f"compiling the phase-{self.t.phase} step for batch shape {list(shape)}{of} ...")
+            start = time.time()
+        state, m = self.t.step(state, self.t.batch(local))
+        if new_shape:
+            jax.block_until_ready(m)  # once per shape: the time is the compile's
+            took = time.time() - start
+            self.compile_s += took
+            self.ctx.progress.say(f"  compiled in {took:.1f} s")
+        self.pending.append((self.step, m))
+        self.step += 1
+        return state
+
+    def _fetch(self) -> None:
+        """This interval's device metrics, fetched; never checkpoint past a non-finite step."""
+        new = [(s, jax.device_get(self.t.metrics(x))) for s, x in self.pending]
+        self.pending, self.fetched = [], self.fetched + new
+        bad = [s for s, r in new if r["nonfinite"]]
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {bad[0]} (phase {self.t.phase}); the run stopped there and "
+                f"the last checkpoint on disk is step {self.ctx.ckpt.latest_step()}. Lower "
+                f"optimizer.learning_rate, enable optimizer.grad_clip or try model.dtype=float32.")
+
+    def _log_row(self) -> None:
+        rows, self.fetched = self.fetched, []
+        dt = max(time.time() - self.t_last - self.compile_s, 1e-9)
+        row = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1] if k != "nonfinite"}
+        # Schedules and norms as they are at `step`; losses and rates averaged over the interval.
+        row.update({k: float(rows[-1][1][k]) for k in ("kl_weight", "kl_target", "learning_rate", "param_norm")})
+        tokens = float(np.sum([r["num_tokens"] for _, r in rows]))
+        row.update(step=self.step, phase=self.t.phase, steps_per_s=len(rows) / dt, tokens_per_s=tokens / dt,
+                   examples_per_s=len(rows) * self.config.batch_size / dt)
+        self.ctx.log.write(row)
+        self.ctx.progress.train_row(self.step, row)
+
+    def _evaluate(self, state: TrainState) -> None:
+        c, ctx, run = self.config, self.ctx, self.t.run
+        start = time.time()
+        ctx.progress.say(f"  evaluating at step {self.step} ...")
+        ev = evaluate.evaluate_split(run, self.t.host_state(state).params, run.eval_subset(c.data.eval_max_examples),
+                                     iw_samples=0, seed=c.seed, mesh=self.t.mesh)
+        ctx.log.write({"step": self.step, "phase": self.t.phase, "split": "eval", **ev})
+        ctx.progress.say(f"  eval @ {self.step}: rec {ev['rec']:.3f}  kl {ev['kl']:.3f}  au {ev['au']}  "
+                         f"ppl_elbo {ev['ppl_elbo']:.2f}  ({time.time() - start:.1f} s)")
+        if self.t.phase == 1 and ev["rec"] < ctx.best:
+            ctx.best = ev["rec"]
+            self._save(state, best_ckpt=True)
+
+    def _save(self, state: TrainState, *, best_ckpt: bool = False) -> None:
+        meta = {"step": self.step, "phase": self.t.phase, "data": self.t.run.train_iter.get_state(),
+                "best_rec": self.ctx.best}
+        host = self.t.host_state(state)
+        self.ctx.ckpt.save(self.step, {"params": host.params} if best_ckpt else host, meta, best=best_ckpt)
