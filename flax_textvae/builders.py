@@ -105,14 +105,6 @@ class Run:
                                         jnp.asarray(batch["attention_mask"]), method=TextVAE.encode)
         return np.asarray(mean), np.asarray(logvar)
 
-    def greedy(self, params, z, *, max_length: int | None = None) -> np.ndarray:
-        """Greedy token ids ``[N, L]`` decoded from latent codes ``z [N, Dz]``."""
-        from flax_textvae import decoding
-
-        return decoding.decode_from_z(self.model, params, jnp.asarray(z), prompt=self.prompt, eos_id=self.eos_id,
-                                      pad_id=self.pad_id, max_length=max_length or self.max_length,
-                                      method="greedy")
-
     def detokenize(self, ids) -> list[str]:
         """Token ids -> text, special tokens and padding dropped."""
         return [t.strip() for t in self.tokenizer.batch_decode(np.asarray(ids).tolist(), skip_special_tokens=True)]
@@ -145,10 +137,16 @@ def _load_backbone(config, workdir: str, train: bool, train_texts: list[str] | N
     if not train:
         raise FileNotFoundError(f"{folder} has no config.json: {workdir} is not a trained run's workdir")
     if config.model.name_or_path == "scratch":
-        tokenizer = data_lib.train_word_tokenizer(
-            train_texts, os.path.join(folder, "_tok_tmp") if not main else folder,
-            family=config.model.scratch.family, vocab_size=config.model.scratch.vocab_size,
-            min_freq=config.model.scratch.min_freq)
+        if train_texts is None:  # a prepared training set: its ids come from the tokenizer saved with it
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                data_lib.PreparedSource(config.data.train).tokenizer_folder)
+            if main:
+                tokenizer.save_pretrained(folder)
+        else:
+            tokenizer = data_lib.train_word_tokenizer(
+                train_texts, os.path.join(folder, "_tok_tmp") if not main else folder,
+                family=config.model.scratch.family, vocab_size=config.model.scratch.vocab_size,
+                min_freq=config.model.scratch.min_freq)
         family = models.families.get(config.model.scratch.family)
         hf_config = family.scratch_config(config.model.scratch, tokenizer, config.data.max_length)
         if main:
@@ -182,6 +180,20 @@ def _report(split: str, spec: str, read_stats: dict, tok_stats: dict, max_length
           flush=True)
 
 
+def _prepared_source(split: str, spec: str, tokenizer, tokenizer_name: str, max_length: int):
+    """The ``PreparedSource`` of a ``prepared:DIR`` spec, refused unless made with this tokenizer / max_length."""
+    source = data_lib.PreparedSource(spec)
+    problems = data_lib.prepared.compatibility_problems(source.index, tokenizer, max_length, spec=spec,
+                                                        tokenizer_name=tokenizer_name)
+    if problems:
+        from flax_textvae.validation import ConfigError  # validation imports this module
+
+        raise ConfigError(problems, subject=f"data.{split}")
+    stats = source.index["stats"]
+    _report(split, spec, stats, dict(stats, examples=len(source)), max_length)
+    return source
+
+
 def build_run(config, workdir: str, *, train: bool = True, eval_spec: str | None = None,
               eval_batch_size: int | None = None, with_eval: bool = True) -> Run:
     """Builds the model, tokenizer and data for ``config``.
@@ -200,7 +212,7 @@ def build_run(config, workdir: str, *, train: bool = True, eval_spec: str | None
     read = lambda spec: data_lib.read_examples(spec, column=column, text_field=data_cfg.text_field or None,
                                                data_dir=data_cfg.tfds_data_dir or None)
     read_stats = {}
-    if train:
+    if train and not data_lib.is_prepared_spec(data_cfg.train):
         train_texts, read_stats["train"] = read(data_cfg.train)
     else:
         train_texts = None
@@ -223,7 +235,12 @@ def build_run(config, workdir: str, *, train: bool = True, eval_spec: str | None
               else sp["pad"], special_ids=specials, prompt=prompt, max_length=data_cfg.max_length,
               vocab_size=module.vocab_size)
     batch_kw = dict(pad_id=run.pad_id, decoder_start_id=prompt[0], bos_id=prompt[1] if bos_first else None)
-    if train:
+    if train and data_lib.is_prepared_spec(data_cfg.train):  # read through grain, never held in memory
+        source = _prepared_source("train", data_cfg.train, tokenizer, tok_name, data_cfg.max_length)
+        run.train_iter = data_lib.GrainTrainIterator(
+            source, batch_size=config.batch_size, max_length=data_cfg.max_length, num_buckets=data_cfg.num_buckets,
+            seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(), **batch_kw)
+    elif train:
         ids, tok_stats = data_lib.encode_texts(tokenizer, train_texts, data_cfg.max_length)
         _report("train", data_cfg.train, read_stats["train"], tok_stats, data_cfg.max_length)
         run.train_iter = data_lib.TrainIterator(
@@ -232,11 +249,23 @@ def build_run(config, workdir: str, *, train: bool = True, eval_spec: str | None
     if not with_eval:
         return run
     run.eval_spec = eval_spec or data_cfg.eval
+    bs = eval_batch_size or config.batch_size
+    if data_lib.is_prepared_spec(run.eval_spec):
+        source = _prepared_source("eval", run.eval_spec, tokenizer, tok_name, data_cfg.max_length)
+        run.eval_texts, run.eval_stats = data_lib.DecodedTexts(source, tokenizer), dict(source.index["stats"])
+
+        def prepared_subset(n: int = 0) -> Callable[[], Iterator[dict]]:
+            batches = data_lib.GrainEvalIterator(source, num_examples=n or None, batch_size=bs,
+                                                 max_length=data_cfg.max_length, num_buckets=data_cfg.num_buckets,
+                                                 **batch_kw)
+            return lambda: iter(batches)
+
+        run.eval_subset, run.eval_batches = prepared_subset, prepared_subset(0)
+        return run
     run.eval_texts, eval_read = read(run.eval_spec)
     eval_ids, eval_tok = data_lib.encode_texts(tokenizer, run.eval_texts, data_cfg.max_length)
     _report("eval", run.eval_spec, eval_read, eval_tok, data_cfg.max_length)
     run.eval_stats = eval_tok
-    bs = eval_batch_size or config.batch_size
 
     def subset(n: int = 0) -> Callable[[], Iterator[dict]]:
         ids = eval_ids[:n] if n else eval_ids  # batches are length-sorted: cut before batching, not after
