@@ -160,7 +160,7 @@ def check_trained_run(workdir: str) -> None:
 
 def run_eval_main(flags) -> int:
     """Dispatches ``run_eval.py --mode=...``; returns the process exit code."""
-    from flax_textvae import evaluate, generate
+    from flax_textvae import evaluate, inference
 
     workdir = flags.workdir
     check_trained_run(workdir)
@@ -169,14 +169,14 @@ def run_eval_main(flags) -> int:
         if problems:
             raise validation.ConfigError(problems, subject="--data")
     if flags.mode == "metrics":
-        config = generate.load_config(workdir)
+        config = inference.load_config(workdir)
         result = evaluate.evaluate(config, workdir, data=flags.data, name=flags.name, iw_samples=flags.iw_samples,
                                    seed=flags.seed, batch_size=flags.batch_size, step=flags.step)
         print(evaluate.format_table(result))
         return 0
     if flags.mode == "plot":
         return _plot(workdir, flags.output, flags.step)
-    vae = generate.TrainedTextVAE.load(workdir, step=flags.step)
+    vae = inference.load(workdir, step=flags.step)
     seed = 0 if flags.seed is None else flags.seed
     if flags.mode == "reconstruct":
         texts = list(flags.text)
@@ -204,13 +204,13 @@ def run_eval_main(flags) -> int:
 
 
 def _plot(workdir: str, out_dir: str | None, step: int | None = None) -> int:
-    from flax_textvae import generate, plots
+    from flax_textvae import inference, plots
 
     out_dir = out_dir or os.path.join(workdir, "plots")
     os.makedirs(out_dir, exist_ok=True)
     curves = plots.plot_training_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(out_dir, "training.png"))
     print(f"wrote {curves}")
-    config = generate.load_config(workdir)
+    config = inference.load_config(workdir)
     from flax_textvae import builders, checkpoints
     from flax_textvae.evaluate import per_dim_kl
 

@@ -1,35 +1,48 @@
-"""Batched, jitted decoding from latent codes z with the decoder's key/value cache.
+"""Batched, jitted greedy / sampling / beam search over a one-token logits function and a cache.
 
-Array-level API (``flax_textvae.generate`` builds the text-level ``TrainedTextVAE`` on top of it):
+The search knows nothing of the model behind it. The caller supplies
 
-  * ``init_vae_cache(vae, batch_size, max_length)`` -> the ``'cache'`` collection for
-    ``vae.apply({'params': p, 'cache': c}, z, tok[B,1], decode=True, mutable=['cache'], method=TextVAE.decode)``;
-    the backbone's cache lives under ``'backbone'`` (``{'backbone': models.init_cache(vae.backbone, B, L)}``).
-  * ``decode_from_z(vae, params, z, *, prompt, eos_id, pad_id, max_length, method='greedy', ...)`` -> token ids
-    ``[B, max_length]``: greedy, sampling (temperature / top-k / nucleus) or beam search.
-  * ``sequence_log_probs(vae, params, z, tokens, *, prompt, eos_id)`` -> teacher-forced ``log p(tokens|z)``.
-  * ``filter_logits(logits, top_k=0, top_p=1.0)``, ``length_penalty_factor(length, alpha)``.
+  * ``tokens_to_logits(params, cache, tokens, inputs) -> (logits, new_cache)``: feeds one token per row
+    (``tokens [R, 1]`` int32) and returns the float32 next-token ``logits [R, V]`` and the updated cache;
+  * ``cache``: the initial cache pytree for B rows, with room for ``cache_length(prompt, max_length)`` tokens.
+    Every leaf of rank >= 1 is per row (leading axis B); rank-0 leaves (step counters) are shared by all rows;
+  * ``inputs``: the per-row extra inputs (a pytree of ``[B, ...]`` arrays such as latent codes z, or None),
+    passed unchanged to every ``tokens_to_logits`` call;
+  * ``params``: everything else the function reads (any pytree, shared by all rows).
+
+Public:
+
+  * ``decode(tokens_to_logits, params, cache, inputs, *, prompt, eos_id, pad_id, max_length, method='greedy',
+    ...)`` -> token ids ``[B, max_length]``: greedy, sampling (temperature / top-k / nucleus) or beam search.
+  * ``sequence_log_probs(sequence_logits, params, tokens, inputs, *, prompt, eos_id)`` -> teacher-forced
+    summed log-probabilities of continuations as ``decode`` returns them.
+  * ``cache_length(prompt, max_length)``, ``filter_logits(logits, top_k, top_p)``,
+    ``length_penalty_factor(length, alpha)``; ``trace_count()``, ``compiled_count()``, ``clear_compiled_cache()``.
 
 How one call runs: the forced decoder prefix ``prompt`` (e.g. ``(decoder_start,)`` for T5, ``(</s>, <s>)`` for
 BART as our data pipeline trains it) is fed one token at a time through the cache; the logits after its last
 token give the first generated token. Each ``jax.lax.while_loop`` iteration feeds one token (the first
 ``len(prompt) - 1`` iterations feed the prompt and ignore the logits, so the compiled program holds a single
-copy of the decoder); the loop stops early once every row (every beam) has emitted EOS.
-The whole call is one ``jax.jit`` per
-(vae, method, prompt, eos/pad ids, max_length, top_k, nucleus on/off, beam size); ``params``, ``z``, the rng,
-``temperature``, ``top_p`` and ``length_penalty`` are traced, so changing them does not recompile. Compiled
-functions are kept in a small module-level cache (``clear_compiled_cache()`` empties it).
+copy of the model); the loop stops early once every row (every beam) has emitted EOS.
+
+The whole call is one ``jax.jit`` per (logits function, method, prompt, eos / pad ids, max_length, top_k,
+nucleus on / off, beam size). The logits function is identified by its owner: for a bound method the object
+it is bound to (and the method), otherwise the function object itself; pass the same function (or a method of
+the same object) to reuse the compiled program, as a fresh closure per call compiles every time. ``params``,
+``cache``, ``inputs``, the rng, ``temperature``, ``top_p`` and ``length_penalty`` are traced, so changing their
+values does not recompile. Compiled functions are kept in a small module-level cache (``clear_compiled_cache()``
+empties it).
 
 Outputs hold only the continuation after the prompt: EOS included, ``pad_id`` after it; rows that never emit
-EOS are cut at ``max_length``. The cache holds ``len(prompt) - 1 + max_length`` positions, which must not exceed
-the family's ``Family.max_decode_positions`` (BART: ``max_position_embeddings``; T5: no limit).
+EOS are cut at ``max_length``.
 
-Beam search keeps ``beam_size`` hypotheses per example as ``B * beam_size`` rows (z repeated). A finished beam
-stays in the beam with its score frozen and a pad continuation of cost 0, competing with the live ones.
-Candidates are ranked by ``score / length_penalty_factor(length, length_penalty)`` with the GNMT penalty
-``((5 + length) / 6) ** alpha`` (Wu et al. 2016), where ``length`` counts generated tokens (EOS included;
-live candidates: tokens so far). ``length_penalty=0`` ranks by the raw summed log-probability. The best beam
-per example (by the same normalised score) is returned.
+Beam search keeps ``beam_size`` hypotheses per example as ``B * beam_size`` rows (row ``b * beam_size + w``
+holds example b; the cache and ``inputs`` are repeated per beam). A finished beam stays in the beam with its
+score frozen and a pad continuation of cost 0, competing with the live ones. Candidates are ranked by
+``score / length_penalty_factor(length, length_penalty)`` with the GNMT penalty ``((5 + length) / 6) ** alpha``
+(Wu et al. 2016), where ``length`` counts generated tokens (EOS included; live candidates: tokens so far).
+``length_penalty=0`` ranks by the raw summed log-probability. The best beam per example (by the same
+normalised score) is returned.
 """
 from __future__ import annotations
 
@@ -41,38 +54,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_textvae.models import families
-from flax_textvae.vae import TextVAE
-
 METHODS = ("greedy", "sample", "beam")
 _NEG = -1.0e9  # finite "minus infinity" for dead beams / impossible continuations (no inf - inf NaNs)
 _MAX_COMPILED = 32
-_COMPILED: "collections.OrderedDict[tuple, tuple[Any, Callable]]" = collections.OrderedDict()
+_COMPILED: "collections.OrderedDict[tuple, tuple[Any, Any, Callable]]" = collections.OrderedDict()
 
-__all__ = ["METHODS", "init_vae_cache", "decode_from_z", "sequence_log_probs", "filter_logits",
-           "length_penalty_factor", "clear_compiled_cache", "trace_count", "compiled_count"]
+# tokens_to_logits(params, cache, tokens [R, 1], inputs) -> (logits [R, V] float32, new cache)
+TokensToLogits = Callable[[Any, Any, jax.Array, Any], tuple[jax.Array, Any]]
+# sequence_logits(params, tokens [R, T], inputs) -> logits [R, T, V]
+SequenceLogits = Callable[[Any, jax.Array, Any], jax.Array]
+
+__all__ = ["METHODS", "TokensToLogits", "SequenceLogits", "decode", "sequence_log_probs", "cache_length",
+           "filter_logits", "length_penalty_factor", "clear_compiled_cache", "trace_count", "compiled_count"]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def init_vae_cache(vae: TextVAE, batch_size: int, max_length: int) -> Any:
-    """Zero decoding cache of ``vae`` for ``batch_size`` rows and ``max_length`` decoder positions.
+def cache_length(prompt: Sequence[int], max_length: int) -> int:
+    """Positions a cache needs to decode ``max_length`` tokens after ``prompt``: ``len(prompt) - 1 + max_length``.
 
-    Args:
-      vae: the TextVAE module.
-      batch_size: B (rows decoded together; ``B * beam_size`` for beam search).
-      max_length: number of decoder tokens the cache can hold (prompt included).
-
-    Returns:
-      The ``'cache'`` collection (zeros, every ``cache_index`` 0), ``{'backbone': {...}}``.
+    Raises:
+      ValueError: for an empty prompt or ``max_length < 1``.
     """
-    z = jnp.zeros((batch_size, vae.latent_size), jnp.float32)
-    ids = jnp.zeros((batch_size, max_length), jnp.int32)
-
-    def _init():
-        return vae.init(jax.random.PRNGKey(0), z, ids, decode=True, method=TextVAE.decode)
-
-    shapes = jax.eval_shape(_init)["cache"]
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    if not len(prompt):
+        raise ValueError("prompt must hold at least the decoder start token")
+    if int(max_length) < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    return len(prompt) - 1 + int(max_length)
 
 
 def length_penalty_factor(length: jax.Array, alpha: Any) -> jax.Array:
@@ -109,24 +116,25 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: Any = 1.0, *, use_to
     return logits
 
 
-def _unwrap(params: Any) -> Any:
-    if isinstance(params, dict) and set(params) == {"params"}:
-        return params["params"]
-    return params
+def _num_rows(*trees: Any) -> int:
+    """The common leading axis of every rank >= 1 leaf of ``trees`` (ValueError if they differ or none has one)."""
+    sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(trees) if jnp.ndim(x)}
+    if len(sizes) != 1:
+        raise ValueError(f"every cache / inputs leaf of rank >= 1 must have the rows first; leading axes: "
+                         f"{sorted(sizes) or 'none'}")
+    return sizes.pop()
 
 
-def _step(vae: TextVAE, params: Any, z: jax.Array, cache: Any, tok: jax.Array):
-    """Feeds one token per row ``tok [R]``; returns (float32 logits [R, V], new cache)."""
-    logits, mutated = vae.apply({"params": params, "cache": cache}, z, tok[:, None].astype(jnp.int32),
-                                decode=True, mutable=["cache"], method=TextVAE.decode)
-    return logits[:, -1].astype(jnp.float32), mutated["cache"]
+def _per_row(fn: Callable[[jax.Array], jax.Array], tree: Any) -> Any:
+    """Applies ``fn`` to the per-row (rank >= 1) leaves of ``tree``; rank-0 leaves are shared and kept."""
+    return jax.tree.map(lambda x: fn(x) if jnp.ndim(x) else x, tree)
 
 
 def _forced_or(step_in_prompt: jax.Array, prompt: tuple[int, ...], rows: int, forced_rest: tuple,
                generate: Callable[[], tuple]) -> tuple:
     """Loop iterations 0..len(prompt)-2 feed the prompt: the next input is prompt[i + 1] and the rest of the
-    state is unchanged (``forced_rest``); later iterations run ``generate()``. The decoder call itself is
-    outside this switch, so the compiled program holds one copy of the decoder."""
+    state is unchanged (``forced_rest``); later iterations run ``generate()``. The model call itself is
+    outside this switch, so the compiled program holds one copy of the model."""
     if len(prompt) == 1:
         return generate()
     prompt_arr = jnp.asarray(prompt, jnp.int32)
@@ -138,15 +146,20 @@ def _forced_or(step_in_prompt: jax.Array, prompt: tuple[int, ...], rows: int, fo
     return jax.lax.cond(step_in_prompt < len(prompt) - 1, forced, lambda _: generate(), None)
 
 
+def _step(tokens_to_logits: TokensToLogits, params: Any, cache: Any, tok: jax.Array, inputs: Any):
+    """Feeds one token per row ``tok [R]``; returns (float32 logits [R, V], new cache)."""
+    logits, cache = tokens_to_logits(params, cache, tok[:, None].astype(jnp.int32), inputs)
+    return logits.astype(jnp.float32), cache
+
+
 # ------------------------------------------------------------------------------------- greedy / sampling
-def _build_ancestral(vae, method, prompt, eos_id, pad_id, max_length, top_k, use_top_p):
+def _build_ancestral(tokens_to_logits, method, prompt, eos_id, pad_id, max_length, top_k, use_top_p):
     num_forced = len(prompt) - 1  # prompt tokens fed before the first generated token is chosen
     cache_len = num_forced + max_length
 
-    def run(params, z, rng, temperature, top_p, length_penalty):
+    def run(params, cache, inputs, rng, temperature, top_p, length_penalty):
         del length_penalty
-        batch = z.shape[0]
-        cache = init_vae_cache(vae, batch, cache_len)
+        batch = _num_rows(cache, inputs)
         tok = jnp.full((batch,), prompt[0], jnp.int32)
         out = jnp.full((batch, max_length), pad_id, jnp.int32)
         state = (jnp.zeros((), jnp.int32), cache, tok, out, jnp.zeros((batch,), bool),
@@ -157,7 +170,7 @@ def _build_ancestral(vae, method, prompt, eos_id, pad_id, max_length, top_k, use
 
         def body(s):
             i, cache, tok, out, finished, total = s
-            logits, cache = _step(vae, params, z, cache, tok)
+            logits, cache = _step(tokens_to_logits, params, cache, tok, inputs)
             t = i - num_forced  # index of the token chosen now (negative while feeding the prompt)
 
             def generate():
@@ -184,17 +197,48 @@ def _build_ancestral(vae, method, prompt, eos_id, pad_id, max_length, top_k, use
 
 
 # ------------------------------------------------------------------------------------------- beam search
-def _build_beam(vae, prompt, eos_id, pad_id, max_length, beam_size):
+def _beam_candidates(logits, t, scores, finished, lengths, seqs, pad_id, eos_id, length_penalty):
+    """One beam-search expansion: the W best of the W * V candidates of each example.
+
+    Args:
+      logits: ``[B * W, V]`` float32 next-token logits; ``t`` the index of the token chosen now.
+      scores, finished, lengths: ``[B, W]`` summed log-probs, EOS emitted, generated tokens.
+      seqs: ``[B, W, max_length]`` tokens so far.
+
+    Returns:
+      ``(tokens [B * W], parent rows [B * W], seqs, scores, finished, lengths)`` of the new beams.
+    """
+    batch, width = scores.shape
+    vocab = logits.shape[-1]
+    logp = jax.nn.log_softmax(logits, axis=-1).reshape(batch, width, vocab)
+    pad_only = jnp.where(jnp.arange(vocab) == pad_id, 0.0, _NEG).astype(jnp.float32)
+    logp = jnp.where(finished[..., None], pad_only, logp)  # finished: pad at cost 0, score frozen
+    cand = scores[..., None] + logp  # [B, W, V]
+    cand_len = jnp.where(finished, lengths, t + 1)[..., None]
+    rank = cand / length_penalty_factor(cand_len, length_penalty)
+    _, idx = jax.lax.top_k(rank.reshape(batch, width * vocab), width)  # [B, W]
+    parent, token = idx // vocab, (idx % vocab).astype(jnp.int32)
+    new_scores = jnp.take_along_axis(cand.reshape(batch, -1), idx, axis=1)
+    parent_done = jnp.take_along_axis(finished, parent, axis=1)
+    new_len = jnp.where(parent_done, jnp.take_along_axis(lengths, parent, axis=1), t + 1)
+    new_seqs = jnp.take_along_axis(seqs, parent[..., None], axis=1)
+    new_seqs = jax.lax.dynamic_update_slice(new_seqs, token[..., None], (0, 0, jnp.maximum(t, 0)))
+    flat_parent = (jnp.arange(batch)[:, None] * width + parent).reshape(-1)
+    return (token.reshape(-1), flat_parent, new_seqs, new_scores, jnp.logical_or(parent_done, token == eos_id),
+            new_len)
+
+
+def _build_beam(tokens_to_logits, prompt, eos_id, pad_id, max_length, beam_size):
     num_forced = len(prompt) - 1
     cache_len = num_forced + max_length
     width = beam_size
 
-    def run(params, z, rng, temperature, top_p, length_penalty):
+    def run(params, cache, inputs, rng, temperature, top_p, length_penalty):
         del rng, temperature, top_p
-        batch = z.shape[0]
+        batch = _num_rows(cache, inputs)
         rows = batch * width
-        z_rep = jnp.repeat(z, width, axis=0)  # row b * W + w holds example b
-        cache = init_vae_cache(vae, rows, cache_len)
+        repeat = functools.partial(jnp.repeat, repeats=width, axis=0)  # row b * W + w holds example b
+        cache, inputs = _per_row(repeat, cache), _per_row(repeat, inputs)
         tok = jnp.full((rows,), prompt[0], jnp.int32)
         seqs = jnp.full((batch, width, max_length), pad_id, jnp.int32)
         # only beam 0 is alive at the start, so the W beams do not all expand the same prefix
@@ -207,33 +251,14 @@ def _build_beam(vae, prompt, eos_id, pad_id, max_length, beam_size):
 
         def body(s):
             i, cache, tok, seqs, scores, finished, lengths = s
-            logits, cache = _step(vae, params, z_rep, cache, tok)
+            logits, cache = _step(tokens_to_logits, params, cache, tok, inputs)
             t = i - num_forced
-
-            def generate():
-                vocab = logits.shape[-1]
-                logp = jax.nn.log_softmax(logits, axis=-1).reshape(batch, width, vocab)
-                pad_only = jnp.where(jnp.arange(vocab) == pad_id, 0.0, _NEG).astype(jnp.float32)
-                logp_ = jnp.where(finished[..., None], pad_only, logp)  # finished: pad at cost 0, score frozen
-                cand = scores[..., None] + logp_  # [B, W, V]
-                cand_len = jnp.where(finished, lengths, t + 1)[..., None]
-                rank = cand / length_penalty_factor(cand_len, length_penalty)
-                _, idx = jax.lax.top_k(rank.reshape(batch, width * vocab), width)  # [B, W]
-                parent, token = idx // vocab, (idx % vocab).astype(jnp.int32)
-                new_scores = jnp.take_along_axis(cand.reshape(batch, -1), idx, axis=1)
-                parent_done = jnp.take_along_axis(finished, parent, axis=1)
-                new_len = jnp.where(parent_done, jnp.take_along_axis(lengths, parent, axis=1), t + 1)
-                new_seqs = jnp.take_along_axis(seqs, parent[..., None], axis=1)
-                new_seqs = jax.lax.dynamic_update_slice(new_seqs, token[..., None], (0, 0, jnp.maximum(t, 0)))
-                flat_parent = (jnp.arange(batch)[:, None] * width + parent).reshape(-1)
-                return (token.reshape(-1), flat_parent, new_seqs, new_scores,
-                        jnp.logical_or(parent_done, token == eos_id), new_len)
-
+            generate = functools.partial(_beam_candidates, logits, t, scores, finished, lengths, seqs, pad_id,
+                                         eos_id, length_penalty)
             keep = jnp.arange(rows)
             nxt, flat_parent, seqs, scores, finished, lengths = _forced_or(
                 i, prompt, rows, (keep, seqs, scores, finished, lengths), generate)
-            # reorder the cache rows to follow their parent beams (the step counters are scalars)
-            cache = jax.tree.map(lambda x: x[flat_parent] if x.ndim and x.shape[0] == rows else x, cache)
+            cache = _per_row(lambda x: x[flat_parent], cache)  # cache rows follow their parent beams
             return i + 1, cache, nxt, seqs, scores, finished, lengths
 
         s = jax.lax.while_loop(cond, body, state)
@@ -246,6 +271,7 @@ def _build_beam(vae, prompt, eos_id, pad_id, max_length, beam_size):
     return _jit_counting_traces(run)
 
 
+# ---------------------------------------------------------------------------------- compiled functions
 _TRACES = [0]  # how many times jax has traced a decoding program in this process
 
 
@@ -270,30 +296,63 @@ def compiled_count() -> int:
     return len(_COMPILED)
 
 
-def _compiled(vae: TextVAE, key: tuple, build: Callable[[], Callable]) -> Callable:
-    """Compiled function for (vae, static settings); the entry keeps vae alive so its id stays unique."""
-    full = (id(vae),) + key
+def _owner(fn: Callable) -> tuple[Any, Any]:
+    """``(owner, function)`` identifying a logits function: a bound method's object and underlying function,
+    else ``(fn, fn)``."""
+    owner = getattr(fn, "__self__", None)
+    return (fn, fn) if owner is None else (owner, getattr(fn, "__func__", fn))
+
+
+def _compiled(fn: Callable, key: tuple, build: Callable[[], Callable]) -> Callable:
+    """Compiled function for (the owner of ``fn``, static settings); the entry keeps the owner alive so its id
+    stays unique."""
+    owner, func = _owner(fn)
+    full = (id(owner), id(func)) + key
     hit = _COMPILED.get(full)
-    if hit is not None and hit[0] is vae:
+    if hit is not None and hit[0] is owner and hit[1] is func:
         _COMPILED.move_to_end(full)
-        return hit[1]
-    fn = build()
-    _COMPILED[full] = (vae, fn)
+        return hit[2]
+    compiled = build()
+    _COMPILED[full] = (owner, func, compiled)
     while len(_COMPILED) > _MAX_COMPILED:
         _COMPILED.popitem(last=False)
-    return fn
+    return compiled
 
 
 def clear_compiled_cache() -> None:
-    """Drops every compiled decoding function (and the module references they hold)."""
+    """Drops every compiled decoding function (and the logits functions' owners they hold)."""
     _COMPILED.clear()
 
 
+def _program(tokens_to_logits: TokensToLogits, method: str, static: tuple, *, rng, temperature, top_k, top_p,
+             beam_size) -> Callable:
+    """The compiled search for ``method`` and the static settings ``(prompt, eos_id, pad_id, max_length)``,
+    after checking the method's own arguments."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if method == "beam":
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        return _compiled(tokens_to_logits, ("beam",) + static + (int(beam_size),),
+                         lambda: _build_beam(tokens_to_logits, *static, int(beam_size)))
+    if method == "sample":
+        if rng is None:
+            raise ValueError("method='sample' needs an explicit rng")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 (use method='greedy' for argmax), got {temperature}")
+        use_top_p = float(top_p) < 1.0
+        return _compiled(tokens_to_logits, ("sample",) + static + (int(top_k), use_top_p),
+                         lambda: _build_ancestral(tokens_to_logits, "sample", *static, int(top_k), use_top_p))
+    return _compiled(tokens_to_logits, ("greedy",) + static,
+                     lambda: _build_ancestral(tokens_to_logits, "greedy", *static, 0, False))
+
+
 # ---------------------------------------------------------------------------------------------- public
-def decode_from_z(
-    vae: TextVAE,
+def decode(
+    tokens_to_logits: TokensToLogits,
     params: Any,
-    z: Any,
+    cache: Any,
+    inputs: Any = None,
     *,
     prompt: Sequence[int],
     eos_id: int,
@@ -308,12 +367,15 @@ def decode_from_z(
     length_penalty: float = 1.0,
     return_scores: bool = False,
 ):
-    """Decodes token ids from latent codes.
+    """Decodes token ids with ``tokens_to_logits``, one token per row per step.
 
     Args:
-      vae: the TextVAE module.
-      params: its parameters (``variables['params']``; a ``{'params': ...}`` dict is accepted too).
-      z: ``[B, Dz]`` latent codes.
+      tokens_to_logits: ``(params, cache, tokens [R, 1] int32, inputs) -> (logits [R, V] float32, new cache)``;
+        R is B, or ``B * beam_size`` for beam search.
+      params: what ``tokens_to_logits`` reads besides the cache and the per-row inputs (shared by all rows).
+      cache: initial cache for B rows with room for ``cache_length(prompt, max_length)`` tokens; rank >= 1
+        leaves have the rows first, rank-0 leaves are shared.
+      inputs: per-row extra inputs, a pytree of ``[B, ...]`` arrays (e.g. latent codes ``z [B, Dz]``), or None.
       prompt: forced decoder prefix, e.g. ``(decoder_start,)`` (T5) or ``(</s>, <s>)`` (BART); not returned.
       eos_id: end-of-sequence id (a row stops after emitting it).
       pad_id: id written after EOS.
@@ -332,55 +394,27 @@ def decode_from_z(
       ``np.ndarray [B, max_length]`` int32 (continuation after the prompt, EOS included, ``pad_id`` after);
       with ``return_scores``, ``(tokens, scores)``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     prompt = tuple(int(t) for t in prompt)
-    if not prompt:
-        raise ValueError("prompt must hold at least the decoder start token")
-    max_length = int(max_length)
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
-    config = getattr(vae.backbone, "config", None)
-    family = families.FAMILIES.get(getattr(config, "model_type", None))
-    positions = None if family is None else family.max_decode_positions(config)
-    needed = vae.num_slot_positions + len(prompt) - 1 + max_length  # a head-space slot takes position 0
-    if positions is not None and needed > positions:
-        raise ValueError(f"the memory slot + len(prompt) - 1 + max_length = {needed} exceeds the backbone's "
-                         f"{positions} decoder positions (max_position_embeddings)")
-    z = jnp.asarray(z, jnp.float32)
-    if z.ndim != 2 or z.shape[1] != vae.latent_size:
-        raise ValueError(f"z must be [B, {vae.latent_size}], got {z.shape}")
-    static = (prompt, int(eos_id), int(pad_id), max_length)
-    if method == "beam":
-        if beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-        fn = _compiled(vae, ("beam",) + static + (int(beam_size),),
-                       lambda: _build_beam(vae, *static, int(beam_size)))
+    cache_length(prompt, max_length)  # validates prompt and max_length
+    _num_rows(cache, inputs)
+    fn = _program(tokens_to_logits, method, (prompt, int(eos_id), int(pad_id), int(max_length)), rng=rng,
+                  temperature=temperature, top_k=top_k, top_p=top_p, beam_size=beam_size)
+    if method != "sample":
         rng = jax.random.PRNGKey(0)
-    elif method == "sample":
-        if rng is None:
-            raise ValueError("method='sample' needs an explicit rng")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 (use method='greedy' for argmax), got {temperature}")
-        use_top_p = float(top_p) < 1.0
-        fn = _compiled(vae, ("sample",) + static + (int(top_k), use_top_p),
-                       lambda: _build_ancestral(vae, "sample", *static, int(top_k), use_top_p))
-    else:
-        fn = _compiled(vae, ("greedy",) + static, lambda: _build_ancestral(vae, "greedy", *static, 0, False))
-        rng = jax.random.PRNGKey(0)
-    tokens, scores = fn(_unwrap(params), z, rng, jnp.float32(temperature), jnp.float32(top_p),
+    tokens, scores = fn(params, cache, inputs, rng, jnp.float32(temperature), jnp.float32(top_p),
                         jnp.float32(length_penalty))
     tokens = np.asarray(tokens)
     return (tokens, np.asarray(scores)) if return_scores else tokens
 
 
-def sequence_log_probs(vae: TextVAE, params: Any, z: Any, tokens: Any, *, prompt: Sequence[int],
-                       eos_id: int) -> np.ndarray:
-    """Teacher-forced ``log p(tokens | z)`` of continuations as ``decode_from_z`` returns them (no cache).
+def sequence_log_probs(sequence_logits: SequenceLogits, params: Any, tokens: Any, inputs: Any = None, *,
+                       prompt: Sequence[int], eos_id: int) -> np.ndarray:
+    """Teacher-forced ``log p(tokens | inputs)`` of continuations as ``decode`` returns them (no cache).
 
     Args:
-      vae, params: as for ``decode_from_z``.
-      z: ``[B, Dz]``.
+      sequence_logits: ``(params, ids [B, T'] int32, inputs) -> logits [B, T', V]``, the whole-sequence
+        (teacher-forced) counterpart of ``tokens_to_logits``.
+      params, inputs: as for ``decode``.
       tokens: ``[B, T]`` continuation after ``prompt``; scored up to and including the first EOS (all T
         tokens when there is none).
       prompt: the forced decoder prefix.
@@ -390,16 +424,17 @@ def sequence_log_probs(vae: TextVAE, params: Any, z: Any, tokens: Any, *, prompt
       ``np.ndarray [B]`` float32 summed log-probabilities.
     """
     prompt = tuple(int(t) for t in prompt)
-    fn = _compiled(vae, ("score", prompt, int(eos_id)), lambda: _build_scorer(vae, prompt, int(eos_id)))
-    return np.asarray(fn(_unwrap(params), jnp.asarray(z, jnp.float32), jnp.asarray(tokens, jnp.int32)))
+    fn = _compiled(sequence_logits, ("score", prompt, int(eos_id)),
+                   lambda: _build_scorer(sequence_logits, prompt, int(eos_id)))
+    return np.asarray(fn(params, jnp.asarray(tokens, jnp.int32), inputs))
 
 
-def _build_scorer(vae: TextVAE, prompt: tuple[int, ...], eos_id: int) -> Callable:
-    def score(params, z, tokens):
+def _build_scorer(sequence_logits: SequenceLogits, prompt: tuple[int, ...], eos_id: int) -> Callable:
+    def score(params, tokens, inputs):
         batch = tokens.shape[0]
         prefix = jnp.tile(jnp.asarray(prompt, jnp.int32)[None], (batch, 1))
-        inputs = jnp.concatenate([prefix, tokens[:, :-1]], axis=1)
-        logits = vae.apply({"params": params}, z, inputs, method=TextVAE.decode)[:, len(prompt) - 1:]
+        ids = jnp.concatenate([prefix, tokens[:, :-1]], axis=1)
+        logits = sequence_logits(params, ids, inputs)[:, len(prompt) - 1:].astype(jnp.float32)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
         is_eos = (tokens == eos_id).astype(jnp.int32)
         upto_eos = (jnp.cumsum(is_eos, axis=1) - is_eos) == 0  # positions up to and including the first EOS

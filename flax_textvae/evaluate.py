@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_textvae import compile_cache, losses, metrics
+from flax_textvae import compile_cache, inference, losses, metrics
 from flax_textvae.vae import TextVAE
 
 _LOGITS_BUDGET = 2**28  # floats of logits one IW chunk may hold (1 GiB in float32)
@@ -163,7 +163,7 @@ def evaluate_split(run, params, batches_fn, *, iw_samples: int = 0, seed: int = 
         if with_bleu:
             # all B rows (one compile per split) and up to max_length, not the bucket length: which bucket an
             # example lands in depends on the batch size, and so would the cut-off
-            ids = run.greedy(params, out["mean"], max_length=run.max_length)[keep]
+            ids = _greedy(run, params, out["mean"])[keep]
             hyps += run.detokenize(ids)
             refs += run.detokenize(np.asarray(batch["labels"])[keep])
         done += int(keep.sum())
@@ -184,11 +184,17 @@ def evaluate_split(run, params, batches_fn, *, iw_samples: int = 0, seed: int = 
                              iw_samples=iw_samples)
 
 
+def _greedy(run, params, z) -> np.ndarray:
+    """Greedy token ids ``[N, run.max_length]`` decoded from latent codes ``z [N, Dz]``."""
+    return inference.decode_from_z(run.model, params, z, prompt=run.prompt, eos_id=run.eos_id, pad_id=run.pad_id,
+                                   max_length=run.max_length, method="greedy")
+
+
 def reconstruct_examples(run, params, n: int = 5) -> list[tuple[str, str]]:
     """(input text, greedy reconstruction from z = mean) for the first ``n`` eval examples."""
     texts = list(run.eval_texts[:n])
     mean, _ = run.encode_texts(params, texts)
-    outs = run.detokenize(run.greedy(params, mean, max_length=run.max_length))
+    outs = run.detokenize(_greedy(run, params, mean))
     return list(zip(texts, outs))
 
 

@@ -11,7 +11,7 @@ An exported folder holds one trained text VAE and nothing of its workdir::
 
 ``flax_textvae.load(DIR)``, ``run_eval.py --workdir=DIR`` and ``builders.build_run(config, DIR, train=False)``
 recognise such a folder with :func:`is_exported` and read it with :func:`load_config` / :func:`load_params`,
-which mirror ``generate.load_config`` / ``checkpoints.load_params`` for a workdir.
+which mirror ``inference.load_config`` / ``checkpoints.load_params`` for a workdir.
 """
 from __future__ import annotations
 

@@ -76,8 +76,8 @@ class TextVAE(nn.Module):
       posterior_bias: biases on the posterior heads (mean, logvar); False as in the released recipe.
       dtype: compute dtype of the latent projections fed to the backbone.
 
-    ``TextVAE.load(path)`` (a classmethod) returns the text-level inference object of
-    ``flax_textvae.generate``; the linen methods below work on arrays.
+    ``TextVAE.load(path)`` is an alias of ``flax_textvae.load`` (the text-level inference object of
+    ``flax_textvae.inference``); the linen methods below work on arrays.
     """
 
     backbone: nn.Module
@@ -216,14 +216,3 @@ class TextVAE(nn.Module):
             z = reparameterize(mean, logvar, eps)
         logits = self.decode(z, decoder_input_ids, decoder_attention_mask, deterministic=deterministic)
         return {"logits": logits, "mean": mean, "logvar": logvar, "z": z}
-
-    @classmethod
-    def load(cls, path, **kwargs):
-        """Loads a trained run (a workdir or an exported folder) as a text-level inference object.
-
-        See ``flax_textvae.generate.TrainedTextVAE`` for ``encode``, ``decode``, ``reconstruct``,
-        ``sample`` and ``interpolate``.
-        """
-        from flax_textvae import generate  # local import: generate depends on this module
-
-        return generate.TrainedTextVAE.load(path, **kwargs)

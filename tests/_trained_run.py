@@ -1,4 +1,4 @@
-"""One tiny training run shared by test_evaluate.py, test_generate.py and test_cli.py.
+"""One tiny training run shared by test_evaluate.py, test_inference.py and test_cli.py.
 
 Each of those files defines a session-scoped fixture that calls :func:`trained_run`; the run itself is cached
 here at module level, so a pytest session that collects all three files trains ``configs/tiny.py`` once.

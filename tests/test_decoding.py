@@ -1,12 +1,15 @@
-"""Tests for flax_textvae.decoding on tiny random from-scratch BART / T5 VAEs (CPU, a few compiles)."""
+"""flax_textvae.decoding on a hand-made bigram model, and through ``inference.decode_from_z`` on tiny random
+from-scratch BART / T5 VAEs (CPU, a few compiles)."""
+import ast
 import importlib.util
+import inspect
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_textvae import decoding, models
+from flax_textvae import decoding, inference, models
 from flax_textvae.vae import TextVAE
 
 V, EOS, PAD, BOS = 50, 2, 1, 0
@@ -81,7 +84,7 @@ def bart_memory():
 
 def test_init_vae_cache_is_backbone_cache_under_backbone(bart_memory):
     vae, _ = bart_memory
-    cache = decoding.init_vae_cache(vae, 3, 7)
+    cache = inference.init_vae_cache(vae, 3, 7)
     want = {"backbone": models.init_cache(vae.backbone, 3, 7)}
     assert jax.tree.structure(cache) == jax.tree.structure(want)
     assert jax.tree.map(jnp.shape, cache) == jax.tree.map(jnp.shape, want)
@@ -91,13 +94,13 @@ def test_init_vae_cache_is_backbone_cache_under_backbone(bart_memory):
 def test_greedy_cached_equals_recomputed(injection, bart_memory):
     vae, params = bart_memory if injection == ("memory",) else _make_vae(_bart_config(), injection, EOS)
     z = _z()
-    got, scores = decoding.decode_from_z(vae, params, z, prompt=BART_PROMPT, eos_id=EOS, pad_id=PAD,
-                                         max_length=MAX_LEN, return_scores=True)
+    got, scores = inference.decode_from_z(vae, params, z, prompt=BART_PROMPT, eos_id=EOS, pad_id=PAD,
+                                          max_length=MAX_LEN, return_scores=True)
     want = _greedy_no_cache(vae, params, z, BART_PROMPT, EOS, PAD, MAX_LEN)
     assert got.shape == (6, MAX_LEN) and got.dtype == np.int32
     np.testing.assert_array_equal(got, want)
     _assert_padded_after_eos(got, EOS, PAD)
-    recomputed = decoding.sequence_log_probs(vae, params, z, got, prompt=BART_PROMPT, eos_id=EOS)
+    recomputed = inference.sequence_log_probs(vae, params, z, got, prompt=BART_PROMPT, eos_id=EOS)
     np.testing.assert_allclose(scores, recomputed, rtol=1e-4, atol=1e-4)
     if injection == ("memory",):  # the fixture is tuned so some rows stop early and some run to the end
         ended = (got == EOS).any(1)
@@ -108,14 +111,14 @@ def test_repeated_calls_do_not_retrace(bart_memory):
     vae, params = bart_memory
     z = _z()
     kw = dict(prompt=BART_PROMPT, eos_id=EOS, pad_id=PAD, max_length=MAX_LEN)
-    a = decoding.decode_from_z(vae, params, z, **kw)
+    a = inference.decode_from_z(vae, params, z, **kw)
     n, traces = decoding.compiled_count(), decoding.trace_count()
-    b = decoding.decode_from_z(vae, {"params": params}, z, **kw)  # wrapped variables accepted too
+    b = inference.decode_from_z(vae, {"params": params}, z, **kw)  # wrapped variables accepted too
     np.testing.assert_array_equal(a, b)
     assert decoding.compiled_count() == n and decoding.trace_count() == traces
-    decoding.decode_from_z(vae, params, z + 1.0, **kw)  # new values of traced arguments: no retrace either
+    inference.decode_from_z(vae, params, z + 1.0, **kw)  # new values of traced arguments: no retrace either
     assert decoding.trace_count() == traces
-    decoding.decode_from_z(vae, params, z, **dict(kw, max_length=MAX_LEN - 1))  # a new static setting traces
+    inference.decode_from_z(vae, params, z, **dict(kw, max_length=MAX_LEN - 1))  # a new static setting traces
     assert decoding.trace_count() == traces + 1
 
 
@@ -123,8 +126,8 @@ def test_beam_width_one_equals_greedy(bart_memory):
     vae, params = bart_memory
     z = _z()
     kw = dict(prompt=BART_PROMPT, eos_id=EOS, pad_id=PAD, max_length=MAX_LEN)
-    greedy = decoding.decode_from_z(vae, params, z, **kw)
-    beam = decoding.decode_from_z(vae, params, z, method="beam", beam_size=1, length_penalty=0.7, **kw)
+    greedy = inference.decode_from_z(vae, params, z, **kw)
+    beam = inference.decode_from_z(vae, params, z, method="beam", beam_size=1, length_penalty=0.7, **kw)
     np.testing.assert_array_equal(beam, greedy)
 
 
@@ -132,12 +135,12 @@ def test_beam_scores_at_least_greedy(bart_memory):
     vae, params = bart_memory
     z = _z()
     kw = dict(prompt=BART_PROMPT, eos_id=EOS, pad_id=PAD, max_length=MAX_LEN)
-    greedy = decoding.decode_from_z(vae, params, z, **kw)
-    beam, beam_scores = decoding.decode_from_z(vae, params, z, method="beam", beam_size=3, length_penalty=0.0,
-                                               return_scores=True, **kw)
+    greedy = inference.decode_from_z(vae, params, z, **kw)
+    beam, beam_scores = inference.decode_from_z(vae, params, z, method="beam", beam_size=3, length_penalty=0.0,
+                                                return_scores=True, **kw)
     _assert_padded_after_eos(beam, EOS, PAD)
-    lp_greedy = decoding.sequence_log_probs(vae, params, z, greedy, prompt=BART_PROMPT, eos_id=EOS)
-    lp_beam = decoding.sequence_log_probs(vae, params, z, beam, prompt=BART_PROMPT, eos_id=EOS)
+    lp_greedy = inference.sequence_log_probs(vae, params, z, greedy, prompt=BART_PROMPT, eos_id=EOS)
+    lp_beam = inference.sequence_log_probs(vae, params, z, beam, prompt=BART_PROMPT, eos_id=EOS)
     np.testing.assert_allclose(beam_scores, lp_beam, rtol=1e-4, atol=1e-4)
     assert np.all(lp_beam >= lp_greedy - 1e-4), (lp_beam, lp_greedy)
     assert np.any(lp_beam > lp_greedy + 1e-3)  # beam search actually found something better somewhere
@@ -147,9 +150,9 @@ def test_beam_is_exact_when_it_covers_the_vocabulary(bart_memory):
     """max_length 2 and beam_size V: every 1-token prefix survives, so beam search is exhaustive."""
     vae, params = bart_memory
     z = _z(3, seed=5)
-    tokens, scores = decoding.decode_from_z(vae, params, z, prompt=BART_PROMPT, eos_id=EOS, pad_id=PAD,
-                                            max_length=2, method="beam", beam_size=V, length_penalty=0.0,
-                                            return_scores=True)
+    tokens, scores = inference.decode_from_z(vae, params, z, prompt=BART_PROMPT, eos_id=EOS, pad_id=PAD,
+                                             max_length=2, method="beam", beam_size=V, length_penalty=0.0,
+                                             return_scores=True)
     # all (t1, t2) continuations at once: rows b * V + t1 feed [prompt, t1]
     n = z.shape[0]
     ids = np.concatenate([np.tile(np.asarray(BART_PROMPT, np.int32), (n * V, 1)),
@@ -171,9 +174,9 @@ def test_sampling_top_k_one_equals_greedy(bart_memory):
     vae, params = bart_memory
     z = _z()
     kw = dict(prompt=BART_PROMPT, eos_id=EOS, pad_id=PAD, max_length=MAX_LEN)
-    greedy = decoding.decode_from_z(vae, params, z, **kw)
-    sampled = decoding.decode_from_z(vae, params, z, method="sample", rng=jax.random.PRNGKey(3), top_k=1,
-                                     temperature=2.0, **kw)
+    greedy = inference.decode_from_z(vae, params, z, **kw)
+    sampled = inference.decode_from_z(vae, params, z, method="sample", rng=jax.random.PRNGKey(3), top_k=1,
+                                      temperature=2.0, **kw)
     np.testing.assert_array_equal(sampled, greedy)
 
 
@@ -181,14 +184,14 @@ def test_sampling_is_reproducible_and_rng_dependent(bart_memory):
     vae, params = bart_memory
     z = _z()
     kw = dict(prompt=BART_PROMPT, eos_id=EOS, pad_id=PAD, max_length=MAX_LEN, method="sample", top_p=0.95)
-    a = decoding.decode_from_z(vae, params, z, rng=jax.random.PRNGKey(0), **kw)
-    b = decoding.decode_from_z(vae, params, z, rng=jax.random.PRNGKey(0), **kw)
-    c = decoding.decode_from_z(vae, params, z, rng=jax.random.PRNGKey(1), **kw)
+    a = inference.decode_from_z(vae, params, z, rng=jax.random.PRNGKey(0), **kw)
+    b = inference.decode_from_z(vae, params, z, rng=jax.random.PRNGKey(0), **kw)
+    c = inference.decode_from_z(vae, params, z, rng=jax.random.PRNGKey(1), **kw)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     _assert_padded_after_eos(c, EOS, PAD)
     with pytest.raises(ValueError, match="rng"):
-        decoding.decode_from_z(vae, params, z, **kw)
+        inference.decode_from_z(vae, params, z, **kw)
 
 
 def test_filter_logits():
@@ -210,11 +213,11 @@ def test_bad_arguments(bart_memory):
     z = _z(2)
     kw = dict(prompt=BART_PROMPT, eos_id=EOS, pad_id=PAD)
     with pytest.raises(ValueError, match="method"):
-        decoding.decode_from_z(vae, params, z, max_length=4, method="nucleus", **kw)
+        inference.decode_from_z(vae, params, z, max_length=4, method="nucleus", **kw)
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        decoding.decode_from_z(vae, params, z, max_length=40, **kw)
+        inference.decode_from_z(vae, params, z, max_length=40, **kw)
     with pytest.raises(ValueError, match="z must be"):
-        decoding.decode_from_z(vae, params, z[:, :2], max_length=4, **kw)
+        inference.decode_from_z(vae, params, z[:, :2], max_length=4, **kw)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flax_textvae.models.t5") is None, reason="no T5 backbone")
@@ -228,8 +231,92 @@ def test_t5_greedy_and_beam():
     vae, params = _make_vae(config, ("memory", "embedding"), eos=1)
     z = _z()
     kw = dict(prompt=(0,), eos_id=1, pad_id=0, max_length=MAX_LEN)
-    got = decoding.decode_from_z(vae, params, z, **kw)
+    got = inference.decode_from_z(vae, params, z, **kw)
     np.testing.assert_array_equal(got, _greedy_no_cache(vae, params, z, (0,), 1, 0, MAX_LEN))
     _assert_padded_after_eos(got, 1, 0)
-    beam = decoding.decode_from_z(vae, params, z, method="beam", beam_size=1, **kw)
+    beam = inference.decode_from_z(vae, params, z, method="beam", beam_size=1, **kw)
     np.testing.assert_array_equal(beam, got)
+
+
+# ------------------------------------------------------------------------- the model-free core, by hand
+TOY_V, TOY_PAD, TOY_EOS, TOY_START, TOY_A, TOY_B = 5, 0, 1, 2, 3, 4
+
+
+def _toy_table():
+    """Bigram log-probs [prev, next]: start -> A 0.6 / B 0.4; A -> uniform over 1..4; B -> EOS.
+
+    Greedy takes A then EOS (0.6 * 0.25 = 0.15); beam search finds B then EOS (0.4).
+    """
+    eps = 1e-6
+    probs = np.full((TOY_V, TOY_V), eps)
+    probs[TOY_START, TOY_A], probs[TOY_START, TOY_B] = 0.6, 0.4 - 3 * eps
+    probs[TOY_A, 1:] = (1 - eps) / 4
+    probs[TOY_B, TOY_EOS] = 1 - 4 * eps
+    probs[:2] = 1.0 / TOY_V
+    return jnp.asarray(np.log(probs), jnp.float32)
+
+
+class _Bigram:
+    """A model-free logits function: table[previous token] plus a per-row bias; the cache counts steps."""
+
+    def tokens_to_logits(self, params, cache, tokens, bias):
+        new = {"steps": cache["steps"] + 1, "seen": cache["seen"] + 1}  # shared counter, per-row counts
+        return params[tokens[:, 0]] + bias, new
+
+    def sequence_logits(self, params, tokens, bias):
+        return params[tokens] + bias[:, None]
+
+
+def _toy_cache(rows):
+    return {"steps": jnp.zeros((), jnp.int32), "seen": jnp.zeros((rows,), jnp.int32)}
+
+
+def _toy_bias():
+    return jnp.zeros((2, TOY_V), jnp.float32).at[1, TOY_B].set(10.0)  # row 1 strongly prefers B
+
+
+TOY_KW = dict(prompt=(TOY_START,), eos_id=TOY_EOS, pad_id=TOY_PAD, max_length=2)
+
+
+def test_core_greedy_and_beam_over_a_hand_made_bigram():
+    model, table, bias = _Bigram(), _toy_table(), _toy_bias()
+    greedy, g_scores = decoding.decode(model.tokens_to_logits, table, _toy_cache(2), bias, return_scores=True,
+                                       **TOY_KW)
+    np.testing.assert_array_equal(greedy, [[TOY_A, TOY_EOS], [TOY_B, TOY_EOS]])
+    np.testing.assert_allclose(g_scores[0], np.log(0.6 * 0.25), rtol=1e-4)
+    beam, b_scores = decoding.decode(model.tokens_to_logits, table, _toy_cache(2), bias, method="beam",
+                                     beam_size=2, length_penalty=0.0, return_scores=True, **TOY_KW)
+    np.testing.assert_array_equal(beam, [[TOY_B, TOY_EOS], [TOY_B, TOY_EOS]])
+    np.testing.assert_allclose(b_scores[0], np.log(0.4), rtol=1e-4)
+    scored = decoding.sequence_log_probs(model.sequence_logits, table, beam, bias, prompt=(TOY_START,),
+                                         eos_id=TOY_EOS)
+    np.testing.assert_allclose(b_scores, scored, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g_scores, decoding.sequence_log_probs(
+        model.sequence_logits, table, greedy, bias, prompt=(TOY_START,), eos_id=TOY_EOS), rtol=1e-5, atol=1e-5)
+
+
+def test_core_compiled_programs_are_keyed_on_the_owner_of_the_logits_function():
+    model, table, bias = _Bigram(), _toy_table(), _toy_bias()
+    decoding.decode(model.tokens_to_logits, table, _toy_cache(2), bias, **TOY_KW)
+    traces = decoding.trace_count()
+    # a fresh bound method of the same object, new cache / inputs values: the same program
+    decoding.decode(model.tokens_to_logits, table, _toy_cache(2), bias + 1.0, **TOY_KW)
+    assert decoding.trace_count() == traces
+    decoding.decode(_Bigram().tokens_to_logits, table, _toy_cache(2), bias, **TOY_KW)  # another owner
+    assert decoding.trace_count() == traces + 1
+
+
+def test_core_rejects_cache_and_inputs_with_different_rows():
+    model = _Bigram()
+    with pytest.raises(ValueError, match="rows first"):
+        decoding.decode(model.tokens_to_logits, _toy_table(), _toy_cache(3), _toy_bias(), **TOY_KW)
+    with pytest.raises(ValueError, match="prompt"):
+        decoding.decode(model.tokens_to_logits, _toy_table(), _toy_cache(2), _toy_bias(),
+                        **dict(TOY_KW, prompt=()))
+
+
+def test_decoding_imports_no_package_module():
+    tree = ast.parse(inspect.getsource(decoding))
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [n for n in names if n.startswith("flax_textvae")], names

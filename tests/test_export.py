@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 from transformers import AutoModelForSeq2SeqLM
 
 import flax_textvae
-from flax_textvae import checkpoints, cli, evaluate, export, exported, generate, models, train
+from flax_textvae import checkpoints, cli, evaluate, export, exported, inference, models, train
 from flax_textvae.data import read_examples, synthetic_vocabulary
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -135,7 +135,7 @@ def test_load_needs_nothing_of_the_workdir(exported_run):
     np.testing.assert_array_equal(mean, exported_run["encoded"][0])
     np.testing.assert_array_equal(logvar, exported_run["encoded"][1])
     assert vae.reconstruct(TEXTS) == exported_run["reconstructed"]
-    assert isinstance(flax_textvae.TextVAE.load(exported_run["dir"]), generate.TrainedTextVAE)
+    assert isinstance(flax_textvae.TextVAE.load(exported_run["dir"]), inference.TrainedTextVAE)
 
 
 def test_run_eval_on_the_exported_folder(exported_run):
@@ -143,7 +143,7 @@ def test_run_eval_on_the_exported_folder(exported_run):
         pytest.skip("run_eval.py is checked on the BART run")
     d = exported_run["dir"]
     cli.check_trained_run(d)
-    config = generate.load_config(d)
+    config = inference.load_config(d)
     assert json.loads(config.to_json()) == json.loads(exported_run["config"].to_json())
     result = evaluate.evaluate(config, d, iw_samples=2)
     assert result == exported_run["eval"]

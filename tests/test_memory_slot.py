@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_textvae import decoding, models
+from flax_textvae import inference, models
 from flax_textvae.vae import TextVAE
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -123,8 +123,8 @@ def test_vae_head_kv_projects_z_without_bias_and_decodes_with_the_cache(checkpoi
     assert diff[1] > 1e-4 and diff[0] == 0 and diff[2] == 0
     start = m.decoder_start_token_id
     prompt = (start,)
-    greedy = decoding.decode_from_z(vae, params, z, prompt=prompt, eos_id=m.eos_token_id, pad_id=m.pad_token_id,
-                                    max_length=5, method="greedy")
+    greedy = inference.decode_from_z(vae, params, z, prompt=prompt, eos_id=m.eos_token_id, pad_id=m.pad_token_id,
+                                     max_length=5, method="greedy")
     # Teacher-forcing the greedy output reproduces its argmax at every step (cache == full pass).
     seq = np.asarray(greedy)
     inputs = np.concatenate([np.full((3, 1), start), seq[:, :-1]], axis=1)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import flax_textvae
-from flax_textvae import checkpoints, evaluate, generate, train, trainer
+from flax_textvae import checkpoints, evaluate, inference, train, trainer
 from flax_textvae import workdir as rundir
 from flax_textvae.configuration import with_overrides
 from flax_textvae.validation import ConfigError
@@ -208,7 +208,7 @@ def test_a_refused_resume_changes_nothing_and_an_allowed_one_is_recorded(tmp_pat
         vae = flax_textvae.load(workdir)
         mean, logvar = vae.encode(["the cat sat", "a dog ran"])
         assert mean.shape == logvar.shape == (2, 8)
-        result = evaluate.evaluate(generate.load_config(workdir), workdir, iw_samples=2)
+        result = evaluate.evaluate(inference.load_config(workdir), workdir, iw_samples=2)
     assert np.isfinite(result["nll"]) and result["num_examples"] == 64
 
     result = train.train_and_evaluate(tiny_config(**{**SHORT, "train_steps": 15, "eval_every": 15}), workdir)
@@ -218,7 +218,7 @@ def test_a_refused_resume_changes_nothing_and_an_allowed_one_is_recorded(tmp_pat
         changes = [json.loads(line) for line in f]
     assert changes == [{"step": 10, "field": "eval_every", "old": 0, "new": 15},
                        {"step": 10, "field": "train_steps", "old": 10, "new": 15}]
-    saved = generate.load_config(workdir)
+    saved = inference.load_config(workdir)
     assert saved.train_steps == 15 and saved.eval_every == 15 and saved.vae.latent_size == 8
     assert logged_steps(workdir) == ([5, 10, 15], [10, 15])
 
