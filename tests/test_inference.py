@@ -1,9 +1,9 @@
-"""flax_textvae.TextVAE.load(workdir): the text-level inference API on a real (tiny) trained run."""
+"""flax_textvae.load(workdir) (alias TextVAE.load): the text-level inference API on a real (tiny) trained run."""
 import numpy as np
 import pytest
 
 from _trained_run import trained_run
-from flax_textvae import TextVAE, generate
+from flax_textvae import TextVAE, inference
 from flax_textvae.data import read_examples
 
 N = 3  # every call decodes 3 rows, so greedy compiles once for all of them
@@ -32,7 +32,7 @@ def _strings(outs, n):
 
 def test_load_restores_the_newest_checkpoint(vae, tiny_run):
     config, _ = tiny_run
-    assert isinstance(vae, generate.TrainedTextVAE)
+    assert isinstance(vae, inference.TrainedTextVAE)
     assert vae.step == config.train_steps
     assert vae.latent_size == config.vae.latent_size
 
