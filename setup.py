@@ -26,6 +26,7 @@ INSTALL_REQUIRES = [
 TEST_REQUIRES = [
     "pytest>=8",
     "torch==2.13.0",
+    "ruff==0.14.0",
 ]
 
 setuptools.setup(

@@ -14,7 +14,6 @@ import json
 import os
 import sys
 
-
 # Keys each kind of run must report; a file without them counts as failed.
 REQUIRED = {
     "train_": ("arch", "dtype", "batch", "real_tokens_per_s", "examples_per_s", "padding_fraction", "compile_s",

@@ -22,9 +22,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
 import lengths as lengths_lib  # noqa: E402
+import numpy as np  # noqa: E402
 from train_throughput import random_examples, random_run  # noqa: E402
 
 

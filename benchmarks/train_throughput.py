@@ -27,9 +27,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
 import lengths as lengths_lib  # noqa: E402
+import numpy as np  # noqa: E402
 
 # Dense peak FLOP/s per device by compute dtype and device_kind substring: vendor datasheet figures (H100 /
 # H200 SXM), not measurements. float32 is the non-tensor-core FP32 rate; XLA's default matmul precision may

@@ -170,9 +170,16 @@ def run_eval_main(flags) -> int:
             raise validation.ConfigError(problems, subject="--data")
     if flags.mode == "metrics":
         config = inference.load_config(workdir)
-        result = evaluate.evaluate(config, workdir, data=flags.data, name=flags.name, iw_samples=flags.iw_samples,
-                                   seed=flags.seed, batch_size=flags.batch_size, step=flags.step)
-        print(evaluate.format_table(result))
+        try:
+            evaluate.evaluate(config, workdir, data=flags.data, name=flags.name, iw_samples=flags.iw_samples,
+                              seed=flags.seed, batch_size=flags.batch_size, step=flags.step,
+                              output_dir=flags.output_dir,
+                              report=lambda result: print(evaluate.format_table(result), flush=True))
+        except evaluate.ResultsNotWritten as e:
+            if flags.output_dir:
+                raise
+            raise evaluate.ResultsNotWritten(f"{e}; the metrics are printed above: pass --output_dir=DIR to "
+                                             "write them to a writable folder") from e
         return 0
     if flags.mode == "plot":
         return _plot(workdir, flags.output, flags.step)

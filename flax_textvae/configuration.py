@@ -65,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500  # steps between checkpoints
     c.keep_checkpoints = 2  # how many recent checkpoints to keep (plus the best of phase 1)
     c.seed = 0  # seeds parameters, data order and all noise
-    c.compile_cache_dir = "auto"  # persistent XLA compile cache: a folder, 'off', or 'auto' (FLAX_TEXTVAE_COMPILE_CACHE, else ~/.cache/flax_textvae/jax)
+    c.compile_cache_dir = "auto"  # persistent XLA compile cache folder, 'off', or 'auto' (see compile_cache.py)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-4  # peak learning rate (AdamW)

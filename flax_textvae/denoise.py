@@ -6,7 +6,8 @@ ids that are never deleted or replaced; pass it through ``functools.partial`` or
 jitting. ``<unk>`` does not belong in it: it is an ordinary token (about 5% of PTB) and is corrupted like
 any word.
 
-Unlike Park & Lee's released code, the corrupted ids and their attention mask stay consistent (docs/method.md, defect 1):
+Unlike Park & Lee's released code, the corrupted ids and their attention mask stay consistent
+(docs/method.md, defect 1):
 after :func:`delete_tokens`, ``mask == 1`` exactly on the surviving tokens, which sit at the left in their
 original order, and every other position holds ``pad_id``.
 """

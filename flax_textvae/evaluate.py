@@ -14,10 +14,10 @@ on the bucket an example lands in, or on the number of devices; the same seed gi
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,10 @@ RESULT_KEYS = metrics.SUMMARY_KEYS + DATA_KEYS
 
 
 _COMPILED: dict = {}
+
+
+class ResultsNotWritten(OSError):
+    """``evaluate`` computed the metrics but could not write them to its output folder."""
 
 
 def _compiled(model: TextVAE):
@@ -200,8 +204,9 @@ def reconstruct_examples(run, params, n: int = 5) -> list[tuple[str, str]]:
 
 def evaluate(config, workdir: str, *, data: str | None = None, name: str | None = None,
              iw_samples: int = 500, seed: int | None = None, batch_size: int | None = None,
-             step: int | None = None) -> dict:
-    """Evaluates a run's checkpoint on a split and writes ``WORKDIR/eval/NAME.json``.
+             step: int | None = None, output_dir: str | None = None,
+             report: Callable[[dict], None] | None = None) -> dict:
+    """Evaluates a run's checkpoint on a split and writes ``OUTPUT_DIR/NAME.json`` and ``NAME.meta.json``.
 
     Args:
       config: the run's config (``WORKDIR/config.json`` as a ConfigDict).
@@ -212,11 +217,16 @@ def evaluate(config, workdir: str, *, data: str | None = None, name: str | None 
       iw_samples: K for the importance-weighted NLL (default 500).
       seed: default ``config.seed``.
       batch_size: eval batch size (default ``config.batch_size``); results do not depend on it.
-      step: checkpoint step (default: the newest).
+      step: checkpoint step (default: the newest intact one).
+      output_dir: where the JSON files go (default ``WORKDIR/eval``).
+      report: called with the result before anything is written (run_eval.py prints its table).
 
     Returns:
       The metrics (``metrics.SUMMARY_KEYS``) plus ``max_length`` and ``num_truncated``: the keys
       ``RESULT_KEYS``, also written as JSON.
+
+    Raises:
+      ResultsNotWritten: the output folder cannot be created or written (after ``report`` has run).
     """
     from flax_textvae import builders, checkpoints, exported  # builders imports the data stack
 
@@ -234,12 +244,18 @@ def evaluate(config, workdir: str, *, data: str | None = None, name: str | None 
     result = evaluate_split(run, params, run.eval_batches, iw_samples=iw_samples,
                             seed=config.seed if seed is None else seed, with_bleu=True, name=name, mesh=mesh)
     result = dict(result, max_length=int(run.max_length), num_truncated=int(run.eval_stats.get("truncated", 0)))
+    if report is not None:
+        report(result)
     if jax.process_index() == 0:
-        out_dir = os.path.join(workdir, "eval")
-        os.makedirs(out_dir, exist_ok=True)
-        checkpoints.save_json(os.path.join(out_dir, f"{name}.json"), result)
-        with open(os.path.join(out_dir, f"{name}.meta.json"), "w") as f:
-            json.dump({"step": used_step, "data": spec, "tokenizer": run.tokenizer_name}, f, indent=2)
+        out_dir = output_dir or os.path.join(workdir, "eval")
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            checkpoints.save_json(os.path.join(out_dir, f"{name}.json"), result)
+            checkpoints.save_json(os.path.join(out_dir, f"{name}.meta.json"),
+                                  {"step": used_step, "data": spec, "tokenizer": run.tokenizer_name})
+        except OSError as e:
+            raise ResultsNotWritten(f"cannot write the evaluation results to {out_dir}: "
+                                    f"{e.strerror or e} ({e.filename or out_dir})") from e
     return result
 
 

@@ -233,7 +233,23 @@ class TrainedTextVAE:
         return self.decode(mean, **kwargs)
 
     def sample(self, n: int, *, seed: int = 0, **kwargs) -> list[str]:
-        """``n`` sentences decoded from z ~ N(0, I)."""
+        """``n`` sentences decoded from z ~ N(0, I).
+
+        Args:
+          n: how many (0 gives an empty list).
+          seed: seeds the latent draw and the decoding.
+          **kwargs: passed to ``decode`` (``method``, ``top_p``, ...).
+
+        Returns:
+          ``n`` strings.
+
+        Raises:
+          ValueError: ``n`` is negative.
+        """
+        if n < 0:
+            raise ValueError(f"sample(n={n}): n must be >= 0")
+        if n == 0:
+            return []
         z = np.asarray(jax.random.normal(jax.random.key(seed), (n, self.latent_size)))
         return self.decode(z, seed=seed, **kwargs)
 

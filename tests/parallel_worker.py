@@ -49,11 +49,11 @@ sys.path[:0] = [REPO, os.path.join(REPO, "configs")]
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import tiny  # noqa: E402  (configs/tiny.py)
 from jax.experimental import multihost_utils  # noqa: E402
 
 from flax_textvae import builders, parallel, train  # noqa: E402
 from flax_textvae.configuration import with_overrides  # noqa: E402
-import tiny  # noqa: E402  (configs/tiny.py)
 
 # The tiny model's matrices are all below parallel's 2**14-element sharding threshold; lower it so that
 # fsdp=2 really splits parameters and optimizer moments (checked below through their .sharding.spec).

@@ -1,13 +1,12 @@
 """BART backbone: parity with HF PyTorch, cache decoding, injection hooks, the torch name table, bf16."""
-import numpy as np
-import pytest
-
+import helpers_hf
 import jax
 import jax.numpy as jnp
-
-import helpers_hf
-from flax_textvae.models import bart, init_cache, init_params, load_pretrained
+import numpy as np
+import pytest
 from flax.traverse_util import flatten_dict
+
+from flax_textvae.models import bart, init_cache, init_params, load_pretrained
 
 torch = pytest.importorskip("torch")
 

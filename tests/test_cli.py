@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
-
 from _trained_run import REPO, trained_run
-from flax_textvae import evaluate, metrics
+
+from flax_textvae import evaluate
 from flax_textvae.data import synthetic_sentences
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -5,8 +5,18 @@ import pathlib
 import numpy as np
 import pytest
 
-from flax_textvae.data import (Batcher, EvalIterator, TrainIterator, collate, encode_texts, make_buckets,
-                               padding_fraction, read_examples, synthetic_sentences, train_word_tokenizer)
+from flax_textvae.data import (
+    Batcher,
+    EvalIterator,
+    TrainIterator,
+    collate,
+    encode_texts,
+    make_buckets,
+    padding_fraction,
+    read_examples,
+    synthetic_sentences,
+    train_word_tokenizer,
+)
 
 KEYS = {"input_ids", "attention_mask", "decoder_input_ids", "labels", "label_weights", "example_weight"}
 

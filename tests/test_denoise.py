@@ -155,6 +155,7 @@ UNK_TEXTS = [" ".join("<unk>" if (i + j) % 3 == 0 else w for j, w in enumerate(s
 def word_run(request, tmp_path_factory):
     """A from-scratch run (word tokenizer with <unk>, BART or T5 layout) and a collated batch of UNK_TEXTS."""
     from _trained_run import tiny_config
+
     from flax_textvae import builders
     from flax_textvae import data as data_lib
 

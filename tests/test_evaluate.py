@@ -1,12 +1,12 @@
-"""evaluate(config, workdir): the docs/metrics.md JSON on a real (tiny) trained run, deterministic and batch-size free."""
+"""evaluate(config, workdir): the docs/metrics.md JSON on a real (tiny) trained run, deterministic, batch-size free."""
 import json
 import math
 import os
 
 import numpy as np
 import pytest
-
 from _trained_run import trained_run
+
 from flax_textvae import builders, checkpoints, evaluate, metrics
 from flax_textvae.data import synthetic_sentences
 

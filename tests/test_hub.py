@@ -28,10 +28,10 @@ import urllib.parse
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import helpers_hf
 import numpy as np
 import pytest
 
-import helpers_hf
 from flax_textvae.models import load_pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

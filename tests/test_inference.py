@@ -1,8 +1,8 @@
 """flax_textvae.load(workdir) (alias TextVAE.load): the text-level inference API on a real (tiny) trained run."""
 import numpy as np
 import pytest
-
 from _trained_run import trained_run
+
 from flax_textvae import TextVAE, inference
 from flax_textvae.data import read_examples
 

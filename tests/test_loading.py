@@ -5,16 +5,14 @@ import pathlib
 import shutil
 import time
 
-import numpy as np
-import pytest
-
+import helpers_hf
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import serialization
 
-import helpers_hf
-from flax_textvae.models import FOLDER_CONTENTS, build_module, load_pretrained
-from flax_textvae.models import bart
+from flax_textvae.models import FOLDER_CONTENTS, bart, build_module, load_pretrained
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "tiny_bart_flax"
 ARRAYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")

@@ -1,4 +1,4 @@
-"""TextVAE: masked pooling, the batch-mixing bug (docs/method.md, defect 2) cannot happen, encode/decode usable alone."""
+"""TextVAE: masked pooling, the batch-mixing bug (docs/method.md, defect 2) cannot happen, encode / decode alone."""
 import jax
 import jax.numpy as jnp
 import numpy as np

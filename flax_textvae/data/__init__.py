@@ -7,10 +7,25 @@ through grain by ``GrainTrainIterator`` / ``GrainEvalIterator``, which give the 
 No TensorFlow is needed at run time. ``TextVaeCorpora`` (the TFDS builder) and ``prepare_text_vae_corpora``
 are loaded lazily, so importing this package does not import tensorflow_datasets.
 """
-from flax_textvae.data.batching import (Batch, Batcher, BucketedIterator, EvalIterator, TrainIterator,
-                                        bucket_index, collate, make_buckets, padding_fraction, round_up)
-from flax_textvae.data.prepared import (PREPARED_PREFIX, DecodedTexts, PreparedSource, is_prepared_spec,
-                                        tokenizer_fingerprint)
+from flax_textvae.data.batching import (
+    Batch,
+    Batcher,
+    BucketedIterator,
+    EvalIterator,
+    TrainIterator,
+    bucket_index,
+    collate,
+    make_buckets,
+    padding_fraction,
+    round_up,
+)
+from flax_textvae.data.prepared import (
+    PREPARED_PREFIX,
+    DecodedTexts,
+    PreparedSource,
+    is_prepared_spec,
+    tokenizer_fingerprint,
+)
 from flax_textvae.data.sources import DatasetNotBuiltError, parse_tfds_spec, read_examples
 from flax_textvae.data.synthetic import synthetic_sentences, synthetic_vocabulary
 from flax_textvae.data.tokenize import encode_texts, train_word_tokenizer

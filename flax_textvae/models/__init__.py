@@ -6,8 +6,15 @@ checkpoint reader.
 """
 from flax_textvae.models import families
 from flax_textvae.models.common import init_cache
-from flax_textvae.models.loading import (FOLDER_CONTENTS, Pretrained, build_module, init_params, load_params,
-                                         load_pretrained, param_shapes)
+from flax_textvae.models.loading import (
+                                         FOLDER_CONTENTS,
+                                         Pretrained,
+                                         build_module,
+                                         init_params,
+                                         load_params,
+                                         load_pretrained,
+                                         param_shapes,
+)
 
 __all__ = ["Pretrained", "load_pretrained", "build_module", "init_params", "init_cache", "load_params",
            "param_shapes", "FOLDER_CONTENTS", "families"]

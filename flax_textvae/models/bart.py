@@ -31,10 +31,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_textvae.models.attention import (CrossMemory, LatentSlots, MultiHeadAttention, cache_position,
-                                           padding_mask)
-from flax_textvae.models.common import (Dropout, LMHead, Seq2SeqProperties, apply_name_table, get_activation,
-                                        init_cache, mismatch_report, tied_logits)
+from flax_textvae.models.attention import CrossMemory, LatentSlots, MultiHeadAttention, cache_position, padding_mask
+from flax_textvae.models.common import (
+    Dropout,
+    LMHead,
+    Seq2SeqProperties,
+    apply_name_table,
+    get_activation,
+    init_cache,
+    mismatch_report,
+    tied_logits,
+)
 
 Array = jax.Array
 Dtype = Any

@@ -31,10 +31,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_textvae.models.attention import (CrossMemory, LatentSlots, MultiHeadAttention, RelativePositionBias,
-                                           padding_mask, relative_position_bucket)
-from flax_textvae.models.common import (Dropout, LMHead, Seq2SeqProperties, apply_name_table, get_activation,
-                                        init_cache, mismatch_report, tied_logits)
+from flax_textvae.models.attention import (
+    CrossMemory,
+    LatentSlots,
+    MultiHeadAttention,
+    RelativePositionBias,
+    padding_mask,
+    relative_position_bucket,
+)
+from flax_textvae.models.common import (
+    Dropout,
+    LMHead,
+    Seq2SeqProperties,
+    apply_name_table,
+    get_activation,
+    init_cache,
+    mismatch_report,
+    tied_logits,
+)
 
 Array = jax.Array
 _normal = jax.nn.initializers.normal
