@@ -55,8 +55,11 @@ def block(workdir: str) -> str:
     eval_out, eval_s = _run(["run_eval.py", f"--workdir={workdir}"])
     interp, _ = _run(["run_eval.py", f"--workdir={workdir}", "--mode=interpolate",
                       f"--text={INTERPOLATE[0]}", f"--text={INTERPOLATE[1]}"])
+    load = os.getloadavg()[0]
+    busy = f" The machine was shared during the run (load average {load:.1f}): times are upper bounds." \
+        if load > 1.5 * (os.cpu_count() or 1) else ""
     stamp = (f"Measured at commit `{_commit()}` on {datetime.date.today().isoformat()}, {os.cpu_count()}-core "
-             f"{platform.machine()} CPU, by `python scripts/refresh_results.py`.")
+             f"{platform.machine()} CPU, by `python scripts/refresh_results.py`.{busy}")
     lines = [stamp, "",
              f"`python run_train.py` (compile cache off): **{train_s:.0f} s** end to end. Then "
              f"`python run_eval.py --workdir=runs/demo` (K = 500, {eval_s:.0f} s) prints:", "",
