@@ -26,13 +26,13 @@ Data: finetune on PTB ``valid.txt`` (3,370 sentences) and evaluate on PTB ``test
 In-training evaluations (and the phase-1 checkpoint choice) use the first sentences of the finetuning file,
 never the held-out split.
 
-Sizes. Full: BART d_model 64, 2 layers, 4 heads, feed-forward 128, dropout 0.1, latent 32; batch 32, max
-64 tokens in 2 length buckets; 600 steps per cell (phase 1: 150), learning rate 2e-3 (warm-up 50, linear
-decay per phase), KL ramp 250 steps; held-out: the first 1,000 test sentences, iw_samples 10. About 4-5
-minutes per cell, 30-35 minutes for the 7 cells on a busy 2-core CPU. Smoke (``--smoke``): d_model 32, 1
-layer, latent 8, 24 steps, 48 held-out sentences, iw_samples 4: about a minute once the compile cache is
-warm (compiling dominates). With ``--model`` the from-scratch sizes and learning rate are not applied (the
-base config's learning rate 5e-5 is), the step counts are.
+Sizes. Full: BART d_model 64, 2 layers, 4 heads, feed-forward 128, dropout 0.1, latent 32; batch 32, max 64
+tokens in 2 length buckets; 600 steps per cell (phase 1: 150), learning rate 2e-3 (warm-up 50, linear decay
+per phase), KL ramp 250 steps; held-out: the first 1,000 test sentences, iw_samples 10. About 3.5-5 minutes
+per cell, under 30 minutes for the 7 cells on a busy 2-core CPU. Smoke (``--smoke``): d_model 32, 1 layer,
+latent 8, 24 steps, 48 held-out sentences, iw_samples 4: about 15 s per cell, under 2 minutes for the 7
+cells once the compile cache is warm (compiling dominates). With ``--model`` the from-scratch sizes and
+learning rate are not applied (the base config's learning rate 5e-5 is), the step counts are.
 """
 import pathlib
 
