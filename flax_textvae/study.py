@@ -31,8 +31,8 @@ minutes. A cell whose record matches (the same config up to the loop-only fields
 same held-out split, ``iw_samples`` and seed) and whose eval json exists is skipped; one trained with the
 same config but evaluated with other settings is only re-evaluated. ``DIR/study.md``, ``DIR/study.csv`` and
 the plots (``flax_textvae.study_report``) are rewritten after every cell. ``DIR/data/`` holds the cut
-splits. Minutes count the wall-clock time of the session that trained (and of the one that evaluated) the
-cell; a cell resumed after a kill reports the time of its last session only.
+splits. Minutes count the wall-clock time of the process that trained (and of the one that evaluated) the
+cell; a cell resumed after a kill reports the time of its last process only.
 """
 from __future__ import annotations
 

@@ -314,9 +314,7 @@ class GrainEvalIterator:
 
 def _tfds_text(record: Any, field: str) -> str | None:
     """The stripped text of a record; None when it is empty or not valid UTF-8."""
-    value = record[field] if isinstance(record, dict) else record
-    if hasattr(value, "item") and not isinstance(value, (bytes, str)):
-        value = value.item()
+    value = sources.record_value(record, field)
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")

@@ -220,6 +220,14 @@ def _not_built_message(spec: str, name: str, data_dir: str, builder: Any) -> str
             "--config.data.train=PATH --config.data.eval=PATH")
 
 
+def record_value(record: Any, field: str) -> Any:
+    """The ``field`` of a TFDS record as a Python ``bytes`` / ``str`` (numpy scalars unwrapped)."""
+    value = record[field] if isinstance(record, dict) else record
+    if hasattr(value, "item") and not isinstance(value, (bytes, str)):
+        value = value.item()
+    return value
+
+
 def _read_tfds(spec: str, *, max_examples: int | None, data_dir: str | os.PathLike | None,
                text_field: str | None, on_decode_error: str) -> tuple[list[str], dict[str, Any]]:
     name, split = parse_tfds_spec(spec)
@@ -276,9 +284,7 @@ def _read_tfds(spec: str, *, max_examples: int | None, data_dir: str | os.PathLi
             if max_examples is not None and len(texts) >= max_examples:
                 break
             stats["lines_read"] += 1
-            value = record[field] if isinstance(record, dict) else record
-            if hasattr(value, "item") and not isinstance(value, (bytes, str)):
-                value = value.item()
+            value = record_value(record, field)
             if isinstance(value, bytes):
                 try:
                     value = value.decode("utf-8")
