@@ -22,8 +22,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sacrebleu
 
-from flax_textvae import compile_cache, inference, losses, metrics
+from flax_textvae import builders, checkpoints, compile_cache, exported, inference, losses, metrics, parallel
 from flax_textvae.vae import TextVAE
 
 _LOGITS_BUDGET = 2**28  # floats of logits one IW chunk may hold (1 GiB in float32)
@@ -134,16 +135,8 @@ def evaluate_split(run, params, batches_fn, *, iw_samples: int = 0, seed: int = 
       dict with exactly the keys of ``metrics.SUMMARY_KEYS``.
     """
     stats_fn, iw_fn = _compiled(run.model)
-    place = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
-    if mesh is not None and jax.process_count() > 1:
-        mesh = None  # multi-host: every process evaluates the whole split on its own default device
-    if mesh is not None:
-        from flax_textvae import parallel
-
-        params = jax.device_put(params, parallel.replicated(mesh))
-        place = lambda b: jax.device_put(dict(b), parallel.batch_sharding(mesh))
-    key = jax.random.key(seed)
-    k_rec, k_iw = jax.random.split(key)
+    params, place = _placement(params, mesh)
+    k_rec, k_iw = jax.random.split(jax.random.key(seed))
     cols = {k: [] for k in ("index", "rec", "kl", "mean", "logvar", "z", "tokens", "nll")}
     hyps, refs = [], []
     progress, done = _Progress(name), 0
@@ -152,40 +145,56 @@ def evaluate_split(run, params, batches_fn, *, iw_samples: int = 0, seed: int = 
         dev = place(batch)
         out = jax.device_get(stats_fn(params, dev, k_rec))
         if iw_samples > 0:
-            b, t = batch["labels"].shape
-            k = iw_chunk or int(max(1, min(100, _LOGITS_BUDGET // (b * t * run.vocab_size))))
-            state = metrics.iw_init(b)
-            mean, logvar = jnp.asarray(out["mean"]), jnp.asarray(out["logvar"])
-            for start in range(0, iw_samples, k):
-                kc = min(k, iw_samples - start)
-                lp, z = iw_fn(params, dev, mean, logvar, k_iw, start, kc)
-                state = metrics.iw_update(state, lp, z, mean, logvar)
-            cols["nll"].append(-np.asarray(metrics.iw_result(state))[keep])
+            nll = _iw_nll(iw_fn, params, dev, out, k_iw, iw_samples, iw_chunk, run.vocab_size)
+            cols["nll"].append(nll[keep])
         for k_ in ("rec", "kl", "mean", "logvar", "z", "tokens"):
             cols[k_].append(np.asarray(out[k_])[keep])
         cols["index"].append(np.asarray(batch["index"])[keep])
         if with_bleu:
             # all B rows (one compile per split) and up to max_length, not the bucket length: which bucket an
             # example lands in depends on the batch size, and so would the cut-off
-            ids = _greedy(run, params, out["mean"])[keep]
-            hyps += run.detokenize(ids)
+            hyps += run.detokenize(_greedy(run, params, out["mean"])[keep])
             refs += run.detokenize(np.asarray(batch["labels"])[keep])
         done += int(keep.sum())
         progress.update(done)
     progress.close(done)
     if done == 0:
         raise ValueError(f"evaluation split {name!r} produced no examples")
+    return _summarize(cols, mi_au, sacrebleu.corpus_bleu(hyps, [refs]).score if with_bleu else None, iw_samples)
+
+
+def _placement(params, mesh):
+    """``(params, place)``: parameters replicated over ``mesh`` and a function placing a host batch on it
+    (split over its devices); without a mesh, or on several processes (each evaluates the whole split on
+    its own default device), the default device."""
+    if mesh is None or jax.process_count() > 1:
+        return params, lambda b: {k: jnp.asarray(v) for k, v in b.items()}
+    return (jax.device_put(params, parallel.replicated(mesh)),
+            lambda b: jax.device_put(dict(b), parallel.batch_sharding(mesh)))
+
+
+def _iw_nll(iw_fn, params, dev: dict, out: dict, key, iw_samples: int, iw_chunk: int, vocab_size: int):
+    """``[B]`` importance-weighted -log p(x) of one batch from ``iw_samples`` posterior draws, ``iw_chunk``
+    per decoder pass (0: as many as fit the logits budget, at most 100), combined by a running log-sum-exp."""
+    b, t = dev["labels"].shape
+    k = iw_chunk or int(max(1, min(100, _LOGITS_BUDGET // (b * t * vocab_size))))
+    state = metrics.iw_init(b)
+    mean, logvar = jnp.asarray(out["mean"]), jnp.asarray(out["logvar"])
+    for start in range(0, iw_samples, k):
+        lp, z = iw_fn(params, dev, mean, logvar, key, start, min(k, iw_samples - start))
+        state = metrics.iw_update(state, lp, z, mean, logvar)
+    return -np.asarray(metrics.iw_result(state))
+
+
+def _summarize(cols: dict, mi_au: bool, bleu, iw_samples: int) -> dict:
+    """The summary metrics of the per-example columns, in split order (by example index)."""
     cat = {k: np.concatenate(v) for k, v in cols.items() if v}
     order = np.argsort(cat["index"], kind="stable")
     cat = {k: v[order] for k, v in cat.items()}
     mi = metrics.mutual_information(cat["mean"], cat["logvar"], cat["z"]) if mi_au else None
     au = metrics.active_units(cat["mean"]) if mi_au else None
-    bleu = None
-    if with_bleu:
-        import sacrebleu
-        bleu = float(sacrebleu.corpus_bleu(hyps, [refs]).score)
-    return metrics.summarize(cat["rec"], cat["kl"], cat.get("nll"), cat["tokens"], mi=mi, au=au, bleu=bleu,
-                             iw_samples=iw_samples)
+    return metrics.summarize(cat["rec"], cat["kl"], cat.get("nll"), cat["tokens"], mi=mi, au=au,
+                             bleu=None if bleu is None else float(bleu), iw_samples=iw_samples)
 
 
 def _greedy(run, params, z) -> np.ndarray:
@@ -228,16 +237,12 @@ def evaluate(config, workdir: str, *, data: str | None = None, name: str | None 
     Raises:
       ResultsNotWritten: the output folder cannot be created or written (after ``report`` has run).
     """
-    from flax_textvae import builders, checkpoints, exported  # builders imports the data stack
-
     compile_cache.enable(config.get("compile_cache_dir", "auto"))  # configs saved before the field existed
     spec = data or config.data.eval
     name = name or builders.split_name(spec)
     run = builders.build_run(config, workdir, train=False, eval_spec=spec, eval_batch_size=batch_size)
     load_params = exported.load_params if exported.is_exported(workdir) else checkpoints.load_params
     params, used_step = load_params(workdir, step)
-    from flax_textvae import parallel
-
     mesh = None
     if jax.device_count() > 1 and (batch_size or config.batch_size) % jax.device_count() == 0:
         mesh = parallel.make_mesh(1)
