@@ -1,27 +1,26 @@
-"""Config -> everything a run needs: backbone, tokenizer, TextVAE, data iterators, decoding helpers.
+"""Config -> everything a run needs: backbone, tokenizer, TextVAE, decoding helpers and its data.
 
 ``build_run(config, workdir)`` is shared by training, evaluation and the inference API, so all three see
-the same tokenizer, special ids and batch layout. The backbone's ``config.json`` and tokenizer are copied
-into ``WORKDIR/model/`` on the first run; evaluation and ``TextVAE.load`` rebuild the module from there
-(no hub access needed after training).
+the same tokenizer, special ids and batch layout; the batches come from ``input_pipeline.make_pipeline``
+(``Run.data``). The backbone's ``config.json`` and tokenizer are copied into ``WORKDIR/model/`` on the first
+run; evaluation and ``TextVAE.load`` rebuild the module from there (no hub access needed after training).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from flax_textvae import data as data_lib
-from flax_textvae import exported, models
-from flax_textvae.vae import TextVAE
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from flax_textvae import exported, input_pipeline, models
+from flax_textvae.vae import DTYPES, TextVAE
 
 
 def split_name(spec: str) -> str:
@@ -50,13 +49,37 @@ class Run:
     prompt: tuple  # forced decoder prefix: (decoder_start,) or (decoder_start, bos)
     max_length: int
     vocab_size: int
-    train_iter: Any = None
-    eval_batches: Callable[[], Iterator[dict]] | None = None
-    eval_spec: str = ""
-    eval_texts: list = dataclasses.field(default_factory=list)
-    eval_subset: Callable[[int], Callable[[], Iterator[dict]]] | None = None  # first n examples in file order
-    eval_stats: dict = dataclasses.field(default_factory=dict)  # encode_texts stats of the eval split
+    data: input_pipeline.Pipeline = dataclasses.field(default_factory=input_pipeline.Pipeline)
     _unused: tuple | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def train_iter(self) -> Any:
+        """The training batches (``data.train_iter``; None unless built for training)."""
+        return self.data.train_iter
+
+    @property
+    def eval_spec(self) -> str:
+        """The eval split's spec."""
+        return self.data.eval_spec
+
+    @property
+    def eval_texts(self) -> Sequence[str]:
+        """The eval examples' texts, in example order."""
+        return self.data.eval_texts
+
+    @property
+    def eval_stats(self) -> dict:
+        """What reading the eval split counted (examples, truncated, ...)."""
+        return self.data.eval_stats
+
+    @property
+    def eval_batches(self) -> Callable[[], Iterator[dict]] | None:
+        """A callable returning a pass over every eval example once."""
+        return self.data.eval_batches
+
+    def eval_subset(self, n: int = 0) -> Callable[[], Iterator[dict]]:
+        """Like ``eval_batches`` over the eval split's first ``n`` examples in file order (0: all)."""
+        return self.data.eval_subset(n)
 
     def init_params(self, key: jax.Array):
         """Random VAE parameters whose backbone subtree holds the complete seq2seq model.
@@ -115,13 +138,17 @@ def _model_folder(workdir: str) -> str:
     return workdir if exported.is_exported(workdir) else os.path.join(workdir, "model")
 
 
-def _load_backbone(config, workdir: str, train: bool, train_texts: list[str] | None):
-    """(module, pretrained params or None, hf config, tokenizer, tokenizer name)."""
-    import transformers
+def _load_backbone(config, workdir: str, train: bool, train_texts: Callable[[], Sequence[str]]):
+    """(module, pretrained params or None, hf config, tokenizer, tokenizer name).
 
+    ``train_texts()`` gives the training texts when a word tokenizer has to be trained on them.
+    """
     dtype = DTYPES.get(config.model.dtype)
     if dtype is None:
         raise ValueError(f"model.dtype={config.model.dtype!r}; choose one of {sorted(DTYPES)}")
+    # configs saved before these fields existed get the defaults
+    options = {"attention": config.model.get("attention", models.attention.DEFAULT_ATTENTION),
+               "remat": bool(config.model.get("remat", False))}
     folder = _model_folder(workdir)
     saved = os.path.isfile(os.path.join(folder, "config.json"))
     main = jax.process_index() == 0
@@ -133,26 +160,26 @@ def _load_backbone(config, workdir: str, train: bool, train_texts: list[str] | N
     if saved and (not train or resuming):
         hf_config = transformers.AutoConfig.from_pretrained(folder)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-        return models.build_module(hf_config, dtype), None, hf_config, tokenizer, folder
+        return models.build_module(hf_config, dtype, **options), None, hf_config, tokenizer, folder
     if not train:
         raise FileNotFoundError(f"{folder} has no config.json: {workdir} is not a trained run's workdir")
     if config.model.name_or_path == "scratch":
-        if train_texts is None:  # a prepared training set: its ids come from the tokenizer saved with it
+        if data_lib.is_prepared_spec(config.data.train):  # its ids come from the tokenizer saved with it
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 data_lib.PreparedSource(config.data.train).tokenizer_folder)
             if main:
                 tokenizer.save_pretrained(folder)
         else:
             tokenizer = data_lib.train_word_tokenizer(
-                train_texts, os.path.join(folder, "_tok_tmp") if not main else folder,
+                train_texts(), os.path.join(folder, "_tok_tmp") if not main else folder,
                 family=config.model.scratch.family, vocab_size=config.model.scratch.vocab_size,
                 min_freq=config.model.scratch.min_freq)
         family = models.families.get(config.model.scratch.family)
         hf_config = family.scratch_config(config.model.scratch, tokenizer, config.data.max_length)
         if main:
             hf_config.save_pretrained(folder)
-        return models.build_module(hf_config, dtype), None, hf_config, tokenizer, f"word-level ({folder})"
-    pre = models.load_pretrained(config.model.name_or_path, dtype=dtype)
+        return models.build_module(hf_config, dtype, **options), None, hf_config, tokenizer, f"word-level ({folder})"
+    pre = models.load_pretrained(config.model.name_or_path, dtype=dtype, **options)
     if main:
         pre.config.save_pretrained(folder)
         pre.tokenizer.save_pretrained(folder)
@@ -166,32 +193,20 @@ def _special(tokenizer) -> dict:
     return ids
 
 
-def _report(split: str, spec: str, read_stats: dict, tok_stats: dict, max_length: int) -> None:
-    """One line per split on process 0: what was read, skipped and truncated."""
-    if jax.process_index() != 0:
-        return
-    skipped = [f"{read_stats.get(k, 0)} {what}" for k, what in
-               (("empty_skipped", "empty lines skipped"), ("undecodable_skipped", "undecodable lines skipped"))
-               if read_stats.get(k, 0)]
-    if tok_stats.get("truncated", 0):
-        skipped.append(f"{tok_stats['truncated']} truncated to data.max_length={max_length}")
-    print(f"data {split}: {spec}: {tok_stats.get('examples', 0)} examples, "
-          f"mean {tok_stats.get('mean_length', 0):.1f} tokens" + (f" ({', '.join(skipped)})" if skipped else ""),
-          flush=True)
+def _prompt(tokenizer, hf_config, sp: dict) -> tuple:
+    """The forced decoder prefix: (decoder_start,), or (decoder_start, bos) when the tokenizer starts with BOS."""
+    bos_first = sp["bos"] is not None and tokenizer("a")["input_ids"][0] == sp["bos"]
+    start = getattr(hf_config, "decoder_start_token_id", None)
+    start = sp["eos"] if start is None else start
+    return (start, sp["bos"]) if bos_first else (start,)
 
 
-def _prepared_source(split: str, spec: str, tokenizer, tokenizer_name: str, max_length: int):
-    """The ``PreparedSource`` of a ``prepared:DIR`` spec, refused unless made with this tokenizer / max_length."""
-    source = data_lib.PreparedSource(spec)
-    problems = data_lib.prepared.compatibility_problems(source.index, tokenizer, max_length, spec=spec,
-                                                        tokenizer_name=tokenizer_name)
-    if problems:
-        from flax_textvae.validation import ConfigError  # validation imports this module
-
-        raise ConfigError(problems, subject=f"data.{split}")
-    stats = source.index["stats"]
-    _report(split, spec, stats, dict(stats, examples=len(source)), max_length)
-    return source
+def _vae(config, module) -> TextVAE:
+    v = config.vae
+    return TextVAE(backbone=module, latent_size=v.latent_size, pooling=v.pooling,
+                   injection=tuple(s.strip() for s in v.injection.split(",") if s.strip()),
+                   num_memory_slots=v.num_memory_slots, memory_style=v.get("memory_style", "hidden"),
+                   posterior_bias=v.get("posterior_bias", True), dtype=DTYPES[config.model.dtype])
 
 
 def build_run(config, workdir: str, *, train: bool = True, eval_spec: str | None = None,
@@ -207,71 +222,20 @@ def build_run(config, workdir: str, *, train: bool = True, eval_spec: str | None
       eval_batch_size: default ``config.batch_size``.
       with_eval: read and tokenize the eval split (False for the inference API).
     """
-    data_cfg = config.data
-    column = None if data_cfg.column < 0 else data_cfg.column
-    read = lambda spec: data_lib.read_examples(spec, column=column, text_field=data_cfg.text_field or None,
-                                               data_dir=data_cfg.tfds_data_dir or None)
-    read_stats = {}
-    if train and not data_lib.is_prepared_spec(data_cfg.train):
-        train_texts, read_stats["train"] = read(data_cfg.train)
-    else:
-        train_texts = None
-    module, backbone_params, hf_config, tokenizer, tok_name = _load_backbone(config, workdir, train, train_texts)
+    reader = input_pipeline.TextReader(config.data)
+    module, backbone_params, hf_config, tokenizer, tok_name = _load_backbone(
+        config, workdir, train, lambda: reader(config.data.train)[0])
     sp = _special(tokenizer)
-    bos_first = sp["bos"] is not None and tokenizer("a")["input_ids"][0] == sp["bos"]
-    start = getattr(hf_config, "decoder_start_token_id", None)
-    start = sp["eos"] if start is None else start
-    prompt = (start, sp["bos"]) if bos_first else (start,)
+    prompt = _prompt(tokenizer, hf_config, sp)
     # Ids that denoising and word dropout never touch: BOS / EOS / PAD / mask and the decoder prompt.
     # <unk> is an ordinary token here (about 5% of PTB), so it can be deleted, masked and dropped.
     specials = tuple(sorted({sp[k] for k in ("pad", "eos", "bos", "mask") if sp[k] is not None} | set(prompt)))
-    model = TextVAE(backbone=module, latent_size=config.vae.latent_size, pooling=config.vae.pooling,
-                    injection=tuple(s.strip() for s in config.vae.injection.split(",") if s.strip()),
-                    num_memory_slots=config.vae.num_memory_slots, memory_style=config.vae.get("memory_style", "hidden"),
-                    posterior_bias=config.vae.get("posterior_bias", True), dtype=DTYPES[config.model.dtype])
-    run = Run(config=config, model=model, tokenizer=tokenizer, tokenizer_name=tok_name,
-              backbone_params=backbone_params, pad_id=sp["pad"], eos_id=sp["eos"],
-              mask_id=sp["mask"] if sp["mask"] is not None else sp["unk"], unk_id=sp["unk"] if sp["unk"] is not None
-              else sp["pad"], special_ids=specials, prompt=prompt, max_length=data_cfg.max_length,
-              vocab_size=module.vocab_size)
-    batch_kw = dict(pad_id=run.pad_id, decoder_start_id=prompt[0], bos_id=prompt[1] if bos_first else None)
-    if train and data_lib.is_prepared_spec(data_cfg.train):  # read through grain, never held in memory
-        source = _prepared_source("train", data_cfg.train, tokenizer, tok_name, data_cfg.max_length)
-        run.train_iter = data_lib.GrainTrainIterator(
-            source, batch_size=config.batch_size, max_length=data_cfg.max_length, num_buckets=data_cfg.num_buckets,
-            seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(), **batch_kw)
-    elif train:
-        ids, tok_stats = data_lib.encode_texts(tokenizer, train_texts, data_cfg.max_length)
-        _report("train", data_cfg.train, read_stats["train"], tok_stats, data_cfg.max_length)
-        run.train_iter = data_lib.TrainIterator(
-            ids, batch_size=config.batch_size, max_length=data_cfg.max_length, num_buckets=data_cfg.num_buckets,
-            seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(), **batch_kw)
-    if not with_eval:
-        return run
-    run.eval_spec = eval_spec or data_cfg.eval
-    bs = eval_batch_size or config.batch_size
-    if data_lib.is_prepared_spec(run.eval_spec):
-        source = _prepared_source("eval", run.eval_spec, tokenizer, tok_name, data_cfg.max_length)
-        run.eval_texts, run.eval_stats = data_lib.DecodedTexts(source, tokenizer), dict(source.index["stats"])
-
-        def prepared_subset(n: int = 0) -> Callable[[], Iterator[dict]]:
-            batches = data_lib.GrainEvalIterator(source, num_examples=n or None, batch_size=bs,
-                                                 max_length=data_cfg.max_length, num_buckets=data_cfg.num_buckets,
-                                                 **batch_kw)
-            return lambda: iter(batches)
-
-        run.eval_subset, run.eval_batches = prepared_subset, prepared_subset(0)
-        return run
-    run.eval_texts, eval_read = read(run.eval_spec)
-    eval_ids, eval_tok = data_lib.encode_texts(tokenizer, run.eval_texts, data_cfg.max_length)
-    _report("eval", run.eval_spec, eval_read, eval_tok, data_cfg.max_length)
-    run.eval_stats = eval_tok
-
-    def subset(n: int = 0) -> Callable[[], Iterator[dict]]:
-        ids = eval_ids[:n] if n else eval_ids  # batches are length-sorted: cut before batching, not after
-        return lambda: iter(data_lib.EvalIterator(ids, batch_size=bs, max_length=data_cfg.max_length,
-                                                  num_buckets=data_cfg.num_buckets, **batch_kw))
-
-    run.eval_subset = subset
-    run.eval_batches = subset(0)
-    return run
+    pipeline = input_pipeline.make_pipeline(
+        config, tokenizer, prompt=prompt, tokenizer_name=tok_name, process_index=jax.process_index(),
+        process_count=jax.process_count(), train=train, eval_spec=eval_spec, eval_batch_size=eval_batch_size,
+        with_eval=with_eval, reader=reader)
+    return Run(config=config, model=_vae(config, module), tokenizer=tokenizer, tokenizer_name=tok_name,
+               backbone_params=backbone_params, pad_id=sp["pad"], eos_id=sp["eos"],
+               mask_id=sp["mask"] if sp["mask"] is not None else sp["unk"],
+               unk_id=sp["unk"] if sp["unk"] is not None else sp["pad"], special_ids=specials, prompt=prompt,
+               max_length=config.data.max_length, vocab_size=module.vocab_size, data=pipeline)

@@ -1,4 +1,4 @@
-"""Tests for flax_textvae.data: sources, the TFDS builder, synthetic text and length bucketing."""
+"""Tests for flax_textvae.data: sources, the TFDS builder, synthetic text, length bucketing and the batch plans."""
 import json
 import pathlib
 
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from flax_textvae.data import (
+    ArraySource,
     Batcher,
-    EvalIterator,
-    TrainIterator,
+    GrainEvalIterator,
+    GrainTrainIterator,
     collate,
     encode_texts,
     make_buckets,
@@ -353,18 +354,80 @@ def test_synthetic_spec():
         read_examples("synthetic:abc")
 
 
-def test_convenience_constructors():
+def test_constructors_take_examples_sources_or_a_batcher():
     ex = _examples(np.random.default_rng(5).integers(3, 30, size=30))
     kw = {"batch_size": 8, "pad_id": 1, "bos_id": 0, "num_buckets": 4, "max_length": 32}
-    it = TrainIterator(ex, seed=2, decoder_start_id=2, **kw)
-    ref = Batcher(ex, decoder_start_token_id=2, **kw).train_iterator(seed=2)
+    batcher = Batcher(ex, decoder_start_token_id=2, **kw)
+    streams = [GrainTrainIterator(ex, seed=2, decoder_start_id=2, **kw), batcher.train_iterator(seed=2),
+               GrainTrainIterator(ArraySource(ex), seed=2, decoder_start_token_id=2, num_threads=0, **kw)]
     for _ in range(5):
-        a, b = next(it), next(ref)
-        for k in KEYS:
-            np.testing.assert_array_equal(a[k], b[k])
-    ev = [x["index"].tolist() for x in EvalIterator(ex, decoder_start_id=2, **kw)]
-    assert ev == [x["index"].tolist() for x in Batcher(ex, decoder_start_token_id=2, **kw).eval_iterator()]
+        a, *others = [next(it) for it in streams]
+        for b in others:
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in KEYS)
+    ev = [x["index"].tolist() for x in GrainEvalIterator(ex, decoder_start_id=2, **kw)]
+    assert ev == [x["index"].tolist() for x in batcher.eval_iterator()]
+    assert sorted(i for rows in ev for i in rows if i >= 0) == list(range(30))
+    with pytest.raises(TypeError, match="not both"):
+        Batcher(ex, decoder_start_token_id=2, decoder_start_id=2, **kw)
+    with pytest.raises(TypeError, match="given together with a Batcher"):
+        GrainTrainIterator(batcher, batch_size=8)
     batch = collate(ex[:3], pad_id=1, decoder_start_id=2, bos_id=0)
     assert batch["input_ids"].shape == (3, max(len(x) for x in ex[:3]))
     np.testing.assert_array_equal(batch["index"], [0, 1, 2])
     _check_batch(batch, ex, 0, 2, 1)
+    with pytest.raises(ValueError, match="tokens > max_length=4"):
+        collate(ex[:3], pad_id=1, decoder_start_id=2, seq_len=4)
+
+
+def _reference_plan(ex, boundaries, batch_size, seed, epochs, remainder):
+    """(bucket, global rows) of every training batch of ``epochs`` epochs, written out step by step from the
+    rules in ``grain_pipeline``'s docstring: the batch sequence that text-file runs have always had."""
+    bucket_of = [next(k for k, b in enumerate(boundaries) if len(x) <= b) for x in ex]
+    plan = []
+    for epoch in range(epochs):
+        rng = np.random.default_rng([seed, epoch])
+        perm = rng.permutation(len(ex)).tolist()
+        batches, carry = [], []
+        for k in range(len(boundaries)):  # shortest bucket first; a bucket's rest moves on to the next one
+            pool = carry + [i for i in perm if bucket_of[i] == k]
+            while len(pool) >= batch_size:
+                batches.append((k, pool[:batch_size]))
+                pool = pool[batch_size:]
+            carry = pool
+        if carry and remainder == "reuse":  # completed with the epoch's first examples
+            rows = carry + [perm[j % len(perm)] for j in range(batch_size - len(carry))]
+            batches.append((max(bucket_of[i] for i in rows), rows))
+        plan += [batches[i] for i in rng.permutation(len(batches))]
+    return plan
+
+
+@pytest.mark.parametrize("seed,remainder,shards", [(0, "reuse", 1), (7, "drop", 1), (3, "reuse", 2)])
+def test_training_batches_follow_the_documented_plan(seed, remainder, shards):
+    ex = _examples(np.random.default_rng(6).integers(3, 40, size=83))
+    full = _batcher(ex)
+    plan = _reference_plan(ex, full.boundaries, 8, seed, 3, remainder)
+    for shard in range(shards):
+        it = _batcher(ex, shard_index=shard, shard_count=shards).train_iterator(seed=seed, remainder=remainder)
+        assert len(plan) == 3 * it.steps_per_epoch
+        rows_per_host = 8 // shards
+        for k, rows in plan:
+            mine = rows[shard * rows_per_host:(shard + 1) * rows_per_host]
+            want = collate([ex[i] for i in mine], pad_id=1, decoder_start_token_id=2, bos_id=0,
+                           seq_len=full.boundaries[k])
+            del want["index"]
+            got = next(it)
+            assert got.keys() == want.keys() and all(np.array_equal(got[key], want[key]) for key in want)
+        assert it.get_state() == {"epoch": 2, "position": it.steps_per_epoch}
+        it.close()
+
+
+def test_eval_batches_follow_the_documented_order():
+    ex = _examples(np.random.default_rng(7).integers(3, 50, size=45))
+    b = _batcher(ex)
+    bucket_of = [next(k for k, x in enumerate(b.boundaries) if len(e) <= x) for e in ex]
+    order = sorted(range(45), key=lambda i: bucket_of[i])  # stable: example order within a bucket
+    rows = [order[i:i + 8] for i in range(0, 45, 8)]
+    got = [x["index"].tolist() for x in b.eval_iterator()]
+    assert got == rows[:-1] + [rows[-1] + [-1] * (8 - len(rows[-1]))]
+    shapes = [x["input_ids"].shape[1] for x in b.eval_iterator()]
+    assert shapes == [b.boundaries[max(bucket_of[i] for i in r)] for r in rows]

@@ -1,4 +1,6 @@
-"""Prepared (pre-tokenized ArrayRecord) data sets and the grain pipeline: same batches, exact resume, eval coverage."""
+"""Prepared (pre-tokenized ArrayRecord) data sets, TFDS and text-file sources through the grain pipeline and
+``input_pipeline.make_pipeline``: same batches from every source, exact resume, eval coverage."""
+import itertools
 import json
 import pathlib
 
@@ -152,7 +154,7 @@ def test_encode_ids_equals_encode_texts(family, tmp_path):
 def test_same_batches_as_the_text_file(corpus, remainder, shard):
     root, _, _, _, ids, _ = corpus
     kw = dict(BATCH, seed=5, remainder=remainder, shard_index=shard[0], shard_count=shard[1])
-    want = data.TrainIterator(ids, **kw)
+    want = GrainTrainIterator(ids, num_threads=0, **kw)  # what a text-file run reads (tokenized in memory)
     got = GrainTrainIterator(data.PreparedSource(root / "prep"), **kw)
     assert got.steps_per_epoch == want.steps_per_epoch and got.boundaries == want.boundaries
     for _ in range(2 * want.steps_per_epoch + 3):  # across two epoch boundaries
@@ -161,28 +163,114 @@ def test_same_batches_as_the_text_file(corpus, remainder, shard):
     got.close()
 
 
-def test_tfds_source_gives_the_same_batches(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def three_sources(corpus, tmp_path_factory):
+    """The corpus's examples as a text file, a built TFDS data set and a prepared folder, each with a train
+    split (every example) and a valid split (the first 150): {'text': (train, valid), 'tfds': ..., 'prepared':
+    ...} specs, and the TFDS data dir."""
     from flax_textvae.data.textvae_corpora import prepare
 
-    _, text, tok, _, _, _ = corpus
-    manual = tmp_path / "manual" / "ptb"
+    root, text, tok, _, _, _ = corpus
+    base = tmp_path_factory.mktemp("three_sources")
+    manual = base / "manual" / "ptb"
     manual.mkdir(parents=True)
     texts, _ = data.read_examples(str(text))
     texts = [t.replace("\ufeff", "") for t in texts]  # the TFDS builder drops byte-order marks
-    for split in ("train", "valid", "test"):
-        (manual / f"{split}.txt").write_text("\n".join(texts) + "\n")
-    prepare("ptb", tmp_path / "manual", tmp_path / "tfds")
-    data.prepare_dataset(str(manual / "train.txt"), str(tok.name_or_path), MAX_LEN, str(tmp_path / "p"),
-                         num_workers=0)
-    ids, _ = data.encode_texts(tok, texts, MAX_LEN)
-    tfds_src = data.TfdsTokenSource("tfds:text_vae_corpora/ptb:train", tok, MAX_LEN, data_dir=tmp_path / "tfds")
-    assert np.array_equal(tfds_src.lengths, [len(x) for x in ids]) and tfds_src.stats["truncated"] > 0
-    a = GrainTrainIterator(tfds_src, seed=1, **BATCH)
-    b = GrainTrainIterator(data.PreparedSource(tmp_path / "p"), seed=1, **BATCH)
-    c = data.TrainIterator(ids, seed=1, **BATCH)
-    for _ in range(a.steps_per_epoch + 2):
-        x, y, z = next(a), next(b), next(c)
-        assert _equal(x, y) and _equal(y, z)
+    for split, lines in (("train", texts), ("valid", texts[:150]), ("test", texts[:10])):
+        (manual / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    prepare("ptb", base / "manual", base / "tfds")
+    for split in ("train", "valid"):
+        data.prepare_dataset(str(manual / f"{split}.txt"), str(root / "tok"), MAX_LEN, str(base / f"p_{split}"),
+                             num_workers=0, progress=False)
+    specs = {"text": tuple(str(manual / f"{s}.txt") for s in ("train", "valid")),
+             "tfds": tuple(f"tfds:text_vae_corpora/ptb:{s}" for s in ("train", "valid")),
+             "prepared": tuple(f"prepared:{base / f'p_{s}'}" for s in ("train", "valid"))}
+    return specs, base / "tfds"
+
+
+def _pipeline(specs, tfds_dir, tok, process_index=0, process_count=1, **overrides):
+    from flax_textvae import input_pipeline
+
+    config = _tiny(**{"data.train": specs[0], "data.eval": specs[1], "data.max_length": MAX_LEN,
+                      "data.num_buckets": 3, "data.tfds_data_dir": str(tfds_dir), "batch_size": 16, "seed": 5,
+                      **overrides})
+    return input_pipeline.make_pipeline(config, tok, prompt=(2, 0), tokenizer_name=str(tok.name_or_path),
+                                        process_index=process_index, process_count=process_count)
+
+
+def test_text_tfds_and_prepared_sources_give_the_same_batches(corpus, three_sources, capsys):
+    specs, tfds_dir = three_sources
+    tok, ids = corpus[2], corpus[4]
+    layouts = [(0, 1), (0, 2), (1, 2)]  # (process_index, process_count)
+    pipes, shown = {kind: {} for kind in specs}, {}
+    for kind, lay in itertools.product(specs, layouts):
+        pipes[kind][lay] = _pipeline(specs[kind], tfds_dir, tok, *lay)
+        lines = capsys.readouterr().out.splitlines()  # one line per split, on process 0 only
+        assert len(lines) == (2 if lay[0] == 0 else 0) and all(line.startswith("data ") for line in lines)
+        shown[kind, lay] = [line.replace(spec, "SPEC") for line, spec in zip(lines, specs[kind])]
+    assert shown["tfds", (0, 1)] == shown["prepared", (0, 1)] == shown["text", (0, 1)] == shown["text", (0, 2)]
+    assert "truncated to data.max_length" in shown["text", (0, 1)][0]
+    text = pipes["text"][(0, 1)]
+    assert isinstance(pipes["tfds"][(0, 1)].train_iter.batcher.source, data.TfdsTokenSource)
+    assert isinstance(pipes["prepared"][(0, 1)].eval.source, data.PreparedSource)
+    steps = text.train_iter.steps_per_epoch
+    assert steps == -(-len(ids) // 16) and text.train_iter.num_shapes <= 4
+    train = {(kind, lay): [next(p.train_iter) for _ in range(3 * steps)]  # three epochs
+             for kind, by_lay in pipes.items() for lay, p in by_lay.items()}
+    for (kind, lay), stream in train.items():
+        assert all(_equal(a, b) for a, b in zip(stream, train["text", lay], strict=True)), (kind, lay)
+        assert pipes[kind][lay].train_iter.get_state() == {"epoch": 2, "position": steps}
+    for a, b, whole in zip(train["text", (0, 2)], train["text", (1, 2)], train["text", (0, 1)], strict=True):
+        assert _equal({k: np.concatenate([a[k], b[k]]) for k in a}, whole)  # the two processes' rows
+    assert len({b["input_ids"].tobytes() for b in train["text", (0, 1)][:steps]}) == steps  # batches differ
+    other_seed = next(_pipeline(specs["text"], tfds_dir, tok, seed=6).train_iter)
+    assert not _equal(other_seed, train["text", (0, 1)][0])
+    evals = {(kind, lay): list(p.eval_batches()) for kind, by_lay in pipes.items() for lay, p in by_lay.items()}
+    for stream in evals.values():  # unsharded: every process reads whole batches, in example order
+        assert all(_equal(a, b) for a, b in zip(stream, evals["text", (0, 1)], strict=True))
+    whole = evals["text", (0, 1)]
+    assert sorted(i for b in whole for i in b["index"].tolist() if i >= 0) == list(range(150))
+    for kind in specs:
+        mine = [list(pipes[kind][lay].eval_subset(0, sharded=True)()) for lay in layouts[1:]]
+        for a, b, w in zip(*mine, whole, strict=True):
+            assert a["input_ids"].shape[0] == 8 and _equal({k: np.concatenate([a[k], b[k]]) for k in a}, w)
+        first = [list(pipes[kind][(0, 1)].eval_subset(40)()) for _ in range(2)]  # re-iterable
+        assert all(_equal(a, b) and _equal(a, c) for a, b, c in zip(*first, text.eval_subset(40)(), strict=True))
+        assert sorted(i for b in first[0] for i in b["index"].tolist() if i >= 0) == list(range(40))
+    assert list(pipes["tfds"][(0, 1)].eval_texts[:150]) == list(text.eval_texts) and len(text.eval_texts) == 150
+    assert pipes["tfds"][(0, 1)].eval_texts[-1] == text.eval_texts[149]
+    decoded = tok.batch_decode([x.tolist() for x in text.eval.source.__getitems__(range(150))],
+                               skip_special_tokens=True)
+    assert list(pipes["prepared"][(0, 1)].eval_texts[:150]) == [t.strip() for t in decoded]
+    for kind in specs:
+        assert pipes[kind][(0, 1)].eval_stats["truncated"] == text.eval_stats["truncated"] > 0
+        for p in pipes[kind].values():
+            p.train_iter.close()
+
+
+def test_make_pipeline_without_training_or_eval(corpus, three_sources):
+    specs, tfds_dir = three_sources
+    tok = corpus[2]
+    from flax_textvae import input_pipeline
+
+    fields = {"data.train": specs["tfds"][0], "data.eval": specs["tfds"][1], "data.max_length": MAX_LEN,
+              "data.tfds_data_dir": str(tfds_dir)}
+    with pytest.raises(ValueError, match="data.column=1 only applies to text files"):
+        input_pipeline.make_pipeline(_tiny(**fields, **{"data.column": 1}), tok, prompt=(2, 0),
+                                     tokenizer_name="tok", process_index=0, process_count=1)
+    config = _tiny(**fields)
+    eval_only = input_pipeline.make_pipeline(config, tok, prompt=(2, 0), tokenizer_name="tok", process_index=0,
+                                             process_count=1, train=False, eval_spec=specs["text"][1],
+                                             eval_batch_size=48)
+    assert eval_only.train_iter is None and eval_only.eval_spec == specs["text"][1]
+    batches = list(eval_only.eval_batches())
+    assert all(b["input_ids"].shape[0] == 48 for b in batches)
+    assert sum(b["example_weight"].sum() for b in batches) == 150
+    none = input_pipeline.make_pipeline(config, tok, prompt=(2, 0), tokenizer_name="tok", process_index=0,
+                                        process_count=1, train=False, with_eval=False)
+    assert none.eval_batches is None and none.eval_spec == "" and list(none.eval_texts) == []
+    with pytest.raises(ValueError, match="no eval split"):
+        none.eval_subset(10)
 
 
 def test_exact_resume(corpus):
@@ -199,7 +287,7 @@ def test_exact_resume(corpus):
         fresh = GrainTrainIterator(data.PreparedSource(root / "prep"), seed=2, num_threads=0, **BATCH)
         fresh.set_state(state)
         assert all(_equal(next(fresh), stream[k + i]) for i in range(4)), k
-        text_it = data.TrainIterator(ids, seed=2, **BATCH)  # states are interchangeable with TrainIterator's
+        text_it = GrainTrainIterator(ids, seed=2, num_threads=0, **BATCH)  # states work across sources
         text_it.set_state(state)
         assert _equal(next(text_it), stream[k])
     with pytest.raises(ValueError, match="batches per epoch"):
@@ -209,7 +297,7 @@ def test_exact_resume(corpus):
 def test_worker_processes_give_the_same_batches(corpus):
     root, _, _, _, ids, _ = corpus
     it = GrainTrainIterator(data.PreparedSource(root / "prep"), seed=4, num_workers=2, **BATCH)
-    want = data.TrainIterator(ids, seed=4, **BATCH)
+    want = GrainTrainIterator(ids, seed=4, num_threads=0, **BATCH)
     try:
         assert all(_equal(next(it), next(want)) for _ in range(want.steps_per_epoch + 2))
     finally:
@@ -220,7 +308,7 @@ def test_eval_covers_every_example_once_also_sharded(corpus):
     root, _, _, _, ids, _ = corpus
     src = data.PreparedSource(root / "prep")
     for n in (None, 100):
-        want = list(data.EvalIterator(ids[:n] if n else ids, **BATCH))
+        want = list(GrainEvalIterator(ids[:n] if n else ids, **BATCH))
         got = GrainEvalIterator(src, num_examples=n, **BATCH)
         assert len(got) == len(want) and all(_equal(a, b) for a, b in zip(got, want))
         assert all(_equal(a, b) for a, b in zip(got, want))  # re-iterable
@@ -277,3 +365,25 @@ def test_build_run_reads_prepared_specs(corpus, tmp_path):
     config = _tiny(**{"data.train": str(text), "data.eval": spec, "data.max_length": MAX_LEN + 8})
     with pytest.raises(validation.ConfigError, match=f"max_length={MAX_LEN}"):
         builders.build_run(config, str(tmp_path / "d"))
+
+
+def test_build_run_reads_tfds_specs_through_their_token_source(three_sources, tmp_path):
+    from flax_textvae import builders
+
+    specs, tfds_dir = three_sources
+    common = {"data.max_length": MAX_LEN, "data.tfds_data_dir": str(tfds_dir)}
+    by_text = builders.build_run(_tiny(**{"data.train": specs["text"][0], "data.eval": specs["text"][1], **common}),
+                                 str(tmp_path / "a"))
+    by_tfds = builders.build_run(_tiny(**{"data.train": specs["tfds"][0], "data.eval": specs["tfds"][1], **common}),
+                                 str(tmp_path / "b"))
+    assert isinstance(by_tfds.train_iter.batcher.source, data.TfdsTokenSource)  # not read into memory
+    assert isinstance(by_tfds.data.eval.source, data.TfdsTokenSource) and by_tfds.eval_spec == specs["tfds"][1]
+    # the word tokenizer of a from-scratch model is trained on the same texts either way
+    assert data.tokenizer_fingerprint(by_tfds.tokenizer) == data.tokenizer_fingerprint(by_text.tokenizer)
+    steps = by_text.train_iter.steps_per_epoch
+    assert all(_equal(next(by_tfds.train_iter), next(by_text.train_iter)) for _ in range(steps + 2))
+    assert by_tfds.train_iter.get_state() == by_text.train_iter.get_state() == {"epoch": 1, "position": 2}
+    assert all(_equal(a, b) for a, b in zip(by_tfds.eval_batches(), by_text.eval_batches(), strict=True))
+    assert all(_equal(a, b) for a, b in zip(by_tfds.eval_subset(40)(), by_text.eval_subset(40)(), strict=True))
+    assert list(by_tfds.eval_texts) == list(by_text.eval_texts) and len(by_text.eval_texts) == 150
+    assert by_tfds.eval_stats["truncated"] == by_text.eval_stats["truncated"] > 0

@@ -1,23 +1,22 @@
-"""Input pipeline: text files / TFDS array_record -> token ids -> static-shape length-bucketed batches.
+"""Input pipeline: text files / TFDS array_record / prepared folders -> token ids -> length-bucketed batches.
 
-``prepared:DIR`` data sets (``prepare_dataset`` / ``python -m flax_textvae.data.prepare``) are read
-through grain by ``GrainTrainIterator`` / ``GrainEvalIterator``, which give the same batches as
-``TrainIterator`` / ``EvalIterator`` without holding the corpus in memory.
+Every split is a random-access source of token ids (``ArraySource`` for examples tokenized in memory,
+``TfdsTokenSource``, ``PreparedSource`` for ``prepared:DIR`` data sets written by ``prepare_dataset`` /
+``python -m flax_textvae.data.prepare``), batched through grain by ``GrainTrainIterator`` /
+``GrainEvalIterator`` (``Batcher`` holds the buckets and the batch layout); the same examples give the same
+batches whatever the source. ``flax_textvae.input_pipeline`` opens a run's splits from its config.
 
-No TensorFlow is needed at run time. ``TextVaeCorpora`` (the TFDS builder) and ``prepare_text_vae_corpora``
-are loaded lazily, so importing this package does not import tensorflow_datasets.
+No TensorFlow is needed at run time (tensorflow_datasets reads array_record files without it).
+``prepare_dataset``, ``TextVaeCorpora`` (the TFDS builder) and ``prepare_text_vae_corpora`` are loaded on first
+use: their modules also run with ``python -m``.
 """
-from flax_textvae.data.batching import (
-    Batch,
+from flax_textvae.data.batching import Batch, bucket_index, collate, make_buckets, padding_fraction, round_up
+from flax_textvae.data.grain_pipeline import (
+    ArraySource,
     Batcher,
-    BucketedIterator,
-    EvalIterator,
-    TrainIterator,
-    bucket_index,
-    collate,
-    make_buckets,
-    padding_fraction,
-    round_up,
+    GrainEvalIterator,
+    GrainTrainIterator,
+    TfdsTokenSource,
 )
 from flax_textvae.data.prepared import (
     PREPARED_PREFIX,
@@ -31,25 +30,21 @@ from flax_textvae.data.synthetic import synthetic_sentences, synthetic_vocabular
 from flax_textvae.data.tokenize import encode_texts, train_word_tokenizer
 
 __all__ = [
-    "Batch", "Batcher", "BucketedIterator", "DatasetNotBuiltError", "EvalIterator", "TrainIterator", "bucket_index",
-    "collate",
-    "make_buckets", "padding_fraction",
-    "round_up", "parse_tfds_spec", "read_examples", "synthetic_sentences", "synthetic_vocabulary",
+    "Batch", "DatasetNotBuiltError", "bucket_index", "collate", "make_buckets", "padding_fraction", "round_up",
+    "parse_tfds_spec", "read_examples", "synthetic_sentences", "synthetic_vocabulary",
     "encode_texts", "train_word_tokenizer", "TextVaeCorpora", "prepare_text_vae_corpora",
     "PREPARED_PREFIX", "DecodedTexts", "PreparedSource", "is_prepared_spec", "tokenizer_fingerprint",
-    "GrainTrainIterator", "GrainEvalIterator", "TfdsTokenSource", "prepare_dataset",
+    "ArraySource", "Batcher", "GrainTrainIterator", "GrainEvalIterator", "TfdsTokenSource", "prepare_dataset",
 ]
-# Loaded on first use: grain (the iterators), tensorflow_datasets (TfdsTokenSource) and the prepare module,
-# which also runs as ``python -m flax_textvae.data.prepare``.
-_LAZY = {"GrainTrainIterator": "grain_pipeline", "GrainEvalIterator": "grain_pipeline",
-         "TfdsTokenSource": "grain_pipeline", "prepare_dataset": "prepare"}
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"flax_textvae.data.{_LAZY[name]}"), name)
+    # The two modules that also run as `python -m flax_textvae.data.prepare` / `.textvae_corpora` are imported
+    # on first use: imported by the package first, `-m` would run a second copy of them (and register the
+    # TFDS builder twice).
+    if name == "prepare_dataset":
+        from flax_textvae.data.prepare import prepare_dataset
+        return prepare_dataset
     if name == "TextVaeCorpora":
         from flax_textvae.data.textvae_corpora import TextVaeCorpora
         return TextVaeCorpora

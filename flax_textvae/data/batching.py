@@ -1,8 +1,10 @@
-"""Length bucketing with static shapes: deterministic, resumable, multi-host training and eval batches.
+"""Length bucketing with static shapes: bucket boundaries, the batch format and its collation.
 
 Every example (an int array of token ids with the tokenizer's special tokens, e.g. BART
 ``<s> w1 .. wn </s>``, T5 ``w1 .. wn </s>``) goes to the smallest bucket whose boundary is >= its length;
-a batch holds examples of one bucket padded to that boundary, so jit compiles once per bucket.
+a batch holds examples of one bucket padded to that boundary, so jit compiles once per bucket. The
+batches themselves are planned and read by ``grain_pipeline`` (``Batcher``, ``GrainTrainIterator``,
+``GrainEvalIterator``) from any random-access source of token ids.
 
 Batch format (dict of numpy arrays; ``B`` = rows on this host = global batch / shard_count,
 ``S`` = the bucket boundary; encoder and decoder lengths are equal):
@@ -14,24 +16,15 @@ Batch format (dict of numpy arrays; ``B`` = rows on this host = global batch / s
   not predicted, EOS is), 0 on padding and on filler rows;
 * ``decoder_input_ids`` int32 ``[B, S]``: ``labels`` shifted right by one, ``decoder_start_token_id`` first;
 * ``example_weight`` float32 ``[B]``: 1, or 0 for filler rows (eval only);
-* ``index`` int32 ``[B]`` (eval batches only): the row's position in the ``examples`` list, -1 for filler.
+* ``index`` int32 ``[B]`` (eval batches only): the row's example number in the split, -1 for filler.
 
 Filler rows (eval only, to keep the final batch at the static batch size) copy the
 ids/attention mask of the batch's first example, so the model sees a well-formed row, but have
 ``example_weight`` 0, ``label_weights`` 0 and ``index`` -1.
-
-Training (``BucketedIterator``) is infinite and epoch-based: epoch ``e`` shuffles the examples with
-``numpy.random.default_rng([seed, e])``, groups them by bucket (order kept), and cuts full batches
-bucket by bucket from the shortest; the fewer-than-a-batch rest of a bucket moves on to the next longer
-bucket (it fits there). The rest left after the longest bucket is completed with repeats of the epoch's
-first examples (``remainder='reuse'``: every example is seen every epoch) or dropped (``'drop'``).
-The batch order is then shuffled. ``get_state()`` is
-``{'epoch': int, 'position': int}``; ``set_state`` resumes exactly. With ``shard_count = n`` each host
-gets rows ``[i*B/n, (i+1)*B/n)`` of every global batch, so all hosts agree on shapes and order.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -83,8 +76,14 @@ def make_buckets(lengths: Sequence[int] | np.ndarray, max_length: int, num_bucke
     tail = [max_length] if top < max_length else []
     if num_buckets == 1:
         return [top] + tail
+    return _least_padding(lens, top, num_buckets, multiple) + tail
+
+
+def _least_padding(lens: np.ndarray, top: int, num_buckets: int, multiple: int) -> list[int]:
+    """The at most ``num_buckets`` boundaries (multiples of ``multiple``, the last ``top``) that minimize the
+    padding of the sorted lengths ``lens``, by dynamic programming over the candidate boundaries."""
     cands = np.array(sorted(set(range(multiple, top, multiple)) | {top}), dtype=np.int64)
-    # keep only candidates that close a non-empty range (plus max_length): others never help.
+    # keep only candidates that close a non-empty range (plus the last): others never help.
     cnt = np.searchsorted(lens, cands, side="right")
     keep = np.concatenate([[cnt[0] > 0], cnt[1:] > cnt[:-1]])
     keep[-1] = True
@@ -110,7 +109,7 @@ def make_buckets(lengths: Sequence[int] | np.ndarray, max_length: int, num_bucke
     for t in range(best_t, 0, -1):
         out.append(int(c[j]))
         j = int(back[t - 1][j]) if t > 1 else 0
-    return sorted(out) + tail
+    return sorted(out)
 
 
 def bucket_index(lengths: Sequence[int] | np.ndarray, boundaries: Sequence[int]) -> np.ndarray:
@@ -125,218 +124,14 @@ def padding_fraction(lengths: Sequence[int] | np.ndarray, boundaries: Sequence[i
     return float(1.0 - lens.sum() / max(padded.sum(), 1))
 
 
-def _cut_batches(order: np.ndarray, bucket_of: np.ndarray, num_buckets: int,
-                 batch_size: int) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
-    """Cuts full batches bucket by bucket (shortest first), keeping ``order`` within a bucket.
-
-    The fewer-than-a-batch rest of a bucket moves on to the next longer bucket (its examples fit there).
-    Returns ([(bucket, rows[batch_size]), ...], the rest after the longest bucket).
-    """
-    batches: list[tuple[int, np.ndarray]] = []
-    carry = np.zeros(0, dtype=np.int64)
-    for k in range(num_buckets):
-        pool = np.concatenate([carry, order[bucket_of[order] == k]]).astype(np.int64)
-        full = len(pool) // batch_size * batch_size
-        batches += [(k, pool[i:i + batch_size]) for i in range(0, full, batch_size)]
-        carry = pool[full:]
-    return batches, carry
-
-
-class Batcher:
-    """Builds static-shape, length-bucketed batches from encoded examples.
-
-    Args:
-      examples: token-id arrays (``encode_texts`` output), each of length 1..max_length.
-      batch_size: the GLOBAL batch size (all hosts together); divisible by ``shard_count``.
-      pad_id: padding id.
-      decoder_start_token_id: first decoder input (BART: ``</s>`` = 2; T5: pad = 0).
-      bos_id: a leading token with this id gets label weight 0 (BART ``<s>``); None for T5.
-      max_length: longest allowed example and last boundary (default: longest example rounded up to
-        ``multiple``).
-      num_buckets, boundaries, multiple: see ``make_buckets``.
-      shard_index, shard_count: this host's slice of every global batch.
-    """
-
-    def __init__(self, examples: Sequence[np.ndarray], *, batch_size: int, pad_id: int,
-                 decoder_start_token_id: int, bos_id: int | None = None, max_length: int | None = None,
-                 num_buckets: int = 8, boundaries: Sequence[int] | None = None, multiple: int = 4,
-                 shard_index: int = 0, shard_count: int = 1):
-        self.examples = [np.asarray(x, dtype=np.int32).reshape(-1) for x in examples]
-        if not self.examples:
-            raise ValueError("no examples to batch")
-        self.lengths = np.array([len(x) for x in self.examples], dtype=np.int64)
-        if self.lengths.min() < 1:
-            raise ValueError(f"example {int(np.argmin(self.lengths))} is empty; every example needs >= 1 token")
-        if max_length is None:
-            max_length = round_up(int(self.lengths.max()), multiple)
-        if self.lengths.max() > max_length:
-            i = int(np.argmax(self.lengths))
-            raise ValueError(f"example {i} has {self.lengths[i]} tokens > max_length={max_length}; "
-                             "truncate with encode_texts(..., max_length) first")
-        if batch_size < 1 or shard_count < 1 or batch_size % shard_count:
-            raise ValueError(f"batch_size={batch_size} must be a positive multiple of shard_count={shard_count}")
-        if not 0 <= shard_index < shard_count:
-            raise ValueError(f"shard_index={shard_index} not in [0, {shard_count})")
-        self.batch_size, self.pad_id, self.bos_id = int(batch_size), int(pad_id), bos_id
-        self.decoder_start_token_id = int(decoder_start_token_id)
-        self.shard_index, self.shard_count = int(shard_index), int(shard_count)
-        self.max_length = int(max_length)
-        self.boundaries = make_buckets(self.lengths, self.max_length, num_buckets, boundaries=boundaries,
-                                       multiple=multiple)
-        self.bucket_of = bucket_index(self.lengths, self.boundaries)
-
-    @property
-    def host_batch_size(self) -> int:
-        """Rows per batch on this host (global batch / shard_count)."""
-        return self.batch_size // self.shard_count
-
-    def make_batch(self, rows: np.ndarray, seq_len: int) -> Batch:
-        """Builds this host's slice of one global batch.
-
-        Args:
-          rows: int ``[batch_size]`` example indices of the global batch; -1 marks filler rows (only at
-            the end; row 0 must be a real example).
-          seq_len: the bucket boundary S.
-
-        Returns:
-          The batch dict (see the module docstring) with ``B = host_batch_size`` rows, ``index`` included.
-        """
-        rows = np.asarray(rows, dtype=np.int64)
-        b = self.host_batch_size
-        mine = rows[self.shard_index * b:(self.shard_index + 1) * b]
-        real = mine >= 0
-        src = np.where(real, mine, rows[0])
-        lens = self.lengths[src]
-        ids = np.full((b, seq_len), self.pad_id, dtype=np.int32)
-        for r, i in enumerate(src):
-            ids[r, :lens[r]] = self.examples[i]
-        mask = (np.arange(seq_len)[None, :] < lens[:, None])
-        weights = mask.astype(np.float32)
-        if self.bos_id is not None:
-            weights[:, 0] *= ids[:, 0] != self.bos_id
-        weights *= real[:, None]
-        dec = np.empty_like(ids)
-        dec[:, 0] = self.decoder_start_token_id
-        dec[:, 1:] = ids[:, :-1]
-        return {"input_ids": ids, "attention_mask": mask.astype(np.int32), "labels": ids.copy(),
-                "label_weights": weights, "decoder_input_ids": dec,
-                "example_weight": real.astype(np.float32), "index": np.where(real, mine, -1).astype(np.int32)}
-
-    def train_iterator(self, seed: int = 0, *, remainder: str = "reuse") -> "BucketedIterator":
-        """The infinite, resumable training iterator (see ``BucketedIterator``)."""
-        return BucketedIterator(self, seed, remainder=remainder)
-
-    def eval_iterator(self) -> "EvalIterator":
-        """One pass over every example exactly once, in a fixed order (see ``EvalIterator``)."""
-        return EvalIterator(self)
-
-
-class BucketedIterator:
-    """Infinite epoch-based training batches; deterministic in ``(seed, epoch)``, resumable.
-
-    Yields batch dicts without ``index`` and with every ``example_weight`` 1.
-
-    Args:
-      batcher: the ``Batcher`` holding the examples.
-      seed: non-negative shuffling seed (identical on every host).
-      remainder: 'reuse' (complete the epoch's last partial batch with repeated examples) or 'drop'
-        (skip its examples this epoch).
-    """
-
-    def __init__(self, batcher: Batcher, seed: int = 0, *, remainder: str = "reuse"):
-        if remainder not in ("reuse", "drop"):
-            raise ValueError(f"remainder must be 'reuse' or 'drop', got {remainder!r}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        self.batcher, self.seed, self.remainder = batcher, int(seed), remainder
-        self.boundaries = batcher.boundaries
-        self.epoch, self.position = 0, 0
-        self._plan_epoch: int | None = None
-        self._plan: list[tuple[int, np.ndarray]] = []
-
-    def _make_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-        """The epoch's batches as (bucket, global rows), in the order they are yielded."""
-        rng = np.random.default_rng([self.seed, epoch])
-        perm = rng.permutation(len(self.batcher.examples))
-        bs, bucket_of = self.batcher.batch_size, self.batcher.bucket_of
-        batches, carry = _cut_batches(perm, bucket_of, len(self.boundaries), bs)
-        if len(carry) and self.remainder == "reuse":  # last partial batch: complete it with repeats
-            rows = np.concatenate([carry, np.resize(perm, bs - len(carry))])
-            batches.append((int(bucket_of[rows].max()), rows))
-        return [batches[i] for i in rng.permutation(len(batches))]
-
-    def _ensure_plan(self) -> None:
-        if self._plan_epoch != self.epoch:
-            self._plan, self._plan_epoch = self._make_plan(self.epoch), self.epoch
-            if not self._plan:
-                raise ValueError(f"no full batch of {self.batcher.batch_size} examples with remainder='drop'")
-
-    @property
-    def num_shapes(self) -> int:
-        """At most how many distinct batch shapes the iterator yields: the buckets from the shortest holding
-        examples to the longest holding examples (a bucket's leftover rows move to the next longer one)."""
-        used = np.unique(self.batcher.bucket_of)
-        return int(used.max() - used.min() + 1) if len(used) else 0
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Batches per epoch (the same every epoch)."""
-        self._ensure_plan()
-        return len(self._plan)
-
-    def __iter__(self) -> "BucketedIterator":
-        return self
-
-    def __next__(self) -> Batch:
-        self._ensure_plan()
-        if self.position >= len(self._plan):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._ensure_plan()
-        k, rows = self._plan[self.position]
-        self.position += 1
-        batch = self.batcher.make_batch(rows, self.boundaries[k])
-        del batch["index"]
-        return batch
-
-    def get_state(self) -> dict[str, int]:
-        """``{'epoch': e, 'position': p}``: p batches of epoch e have been yielded."""
-        return {"epoch": int(self.epoch), "position": int(self.position)}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Restores a ``get_state()`` dict; the next batch is the one that followed it."""
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or position < 0:
-            raise ValueError(f"bad iterator state {state}")
-        self.epoch, self.position = epoch, position
-        self._ensure_plan()
-        if position > len(self._plan):
-            raise ValueError(f"state position {position} > {len(self._plan)} batches per epoch; "
-                             "was the state saved with other data or batch size?")
-
-
-class TrainIterator(BucketedIterator):
-    """``BucketedIterator`` built straight from examples: ``Batcher(examples, **kw).train_iterator(seed)``.
-
-    Args:
-      examples: token-id arrays.
-      seed: shuffling seed; remainder: see ``BucketedIterator``.
-      **batcher_kw: ``Batcher`` arguments (``batch_size``, ``pad_id``, ``decoder_start_token_id`` (alias
-        ``decoder_start_id``), ``bos_id``, ``max_length``, ``num_buckets``, ``boundaries``, ``multiple``,
-        ``shard_index``, ``shard_count``).
-    """
-
-    def __init__(self, examples: Sequence[np.ndarray], *, seed: int = 0, remainder: str = "reuse",
-                 **batcher_kw: Any):
-        super().__init__(Batcher(examples, **_start_alias(batcher_kw)), seed, remainder=remainder)
-
-
-def _start_alias(kw: dict[str, Any]) -> dict[str, Any]:
-    kw = dict(kw)
-    if "decoder_start_id" in kw:
-        if "decoder_start_token_id" in kw:
-            raise TypeError("give decoder_start_token_id or decoder_start_id, not both")
-        kw["decoder_start_token_id"] = kw.pop("decoder_start_id")
-    return kw
+def start_id(decoder_start_token_id: int | None, decoder_start_id: int | None) -> int:
+    """The decoder start id given under either name (``decoder_start_id`` is an alias); exactly one is needed."""
+    if decoder_start_token_id is not None and decoder_start_id is not None:
+        raise TypeError("give decoder_start_token_id or decoder_start_id, not both")
+    start = decoder_start_token_id if decoder_start_token_id is not None else decoder_start_id
+    if start is None:
+        raise TypeError("give decoder_start_token_id (or decoder_start_id)")
+    return int(start)
 
 
 def collate(examples: Sequence[np.ndarray], *, pad_id: int, decoder_start_token_id: int | None = None,
@@ -344,47 +139,31 @@ def collate(examples: Sequence[np.ndarray], *, pad_id: int, decoder_start_token_
             seq_len: int | None = None) -> Batch:
     """One batch of exactly these examples, in order, padded to ``seq_len`` (default: the longest).
 
-    For inference (encode a list of texts). Same keys as the eval batches: ``index`` is ``arange(N)``,
-    every ``example_weight`` is 1. ``decoder_start_id`` is an alias of ``decoder_start_token_id``.
+    The batch format of the module docstring: ``index`` is ``arange(N)`` and every ``example_weight`` is 1
+    (the grain batches set both for filler rows). ``decoder_start_id`` is an alias of
+    ``decoder_start_token_id``.
     """
-    start = decoder_start_token_id if decoder_start_token_id is not None else decoder_start_id
-    if start is None:
-        raise TypeError("collate needs decoder_start_token_id (or decoder_start_id)")
-    longest = max(len(x) for x in examples) if len(examples) else 1
-    seq_len = longest if seq_len is None else seq_len
-    b = Batcher(examples, batch_size=len(examples), pad_id=pad_id, decoder_start_token_id=start, bos_id=bos_id,
-                max_length=seq_len, boundaries=[seq_len])
-    return b.make_batch(np.arange(len(examples)), seq_len)
-
-
-class EvalIterator:
-    """Every example exactly once, in a fixed order: bucket by bucket (ascending), example order within.
-
-    As in training, a bucket's fewer-than-a-batch rest moves on to the next longer bucket; only the very
-    last batch is completed with filler rows (``example_weight`` 0, ``label_weights`` 0, ``index`` -1).
-    Re-iterable (each ``iter()`` is a fresh pass); ``len()`` is the number of batches.
-
-    Args:
-      batcher: a ``Batcher``, or the examples, with the ``Batcher`` arguments as keywords
-        (``decoder_start_id`` accepted as an alias of ``decoder_start_token_id``).
-    """
-
-    def __init__(self, batcher: Batcher | Sequence[np.ndarray], **batcher_kw: Any):
-        if not isinstance(batcher, Batcher):  # examples + Batcher arguments
-            batcher = Batcher(batcher, **_start_alias(batcher_kw))
-        elif batcher_kw:
-            raise TypeError(f"Batcher arguments {sorted(batcher_kw)} given together with a Batcher")
-        self.batcher = batcher
-        bs = batcher.batch_size
-        order = np.arange(len(batcher.examples))
-        self._plan, carry = _cut_batches(order, batcher.bucket_of, len(batcher.boundaries), bs)
-        if len(carry):
-            rows = np.concatenate([carry, np.full(bs - len(carry), -1, dtype=np.int64)])
-            self._plan.append((int(batcher.bucket_of[carry].max()), rows))
-
-    def __len__(self) -> int:
-        return len(self._plan)
-
-    def __iter__(self) -> Iterator[Batch]:
-        for k, rows in self._plan:
-            yield self.batcher.make_batch(rows, self.batcher.boundaries[k])
+    start = start_id(decoder_start_token_id, decoder_start_id)
+    lens = np.fromiter((len(x) for x in examples), dtype=np.int64, count=len(examples))
+    if not lens.size:
+        raise ValueError("no examples to batch")
+    seq_len = int(lens.max()) if seq_len is None else int(seq_len)
+    if lens.min() < 1:
+        raise ValueError(f"example {int(np.argmin(lens))} is empty; every example needs >= 1 token")
+    if lens.max() > seq_len:
+        i = int(np.argmax(lens))
+        raise ValueError(f"example {i} has {lens[i]} tokens > max_length={seq_len}; "
+                         "truncate with encode_texts(..., max_length) first")
+    ids = np.full((len(lens), seq_len), pad_id, dtype=np.int32)
+    for r, x in enumerate(examples):
+        ids[r, :lens[r]] = x
+    mask = np.arange(seq_len)[None, :] < lens[:, None]
+    weights = mask.astype(np.float32)
+    if bos_id is not None:
+        weights[:, 0] *= ids[:, 0] != bos_id
+    dec = np.empty_like(ids)
+    dec[:, 0] = start
+    dec[:, 1:] = ids[:, :-1]
+    return {"input_ids": ids, "attention_mask": mask.astype(np.int32), "labels": ids.copy(),
+            "label_weights": weights, "decoder_input_ids": dec,
+            "example_weight": np.ones(len(lens), np.float32), "index": np.arange(len(lens), dtype=np.int32)}

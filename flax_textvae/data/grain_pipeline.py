@@ -2,21 +2,25 @@
 
 A *token source* is any grain random-access source of token-id arrays that also knows every example's
 length: ``len(source)``, ``source.__getitems__(keys) -> [int array [L_k], ...]`` and ``source.lengths``
-(``[N]``). Two are provided: ``PreparedSource`` (a prepared folder) and :class:`TfdsTokenSource` (a TFDS
-array_record split read with ``tfds.data_source`` and tokenized on the fly). Only the lengths are needed
-to plan batches, so the corpus is never held in memory; each host reads only its own rows of every
-global batch.
+(``[N]``). Three are provided: :class:`ArraySource` (examples tokenized in memory: text files,
+``synthetic:``), :class:`TfdsTokenSource` (a TFDS array_record split read with ``tfds.data_source`` and
+tokenized on the fly) and ``PreparedSource`` (a prepared folder). Only the lengths are needed to plan
+batches, so a corpus on disk is never held in memory; each host reads only its own rows of every global
+batch.
 
-:class:`GrainTrainIterator` yields exactly the batches of ``batching.TrainIterator`` over the same
-examples (same ``seed``, batch size, buckets, sharding): the same buckets (``make_buckets`` over the
-lengths), the same per-epoch plan (``numpy.random.default_rng([seed, epoch])`` shuffles the examples and
-then the batch order; batches are cut bucket by bucket, a bucket's rest moving on to the next longer one,
-the epoch's last partial batch completed with its first examples or dropped), the same batch dicts
-(``batching.collate``). It stores a plan of ``N`` int32 row ids per epoch instead of the examples.
-Batches are produced by a ``grain.MapDataset`` over the global batch number, prefetched by threads and,
-optionally, by worker processes (``num_workers``; each worker computes every ``num_workers``-th batch).
-:class:`GrainEvalIterator` is ``batching.EvalIterator`` over a source: every example exactly once,
-filler rows in the last batch only.
+:class:`Batcher` holds what planning and collation share: the buckets (``make_buckets`` over the lengths),
+every example's bucket, the batch layout and this host's slice of every global batch (``B / shard_count``
+consecutive rows). Training (:class:`GrainTrainIterator`) is infinite and epoch-based: epoch ``e`` shuffles
+the examples with ``numpy.random.default_rng([seed, e])``, groups them stably by bucket, and cuts full
+batches bucket by bucket from the shortest; the fewer-than-a-batch rest of a bucket moves on to the next
+longer bucket (it fits there). The rest left after the longest bucket is completed with repeats of the
+epoch's first examples (``remainder='reuse'``: every example is seen every epoch) or dropped (``'drop'``).
+The batch order is then shuffled with the same generator. It stores a plan of ``N`` int32 row ids per epoch
+instead of the examples. Batches are produced by a ``grain.MapDataset`` over the global batch number,
+prefetched by threads and, optionally, by worker processes (``num_workers``; each worker computes every
+``num_workers``-th batch); the state is ``{'epoch': e, 'position': p}`` and ``set_state`` resumes exactly.
+:class:`GrainEvalIterator` yields every example exactly once, bucket by bucket in example order, a
+bucket's rest moving on as in training; only the last batch is completed with filler rows.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import numpy as np
 from absl import flags
 
 from flax_textvae.data import sources
-from flax_textvae.data.batching import Batch, bucket_index, collate, make_buckets, round_up
+from flax_textvae.data.batching import Batch, bucket_index, collate, make_buckets, round_up, start_id
 from flax_textvae.data.prepared import encode_ids
 
 DEFAULT_THREADS = 2
@@ -39,20 +43,59 @@ _ENDLESS = sys.maxsize // 2  # batch numbers of the (infinite) training stream
 _TFDS_CHUNK = 4096  # records read and tokenized at a time while measuring a TFDS split
 
 
-class _Layout:
-    """What batch planning and collation share: buckets, every example's bucket, the batch format."""
+class ArraySource:
+    """Token ids held in memory (grain ``RandomAccessDataSource`` protocol plus ``lengths``).
+
+    Args:
+      examples: token-id arrays (``encode_texts`` output); each is kept as an int32 array.
+    """
+
+    def __init__(self, examples: Sequence[np.ndarray]):
+        self._examples = [np.asarray(x, dtype=np.int32).reshape(-1) for x in examples]
+        self.lengths = np.fromiter((len(x) for x in self._examples), dtype=np.int64, count=len(self._examples))
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, key: int) -> np.ndarray:
+        return self._examples[key]
+
+    def __getitems__(self, keys: Sequence[int]) -> list[np.ndarray]:
+        return [self._examples[k] for k in keys]
+
+    def __repr__(self) -> str:
+        return f"ArraySource(num_examples={len(self)})"
+
+
+def is_token_source(obj: Any) -> bool:
+    """Whether ``obj`` is a token source (random access plus ``lengths``) rather than a list of examples."""
+    return hasattr(obj, "__getitems__") and hasattr(obj, "lengths")
+
+
+class Batcher:
+    """Buckets and batch layout of a token source; builds this host's slice of any global batch.
+
+    Args:
+      source: a token source, or a sequence of token-id arrays (held in an ``ArraySource``).
+      batch_size: the GLOBAL batch size (all hosts together); divisible by ``shard_count``.
+      pad_id: padding id.
+      decoder_start_token_id: first decoder input (BART: ``</s>`` = 2; T5: pad = 0); ``decoder_start_id``
+        is an alias.
+      bos_id: a leading token with this id gets label weight 0 (BART ``<s>``); None for T5.
+      max_length: longest allowed example and last boundary (default: longest example rounded up to
+        ``multiple``).
+      num_buckets, boundaries, multiple: see ``make_buckets``.
+      shard_index, shard_count: this host's slice of every global batch.
+      num_examples: use only the first ``num_examples`` examples (None: all).
+    """
 
     def __init__(self, source: Any, *, batch_size: int, pad_id: int, decoder_start_token_id: int | None = None,
                  decoder_start_id: int | None = None, bos_id: int | None = None, max_length: int | None = None,
                  num_buckets: int = 8, boundaries: Sequence[int] | None = None, multiple: int = 4,
                  shard_index: int = 0, shard_count: int = 1, num_examples: int | None = None):
-        start = decoder_start_token_id if decoder_start_token_id is not None else decoder_start_id
-        if start is None:
-            raise TypeError("give decoder_start_token_id (or decoder_start_id)")
-        if decoder_start_token_id is not None and decoder_start_id is not None:
-            raise TypeError("give decoder_start_token_id or decoder_start_id, not both")
-        self.source = source
-        lengths = np.asarray(source.lengths)
+        self.decoder_start_token_id = start_id(decoder_start_token_id, decoder_start_id)
+        self.source = source if is_token_source(source) else ArraySource(source)
+        lengths = np.asarray(self.source.lengths)
         if num_examples is not None:
             lengths = lengths[:num_examples]
         self.num_examples = int(len(lengths))
@@ -63,24 +106,40 @@ class _Layout:
             raise ValueError(f"example {int(np.argmin(lengths))} is empty; every example needs >= 1 token")
         max_length = round_up(longest, multiple) if max_length is None else int(max_length)
         if longest > max_length:
-            raise ValueError(f"example {int(np.argmax(lengths))} has {longest} tokens > max_length={max_length}")
+            raise ValueError(f"example {int(np.argmax(lengths))} has {longest} tokens > max_length={max_length}; "
+                             "truncate with encode_texts(..., max_length) first")
         if batch_size < 1 or shard_count < 1 or batch_size % shard_count:
             raise ValueError(f"batch_size={batch_size} must be a positive multiple of shard_count={shard_count}")
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard_index={shard_index} not in [0, {shard_count})")
         self.batch_size, self.shard_index, self.shard_count = int(batch_size), int(shard_index), int(shard_count)
-        self.pad_id, self.bos_id, self.decoder_start_token_id = int(pad_id), bos_id, int(start)
-        self.max_length = max_length
+        self.pad_id, self.bos_id, self.max_length = int(pad_id), bos_id, max_length
         self.boundaries = make_buckets(lengths, max_length, num_buckets, boundaries=boundaries, multiple=multiple)
         table = bucket_index(np.arange(max_length + 1), self.boundaries).astype(np.uint8)
         self.bucket_of = table[lengths]  # uint8 [N]
 
     @property
     def host_batch_size(self) -> int:
+        """Rows per batch on this host (global batch / shard_count)."""
         return self.batch_size // self.shard_count
 
-    def make_batch(self, rows: np.ndarray, bucket: int, *, with_index: bool) -> Batch:
-        """This host's slice of the global batch ``rows`` (-1: filler), as ``Batcher.make_batch`` builds it."""
+    @property
+    def num_shapes(self) -> int:
+        """At most how many distinct batch shapes the batches have: the buckets from the shortest holding
+        examples to the longest holding examples (a bucket's leftover rows move to the next longer one)."""
+        used = np.flatnonzero(np.bincount(self.bucket_of, minlength=len(self.boundaries)))
+        return int(used.max() - used.min() + 1)
+
+    def make_batch(self, rows: np.ndarray, bucket: int, *, with_index: bool = True) -> Batch:
+        """This host's slice of one global batch.
+
+        Args:
+          rows: int ``[batch_size]`` example numbers of the global batch; -1 marks filler rows (only at the
+            end; row 0 must be a real example).
+          bucket: the bucket, whose boundary is the sequence length.
+          with_index: eval batches: keep ``index``, zero the weights of filler rows; training batches have no
+            ``index`` (and no filler).
+        """
         b = self.host_batch_size
         mine = rows[self.shard_index * b:(self.shard_index + 1) * b]
         real = mine >= 0
@@ -95,6 +154,22 @@ class _Layout:
         batch["example_weight"] = real.astype(np.float32)
         batch["index"] = np.where(real, mine, -1).astype(np.int32)
         return batch
+
+    def train_iterator(self, seed: int = 0, *, remainder: str = "reuse", **grain_kw: Any) -> GrainTrainIterator:
+        """The infinite, resumable training batches (``GrainTrainIterator``)."""
+        return GrainTrainIterator(self, seed=seed, remainder=remainder, **grain_kw)
+
+    def eval_iterator(self, **grain_kw: Any) -> GrainEvalIterator:
+        """Every example exactly once, in a fixed order (``GrainEvalIterator``)."""
+        return GrainEvalIterator(self, **grain_kw)
+
+
+def _batcher(source: Any, layout_kw: dict[str, Any]) -> Batcher:
+    if isinstance(source, Batcher):
+        if layout_kw:
+            raise TypeError(f"Batcher arguments {sorted(layout_kw)} given together with a Batcher")
+        return source
+    return Batcher(source, **layout_kw)
 
 
 class _Plan:
@@ -133,7 +208,7 @@ def _grouped(order: np.ndarray, bucket_of: np.ndarray) -> np.ndarray:
 
 
 def train_plan(bucket_of: np.ndarray, batch_size: int, seed: int, epoch: int, remainder: str) -> _Plan:
-    """The batches of training epoch ``epoch``, exactly as ``batching.BucketedIterator`` plans them."""
+    """The batches of training epoch ``epoch`` (module docstring), in the order they are yielded."""
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(bucket_of))
     seq = _grouped(perm, bucket_of)
@@ -159,8 +234,8 @@ def eval_plan(bucket_of: np.ndarray, batch_size: int) -> _Plan:
 class _TrainBatches:
     """Global batch number -> this host's batch dict (the map function of the grain pipeline)."""
 
-    def __init__(self, layout: _Layout, seed: int, remainder: str, steps_per_epoch: int):
-        self.layout, self.seed, self.remainder, self.steps_per_epoch = layout, seed, remainder, steps_per_epoch
+    def __init__(self, batcher: Batcher, seed: int, remainder: str, steps_per_epoch: int):
+        self.batcher, self.seed, self.remainder, self.steps_per_epoch = batcher, seed, remainder, steps_per_epoch
         self._plans: dict[int, _Plan] = {}
         self._lock = threading.Lock()
 
@@ -169,17 +244,17 @@ class _TrainBatches:
             if epoch not in self._plans:
                 for old in [e for e in self._plans if e < epoch - 1]:  # keep the previous epoch for prefetch
                     del self._plans[old]
-                self._plans[epoch] = train_plan(self.layout.bucket_of, self.layout.batch_size, self.seed, epoch,
+                self._plans[epoch] = train_plan(self.batcher.bucket_of, self.batcher.batch_size, self.seed, epoch,
                                                 self.remainder)
             return self._plans[epoch]
 
     def __call__(self, step: int) -> Batch:
         epoch, position = divmod(int(step), self.steps_per_epoch)
         bucket, rows = self.plan(epoch).batch(position)
-        return self.layout.make_batch(rows, bucket, with_index=False)
+        return self.batcher.make_batch(rows, bucket, with_index=False)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"layout": self.layout, "seed": self.seed, "remainder": self.remainder,
+        return {"batcher": self.batcher, "seed": self.seed, "remainder": self.remainder,
                 "steps_per_epoch": self.steps_per_epoch}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -191,17 +266,22 @@ def _read_options(num_threads: int, prefetch: int) -> grain.ReadOptions:
 
 
 class GrainTrainIterator:
-    """Infinite, resumable training batches from a token source; the same batches as ``TrainIterator``.
+    """Infinite, resumable training batches from a token source (module docstring).
+
+    Yields batch dicts without ``index`` and with every ``example_weight`` 1.
 
     Args:
-      source: a token source (``PreparedSource``, ``TfdsTokenSource``, ...).
+      source: a token source (``ArraySource``, ``PreparedSource``, ``TfdsTokenSource``, ...), a sequence of
+        token-id arrays, or a ``Batcher`` (then without layout arguments).
       seed: non-negative shuffling seed (identical on every host).
-      remainder: 'reuse' or 'drop' (see ``batching.BucketedIterator``).
-      batch_size, pad_id, decoder_start_token_id (alias ``decoder_start_id``), bos_id, max_length,
-        num_buckets, boundaries, multiple, shard_index, shard_count: as for ``batching.Batcher``.
+      remainder: 'reuse' (complete the epoch's last partial batch with repeated examples) or 'drop'
+        (skip its examples this epoch).
       num_threads: grain prefetch threads (0: batches are built on ``next``).
       prefetch: batches read ahead.
       num_workers: worker processes building batches (0: none).
+      **layout_kw: the ``Batcher`` arguments (``batch_size``, ``pad_id``, ``decoder_start_token_id`` (alias
+        ``decoder_start_id``), ``bos_id``, ``max_length``, ``num_buckets``, ``boundaries``, ``multiple``,
+        ``shard_index``, ``shard_count``, ``num_examples``).
     """
 
     def __init__(self, source: Any, *, seed: int = 0, remainder: str = "reuse", num_threads: int = DEFAULT_THREADS,
@@ -210,14 +290,14 @@ class GrainTrainIterator:
             raise ValueError(f"remainder must be 'reuse' or 'drop', got {remainder!r}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        self.layout = _Layout(source, **layout_kw)
-        self.boundaries = self.layout.boundaries
+        self.batcher = _batcher(source, layout_kw)
+        self.boundaries = self.batcher.boundaries
         self.seed, self.remainder = int(seed), remainder
-        n, bs = self.layout.num_examples, self.layout.batch_size
+        n, bs = self.batcher.num_examples, self.batcher.batch_size
         self._steps = n // bs + (n % bs > 0 and remainder == "reuse")
         if not self._steps:
             raise ValueError(f"no full batch of {bs} examples with remainder='drop'")
-        self._fn = _TrainBatches(self.layout, self.seed, remainder, self._steps)
+        self._fn = _TrainBatches(self.batcher, self.seed, remainder, self._steps)
         self._threads, self._prefetch, self._workers = num_threads, prefetch, num_workers
         self._step = 0
         self._it: Any = None
@@ -226,6 +306,11 @@ class GrainTrainIterator:
     def steps_per_epoch(self) -> int:
         """Batches per epoch (the same every epoch)."""
         return self._steps
+
+    @property
+    def num_shapes(self) -> int:
+        """At most how many distinct batch shapes the iterator yields (``Batcher.num_shapes``)."""
+        return self.batcher.num_shapes
 
     def _open(self) -> None:
         ds = grain.MapDataset.range(self._step, _ENDLESS).map(self._fn)
@@ -236,7 +321,7 @@ class GrainTrainIterator:
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
         self._it = iter(it)
 
-    def __iter__(self) -> "GrainTrainIterator":
+    def __iter__(self) -> GrainTrainIterator:
         return self
 
     def __next__(self) -> Batch:
@@ -247,7 +332,7 @@ class GrainTrainIterator:
         return batch
 
     def get_state(self) -> dict[str, int]:
-        """``{'epoch': e, 'position': p}``: p batches of epoch e have been yielded (as ``TrainIterator``)."""
+        """``{'epoch': e, 'position': p}``: p batches of epoch e have been yielded."""
         epoch, position = divmod(self._step, self._steps)
         if position == 0 and epoch > 0:  # the end of an epoch, before the next one starts
             epoch, position = epoch - 1, self._steps
@@ -274,63 +359,49 @@ class GrainTrainIterator:
 class _EvalBatches:
     """Eval batch number -> this host's batch dict."""
 
-    def __init__(self, layout: _Layout, plan: _Plan):
-        self.layout, self.plan = layout, plan
+    def __init__(self, batcher: Batcher, plan: _Plan):
+        self.batcher, self.plan = batcher, plan
 
     def __call__(self, position: int) -> Batch:
         bucket, rows = self.plan.batch(int(position))
-        return self.layout.make_batch(rows, bucket, with_index=True)
+        return self.batcher.make_batch(rows, bucket, with_index=True)
 
 
 class GrainEvalIterator:
-    """Every example of a token source exactly once (``batching.EvalIterator``'s batches), re-iterable.
+    """Every example of a token source exactly once (module docstring), re-iterable.
 
     With ``shard_count = n`` each host gets its rows of every global batch, so the hosts together cover
     every example once. ``len()`` is the number of batches.
 
     Args:
-      source: a token source.
-      num_examples: use only the first ``num_examples`` examples (None: all).
+      source: a token source, a sequence of token-id arrays, or a ``Batcher`` (then without layout arguments).
       num_threads, prefetch: as for ``GrainTrainIterator``.
-      **layout_kw: ``batch_size``, ``pad_id``, ``decoder_start_token_id`` (alias ``decoder_start_id``),
-        ``bos_id``, ``max_length``, ``num_buckets``, ``boundaries``, ``multiple``, ``shard_index``,
-        ``shard_count``.
+      **layout_kw: the ``Batcher`` arguments, ``num_examples`` (only the first ones) included.
     """
 
-    def __init__(self, source: Any, *, num_examples: int | None = None, num_threads: int = DEFAULT_THREADS,
-                 prefetch: int = DEFAULT_PREFETCH, **layout_kw: Any):
-        self.layout = _Layout(source, num_examples=num_examples, **layout_kw)
-        self.boundaries = self.layout.boundaries
-        self._plan = eval_plan(self.layout.bucket_of, self.layout.batch_size)
+    def __init__(self, source: Any, *, num_threads: int = DEFAULT_THREADS, prefetch: int = DEFAULT_PREFETCH,
+                 **layout_kw: Any):
+        self.batcher = _batcher(source, layout_kw)
+        self.boundaries = self.batcher.boundaries
+        self._plan = eval_plan(self.batcher.bucket_of, self.batcher.batch_size)
         self._threads, self._prefetch = num_threads, prefetch
 
     def __len__(self) -> int:
         return len(self._plan)
 
     def __iter__(self) -> Iterator[Batch]:
-        ds = grain.MapDataset.range(len(self._plan)).map(_EvalBatches(self.layout, self._plan))
+        ds = grain.MapDataset.range(len(self._plan)).map(_EvalBatches(self.batcher, self._plan))
         return iter(ds.to_iter_dataset(_read_options(self._threads, self._prefetch)))
-
-
-def _tfds_text(record: Any, field: str) -> str | None:
-    """The stripped text of a record; None when it is empty or not valid UTF-8."""
-    value = sources.record_value(record, field)
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    value = str(value).strip()
-    return value or None
 
 
 class TfdsTokenSource:
     """Token ids of a TFDS split (grain ``RandomAccessDataSource`` protocol plus ``lengths``).
 
     Construction makes one pass that tokenizes every record to learn its length, keeping only the lengths
-    and the record number of every example (empty and undecodable texts are skipped, as ``read_examples``
-    does), so example ``i`` is the ``i``-th text ``read_examples`` gives; ``__getitems__`` reads the records
-    again and tokenizes them (``encode_texts``'s ids and truncation).
+    and the record number of every example (empty and undecodable texts are skipped and counted, as
+    ``read_examples`` does, with its ``UnicodeWarning``), so example ``i`` is the ``i``-th text
+    ``read_examples`` gives; ``__getitems__`` reads the records again and tokenizes them (``encode_texts``'s
+    ids and truncation).
 
     Args:
       spec: ``'tfds:NAME[/CONFIG][:SPLIT]'``.
@@ -340,32 +411,26 @@ class TfdsTokenSource:
       text_field: the feature holding the text (default: the first of 'text', 'sentence' present).
 
     Attributes:
-      lengths: ``[N]`` token counts; ``stats``: ``lines_read``, ``skipped``, ``truncated``, ``tokens``,
-      ``max_length_seen``, ``examples``.
+      lengths: ``[N]`` token counts.
+      stats: ``read_examples``' counters (``lines_read``, ``empty_skipped``, ``undecodable_skipped``,
+        ``undecodable_locations``, ``examples``) and ``encode_texts``' (``truncated``, ``tokens``,
+        ``max_length_seen``, ``mean_length``).
+      texts: the examples' texts, read on access (``texts[i]``, slices).
     """
 
     def __init__(self, spec: str, tokenizer: Any, max_length: int, *, data_dir: str | os.PathLike | None = None,
                  text_field: str | None = None):
-        import tensorflow_datasets as tfds  # lazy: only TFDS sources pay for the import
-
-        # Opening with max_examples=0 checks the spec, the data set and the field with read_examples' errors.
-        sources.read_examples(spec, max_examples=0, data_dir=data_dir, text_field=text_field)
-        name, split = sources.parse_tfds_spec(spec)
-        data_dir = os.fspath(data_dir) if data_dir is not None else os.environ.get("TFDS_DATA_DIR") or None
         self.spec, self.tokenizer, self.max_length = spec, tokenizer, int(max_length)
-        self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        features = getattr(getattr(self._source, "dataset_info", None), "features", None)
-        keys = list(features.keys()) if features is not None and hasattr(features, "keys") else []
-        self.field = text_field or next((k for k in sources.DEFAULT_TEXT_FIELDS if k in keys),
-                                        sources.DEFAULT_TEXT_FIELDS[0])
-        records, lengths = [], []
-        truncated = longest = skipped = 0
+        self._source, self.field = sources.open_tfds(spec, data_dir=data_dir, text_field=text_field)
         n = len(self._source)
+        stats = sources.new_stats()
+        records, lengths = [], []
+        truncated = longest = 0
         for start in range(0, n, _TFDS_CHUNK):
             got = self._source.__getitems__(list(range(start, min(n, start + _TFDS_CHUNK))))
-            texts = [(start + k, t) for k, t in enumerate(_tfds_text(r, self.field) for r in got)]
+            texts = [(start + k, sources.record_text(r, self.field, where=f"{spec}:{start + k}", stats=stats))
+                     for k, r in enumerate(got)]
             kept = [(k, t) for k, t in texts if t is not None]
-            skipped += len(texts) - len(kept)
             ids, cut, top = encode_ids(tokenizer, [t for _, t in kept], self.max_length)
             truncated, longest = truncated + cut, max(longest, top)
             records.append(np.array([k for k, _ in kept], dtype=np.int64))
@@ -373,8 +438,12 @@ class TfdsTokenSource:
         self._records = np.concatenate(records + [np.zeros(0, np.int64)]).astype(np.int32 if n < 2**31 else np.int64)
         self.lengths = np.concatenate(lengths + [np.zeros(0, np.int32)]).astype(np.uint16 if max_length < 2**16
                                                                                else np.int32)
-        self.stats = {"lines_read": n, "skipped": skipped, "truncated": truncated, "examples": len(self.lengths),
-                      "tokens": int(self.lengths.sum(dtype=np.int64)), "max_length_seen": longest}
+        tokens = int(self.lengths.sum(dtype=np.int64))
+        stats.update(lines_read=n, examples=len(self.lengths), truncated=truncated, tokens=tokens,
+                     max_length_seen=longest, mean_length=tokens / max(len(self.lengths), 1))
+        self.stats = stats
+        sources.warn_undecodable(spec, stats)
+        self.texts = _TfdsTexts(self)
 
     def __len__(self) -> int:
         return int(len(self.lengths))
@@ -382,7 +451,31 @@ class TfdsTokenSource:
     def __getitem__(self, key: int) -> np.ndarray:
         return self.__getitems__([key])[0]
 
-    def __getitems__(self, keys: Sequence[int]) -> list[np.ndarray]:
+    def read_texts(self, keys: Sequence[int]) -> list[str]:
+        """The texts of examples ``keys``."""
         got = self._source.__getitems__(self._records[np.asarray(keys, dtype=np.int64)].tolist())
-        ids, _, _ = encode_ids(self.tokenizer, [_tfds_text(r, self.field) for r in got], self.max_length)
+        return [sources.record_text(r, self.field) for r in got]
+
+    def __getitems__(self, keys: Sequence[int]) -> list[np.ndarray]:
+        ids, _, _ = encode_ids(self.tokenizer, self.read_texts(keys), self.max_length)
         return [np.asarray(x, dtype=np.int32) for x in ids]
+
+
+class _TfdsTexts(Sequence[str]):
+    """The texts of a ``TfdsTokenSource``'s examples, read from its records on access."""
+
+    def __init__(self, source: TfdsTokenSource):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            keys = list(range(len(self))[i])
+            return self.source.read_texts(keys) if keys else []
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"text {i} out of range [0, {len(self)})")
+        return self.source.read_texts([i])[0]

@@ -163,6 +163,37 @@ def _remove_stale(output: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _check_settings(max_length: int, column: int | None, on_decode_error: str, lines_per_shard: int) -> None:
+    if not 2 <= max_length <= np.iinfo(np.uint16).max:
+        raise ValueError(f"max_length must be in [2, 65535], got {max_length}")
+    if column is not None and column < 0:
+        raise ValueError(f"column must be >= 0, got {column}")
+    if on_decode_error not in ("skip", "raise"):
+        raise ValueError(f"on_decode_error must be 'skip' or 'raise', got {on_decode_error!r}")
+    if lines_per_shard < 1:
+        raise ValueError(f"lines_per_shard must be >= 1, got {lines_per_shard}")
+
+
+def _up_to_date(output: str, recipe: dict[str, Any]) -> dict[str, Any] | None:
+    """The index of ``output`` when it was prepared by the same recipe (inputs, tokenizer, max_length, column).
+
+    Raises:
+      FileExistsError: ``output`` is a non-empty folder that is not a prepared data set.
+    """
+    if not os.path.exists(output):
+        return None
+    try:
+        old = fmt.read_index(output)
+    except (OSError, ValueError):
+        if os.listdir(output):
+            raise FileExistsError(f"--output {output!r} exists and is not a prepared data set; "
+                                  "choose another folder or remove it") from None
+        return None
+    same = {"tokenizer_hash": old["tokenizer"]["hash"], "max_length": old["max_length"], "column": old["column"],
+            "sha256": [s["sha256"] for s in old["sources"]]} == recipe
+    return old if same else None
+
+
 def prepare_dataset(inputs: str | Sequence[str], tokenizer: str, max_length: int, output: str, *,
                     column: int | None = None, num_workers: int | None = None,
                     lines_per_shard: int = DEFAULT_LINES_PER_SHARD, on_decode_error: str = "skip",
@@ -184,14 +215,7 @@ def prepare_dataset(inputs: str | Sequence[str], tokenizer: str, max_length: int
       The index (the content of ``output/index.json``), with ``'up_to_date': True`` added when nothing
       had to be done.
     """
-    if not 2 <= max_length <= np.iinfo(np.uint16).max:
-        raise ValueError(f"max_length must be in [2, 65535], got {max_length}")
-    if column is not None and column < 0:
-        raise ValueError(f"column must be >= 0, got {column}")
-    if on_decode_error not in ("skip", "raise"):
-        raise ValueError(f"on_decode_error must be 'skip' or 'raise', got {on_decode_error!r}")
-    if lines_per_shard < 1:
-        raise ValueError(f"lines_per_shard must be >= 1, got {lines_per_shard}")
+    _check_settings(max_length, column, on_decode_error, lines_per_shard)
     output = os.path.abspath(os.path.expanduser(output))
     files = resolve_inputs(inputs)
     tok = AutoTokenizer.from_pretrained(tokenizer)
@@ -199,19 +223,11 @@ def prepare_dataset(inputs: str | Sequence[str], tokenizer: str, max_length: int
                for p in files]
     recipe = {"tokenizer_hash": fmt.tokenizer_fingerprint(tok), "max_length": int(max_length), "column": column,
               "sha256": [s["sha256"] for s in sources]}
-    if os.path.exists(output):
-        try:
-            old = fmt.read_index(output)
-        except (OSError, ValueError):
-            if os.listdir(output):
-                raise FileExistsError(f"--output {output!r} exists and is not a prepared data set; "
-                                      "choose another folder or remove it") from None
-        else:
-            if {"tokenizer_hash": old["tokenizer"]["hash"], "max_length": old["max_length"],
-                    "column": old["column"], "sha256": [s["sha256"] for s in old["sources"]]} == recipe:
-                if progress:
-                    print(f"prepare: {output} is up to date ({old['num_examples']:,} examples)", file=sys.stderr)
-                return dict(old, up_to_date=True)
+    old = _up_to_date(output, recipe)
+    if old is not None:
+        if progress:
+            print(f"prepare: {output} is up to date ({old['num_examples']:,} examples)", file=sys.stderr)
+        return dict(old, up_to_date=True)
     _remove_stale(output)
     tmp = f"{output}.tmp-{os.getpid()}"
     os.makedirs(tmp)

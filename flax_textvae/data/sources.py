@@ -31,6 +31,10 @@ import pathlib
 import warnings
 from typing import Any, Sequence
 
+import tensorflow_datasets as tfds
+
+from flax_textvae.data.synthetic import synthetic_sentences
+
 TFDS_PREFIX = "tfds:"
 SYNTHETIC_PREFIX = "synthetic:"
 DEFAULT_TEXT_FIELDS = ("text", "sentence")
@@ -42,7 +46,8 @@ class DatasetNotBuiltError(ValueError):
     """A ``tfds:`` spec names a data set that is not built (prepared) in the TFDS data directory."""
 
 
-def _new_stats() -> dict[str, Any]:
+def new_stats() -> dict[str, Any]:
+    """The counters ``read_examples`` returns, all zero."""
     return {"lines_read": 0, "empty_skipped": 0, "undecodable_skipped": 0, "undecodable_locations": [],
             "examples": 0}
 
@@ -106,7 +111,8 @@ def _undecodable(where: str, err: UnicodeDecodeError, stats: dict[str, Any], on_
         stats["undecodable_locations"].append(where)
 
 
-def _warn_undecodable(source: str, stats: dict[str, Any]) -> None:
+def warn_undecodable(source: str, stats: dict[str, Any]) -> None:
+    """One ``UnicodeWarning`` naming the first undecodable lines of ``source``, if ``stats`` counted any."""
     n = stats["undecodable_skipped"]
     if n:
         shown = ", ".join(stats["undecodable_locations"][:5])
@@ -125,7 +131,7 @@ def _read_text_file(path: str, *, column: int | None, max_examples: int | None,
         raise ValueError(f"{str(p)!r} is a directory; give a text file with one example per line")
     if column is not None and column < 0:
         raise ValueError(f"column must be >= 0, got {column}")
-    stats = _new_stats()
+    stats = new_stats()
     texts: list[str] = []
     with open(p, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -150,13 +156,11 @@ def _read_text_file(path: str, *, column: int | None, max_examples: int | None,
                 line = fields[column]
             _accept(line, stats, texts)
     stats["examples"] = len(texts)
-    _warn_undecodable(str(p), stats)
+    warn_undecodable(str(p), stats)
     return texts, stats
 
 
 def _read_synthetic(spec: str, *, max_examples: int | None) -> tuple[list[str], dict[str, Any]]:
-    from flax_textvae.data.synthetic import synthetic_sentences
-
     parts = spec[len(SYNTHETIC_PREFIX):].split(":")
     try:
         if not 1 <= len(parts) <= 2:
@@ -168,7 +172,7 @@ def _read_synthetic(spec: str, *, max_examples: int | None) -> tuple[list[str], 
         raise ValueError(f"bad synthetic spec {spec!r}; expected 'synthetic:N[:SEED]' with integers >= 0, "
                          "e.g. 'synthetic:20000' or 'synthetic:500:1'") from None
     texts = synthetic_sentences(n if max_examples is None else min(n, max_examples), seed)
-    stats = _new_stats()
+    stats = new_stats()
     stats["lines_read"] = stats["examples"] = len(texts)
     return texts, stats
 
@@ -228,13 +232,21 @@ def record_value(record: Any, field: str) -> Any:
     return value
 
 
-def _read_tfds(spec: str, *, max_examples: int | None, data_dir: str | os.PathLike | None,
-               text_field: str | None, on_decode_error: str) -> tuple[list[str], dict[str, Any]]:
+def open_tfds(spec: str, *, data_dir: str | os.PathLike | None = None,
+              text_field: str | None = None) -> tuple[Any, str]:
+    """Opens a ``tfds:`` spec's split with ``tfds.data_source`` (random access, nothing downloaded).
+
+    Returns:
+      (the data source, the feature holding the text).
+
+    Raises:
+      DatasetNotBuiltError, ValueError: as ``read_examples`` (module docstring).
+    """
     name, split = parse_tfds_spec(spec)
     data_dir = os.fspath(data_dir) if data_dir is not None else os.environ.get("TFDS_DATA_DIR") or None
-    import tensorflow_datasets as tfds  # lazy: only TFDS specs pay for the import
-
     if name.split("/")[0] == "text_vae_corpora":
+        # Imported on use, not at the top: the module also runs as `python -m flax_textvae.data.textvae_corpora`,
+        # and importing it first through this package would register its TFDS builder a second time.
         from flax_textvae.data import textvae_corpora  # noqa: F401  (registers the builder)
     where = data_dir or "TFDS's default data dir"
     resolved = data_dir or os.path.expanduser(os.fspath(tfds.core.constants.DATA_DIR))
@@ -260,20 +272,53 @@ def _read_tfds(spec: str, *, max_examples: int | None, data_dir: str | os.PathLi
         if "split" in str(err).lower():
             raise ValueError(f"{spec!r}: {err}") from err
         raise ValueError(f"{spec!r}: {err}; {_prepare_hint(name, data_dir)}") from err
+    return source, _text_field(source, spec, text_field)
 
+
+def _text_field(source: Any, spec: str, text_field: str | None) -> str:
+    """The feature of a TFDS source that holds the text: ``text_field``, else the first default present."""
     features = getattr(getattr(source, "dataset_info", None), "features", None)
     keys: Sequence[str] = list(features.keys()) if features is not None and hasattr(features, "keys") else []
-    field = text_field
-    if field is None:
+    if text_field is None:
         field = next((k for k in DEFAULT_TEXT_FIELDS if k in keys), None)
         if field is None and keys:
             raise ValueError(f"{spec!r}: none of the default text fields {DEFAULT_TEXT_FIELDS} among the "
                              f"features {list(keys)}; pass text_field=")
-        field = field or DEFAULT_TEXT_FIELDS[0]
-    elif keys and field not in keys:
-        raise ValueError(f"{spec!r}: text_field {field!r} not among the features {list(keys)}")
+        return field or DEFAULT_TEXT_FIELDS[0]
+    if keys and text_field not in keys:
+        raise ValueError(f"{spec!r}: text_field {text_field!r} not among the features {list(keys)}")
+    return text_field
 
-    stats = _new_stats()
+
+def record_text(record: Any, field: str, *, where: str = "", stats: dict[str, Any] | None = None,
+                on_decode_error: str = "skip") -> str | None:
+    """The stripped text of a TFDS record; None for an empty or (with 'skip') undecodable one.
+
+    Args:
+      record: a record of a TFDS data source.
+      field: the feature holding the text.
+      where: the record's ``spec:number``, for the messages.
+      stats: when given, counts what is skipped (``empty_skipped``, ``undecodable_skipped``,
+        ``undecodable_locations``) as ``read_examples`` does.
+      on_decode_error: 'skip' or 'raise' (``ValueError`` naming ``where``).
+    """
+    value = record_value(record, field)
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as err:
+            _undecodable(where, err, new_stats() if stats is None else stats, on_decode_error)
+            return None
+    value = str(value).strip()
+    if not value and stats is not None:
+        stats["empty_skipped"] += 1
+    return value or None
+
+
+def _read_tfds(spec: str, *, max_examples: int | None, data_dir: str | os.PathLike | None,
+               text_field: str | None, on_decode_error: str) -> tuple[list[str], dict[str, Any]]:
+    source, field = open_tfds(spec, data_dir=data_dir, text_field=text_field)
+    stats = new_stats()
     texts: list[str] = []
     n = len(source)
     for start in range(0, n, _READ_CHUNK):
@@ -284,14 +329,10 @@ def _read_tfds(spec: str, *, max_examples: int | None, data_dir: str | os.PathLi
             if max_examples is not None and len(texts) >= max_examples:
                 break
             stats["lines_read"] += 1
-            value = record_value(record, field)
-            if isinstance(value, bytes):
-                try:
-                    value = value.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    _undecodable(f"{spec}:{start + offset}", err, stats, on_decode_error)
-                    continue
-            _accept(str(value), stats, texts)
+            text = record_text(record, field, where=f"{spec}:{start + offset}", stats=stats,
+                               on_decode_error=on_decode_error)
+            if text is not None:
+                texts.append(text)
     stats["examples"] = len(texts)
-    _warn_undecodable(spec, stats)
+    warn_undecodable(spec, stats)
     return texts, stats

@@ -15,6 +15,8 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from flax_textvae.models import families
 
@@ -83,9 +85,6 @@ def train_word_tokenizer(texts: Sequence[str], folder: str | os.PathLike, *, fam
     Returns:
       ``transformers.AutoTokenizer.from_pretrained(folder)`` (a ``PreTrainedTokenizerFast``).
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     if family not in families.FAMILIES:
         raise ValueError(f"family must be one of {sorted(families.FAMILIES)}, got {family!r}")
     layout = families.get(family).tokenizer_layout
