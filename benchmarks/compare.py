@@ -27,10 +27,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _run(script: str, args: list[str]) -> dict:
     cmd = [sys.executable, os.path.join(HERE, script), *args, "--json"]
     print("$", " ".join(cmd[1:]), flush=True)
+    load_before = os.getloadavg()[0]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(HERE))
     if out.returncode != 0:
         raise SystemExit(f"{script} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # Other work on the machine slows a run down: the 1-minute load average before and after it says how much.
+    result["load_avg_1m_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    return result
 
 
 def main(argv=None) -> dict:
@@ -59,6 +63,9 @@ def main(argv=None) -> dict:
         f"{os.cpu_count()} cores", "arch": a.arch, "batch": a.batch, "lengths_from": a.lengths_from or "synthetic",
         "speedup_vs_torch_longest": round(jax_tps / res["torch_longest"]["real_tokens_per_s"], 2),
         "speedup_vs_torch_256": round(jax_tps / res["torch_256"]["real_tokens_per_s"], 2),
+        # The same ratio from CPU time per real token (both processes use every core; less sensitive to load).
+        "cpu_speedup_vs_torch_longest": round(res["jax_bucketed"]["real_tokens_per_cpu_s"]
+                                              / res["torch_longest"]["real_tokens_per_cpu_s"], 2),
     }
     res["summary"] = summary
     print("\n| run | steps | real tokens/s | examples/s | padding | peak MB |")

@@ -3,9 +3,9 @@
     python benchmarks/device_report.py benchmarks/results/NVIDIA_H200
 
 Reads every ``*.json`` in the folder: ``environment.json`` and one file per run, named by kind
-(``train_*``, ``torch_*``, ``xent_*``, ``eval_*``, ``second_start*``). A run that failed or was skipped holds
-``{"error": ...}`` or ``{"skipped": ...}`` instead of figures and is listed at the end. Exits 1 when a run
-failed (skipped runs are not failures).
+(``train_*``, ``torch_*``, ``xent_*``, ``eval_*``, ``second_start*``, ``prefetch*``). A run that failed or was
+skipped holds ``{"error": ...}`` or ``{"skipped": ...}`` instead of figures and is listed at the end. Exits 1
+when a run failed (skipped runs are not failures).
 """
 from __future__ import annotations
 
@@ -22,7 +22,17 @@ REQUIRED = {
     "xent_": ("batch", "length", "d_model", "vocab", "dtype", "paths"),
     "eval_": ("arch", "dtype", "examples", "iw_samples", "examples_per_s", "decoded_tokens_per_s", "first_pass_s"),
     "second_start": ("config", "steps", "starts", "speedup_first_step"),
+    "prefetch": ("config", "steps", "depths"),
 }
+
+
+def _options(run: dict) -> str:
+    """The attention implementation of a training row and the other fast paths it switched on (rows written
+    before the option existed ran the explicit attention)."""
+    opts = [run.get("attention", "explicit")]
+    opts += ["remat"] if run.get("remat") else []
+    opts += [f"vocab chunk {run['vocab_chunk_size']}"] if run.get("vocab_chunk_size") else []
+    return ", ".join(opts)
 
 
 def _check(name: str, run: dict) -> dict:
@@ -69,14 +79,15 @@ def report(folder: str) -> tuple[str, int]:
            + (" -- SMOKE RUN (tiny sizes, not figures)" if env.get("smoke") else "")]
 
     train = sorted((v for k, v in ok.items() if k.startswith("train_")),
-                   key=lambda r: (r["arch"], r["dtype"], r["batch"]))
+                   key=lambda r: (r["arch"], r["dtype"], r["batch"], _options(r)))
     if train:
         out += ["", "Training step (random weights, length buckets):", _table(
             ["arch", "dtype", "global batch", "real tokens/s", "examples/s", "padding", "compile s",
-             "peak device MB", "TFLOP/s", "MFU"],
+             "peak device MB", "TFLOP/s", "MFU", "XLA temp MB", "attention, fast paths"],
             [[r["arch"], r["dtype"], str(r["batch"]), _fmt(r["real_tokens_per_s"]), _fmt(r["examples_per_s"]),
               _fmt(r["padding_fraction"], 3), _fmt(r["compile_s"]), _fmt(r["peak_memory_mb"], 0),
-              _fmt(r.get("achieved_tflops"), 2), _fmt(r.get("mfu"), 3)] for r in train])]
+              _fmt(r.get("achieved_tflops"), 2), _fmt(r.get("mfu"), 3), _fmt(r.get("xla_temp_mb_longest"), 0),
+              _options(r)] for r in train])]
         out.append("MFU = XLA's FLOP count of the compiled step x steps / time / datasheet peak of the dtype "
                    "(peak_flops_per_device in the JSON).")
 
@@ -107,10 +118,11 @@ def report(folder: str) -> tuple[str, int]:
     if evals:
         out += ["", "Importance-weighted evaluation (PTB-length random sentences):", _table(
             ["arch", "dtype", "examples", "K", "examples/s", "decoded sample-tokens/s", "first pass s",
-             "projected s for 3,761 examples"],
+             "projected s for 3,761 examples", "attention"],
             [[r["arch"], r["dtype"], str(r["examples"]), str(r["iw_samples"]), _fmt(r["examples_per_s"], 2),
               _fmt(r["decoded_tokens_per_s"], 0), _fmt(r["first_pass_s"]),
-              _fmt(3761 / r["examples_per_s"] if r["examples_per_s"] else None)] for r in evals])]
+              _fmt(3761 / r["examples_per_s"] if r["examples_per_s"] else None), r.get("attention", "explicit")]
+             for r in evals])]
 
     for name, r in sorted(ok.items()):
         if name.startswith("second_start"):
@@ -118,6 +130,9 @@ def report(folder: str) -> tuple[str, int]:
             out += ["", f"Second start ({r['config']}, {r['steps']} steps): time to first step "
                         f"{s['first']['time_to_first_step_s']} s with an empty cache, "
                         f"{s['second']['time_to_first_step_s']} s from the cache ({r['speedup_first_step']}x)."]
+        if name.startswith("prefetch"):
+            rates = ", ".join(f"data.prefetch={d}: {v['median_steps_per_s']} steps/s" for d, v in r["depths"].items())
+            out += ["", f"Training loop ({r['config']}, {r['steps']} steps, median of the logged rates): {rates}."]
 
     bad = {k: v for k, v in runs.items() if k not in ok}
     failed = sum("error" in v for v in bad.values())

@@ -13,8 +13,13 @@
 #   2. the same VAE in PyTorch + transformers (bfloat16 autocast), batch 64 / 256, when torch sees a GPU;
 #   3. cross-entropy with the LM head: full float32 logits vs losses.chunked_token_nll, bart-base shapes;
 #   4. importance-weighted evaluation, K = 500 samples, t5-small, bfloat16 and float32;
-#   5. training step, float32, the same grid as 1;
-#   6. time to the first step of a fresh process with an empty / a filled compilation cache (tiny config).
+#   5. the fast paths against the rows of 1 and 4 (which use the default dot_product attention), bart-base
+#      bfloat16 (its attention has no dropout, so the fused path runs in training too): the explicit
+#      attention and chunked cross-entropy at batch 256, per-layer rematerialisation at batch 1024 (peak
+#      memory), and the K = 500 evaluation of 4 with the explicit attention;
+#   6. training step, float32, the same grid as 1;
+#   7. time to the first step of a fresh process with an empty / a filled compilation cache (tiny config);
+#   8. steps/s of the real training loop (tiny config) without and with host-to-device prefetching.
 # Every run has a time cap, and runs that would start after --budget-s (default 420 s) are skipped and
 # listed, so the suite ends in time; a run that fails (e.g. out of memory) is recorded with its error and
 # the rest go on. Exit code: 2 without an accelerator (unless --smoke), 1 when a run failed, else 0.
@@ -32,7 +37,7 @@ for arg in "$@"; do
     --smoke) SMOKE=1 ;;
     --out-dir=*) OUT="${arg#*=}" ;;
     --budget-s=*) BUDGET="${arg#*=}" ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "device_suite.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -175,11 +180,29 @@ else
   done
 fi
 
+# 5. the step's fast paths
+if [[ $SMOKE == 1 ]]; then
+  run train_tiny_float32_b8_fast 60 "$PY" benchmarks/train_throughput.py --json --arch=tiny --batch=8 --steps=4 \
+      --num-buckets=1 --max-length=32 --attention=explicit --vocab-chunk=64 --remat
+else
+  run train_bart-base_bfloat16_b256_explicit 150 "$PY" "${TT[@]}" --arch=bart-base --batch=256 --steps=12 \
+      --dtype=bfloat16 --attention=explicit
+  run train_bart-base_bfloat16_b256_chunked 150 "$PY" "${TT[@]}" --arch=bart-base --batch=256 --steps=12 \
+      --dtype=bfloat16 --vocab-chunk=8192
+  run train_bart-base_bfloat16_b1024_remat 150 "$PY" "${TT[@]}" --arch=bart-base --batch=1024 --steps=6 \
+      --dtype=bfloat16 --remat
+  run eval_t5-small_bfloat16_k500_explicit 150 "$PY" benchmarks/eval_throughput.py --json --arch=t5-small \
+      --examples=512 --batch=64 --iw-samples=500 --num-buckets=4 --dtype=bfloat16 --attention=explicit \
+      "${LENGTHS[@]}"
+fi
+
 if [[ $SMOKE == 0 ]]; then
-  # 5. training, float32
+  # 6. training, float32
   train_grid float32
-  # 6. second start with the persistent compilation cache
+  # 7. second start with the persistent compilation cache
   run second_start_tiny 150 "$PY" benchmarks/second_start.py --json --steps=10
+  # 8. the training loop with and without prefetching
+  run prefetch_tiny 150 "$PY" benchmarks/prefetch_loop.py --json --steps=400 --depths=0,2 --repeats=1
 fi
 
 echo

@@ -1,7 +1,7 @@
 """Throughput of the held-out evaluation with the importance-weighted NLL (K samples per example).
 
     python benchmarks/eval_throughput.py --arch=t5-small --examples=16 --iw-samples=500 \
-        --lengths-from=../shared/data/ptb/test.txt --json
+        --lengths-from=../shared/data/ptb/test.txt [--attention=dot_product|explicit] --json
 
 Runs ``flax_textvae.evaluate.evaluate_split`` (encoder once per example, K decoder passes in chunks with an
 exact running log-sum-exp, whole-split MI and AU) over random-token sentences with the given lengths, at the
@@ -47,7 +47,7 @@ def measure(args) -> dict:
     positions = float(sum(flat)) * args.iw_samples
     return {
         "framework": "jax", "arch": args.arch, "examples": int(result["num_examples"]),
-        "iw_samples": args.iw_samples, "batch": args.batch, "dtype": args.dtype,
+        "iw_samples": args.iw_samples, "batch": args.batch, "dtype": args.dtype, "attention": args.attention,
         "device": jax.devices()[0].device_kind, "first_pass_s": round(warm, 2), "steady_s": round(dt, 2),
         "examples_per_s": round(result["num_examples"] / dt, 4),
         "decoded_tokens_per_s": round(positions / dt, 1), "nll": result["nll"], "neg_elbo": result["neg_elbo"],
@@ -63,6 +63,7 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=0, help="samples per decoder pass (0: automatic)")
     p.add_argument("--lengths-from", default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--attention", default="dot_product", choices=["explicit", "dot_product"])
     p.add_argument("--num-buckets", type=int, default=2)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)

@@ -238,14 +238,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     loss = float("nan")
     for i in range(args.warmup):
         loss = train_step(model, optimizer, to_torch(batches[i % len(batches)], args.device), average_all, args.amp)
-    step_seconds = []
+    step_seconds, cpu_seconds = [], 0.0
     for batch in batches:
         tb = to_torch(batch, args.device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = train_step(model, optimizer, tb, average_all, args.amp)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize(args.device)  # the optimizer's kernels belong to this step
         step_seconds.append(time.perf_counter() - start)
+        cpu_seconds += time.process_time() - cpu_start
 
     timed = batches
     seconds = float(sum(step_seconds))
@@ -264,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "injection": "prefix_kv_via_past_key_values_no_cross_attention",
         "examples_per_s": args.batch * len(timed) / seconds if seconds > 0 else float("nan"),
         "real_tokens_per_s": real / seconds if seconds > 0 else float("nan"),
+        # CPU time of the whole process (all its threads): steadier than wall time on a shared machine.
+        "real_tokens_per_cpu_s": real / cpu_seconds if cpu_seconds > 0 else float("nan"),
         "padded_tokens_per_s": positions / seconds if seconds > 0 else float("nan"),
         "padding_fraction": 1.0 - real / positions if positions else float("nan"),
         "mean_seq_len": positions / (args.batch * len(timed)) if timed else float("nan"),

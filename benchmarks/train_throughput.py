@@ -1,17 +1,23 @@
 """Training-step throughput of a flax_textvae VAE at real model sizes (random weights, no download).
 
     python benchmarks/train_throughput.py --arch=t5-small --batch=16 --steps=20 \
-        --lengths-from=../shared/data/ptb/test.txt [--dtype=bfloat16] [--pad=bucket|256] --json
+        --lengths-from=../shared/data/ptb/test.txt [--dtype=bfloat16] [--pad=bucket|256] \
+        [--attention=dot_product|explicit] [--remat] [--vocab-chunk=N] --json
 
 The sentences are those the PyTorch baseline (``torch_baseline.py``) sees for the same ``--seed``: the
 multiset of lengths from ``lengths.batches_of_lengths``, with random token ids. ``--pad=bucket`` (default)
 feeds them through the library's own length-bucketed batcher (static shapes, one compile per bucket);
 ``--pad=256`` pads every sentence to 256 tokens like the released Park & Lee recipe.
 
+``--attention``, ``--remat`` and ``--vocab-chunk`` switch the step's fast paths (``model.attention``,
+``model.remat``, ``loss.vocab_chunk_size``; the last needs the training loop to pass
+``loss.vocab_chunk_size`` into its ``StepConfig``).
+
 Reports compile time (first call of every bucket shape), steady-state examples/s and real (non-padding)
-tokens/s over the timed steps, the padding fraction of the computed positions, peak memory, and — from XLA's
-FLOP count of the compiled step — achieved FLOP/s and model FLOPs utilisation on GPUs/TPUs whose peak is known.
-With ``--json`` the last line printed is one JSON object.
+tokens/s over the timed steps, the padding fraction of the computed positions, peak memory, XLA's temporary
+buffer size of the compiled step for the longest bucket, and — from XLA's FLOP count of the compiled step —
+achieved FLOP/s and model FLOPs utilisation on GPUs/TPUs whose peak is known. With ``--json`` the last line
+printed is one JSON object.
 """
 from __future__ import annotations
 
@@ -60,15 +66,15 @@ def arch_config(arch: str):
     raise SystemExit(f"unknown --arch={arch}; choose t5-small, bart-base or tiny")
 
 
-def random_run(args):
-    """(run, hf_config): a TextVAE of ``args.arch`` with random weights, wrapped as a ``builders.Run``."""
+def random_run(args, remat: bool = False):
+    """(run, hf_config): a TextVAE of ``args.arch`` (``args.attention``) with random weights, as a ``builders.Run``."""
     from flax_textvae import builders, models
     from flax_textvae.vae import TextVAE
 
     hf = arch_config(args.arch)
     dtype = builders.DTYPES[args.dtype]
-    model = TextVAE(backbone=models.build_module(hf, dtype), latent_size=32, pooling="mean", injection=("memory",),
-                    dtype=dtype)
+    backbone = models.build_module(hf, dtype).clone(attention=args.attention, remat=remat)
+    model = TextVAE(backbone=backbone, latent_size=32, pooling="mean", injection=("memory",), dtype=dtype)
     pad, eos, start = hf.pad_token_id, hf.eos_token_id, hf.decoder_start_token_id
     run = builders.Run(config=None, model=model, tokenizer=None, tokenizer_name="random ids", backbone_params=None,
                        pad_id=pad, eos_id=eos, mask_id=pad, unk_id=pad, special_ids=(pad, eos), prompt=(start,),
@@ -89,7 +95,7 @@ def build(args):
     from flax_textvae import data, train
     from flax_textvae.configuration import base_config
 
-    run, hf = random_run(args)
+    run, hf = random_run(args, remat=args.remat)
     c = base_config()
     c.batch_size = args.batch
     c.model.dtype = args.dtype
@@ -99,6 +105,8 @@ def build(args):
     c.optimizer.grad_accum_steps = args.grad_accum
     c.loss.kind = "elbo"
     c.loss.kl_schedule.kind = "constant"
+    c.loss.vocab_chunk_size = args.vocab_chunk
+    c.model.attention, c.model.remat = args.attention, args.remat
     # Sentences: the lengths of the baseline's batches.
     lens = lengths_lib.load_lengths(args.lengths_from)
     plan = lengths_lib.batches_of_lengths(lens, args.batch, args.steps, seed=args.seed)
@@ -113,6 +121,9 @@ def build(args):
     batches = [next(it) for _ in range(args.steps)]
     params = run.init_params(jax.random.key(0))
     runner = train.Trainer(c, run, 2, 0, args.steps, params)
+    if runner.step_config.vocab_chunk_size != args.vocab_chunk:
+        raise SystemExit("--vocab-chunk: the training loop does not pass config.loss.vocab_chunk_size into its "
+                         "StepConfig (flax_textvae/trainer.py, _step_config)")
     state = runner.place(runner.new_state(params, 0, jax.random.key(1)))
     return runner, state, batches
 
@@ -124,12 +135,15 @@ def measure(args) -> dict:
         shapes.setdefault(b["input_ids"].shape, b)
     # Compile every bucket shape once (timed: trace + lower + XLA compile) and count its FLOPs; then one
     # untimed warm-up call per shape so the steady loop below never compiles.
-    compile_s, flops = 0.0, {}
+    compile_s, flops, temp_mb = 0.0, {}, None
     for shape, b in sorted(shapes.items()):
         gb = runner.batch(b)
         t0 = time.perf_counter()
         compiled = runner.step.lower(state, gb).compile()
         compile_s += time.perf_counter() - t0
+        memory = compiled.memory_analysis()
+        if memory is not None:  # the longest bucket comes last
+            temp_mb = memory.temp_size_in_bytes / 2**20
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops[shape] = float(cost.get("flops", 0.0)) if cost else 0.0
@@ -137,11 +151,11 @@ def measure(args) -> dict:
         jax.block_until_ready(m["loss"])
     # Steady state: every batch once, dispatched asynchronously, one sync at the end.
     placed = [runner.batch(b) for b in batches]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for gb in placed:
         state, m = runner.step(state, gb)
     jax.block_until_ready((state, m))
-    dt = time.perf_counter() - t0
+    dt, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     real = float(sum(b["attention_mask"].sum() for b in batches))
     computed = float(sum(b["attention_mask"].size for b in batches))
     total_flops = sum(flops[b["input_ids"].shape] for b in batches)
@@ -153,11 +167,16 @@ def measure(args) -> dict:
     achieved = total_flops / dt if total_flops else None
     return {
         "framework": "jax", "arch": args.arch, "batch": args.batch, "steps": args.steps, "pad": args.pad,
-        "dtype": args.dtype, "device": dev.device_kind, "num_devices": jax.device_count(),
+        "dtype": args.dtype, "attention": args.attention, "remat": args.remat, "vocab_chunk_size": args.vocab_chunk,
+        "device": dev.device_kind, "num_devices": jax.device_count(),
         "num_shapes": len(shapes), "shapes": sorted(s[1] for s in shapes),
         "compile_s": round(compile_s, 2), "steady_s": round(dt, 3),
         "examples_per_s": round(len(batches) * args.batch / dt, 2), "real_tokens_per_s": round(real / dt, 1),
+        # CPU time of the whole process (all XLA threads): steadier than wall time on a shared machine.
+        "real_tokens_per_cpu_s": round(real / cpu_s, 1) if cpu_s > 0 else None,
         "padding_fraction": round(1 - real / computed, 4), "peak_memory_mb": round(peak_mb, 1),
+        "xla_temp_mb_longest": round(temp_mb, 1) if temp_mb is not None else None,
+        "steps_per_s": round(len(batches) / dt, 3), "load_avg_1m": round(os.getloadavg()[0], 2),
         "flops_per_step": round(total_flops / len(batches)) if total_flops else None,
         "achieved_tflops": round(achieved / 1e12, 3) if achieved else None,
         "peak_flops_per_device": peak,
@@ -176,6 +195,9 @@ def parse(argv=None):
     p.add_argument("--num-buckets", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--attention", default="dot_product", choices=["explicit", "dot_product"])
+    p.add_argument("--remat", action="store_true", help="recompute each layer's activations in the backward pass")
+    p.add_argument("--vocab-chunk", type=int, default=0, help="chunked cross-entropy over N vocabulary entries")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)

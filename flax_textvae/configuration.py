@@ -30,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name_or_path = "facebook/bart-base"  # hub id, local folder, or 'scratch' (build from model.scratch)
     c.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
+    c.model.attention = "dot_product"  # jax.nn.dot_product_attention where no attn dropout is drawn | 'explicit'
+    c.model.remat = False  # recompute each layer's activations in the backward pass (saves memory on GPU/TPU)
     c.model.scratch = ml_collections.ConfigDict()  # used only when name_or_path == 'scratch'
     c.model.scratch.family = "bart"  # 'bart' or 't5' architecture for the from-scratch model
     c.model.scratch.d_model = 64  # hidden size
@@ -57,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_length = 64  # tokens per example incl. specials; longer ones are truncated (counted)
     c.data.num_buckets = 8  # length buckets = compiled shapes (8 keeps PTB-like padding under 15%)
     c.data.eval_max_examples = 0  # in-training evals use the split's first N examples in file order (0: all)
+    c.data.prefetch = 0  # training batches a background thread draws and places on the devices ahead (0: off)
 
     c.batch_size = 32  # global batch (examples), split over all devices and hosts
     c.train_steps = 2000  # total optimizer steps over both phases
@@ -88,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.beta = 1.0  # constraint strength, kind='constraint'
     c.loss.target = 5.0  # target KL C (nats per example), kind='constraint'
     c.loss.target_ramp_steps = 0  # steps to ramp C from 0 to target (0: constant)
+    c.loss.vocab_chunk_size = 0  # >0: training NLL applies the LM head to this many vocab entries at once (0: off)
     c.loss.kl_schedule = ml_collections.ConfigDict()  # KL weight over phase-2 steps (elbo, free_bits)
     c.loss.kl_schedule.kind = "linear"  # 'constant' | 'linear' | 'cyclical' | 'sigmoid'
     c.loss.kl_schedule.value = 1.0  # final / maximum weight

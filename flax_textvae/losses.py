@@ -10,7 +10,7 @@ Conventions:
   * All arithmetic is done in float32 whatever the input dtype.
 """
 import functools
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -206,14 +206,8 @@ def chunked_token_nll(hidden: Array, head: Array, targets: Array, weights: Array
     Raises:
       ValueError: for an unknown ``head_layout``, a non-positive ``chunk_size`` or mismatched shapes.
     """
-    if head_layout not in HEAD_LAYOUTS:
-        raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS}, got {head_layout!r}")
-    if int(chunk_size) <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    vocab_axis = 0 if head_layout == "vd" else 1
+    vocab_axis = _check_chunked_args(hidden, head, head_layout, chunk_size)
     batch, length, d_model = hidden.shape
-    if head.ndim != 2 or head.shape[1 - vocab_axis] != d_model:
-        raise ValueError(f"head of shape {head.shape} does not match layout {head_layout!r} and D={d_model}")
     vocab = head.shape[vocab_axis]
     bias = jnp.zeros((vocab,), jnp.float32) if bias is None else jnp.reshape(bias, (vocab,))
     weights = jnp.asarray(weights, jnp.float32)
@@ -225,6 +219,20 @@ def chunked_token_nll(hidden: Array, head: Array, targets: Array, weights: Array
     nll = _chunked_nll(hidden.reshape(batch * length, d_model), head, bias, targets.reshape(-1),
                        min(int(chunk_size), vocab), vocab_axis)
     return jnp.sum(jnp.where(valid, nll.reshape(batch, length) * weights, 0.0), axis=-1)
+
+
+def _check_chunked_args(hidden: Array, head: Array, head_layout: str, chunk_size: int) -> int:
+    """The vocabulary axis of ``head`` (0 for ``'vd'``, 1 for ``'dv'``) after checking the arguments."""
+    if head_layout not in HEAD_LAYOUTS:
+        raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS}, got {head_layout!r}")
+    if int(chunk_size) <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    vocab_axis = 0 if head_layout == "vd" else 1
+    d_model = hidden.shape[-1]
+    if hidden.ndim != 3 or head.ndim != 2 or head.shape[1 - vocab_axis] != d_model:
+        raise ValueError(f"head of shape {head.shape} does not match layout {head_layout!r} and hidden states "
+                         f"of shape {hidden.shape} ([B, T, D])")
+    return vocab_axis
 
 
 def free_bits(kl: Array, threshold: Scalar, mode: str = "per_example",
@@ -290,7 +298,8 @@ def vae_loss(logits: Array, targets: Array, weights: Array, mean: Array, logvar:
       * ``'constraint'``: ``beta * |mean_x sum_d kl_d(x) - target|`` (``weight`` is not used).
 
     ``weight``, ``threshold``, ``target`` and ``beta`` may be traced scalars (e.g. schedule values at the
-    current step); ``kind`` and ``free_bits_mode`` are static Python strings.
+    current step); ``kind`` and ``free_bits_mode`` are static Python strings. :func:`vae_loss_from_nll` is the
+    same objective with the reconstruction computed by the caller (e.g. by :func:`chunked_token_nll`).
 
     Args:
       logits: decoder logits [B, T, V].
@@ -319,58 +328,74 @@ def vae_loss(logits: Array, targets: Array, weights: Array, mean: Array, logvar:
     Raises:
       ValueError: for an unknown ``kind`` or ``free_bits_mode``.
     """
+    return vae_loss_from_nll(lambda w: token_nll(logits, targets, w), weights, mean, logvar, kind=kind,
+                             weight=weight, threshold=threshold, free_bits_mode=free_bits_mode, target=target,
+                             beta=beta, example_weight=example_weight)
+
+
+def vae_loss_from_nll(nll_fn: Callable[[Array], Array], weights: Array, mean: Array, logvar: Array, *,
+                      kind: str = "elbo", weight: Scalar = 1.0, threshold: Scalar = 0.0,
+                      free_bits_mode: str = "per_example", target: Scalar = 0.0, beta: Scalar = 1.0,
+                      example_weight: Optional[Array] = None) -> Tuple[Array, Dict[str, Any]]:
+    """:func:`vae_loss` with the per-example reconstruction NLL computed by ``nll_fn``.
+
+    Args:
+      nll_fn: ``token_weights [B, T] -> float32 [B]`` summed NLL per example under those weights, e.g.
+        ``lambda w: chunked_token_nll(hidden, head, targets, w, ...)``. It receives ``weights`` with the
+        filler rows (``example_weight`` 0) already zeroed, so whatever those rows hold cannot reach the loss.
+      weights, mean, logvar, kind, weight, threshold, free_bits_mode, target, beta, example_weight: as in
+        :func:`vae_loss`.
+
+    Returns:
+      ``(loss, aux)`` as :func:`vae_loss`.
+
+    Raises:
+      ValueError: for an unknown ``kind`` or ``free_bits_mode``.
+    """
     if kind not in KINDS:
         raise ValueError(f"vae_loss kind must be one of {KINDS}, got {kind!r}")
     if free_bits_mode not in FREE_BITS_MODES:
         raise ValueError(f"free_bits_mode must be one of {FREE_BITS_MODES}, got {free_bits_mode!r}")
-    batch = targets.shape[0]
-    if example_weight is None:
-        ew = jnp.ones((batch,), jnp.float32)
-    else:
-        ew = jnp.asarray(example_weight, jnp.float32)
-    row = ew > 0
-    # Isolate filler rows in the inputs themselves, so they cannot leak NaN/inf into values or gradients.
-    weights = jnp.where(row[:, None], jnp.asarray(weights, jnp.float32), 0.0)
-    mean = jnp.where(row[:, None], jnp.asarray(mean, jnp.float32), 0.0)
-    logvar = jnp.where(row[:, None], jnp.asarray(logvar, jnp.float32), 0.0)
-
-    nll = token_nll(logits, targets, weights)  # [B]
+    ew, weights, mean, logvar = _isolate_filler_rows(weights, mean, logvar, example_weight)
+    nll = nll_fn(weights)  # [B]
     kl_dim = gaussian_kl(mean, logvar)  # [B, Dz]
     kl = jnp.sum(kl_dim, axis=-1)  # [B]
-
-    num_examples = jnp.sum(ew)
-    num_tokens = jnp.sum(ew * jnp.sum(weights, axis=-1))
-    rec_sum = jnp.sum(ew * nll)
-    kl_sum = jnp.sum(ew * kl)
-    rec = _safe_div(rec_sum, num_examples)
-    kl_mean = _safe_div(kl_sum, num_examples)
-
-    weight = jnp.asarray(weight, jnp.float32)
-    beta = jnp.asarray(beta, jnp.float32)
-    if kind == "elbo":
-        kl_term = weight * kl_mean
-        kl_weight, kl_target = weight, jnp.zeros((), jnp.float32)
-    elif kind == "free_bits":
-        fb = free_bits(kl_dim, threshold, free_bits_mode, example_weight=ew)
-        kl_term = weight * _safe_div(jnp.sum(ew * fb), num_examples)
-        kl_weight, kl_target = weight, jnp.zeros((), jnp.float32)
-    else:
-        kl_term = kl_constraint(kl, target, beta, example_weight=ew)
-        kl_weight, kl_target = beta, jnp.asarray(target, jnp.float32)
-
+    sums = {"num_examples": jnp.sum(ew), "num_tokens": jnp.sum(ew * jnp.sum(weights, axis=-1)),
+            "rec_sum": jnp.sum(ew * nll), "kl_sum": jnp.sum(ew * kl)}
+    kl_term, kl_weight, kl_target = _kl_term(kind, kl_dim, kl, ew, sums["num_examples"], weight=weight,
+                                             threshold=threshold, free_bits_mode=free_bits_mode, target=target,
+                                             beta=beta)
+    rec = _safe_div(sums["rec_sum"], sums["num_examples"])
+    kl_mean = _safe_div(sums["kl_sum"], sums["num_examples"])
     loss = rec + kl_term
-    aux = {
-        "loss": loss,
-        "rec": rec,
-        "kl": kl_mean,
-        "neg_elbo": rec + kl_mean,
-        "kl_term": kl_term,
-        "kl_weight": kl_weight,
-        "kl_target": kl_target,
-        "num_examples": num_examples,
-        "num_tokens": num_tokens,
-        "rec_sum": rec_sum,
-        "kl_sum": kl_sum,
-        "nll_per_token": _safe_div(rec_sum, num_tokens),
-    }
+    aux = {"loss": loss, "rec": rec, "kl": kl_mean, "neg_elbo": rec + kl_mean, "kl_term": kl_term,
+           "kl_weight": kl_weight, "kl_target": kl_target, **sums,
+           "nll_per_token": _safe_div(sums["rec_sum"], sums["num_tokens"])}
     return loss, aux
+
+
+def _isolate_filler_rows(weights: Array, mean: Array, logvar: Array,
+                         example_weight: Optional[Array]) -> Tuple[Array, Array, Array, Array]:
+    """(example weights [B], token weights, mean, logvar) in float32 with the filler rows' inputs zeroed.
+
+    Zeroing the inputs themselves (not only their contributions) keeps NaN / inf of filler rows out of the
+    values and the gradients.
+    """
+    batch = weights.shape[0]
+    ew = jnp.ones((batch,), jnp.float32) if example_weight is None else jnp.asarray(example_weight, jnp.float32)
+    row = (ew > 0)[:, None]
+    return (ew, jnp.where(row, jnp.asarray(weights, jnp.float32), 0.0),
+            jnp.where(row, jnp.asarray(mean, jnp.float32), 0.0), jnp.where(row, jnp.asarray(logvar, jnp.float32), 0.0))
+
+
+def _kl_term(kind: str, kl_dim: Array, kl: Array, ew: Array, num_examples: Array, *, weight: Scalar,
+             threshold: Scalar, free_bits_mode: str, target: Scalar, beta: Scalar) -> Tuple[Array, Array, Array]:
+    """(KL part of the loss, the multiplier applied, the target C) for ``kind``; see :func:`vae_loss`."""
+    weight = jnp.asarray(weight, jnp.float32)
+    if kind == "elbo":
+        return weight * _safe_div(jnp.sum(ew * kl), num_examples), weight, jnp.zeros((), jnp.float32)
+    if kind == "free_bits":
+        fb = free_bits(kl_dim, threshold, free_bits_mode, example_weight=ew)
+        return weight * _safe_div(jnp.sum(ew * fb), num_examples), weight, jnp.zeros((), jnp.float32)
+    beta = jnp.asarray(beta, jnp.float32)
+    return kl_constraint(kl, target, beta, example_weight=ew), beta, jnp.asarray(target, jnp.float32)

@@ -52,6 +52,9 @@ class StepConfig:
     unk_id: int = -1
     grad_accum_steps: int = 1
     frozen: tuple = ()  # regexes of parameter paths that get no gradient in this phase
+    # > 0: the reconstruction NLL applies the LM head this many vocabulary entries at a time
+    # (losses.chunked_token_nll), never holding the [B, T, V] float32 logits; 0: full logits.
+    vocab_chunk_size: int = 0
 
 
 # ----------------------------------------------------------------------------------------- optimizer
@@ -136,13 +139,23 @@ def loss_and_metrics(params, batch: dict, example_rng: jax.Array, dropout_rng: j
     keys = per_example_keys(example_rng, rows)
     ids, mask, dec_in = noisy_inputs(batch, keys, cfg)
     eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (model.latent_size,)))(keys)
+    chunked = cfg.vocab_chunk_size > 0
     out = model.apply({"params": params}, ids, mask, dec_in, batch.get("decoder_attention_mask"),
-                      eps=eps, deterministic=False, rngs={"dropout": dropout_rng})
-    loss, aux = losses.vae_loss(
-        out["logits"], batch["labels"], batch["label_weights"], out["mean"], out["logvar"],
+                      eps=eps, deterministic=False, rngs={"dropout": dropout_rng}, hidden=chunked)
+    nll_fn = (_chunked_nll_fn(params, out["hidden"], batch["labels"], model, cfg.vocab_chunk_size) if chunked
+              else lambda w: losses.token_nll(out["logits"], batch["labels"], w))
+    loss, aux = losses.vae_loss_from_nll(
+        nll_fn, batch["label_weights"], out["mean"], out["logvar"],
         kind=cfg.kind, weight=kl_weight, threshold=cfg.free_bits, free_bits_mode=cfg.free_bits_mode,
         target=kl_target, beta=cfg.beta, example_weight=batch.get("example_weight"))
     return loss, aux
+
+
+def _chunked_nll_fn(params, hidden: jax.Array, labels: jax.Array, model: TextVAE, chunk_size: int) -> Callable:
+    """``token_weights -> [B]`` summed NLL of ``labels`` through the backbone's LM head, by vocabulary chunks."""
+    head = model.backbone.apply({"params": params["backbone"]}, method="lm_head_weights")
+    return lambda w: losses.chunked_token_nll(hidden, head.head, labels, w, bias=head.bias, scale=head.scale,
+                                              head_layout=head.layout, chunk_size=chunk_size)
 
 
 # Auxiliary outputs of losses.vae_loss that are sums over the batch (added over micro-batches); the others

@@ -1,6 +1,8 @@
 """The public training pieces: :class:`Trainer` (one phase: optimizer, compiled step, placement, the loop),
-:class:`MetricsLog` (``metrics.jsonl`` + TensorBoard), :class:`Progress` (what the console shows) and
-:class:`Preemption` (SIGTERM as a flag).
+:class:`TrainLoop` (the loop any objective's compiled step runs in: cadences, metrics fetches, rates, compile
+lines, checkpoints, SIGTERM), :class:`MetricsLog` (``metrics.jsonl`` + TensorBoard), :class:`Progress` (what
+the console shows) and :class:`Preemption` (SIGTERM as a flag). ``flax_textvae.pretrain`` runs its
+denoising objective in a :class:`TrainLoop` of its own.
 
 ``flax_textvae.train.train_and_evaluate`` strings phases of a :class:`Trainer` together; code that needs a
 step of its own (benchmarks, tests, other objectives) builds a :class:`Trainer` directly:
@@ -14,22 +16,28 @@ on it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import signal
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tensorboardX import SummaryWriter
 
 from flax_textvae import evaluate, parallel
 from flax_textvae import workdir as rundir
+from flax_textvae.prefetch import Prefetcher
 from flax_textvae.step import StepConfig, TrainState, kl_fns, make_optimizer, train_step
 
-__all__ = ["Trainer", "MetricsLog", "Progress", "Preemption", "NonFiniteLossError", "PhaseContext"]
+__all__ = ["Trainer", "TrainLoop", "MetricsLog", "Progress", "Preemption", "NonFiniteLossError", "PhaseContext"]
+
+HEARTBEAT_S = 5.0  # seconds between the "still ..." lines of Progress.working
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,13 +72,7 @@ class MetricsLog:
     def __init__(self, workdir: str):
         self.main = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self.tb = None
-        if self.main:
-            try:
-                from tensorboardX import SummaryWriter  # optional dependency
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            except ImportError:
-                self.tb = None
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard")) if self.main else None
 
     def _rows(self) -> list[str]:
         """The complete rows on disk, as lines (a line torn by a crash is left out)."""
@@ -123,24 +125,65 @@ class Progress:
     """The console lines of a run on process 0: compiles, training rows with an ETA, evaluations.
 
     The ETA comes from a moving average of the training rate of recent logging intervals, with compile time
-    taken out of each interval, so the first rows do not promise hours.
+    taken out of each interval, so the first rows do not promise hours. A long stage (a compile, an
+    evaluation) runs inside :meth:`working`, which keeps the console from going quiet while it lasts.
+
+    Args:
+      total_steps: the run's ``train_steps`` (for the ETA).
+      heartbeat_s: seconds between the lines :meth:`working` prints while its block runs (<= 0: none).
     """
 
-    def __init__(self, total_steps: int):
+    def __init__(self, total_steps: int, heartbeat_s: float = HEARTBEAT_S):
         self.main = jax.process_index() == 0
         self.total = total_steps
         self.rate = None
+        self.heartbeat_s = heartbeat_s
+        self._print_lock = threading.Lock()  # the heartbeat thread and the loop print whole lines
 
     def say(self, text: str) -> None:
         if self.main:
-            print(text, flush=True)
+            with self._print_lock:
+                print(text, flush=True)
 
-    def train_row(self, step: int, row: dict) -> None:
+    @contextlib.contextmanager
+    def working(self, what: str, every: float | None = None):
+        """While the block runs, prints ``  still WHAT: N s`` every ``every`` seconds (process 0).
+
+        The lines come from a daemon thread, so they appear while the main thread waits in a compile or an
+        evaluation; the thread stops when the block ends, whether it returns or raises.
+
+        Args:
+          what: the stage, as a phrase: ``"compiling the phase-1 step for batch shape [32, 48]"``.
+          every: seconds between lines (default ``heartbeat_s``; <= 0: none).
+        """
+        every = self.heartbeat_s if every is None else every
+        if not self.main or every <= 0:
+            yield
+            return
+        start, done = time.monotonic(), threading.Event()
+
+        def beat():
+            while not done.wait(every):
+                self.say(f"  still {what}: {time.monotonic() - start:.0f} s")
+
+        thread = threading.Thread(target=beat, name="progress-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    def eta(self, step: int, row: dict) -> str:
+        """The time left after ``step`` at the moving-average rate, folding in ``row['steps_per_s']``."""
         rate = row.get("steps_per_s", 0.0)
         self.rate = rate if self.rate is None else 0.7 * self.rate + 0.3 * rate
         left = (self.total - step) / max(self.rate, 1e-9)
-        eta = f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m" if left >= 3600 else \
+        return f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m" if left >= 3600 else \
             f"{int(left // 60)}m{int(left % 60):02d}s"
+
+    def train_row(self, step: int, row: dict) -> None:
+        eta = self.eta(step, row)
         kl_ctl = f"C {row['kl_target']:.2f}" if row.get("kl_target") else f"w {row.get('kl_weight', 0):.3f}"
         self.say(f"[phase {row['phase']}] step {step}/{self.total}  loss {row['loss']:.3f}  rec {row['rec']:.3f}  "
                  f"kl {row['kl']:.3f}  kl_term {row.get('kl_term', 0.0):.3f}  {kl_ctl}  |  "
@@ -165,7 +208,7 @@ def _step_config(config, run, phase: int, first: int, frozen: tuple) -> StepConf
         delete_rate=config.denoise.delete_rate, mask_rate=config.denoise.mask_rate,
         word_dropout=config.denoise.word_dropout, special_ids=run.special_ids, pad_id=run.pad_id,
         mask_id=run.mask_id, unk_id=run.unk_id, grad_accum_steps=config.optimizer.grad_accum_steps,
-        frozen=frozen)
+        frozen=frozen, vocab_chunk_size=int(config.loss.get("vocab_chunk_size", 0)))
 
 
 def _check_global_kl(cfg: StepConfig, mode: str) -> None:
@@ -234,40 +277,98 @@ class Trainer:
         Returns:
           ``(state, stopped)``; ``stopped`` is True when SIGTERM ended the phase early (after a save).
         """
-        loop = _Loop(self, ctx, int(self.host_state(state).step))
-        return loop.run(state)
+        return _PhaseLoop(self, ctx, int(self.host_state(state).step)).run(state)
 
 
-class _Loop:
-    """The mutable bookkeeping of one phase's loop (kept off the Trainer so a Trainer can be reused)."""
+class TrainLoop:
+    """Steps a compiled step function from ``step`` to ``end``: the bookkeeping every objective shares.
 
-    def __init__(self, trainer: Trainer, ctx: PhaseContext, step: int):
-        self.t, self.ctx, self.step = trainer, ctx, step
-        self.config = trainer.config
+    Metrics stay on the device until a log or checkpoint step fetches them (the only host sync); a row's
+    losses are averaged over its interval and its rates leave compile time out; a checkpoint is never written
+    past a non-finite step; SIGTERM saves the current step and ends the loop. A new batch shape's compile is
+    announced and timed, with :meth:`Progress.working` lines while it lasts. Subclasses say what an
+    evaluation does (:meth:`evaluate`), when it runs (:meth:`evaluates`), what a row adds (:meth:`row_fields`,
+    :meth:`say_row`) and what a checkpoint records beside the state (:meth:`meta`).
+
+    Args:
+      step_fn: ``(state, placed batch) -> (state, device metrics)``, compiled by ``placement``; the metrics
+        hold ``num_tokens``, ``nonfinite`` and the :attr:`at_step_keys`.
+      placement: a ``flax_textvae.parallel`` placement (``batch``, ``metrics``, ``host``).
+      train_iter: the training iterator (``next``, ``get_state``, ``num_shapes``).
+      config: the run's config (``log_every``, ``eval_every``, ``checkpoint_every``, ``batch_size``).
+      ctx: checkpointer, log, progress display and SIGTERM flag.
+      step, end: the global step the loop starts at and the one it stops at.
+    """
+
+    label = "step"  # what compiles: "compiling the LABEL for batch shape [B, T]"
+    at_step_keys = ("learning_rate", "param_norm")  # logged as they are at the row's step, not averaged
+
+    def __init__(self, *, step_fn, placement, train_iter, config, ctx: PhaseContext, step: int, end: int):
+        self.step_fn, self.placement, self.train_iter = step_fn, placement, train_iter
+        self.config, self.ctx, self.step, self.end = config, ctx, step, end
         self.pending, self.fetched = [], []  # device metrics not yet fetched; fetched, not yet logged
         self.t_last, self.compile_s = time.time(), 0.0
         self.shapes: set = set()
+        self.batches = None  # the Prefetcher over train_iter while run() runs
 
-    def run(self, state: TrainState) -> tuple[TrainState, bool]:
+    # ------------------------------------------------------------------------------- what subclasses say
+    def evaluates(self, last: bool) -> bool:
+        """Whether the step just taken is evaluated (every ``eval_every`` steps and the last one)."""
+        every = self.config.eval_every
+        return bool(every and self.step % every == 0) or last
+
+    def evaluate(self, state) -> None:
+        """Evaluates ``state`` at :attr:`step` (logging and printing the result)."""
+
+    def row_fields(self) -> dict:
+        """Fields every training row carries besides the metrics, the step and the rates."""
+        return {}
+
+    def say_row(self, row: dict) -> None:
+        self.ctx.progress.say(f"step {self.step}/{self.end}  loss {row['loss']:.3f}  |  "
+                              f"{row['steps_per_s']:.2f} steps/s  ETA {self.ctx.progress.eta(self.step, row)}")
+
+    def meta(self) -> dict:
+        """What a checkpoint records beside the state: the step and the data position."""
+        return {"step": self.step, "data": (self.batches or self.train_iter).get_state()}
+
+    def save(self, state) -> None:
+        with self.ctx.progress.working(f"saving the checkpoint of step {self.step}"):
+            self.ctx.ckpt.save(self.step, self.placement.host(state), self.meta())
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def run(self, state) -> tuple[object, bool]:
+        """Steps until :attr:`end`; returns ``(state, stopped)``, ``stopped`` when SIGTERM ended it (after a save).
+
+        With ``data.prefetch = N > 0`` a background thread draws and places the next N batches while the loop
+        waits for the device; checkpoints record the position of the batches stepped on, and at the end the
+        iterator is rewound to it (the next phase sees the same batches either way).
+        """
+        with Prefetcher(self.train_iter, self.placement.batch, int(self.config.data.get("prefetch", 0))) as batches:
+            self.batches = batches
+            try:
+                return self._run(state)
+            finally:
+                self.batches = None
+
+    def _run(self, state) -> tuple[object, bool]:
         c, ctx = self.config, self.ctx
-        while self.step < self.t.end:
+        while self.step < self.end:
             state = self._train_step(state)
-            last = self.step == self.t.end
+            last = self.step == self.end
             do_ckpt = self.step % c.checkpoint_every == 0 or last or ctx.preempt.requested
             if self.step % c.log_every == 0 or do_ckpt:
                 self._fetch()  # the only host sync
                 if self.step % c.log_every == 0 or last:
                     self._log_row()
-            # The end of phase 2 is evaluated once, fully, by train_and_evaluate.
-            final = last and self.t.end == c.train_steps
-            if ((c.eval_every and self.step % c.eval_every == 0) or last) and not final:
-                self._evaluate(state)
+            if self.evaluates(last):
+                self.evaluate(state)
             if do_ckpt:
-                self._save(state)
+                self.save(state)
             if ctx.preempt.requested:
                 if not do_ckpt:  # SIGTERM came after this step's save decision (during the evaluation, say)
                     self._fetch()
-                    self._save(state)
+                    self.save(state)
                 ctx.progress.say(f"SIGTERM: saved the checkpoint of step {ctx.ckpt.latest_step()} in "
                                  f"{ctx.ckpt.workdir}; exiting.")
                 return state, True
@@ -275,19 +376,22 @@ class _Loop:
                 self.t_last, self.compile_s = time.time(), 0.0  # rates measure training steps only
         return state, False
 
-    def _train_step(self, state: TrainState) -> TrainState:
-        local = next(self.t.run.train_iter)
+    def _train_step(self, state):
+        local, placed = next(self.batches)
         shape = tuple(local["input_ids"].shape)
         new_shape = shape not in self.shapes
         if new_shape:
             self.shapes.add(shape)
-            known = getattr(self.t.run.train_iter, "num_shapes", None)
+            known = getattr(self.train_iter, "num_shapes", None)
             of = f" ({len(self.shapes)} of at most {known})" if known else f" ({len(self.shapes)} so far)"
-            self.ctx.progress.say(f"compiling the phase-{self.t.phase} step for batch shape {list(shape)}{of} ...")
+            what = f"compiling the {self.label} for batch shape {list(shape)}"
+            self.ctx.progress.say(f"{what}{of} ...")
             start = time.time()
-        state, m = self.t.step(state, self.t.batch(local))
+        with self.ctx.progress.working(what) if new_shape else contextlib.nullcontext():
+            state, m = self.step_fn(state, placed)
+            if new_shape:
+                jax.block_until_ready(m)  # once per shape: the time is the compile's
         if new_shape:
-            jax.block_until_ready(m)  # once per shape: the time is the compile's
             took = time.time() - start
             self.compile_s += took
             self.ctx.progress.say(f"  compiled in {took:.1f} s")
@@ -297,12 +401,12 @@ class _Loop:
 
     def _fetch(self) -> None:
         """This interval's device metrics, fetched; never checkpoint past a non-finite step."""
-        new = [(s, jax.device_get(self.t.metrics(x))) for s, x in self.pending]
+        new = [(s, jax.device_get(self.placement.metrics(x))) for s, x in self.pending]
         self.pending, self.fetched = [], self.fetched + new
         bad = [s for s, r in new if r["nonfinite"]]
         if bad:
             raise NonFiniteLossError(
-                f"non-finite loss or gradient at step {bad[0]} (phase {self.t.phase}); the run stopped there and "
+                f"non-finite loss or gradient at step {bad[0]} ({self.label}); the run stopped there and "
                 f"the last checkpoint on disk is step {self.ctx.ckpt.latest_step()}. Lower "
                 f"optimizer.learning_rate, enable optimizer.grad_clip or try model.dtype=float32.")
 
@@ -310,29 +414,55 @@ class _Loop:
         rows, self.fetched = self.fetched, []
         dt = max(time.time() - self.t_last - self.compile_s, 1e-9)
         row = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1] if k != "nonfinite"}
-        # Schedules and norms as they are at `step`; losses and rates averaged over the interval.
-        row.update({k: float(rows[-1][1][k]) for k in ("kl_weight", "kl_target", "learning_rate", "param_norm")})
+        row.update({k: float(rows[-1][1][k]) for k in self.at_step_keys})
         tokens = float(np.sum([r["num_tokens"] for _, r in rows]))
-        row.update(step=self.step, phase=self.t.phase, steps_per_s=len(rows) / dt, tokens_per_s=tokens / dt,
+        row.update(step=self.step, **self.row_fields(), steps_per_s=len(rows) / dt, tokens_per_s=tokens / dt,
                    examples_per_s=len(rows) * self.config.batch_size / dt)
         self.ctx.log.write(row)
+        self.say_row(row)
+
+
+class _PhaseLoop(TrainLoop):
+    """A VAE training phase: phase-1 evaluations keep the best checkpoint; the end of phase 2 is evaluated
+    once, fully, by ``train_and_evaluate``."""
+
+    at_step_keys = TrainLoop.at_step_keys + ("kl_weight", "kl_target")
+
+    def __init__(self, trainer: Trainer, ctx: PhaseContext, step: int):
+        super().__init__(step_fn=trainer.step, placement=trainer.placement, train_iter=trainer.run.train_iter,
+                         config=trainer.config, ctx=ctx, step=step, end=trainer.end)
+        self.t = trainer
+        self.label = f"phase-{trainer.phase} step"
+
+    def evaluates(self, last: bool) -> bool:
+        return super().evaluates(last) and not (last and self.end == self.config.train_steps)
+
+    def row_fields(self) -> dict:
+        return {"phase": self.t.phase}
+
+    def say_row(self, row: dict) -> None:
         self.ctx.progress.train_row(self.step, row)
 
-    def _evaluate(self, state: TrainState) -> None:
+    def evaluate(self, state: TrainState) -> None:
         c, ctx, run = self.config, self.ctx, self.t.run
         start = time.time()
         ctx.progress.say(f"  evaluating at step {self.step} ...")
-        ev = evaluate.evaluate_split(run, self.t.host_state(state).params, run.eval_subset(c.data.eval_max_examples),
-                                     iw_samples=0, seed=c.seed, mesh=self.t.mesh)
+        with ctx.progress.working(f"evaluating at step {self.step}"):
+            ev = evaluate.evaluate_split(run, self.t.host_state(state).params,
+                                         run.eval_subset(c.data.eval_max_examples), iw_samples=0, seed=c.seed,
+                                         mesh=self.t.mesh)
         ctx.log.write({"step": self.step, "phase": self.t.phase, "split": "eval", **ev})
         ctx.progress.say(f"  eval @ {self.step}: rec {ev['rec']:.3f}  kl {ev['kl']:.3f}  au {ev['au']}  "
                          f"ppl_elbo {ev['ppl_elbo']:.2f}  ({time.time() - start:.1f} s)")
         if self.t.phase == 1 and ev["rec"] < ctx.best:
             ctx.best = ev["rec"]
-            self._save(state, best_ckpt=True)
+            self.save(state, best_ckpt=True)
 
-    def _save(self, state: TrainState, *, best_ckpt: bool = False) -> None:
-        meta = {"step": self.step, "phase": self.t.phase, "data": self.t.run.train_iter.get_state(),
-                "best_rec": self.ctx.best}
+    def meta(self) -> dict:
+        return {**super().meta(), "phase": self.t.phase, "best_rec": self.ctx.best}
+
+    def save(self, state: TrainState, *, best_ckpt: bool = False) -> None:
         host = self.t.host_state(state)
-        self.ctx.ckpt.save(self.step, {"params": host.params} if best_ckpt else host, meta, best=best_ckpt)
+        with self.ctx.progress.working(f"saving the checkpoint of step {self.step}"):
+            self.ctx.ckpt.save(self.step, {"params": host.params} if best_ckpt else host, self.meta(),
+                               best=best_ckpt)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 POOLINGS = ("mean", "max", "first")
 INJECTIONS = ("memory", "cross_attention", "embedding")
 MEMORY_STYLES = ("head_kv", "hidden")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype: the compute dtype
 
 
 def masked_pool(hidden: jax.Array, mask: jax.Array, kind: str) -> jax.Array:
@@ -159,6 +160,7 @@ class TextVAE(nn.Module):
         *,
         deterministic: bool = True,
         decode: bool = False,
+        hidden: bool = False,
     ) -> jax.Array:
         """Logits of p(x|z), teacher-forced (or one incremental step with ``decode=True``).
 
@@ -168,12 +170,14 @@ class TextVAE(nn.Module):
           decoder_attention_mask: ``[B, T]`` or None.
           deterministic: disables dropout.
           decode: incremental decoding with the backbone's ``'cache'`` collection.
+          hidden: return the decoder's final hidden states ``[B, T, D]`` (compute dtype) instead of the logits
+            (the backbone's ``lm_head_weights()`` is the head that makes them logits).
 
         Returns:
-          ``[B, T, V]`` float32 logits.
+          ``[B, T, V]`` float32 logits (``[B, T, D]`` hidden states with ``hidden=True``).
         """
         kwargs = self.latent_inputs(z)
-        return self.backbone.decode(
+        return (self.backbone.decode_hidden if hidden else self.backbone.decode)(
             decoder_input_ids,
             decoder_attention_mask,
             kwargs.pop("memory", None),
@@ -193,6 +197,7 @@ class TextVAE(nn.Module):
         eps: jax.Array | None = None,
         deterministic: bool = True,
         sample: bool = True,
+        hidden: bool = False,
     ) -> dict:
         """Full pass: encode, sample z, decode.
 
@@ -203,6 +208,7 @@ class TextVAE(nn.Module):
             rng stream when None and ``sample`` is True.
           deterministic: disables dropout.
           sample: if False, z = mean.
+          hidden: give the decoder's final hidden states ``hidden [B,T,D]`` instead of ``logits``.
 
         Returns:
           dict with ``logits [B,T,V]`` (float32), ``mean``, ``logvar``, ``z`` (``[B,Dz]``).
@@ -214,5 +220,5 @@ class TextVAE(nn.Module):
             if eps is None:
                 eps = jax.random.normal(self.make_rng("latent"), mean.shape, jnp.float32)
             z = reparameterize(mean, logvar, eps)
-        logits = self.decode(z, decoder_input_ids, decoder_attention_mask, deterministic=deterministic)
-        return {"logits": logits, "mean": mean, "logvar": logvar, "z": z}
+        out = self.decode(z, decoder_input_ids, decoder_attention_mask, deterministic=deterministic, hidden=hidden)
+        return {"hidden" if hidden else "logits": out, "mean": mean, "logvar": logvar, "z": z}

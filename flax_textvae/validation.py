@@ -9,7 +9,7 @@ crash at a time. Fields a config adds beyond the base schema are left alone (``v
 
 The allowed names come from the code that consumes them where it exports them (``vae.POOLINGS``,
 ``vae.INJECTIONS``, ``vae.MEMORY_STYLES``, ``losses.KINDS``, ``losses.FREE_BITS_MODES``,
-``builders.DTYPES``); the others are listed here next to the function that reads them.
+``vae.DTYPES``); the others are listed here next to the function that reads them.
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ import os
 import re
 from typing import Any, Callable, Sequence
 
-from flax_textvae.builders import DTYPES
 from flax_textvae.configuration import base_config
 from flax_textvae.data.sources import SYNTHETIC_PREFIX, TFDS_PREFIX
 from flax_textvae.losses import FREE_BITS_MODES, KINDS
 from flax_textvae.models import FOLDER_CONTENTS, families
-from flax_textvae.vae import INJECTIONS, MEMORY_STYLES, POOLINGS
+from flax_textvae.models.attention import ATTENTION_IMPLEMENTATIONS
+from flax_textvae.vae import DTYPES, INJECTIONS, MEMORY_STYLES, POOLINGS
 
 LR_DECAYS = ("linear", "cosine", "constant")  # step.learning_rate_fn
 KL_SCHEDULES = ("constant", "linear", "cyclical", "sigmoid")  # step.kl_weight_schedule
@@ -98,6 +98,7 @@ def config_problems(config: Any, *, check_data: bool = True, check_model_path: b
     for field in ("denoise.delete_rate", "denoise.mask_rate", "denoise.word_dropout"):
         c.number(field, lo=0.0, hi=1.0, hi_open=True)
     _check_parallel(c)
+    _check_fast_paths(c)
     return c.problems
 
 
@@ -269,6 +270,18 @@ def _check_model(c: _Checks, check_path: bool = True) -> None:
         c.problems.append(f"model.scratch.d_model={d_model} with model.scratch.num_heads={heads}: d_model must be "
                           f"divisible by num_heads (each head gets d_model / num_heads dims); e.g. "
                           f"--config.model.scratch.d_model={near}")
+
+
+def _check_fast_paths(c: _Checks) -> None:
+    """The speed / memory switches; each is checked when present (configs saved before they existed lack them)."""
+    if c.has("model.attention"):
+        c.choice("model.attention", ATTENTION_IMPLEMENTATIONS)
+    if c.has("model.remat"):
+        c.boolean("model.remat")
+    if c.has("data.prefetch"):
+        c.integer("data.prefetch", lo=0)
+    if c.has("loss.vocab_chunk_size"):
+        c.integer("loss.vocab_chunk_size", lo=0)
 
 
 def _check_vae(c: _Checks) -> None:

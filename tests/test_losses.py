@@ -266,3 +266,46 @@ def test_vae_loss_rejects_unknown_kind_and_mode():
         losses.vae_loss(logits, targets, weights, mean, logvar, kind="bowman")
     with pytest.raises(ValueError, match="batch"):
         losses.vae_loss(logits, targets, weights, mean, logvar, kind="free_bits", free_bits_mode="dim")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_vae_loss_from_chunked_nll_equals_vae_loss_of_the_logits(case):
+    """The objective from hidden states and head, chunk by chunk, == vae_loss of the full logits, in value
+    and gradient; filler rows whose hidden states hold NaN change neither."""
+    r = np.random.RandomState(3)
+    _, targets, weights, mean, logvar = _hand_batch()
+    hidden = r.randn(3, 4, 6).astype(np.float32)
+    head = r.randn(5, 6).astype(np.float32)  # [V, D]
+    bias = r.randn(5).astype(np.float32)
+
+    def full(h, w, m):
+        logits = jnp.einsum("btd,vd->btv", h, w) + bias
+        return losses.vae_loss(logits, targets, weights, m, logvar, **case)
+
+    def chunked(h, w, m, tg=targets, wt=weights, lv=logvar, ew=None):
+        nll_fn = lambda tw: losses.chunked_token_nll(h, w, tg, tw, bias=bias, chunk_size=2)
+        return losses.vae_loss_from_nll(nll_fn, wt, m, lv, example_weight=ew, **case)
+
+    (ref, ref_aux), ref_g = jax.value_and_grad(full, argnums=(0, 1, 2), has_aux=True)(hidden, head, mean)
+    (got, aux), g = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2), has_aux=True))(hidden, head, mean)
+    np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+    assert set(aux) == set(ref_aux)
+    for key in ref_aux:
+        np.testing.assert_allclose(float(aux[key]), float(ref_aux[key]), rtol=1e-5, err_msg=key)
+    for a, b in zip(g, ref_g):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # Two filler rows: NaN hidden states, targets -100, weights 1, example_weight 0.
+    pad = lambda x, v: np.concatenate([x, np.full((2,) + x.shape[1:], v, x.dtype)], 0)
+    fill = dict(tg=pad(targets, -100), wt=pad(weights, 1.0), lv=pad(logvar, np.inf),
+                ew=np.array([1, 1, 1, 0, 0], np.float32))
+    (got_f, aux_f), g_f = jax.value_and_grad(lambda h, w, m: chunked(h, w, m, **fill), argnums=(0, 1, 2),
+                                             has_aux=True)(pad(hidden, np.nan), head, pad(mean, 1e20))
+    np.testing.assert_allclose(float(got_f), float(ref), rtol=1e-5)
+    for key in ref_aux:
+        np.testing.assert_allclose(float(aux_f[key]), float(ref_aux[key]), rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(np.asarray(g_f[1]), np.asarray(ref_g[1]), rtol=1e-5, atol=1e-6)
+    for a, b in ((g_f[0], ref_g[0]), (g_f[2], ref_g[2])):
+        a = np.asarray(a)
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a[:3], np.asarray(b), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(a[3:], 0.0)

@@ -168,3 +168,22 @@ def test_objectives_of_the_whole_batch_refuse_per_shard_modes(tmp_path, override
     run = builders.build_run(config, str(tmp_path))
     with pytest.raises(ValueError, match="whole batch"):
         _runner(config, run, 2, 10)
+
+
+def test_prefetching_trains_to_the_same_parameters_and_checkpoints_the_same_positions(tmp_path):
+    # Both phases (the iterator is handed from phase 1 to phase 2), checkpoints mid-phase.
+    base = {"train_steps": 24, "phase1.steps": 10, "checkpoint_every": 6, "log_every": 6, "eval_every": 0,
+            "keep_checkpoints": 10}
+    plain, ahead = str(tmp_path / "plain"), str(tmp_path / "ahead")
+    train.train_and_evaluate(tiny_config(**base, **{"data.prefetch": 0}), plain)
+    train.train_and_evaluate(tiny_config(**base, **{"data.prefetch": 3}), ahead)
+    a, step_a = checkpoints.load_params(plain)
+    b, step_b = checkpoints.load_params(ahead)
+    assert step_a == step_b == 24
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    want, got = checkpoints.Checkpointer(plain), checkpoints.Checkpointer(ahead)
+    for step in (6, 12, 18, 24):  # the position of the batches stepped on, not of those drawn ahead
+        assert got.read_meta(step)["data"] == want.read_meta(step)["data"], step
+    want.close()
+    got.close()

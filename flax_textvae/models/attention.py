@@ -20,6 +20,16 @@ Incremental decoding:
   * `MultiHeadAttention(..., decode=True)` keeps `cache/cached_key`, `cache/cached_value` [B, max_len, H, Dh]
       and `cache/cache_index`; `common.init_cache` builds the zero cache of a whole model.
 
+Implementations (`MultiHeadAttention.attention`, one of `ATTENTION_IMPLEMENTATIONS`, default
+`DEFAULT_ATTENTION`):
+  * 'explicit': the scores, the additive mask / bias, the float32 softmax and the weighted sum written out
+      here; the reference, and the only path that applies attention dropout.
+  * 'dot_product': `jax.nn.dot_product_attention` (implementation=None: jax chooses; jax 0.10 always takes its
+      XLA formulation) with the same boolean mask and float32 bias; used whenever no attention dropout is drawn
+      (deterministic calls or dropout_rate 0), the explicit path otherwise. Equal to 'explicit' within float
+      rounding; for a query that sees no key at all (only filler rows) both give the values' uniform average,
+      but only the explicit path passes a gradient back into its masked scores.
+
 Relative positions (T5):
   * `relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance)`.
   * `RelativePositionBias(num_buckets, max_distance, bidirectional, init_std)`: the option that gives a
@@ -46,7 +56,20 @@ Dtype = Any
 __all__ = [
     "padding_mask", "causal_mask", "combine_masks", "mask_to_bias", "cache_position", "LatentSlots",
     "CrossMemory", "RelativePositionBias", "relative_position_bucket", "MultiHeadAttention",
+    "ATTENTION_IMPLEMENTATIONS", "DEFAULT_ATTENTION", "check_attention",
 ]
+
+ATTENTION_IMPLEMENTATIONS = ("explicit", "dot_product")
+# The default: equal in value to the explicit path and as fast on XLA:CPU (benchmarks/RESULTS.md), and the
+# entry point through which jax hands attention to a fused kernel on backends that have one.
+DEFAULT_ATTENTION = "dot_product"
+
+
+def check_attention(name: str) -> str:
+    """Returns ``name`` if it is one of `ATTENTION_IMPLEMENTATIONS`; raises ValueError otherwise."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
+    return name
 
 
 # ----------------------------------------------------------------------------------------------- masks
@@ -257,6 +280,8 @@ class MultiHeadAttention(nn.Module):
         then refers to the max_len cache positions (e.g. [B,1,1,max_len]) or is None. During `init` (no cache
         yet) the call runs as ordinary full attention and creates the cache variables with the input's length.
       * softmax is always computed in float32; attention dropout uses the 'dropout' rng.
+      * `attention` picks the implementation (see the module docstring); 'dot_product' falls back to the
+        explicit path when attention dropout is drawn.
 
     Attributes:
       num_heads: H.
@@ -270,6 +295,7 @@ class MultiHeadAttention(nn.Module):
       q_kernel_init / o_kernel_init: optional initializers for the query / output projections.
       relative_bias: a `RelativePositionBias` for a layer that owns the bias table, or None.
       dtype: compute dtype; param_dtype: parameter dtype.
+      attention: 'explicit' or 'dot_product' (`ATTENTION_IMPLEMENTATIONS`).
     """
     num_heads: int
     head_dim: int
@@ -284,6 +310,7 @@ class MultiHeadAttention(nn.Module):
     relative_bias: Optional[RelativePositionBias] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = DEFAULT_ATTENTION
 
     def _dense(self, features: int, name: str, init: Optional[Callable]) -> nn.Dense:
         return nn.Dense(features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -322,6 +349,10 @@ class MultiHeadAttention(nn.Module):
     def _attend(self, query: Array, key: Array, value: Array, mask: Optional[Array], bias: Optional[Array],
                 deterministic: bool) -> Array:
         """softmax(q k^T [/ sqrt(Dh)] + bias + mask) v in float32 scores; [B, Q, H * Dh] in `dtype`."""
+        if check_attention(self.attention) == "dot_product" and (deterministic or self.dropout_rate == 0.0):
+            out = jax.nn.dot_product_attention(query, key.astype(query.dtype), value.astype(query.dtype), bias=bias,
+                                               mask=mask, scale=self._scale)
+            return out.astype(self.dtype).reshape(out.shape[:2] + (self.num_heads * self.head_dim,))
         scores = jnp.einsum("bqhd,bkhd->bhqk", query, key.astype(query.dtype),
                             preferred_element_type=jnp.float32)
         if self.scale_query:
@@ -334,6 +365,11 @@ class MultiHeadAttention(nn.Module):
         weights = Dropout(self.dropout_rate)(weights, deterministic=deterministic).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(self.dtype))
         return out.reshape(out.shape[:2] + (self.num_heads * self.head_dim,))
+
+    @property
+    def _scale(self) -> float:
+        """Multiplier of the scores: 1 / sqrt(Dh) with `scale_query`, else 1 (T5)."""
+        return 1.0 / math.sqrt(self.head_dim) if self.scale_query else 1.0
 
     @nn.compact
     def __call__(self, x: Array, kv: Optional[Array] = None, *, mask: Optional[Array] = None,

@@ -12,9 +12,10 @@ wrote to flax_model.msgpack):
      'lm_head': {'kernel': [D, V]}}          # only when config.tie_word_embeddings is False
 
 Public API:
-  * `BartForConditionalGeneration(config, dtype=jnp.float32)` with methods `__call__`, `encode`, `decode`,
-    `lm_logits` and properties `d_model`, `num_decoder_layers`, `vocab_size`, `pad_token_id`,
-    `eos_token_id`, `decoder_start_token_id` (attention.py holds the attention, masks and KV cache).
+  * `BartForConditionalGeneration(config, dtype=jnp.float32, attention=DEFAULT_ATTENTION, remat=False)` with
+    methods `__call__`, `encode`, `decode`, `decode_hidden`, `lm_logits`, `lm_head_weights` and properties
+    `d_model`, `num_decoder_layers`, `vocab_size`, `pad_token_id`, `eos_token_id`, `decoder_start_token_id`
+    (attention.py holds the attention, masks and KV cache).
   * `params_from_torch(state_dict, config)`: PyTorch state dict (numpy arrays) -> params, by an explicit table.
   * `torch_name_table(config)`: that table, [(torch name, flax path, transpose, torch shape)].
   * `init_cache(module, batch_size, max_length)` (re-exported from common).
@@ -31,10 +32,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_textvae.models.attention import CrossMemory, LatentSlots, MultiHeadAttention, cache_position, padding_mask
+from flax_textvae.models.attention import (
+    DEFAULT_ATTENTION,
+    CrossMemory,
+    LatentSlots,
+    MultiHeadAttention,
+    cache_position,
+    check_attention,
+    padding_mask,
+)
 from flax_textvae.models.common import (
     Dropout,
     LMHead,
+    LMHeadWeights,
     Seq2SeqProperties,
     apply_name_table,
     get_activation,
@@ -55,11 +65,11 @@ def _init(config) -> Any:
     return nn.initializers.normal(config.init_std)
 
 
-def _attention(config, num_heads: int, dtype: Dtype, name: str) -> MultiHeadAttention:
+def _attention(config, num_heads: int, dtype: Dtype, attention: str, name: str) -> MultiHeadAttention:
     return MultiHeadAttention(num_heads=num_heads, head_dim=config.d_model // num_heads,
                               out_features=config.d_model, use_bias=True, scale_query=True,
                               dropout_rate=config.attention_dropout, kernel_init=_init(config), dtype=dtype,
-                              name=name)
+                              attention=attention, name=name)
 
 
 def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
@@ -75,15 +85,19 @@ def _feed_forward(config, ffn_dim: int, dtype: Dtype, x: Array, deterministic: b
 
 
 class BartEncoderLayer(nn.Module):
-    """Post-LN encoder layer: self-attention, then feed-forward; [B, S, D] -> [B, S, D]."""
+    """Post-LN encoder layer: self-attention, then feed-forward; [B, S, D] -> [B, S, D].
+
+    Arguments are positional (``deterministic`` is argument 3) so `nn.remat` can keep it static.
+    """
     config: Any
     dtype: Dtype = jnp.float32
+    attention: str = DEFAULT_ATTENTION
 
     @nn.compact
-    def __call__(self, x: Array, *, mask: Optional[Array], deterministic: bool) -> Array:
+    def __call__(self, x: Array, mask: Optional[Array], deterministic: bool) -> Array:
         cfg = self.config
         drop = Dropout(cfg.dropout)
-        h, _ = _attention(cfg, cfg.encoder_attention_heads, self.dtype, "self_attn")(
+        h, _ = _attention(cfg, cfg.encoder_attention_heads, self.dtype, self.attention, "self_attn")(
             x, mask=mask, deterministic=deterministic)
         x = _layer_norm(self.dtype, "self_attn_layer_norm")(x + drop(h, deterministic=deterministic))
         h = _feed_forward(cfg, cfg.encoder_ffn_dim, self.dtype, x, deterministic)
@@ -91,20 +105,25 @@ class BartEncoderLayer(nn.Module):
 
 
 class BartDecoderLayer(nn.Module):
-    """Post-LN decoder layer: causal self-attention (+ latent slots), cross-attention (if memory), FFN."""
+    """Post-LN decoder layer: causal self-attention (+ latent slots), cross-attention (if memory), FFN.
+
+    Arguments are positional (``deterministic`` and ``decode`` are arguments 5 and 6) so `nn.remat` can keep
+    them static.
+    """
     config: Any
     dtype: Dtype = jnp.float32
+    attention: str = DEFAULT_ATTENTION
 
     @nn.compact
-    def __call__(self, x: Array, *, self_mask: Optional[Array], memory: Optional[CrossMemory],
+    def __call__(self, x: Array, self_mask: Optional[Array], memory: Optional[CrossMemory],
                  slots: LatentSlots, deterministic: bool, decode: bool) -> Array:
         cfg = self.config
         drop = Dropout(cfg.dropout)
-        h, _ = _attention(cfg, cfg.decoder_attention_heads, self.dtype, "self_attn")(
+        h, _ = _attention(cfg, cfg.decoder_attention_heads, self.dtype, self.attention, "self_attn")(
             x, mask=self_mask, causal=True, slots=slots, decode=decode, deterministic=deterministic)
         x = _layer_norm(self.dtype, "self_attn_layer_norm")(x + drop(h, deterministic=deterministic))
         if memory is not None:
-            h, _ = _attention(cfg, cfg.decoder_attention_heads, self.dtype, "encoder_attn")(
+            h, _ = _attention(cfg, cfg.decoder_attention_heads, self.dtype, self.attention, "encoder_attn")(
                 x, memory.states, mask=memory.key_mask, deterministic=deterministic)
             x = _layer_norm(self.dtype, "encoder_attn_layer_norm")(x + drop(h, deterministic=deterministic))
         h = _feed_forward(cfg, cfg.decoder_ffn_dim, self.dtype, x, deterministic)
@@ -112,29 +131,41 @@ class BartDecoderLayer(nn.Module):
 
 
 class _EncoderLayers(nn.Module):
-    """The 'layers' scope holding encoder layers '0', '1', ... (HF Flax layer-collection naming)."""
+    """The 'layers' scope holding encoder layers '0', '1', ... (HF Flax layer-collection naming).
+
+    With ``remat`` each layer's activations are recomputed in the backward pass instead of kept.
+    """
     config: Any
     dtype: Dtype = jnp.float32
+    attention: str = DEFAULT_ATTENTION
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: Array, *, mask: Optional[Array], deterministic: bool) -> Array:
+        layer = nn.remat(BartEncoderLayer, static_argnums=(3,)) if self.remat else BartEncoderLayer
         for i in range(self.config.encoder_layers):
-            x = BartEncoderLayer(self.config, self.dtype, name=str(i))(x, mask=mask, deterministic=deterministic)
+            x = layer(self.config, self.dtype, self.attention, name=str(i))(x, mask, deterministic)
         return x
 
 
 class _DecoderLayers(nn.Module):
-    """The 'layers' scope holding decoder layers '0', '1', ...; the latent slots are split per layer."""
+    """The 'layers' scope holding decoder layers '0', '1', ...; the latent slots are split per layer.
+
+    With ``remat`` (and not ``decode``) each layer's activations are recomputed in the backward pass.
+    """
     config: Any
     dtype: Dtype = jnp.float32
+    attention: str = DEFAULT_ATTENTION
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: Array, *, self_mask: Optional[Array], memory: Optional[CrossMemory],
                  slots: LatentSlots, deterministic: bool, decode: bool) -> Array:
+        remat = self.remat and not decode
+        layer = nn.remat(BartDecoderLayer, static_argnums=(5, 6)) if remat else BartDecoderLayer
         for i in range(self.config.decoder_layers):
-            x = BartDecoderLayer(self.config, self.dtype, name=str(i))(
-                x, self_mask=self_mask, memory=memory, slots=slots.layer(i), deterministic=deterministic,
-                decode=decode)
+            x = layer(self.config, self.dtype, self.attention, name=str(i))(
+                x, self_mask, memory, slots.layer(i), deterministic, decode)
         return x
 
 
@@ -165,13 +196,16 @@ class BartEncoder(nn.Module):
     config: Any
     embed_tokens: nn.Embed
     dtype: Dtype = jnp.float32
+    attention: str = DEFAULT_ATTENTION
+    remat: bool = False
 
     @nn.compact
     def __call__(self, input_ids: Array, attention_mask: Optional[Array], deterministic: bool = True) -> Array:
         x = _embed(self, self.embed_tokens, input_ids, None)
         x = _positions_and_norm(self, x, 0, deterministic)
         mask = None if attention_mask is None else padding_mask(attention_mask)
-        return _EncoderLayers(self.config, self.dtype, name="layers")(x, mask=mask, deterministic=deterministic)
+        layers = _EncoderLayers(self.config, self.dtype, self.attention, self.remat, name="layers")
+        return layers(x, mask=mask, deterministic=deterministic)
 
 
 class BartDecoder(nn.Module):
@@ -179,6 +213,8 @@ class BartDecoder(nn.Module):
     config: Any
     embed_tokens: nn.Embed
     dtype: Dtype = jnp.float32
+    attention: str = DEFAULT_ATTENTION
+    remat: bool = False
 
     @nn.compact
     def __call__(self, ids: Array, mask: Optional[Array], *, memory: Optional[CrossMemory], slots: LatentSlots,
@@ -188,7 +224,7 @@ class BartDecoder(nn.Module):
         # Head-space slots stand where a length-P cache would: the tokens take positions P, P+1, ...
         x = _positions_and_norm(self, x, start + slots.num_positioned, deterministic)
         self_mask = None if mask is None else padding_mask(mask)
-        return _DecoderLayers(self.config, self.dtype, name="layers")(
+        return _DecoderLayers(self.config, self.dtype, self.attention, self.remat, name="layers")(
             x, self_mask=self_mask, memory=memory, slots=slots, deterministic=deterministic, decode=decode)
 
 
@@ -196,12 +232,15 @@ class BartModel(nn.Module):
     """The 'model' scope: shared embedding, encoder, decoder."""
     config: Any
     dtype: Dtype = jnp.float32
+    attention: str = DEFAULT_ATTENTION
+    remat: bool = False
 
     def setup(self):
         cfg = self.config
+        options = dict(dtype=self.dtype, attention=self.attention, remat=self.remat)
         self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype, embedding_init=_init(cfg))
-        self.encoder = BartEncoder(cfg, embed_tokens=self.shared, dtype=self.dtype)
-        self.decoder = BartDecoder(cfg, embed_tokens=self.shared, dtype=self.dtype)
+        self.encoder = BartEncoder(cfg, embed_tokens=self.shared, **options)
+        self.decoder = BartDecoder(cfg, embed_tokens=self.shared, **options)
 
     def __call__(self, *args, **kwargs):  # pragma: no cover - the top module calls encoder/decoder directly
         raise NotImplementedError
@@ -213,13 +252,18 @@ class BartForConditionalGeneration(Seq2SeqProperties, nn.Module):
     Attributes:
       config: a transformers BartConfig.
       dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32, logits are float32.
+      attention: the attention implementation, 'explicit' or 'dot_product' (see `attention.py`).
+      remat: recompute each encoder / decoder layer's activations in the backward pass (less memory, more
+        compute); no effect on values or gradients.
     """
     config: Any
     dtype: Dtype = jnp.float32
+    attention: str = DEFAULT_ATTENTION
+    remat: bool = False
 
     def setup(self):
         cfg = self.config
-        self.model = BartModel(cfg, dtype=self.dtype)
+        self.model = BartModel(cfg, dtype=self.dtype, attention=check_attention(self.attention), remat=self.remat)
         self.final_logits_bias = self.param("final_logits_bias", nn.initializers.zeros, (1, cfg.vocab_size))
         if not self.tied:
             self.lm_head = LMHead(cfg.vocab_size, _init(cfg), dtype=self.dtype)
@@ -274,13 +318,33 @@ class BartForConditionalGeneration(Seq2SeqProperties, nn.Module):
         Returns:
           float32 logits [B, T, V].
         """
+        return self.lm_logits(self.decode_hidden(
+            decoder_input_ids, decoder_attention_mask, memory, memory_mask, prefix_states=prefix_states,
+            prefix_mask=prefix_mask, prefix_kv=prefix_kv, embed_offset=embed_offset, deterministic=deterministic,
+            decode=decode))
+
+    def decode_hidden(self, decoder_input_ids: Array, decoder_attention_mask: Optional[Array] = None,
+                      memory: Optional[Array] = None, memory_mask: Optional[Array] = None, *,
+                      prefix_states: Optional[Array] = None, prefix_mask: Optional[Array] = None,
+                      prefix_kv: Optional[Array] = None, embed_offset: Optional[Array] = None,
+                      deterministic: bool = True, decode: bool = False) -> Array:
+        """The decoder's final hidden states [B, T, D] (compute dtype), what `decode` feeds to `lm_logits`.
+
+        Arguments as `decode`.
+        """
         slots = LatentSlots(states=prefix_states, kv=prefix_kv, mask=prefix_mask).check(
             self.num_decoder_layers, self.d_model, self.num_decoder_heads, self.decoder_head_dim)
         cross = None if memory is None else CrossMemory(memory.astype(self.dtype), memory_mask)
-        hidden = self.model.decoder(decoder_input_ids, decoder_attention_mask, memory=cross,
-                                    slots=slots.astype(self.dtype), embed_offset=embed_offset,
-                                    deterministic=deterministic, decode=decode)
-        return self.lm_logits(hidden)
+        return self.model.decoder(decoder_input_ids, decoder_attention_mask, memory=cross,
+                                  slots=slots.astype(self.dtype), embed_offset=embed_offset,
+                                  deterministic=deterministic, decode=decode)
+
+    def lm_head_weights(self) -> LMHeadWeights:
+        """The head `lm_logits` applies: the shared embedding [V, D] or lm_head kernel [D, V], final_logits_bias."""
+        bias = self.final_logits_bias.reshape(-1)
+        if self.tied:
+            return LMHeadWeights(head=self.model.shared.embedding, bias=bias, layout="vd")
+        return LMHeadWeights(head=self.lm_head.variables["params"]["kernel"], bias=bias, layout="dv")
 
     def __call__(self, input_ids: Array, attention_mask: Optional[Array], decoder_input_ids: Array,
                  decoder_attention_mask: Optional[Array] = None, *, deterministic: bool = True) -> Array:

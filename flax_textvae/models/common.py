@@ -9,6 +9,8 @@ Activations:
 LM head:
   * `LMHead(vocab_size, kernel_init, dtype)`: an untied head, parameter `kernel` [D, V], no bias.
   * `tied_logits(hidden, embedding, dtype)`: logits through the (shared) token embedding [V, D].
+  * `LMHeadWeights(head, bias, layout, scale)`: what a family's `lm_head_weights()` returns, so a loss can
+      apply the head itself (`losses.chunked_token_nll`) to the decoder's final hidden states.
 
 Incremental decoding:
   * `init_cache(module, batch_size, max_length)`: zero 'cache' collection for `module.decode(...,
@@ -26,9 +28,10 @@ Properties:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +39,7 @@ import numpy as np
 Array = jax.Array
 Dtype = Any
 
-__all__ = ["get_activation", "Dropout", "LMHead", "tied_logits", "init_cache", "apply_name_table",
+__all__ = ["get_activation", "Dropout", "LMHead", "LMHeadWeights", "tied_logits", "init_cache", "apply_name_table",
            "mismatch_report", "Seq2SeqProperties"]
 
 
@@ -242,3 +245,20 @@ def tied_logits(hidden: Array, embedding: Array, dtype: Dtype) -> Array:
       float32 logits [B, T, V].
     """
     return jnp.einsum("btd,vd->btv", hidden, embedding.astype(dtype), preferred_element_type=jnp.float32)
+
+
+@flax.struct.dataclass
+class LMHeadWeights:
+    """The LM head of a family module as arrays: logits = (scale * hidden) @ head (+ bias).
+
+    Attributes:
+      head: the float32 parameter, [V, D] (``layout='vd'``, a tied token embedding) or [D, V] (``'dv'``, an
+        untied kernel).
+      bias: float32 [V] logit bias, or None.
+      layout: ``'vd'`` or ``'dv'`` (static).
+      scale: multiplier of the hidden states before the head, applied in the compute dtype (static).
+    """
+    head: Array
+    bias: Optional[Array] = None
+    layout: str = flax.struct.field(pytree_node=False, default="vd")
+    scale: float = flax.struct.field(pytree_node=False, default=1.0)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+import transformers
 
 from flax_textvae.models import bart, t5
 
@@ -81,9 +82,10 @@ class Family:
     max_decode_positions: Callable[[Any], Optional[int]]
     build_scratch_config: Callable[..., Any]
 
-    def build_module(self, config, dtype: Any = jnp.float32) -> nn.Module:
-        """The family module for ``config``, computing in ``dtype`` (parameters stay float32)."""
-        return self.module_class(config, dtype=dtype)
+    def build_module(self, config, dtype: Any = jnp.float32, **options) -> nn.Module:
+        """The family module for ``config``, computing in ``dtype`` (parameters stay float32); ``options``:
+        the module's ``attention`` implementation and ``remat`` switch."""
+        return self.module_class(config, dtype=dtype, **options)
 
     def scratch_config(self, scratch_cfg, tokenizer, max_length: int):
         """A transformers config for a from-scratch backbone.
@@ -109,8 +111,6 @@ class Family:
 
 # ------------------------------------------------------------------------------------------------- BART
 def _bart_scratch(s, tokenizer, max_length: int, shared: dict):
-    import transformers  # heavy; only a from-scratch run needs it here
-
     return transformers.BartConfig(
         **shared, encoder_layers=s.num_layers, decoder_layers=s.num_layers,
         encoder_attention_heads=s.num_heads, decoder_attention_heads=s.num_heads,
@@ -151,8 +151,6 @@ BART = Family(
 
 # --------------------------------------------------------------------------------------------------- T5
 def _t5_scratch(s, tokenizer, max_length: int, shared: dict):
-    import transformers  # heavy; only a from-scratch run needs it here
-
     del max_length  # relative positions: any length
     return transformers.T5Config(
         **shared, d_kv=s.d_model // s.num_heads, d_ff=s.ffn_dim, num_layers=s.num_layers,

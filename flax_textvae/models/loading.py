@@ -27,6 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from safetensors.numpy import load_file
+from transformers import AutoConfig, AutoTokenizer
 
 from flax_textvae.models import families
 from flax_textvae.models.common import mismatch_report
@@ -70,9 +75,10 @@ class Pretrained:
     path: str = ""
 
 
-def build_module(config, dtype: Dtype = jnp.float32) -> nn.Module:
-    """The family module for `config.model_type`, computing in `dtype` (params stay float32)."""
-    return families.get(getattr(config, "model_type", None)).build_module(config, dtype)
+def build_module(config, dtype: Dtype = jnp.float32, **options) -> nn.Module:
+    """The family module for `config.model_type`, computing in `dtype` (params stay float32); `options`: the
+    module's `attention` implementation ('dot_product' or 'explicit') and `remat` (recompute each layer)."""
+    return families.get(getattr(config, "model_type", None)).build_module(config, dtype, **options)
 
 
 def _dummy_inputs():
@@ -117,10 +123,8 @@ def check_params(params: Any, expected: Any, source: str = "params") -> Any:
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     try:
-        from safetensors.numpy import load_file
         return load_file(path)
     except (TypeError, ValueError):  # e.g. bfloat16 tensors, which numpy cannot hold
-        from safetensors import safe_open
         out = {}
         with safe_open(path, framework="flax") as f:
             for name in f.keys():
@@ -164,8 +168,7 @@ def _offline() -> bool:
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     if value.strip().lower() in ("1", "true", "yes", "on"):
         return True
-    from huggingface_hub import constants
-    return bool(constants.HF_HUB_OFFLINE)
+    return bool(hub_constants.HF_HUB_OFFLINE)
 
 
 def _short_cause(err: BaseException) -> str:
@@ -215,10 +218,6 @@ def resolve_folder(name_or_path: str) -> str:
         return path
     if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise FileNotFoundError(f"{name_or_path!r} is not a checkpoint folder; {FOLDER_CONTENTS}")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover
-        raise OSError(f"huggingface_hub is not installed; pass a local folder instead. {FOLDER_CONTENTS}") from None
     offline = _offline()
     patterns = [CONFIG_NAME, SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, SAFETENSORS_SHARD_PATTERN] + TOKENIZER_PATTERNS
     try:
@@ -239,24 +238,23 @@ def resolve_folder(name_or_path: str) -> str:
     return folder
 
 
-def load_pretrained(name_or_path: str | os.PathLike, *, dtype: Dtype = jnp.float32) -> Pretrained:
+def load_pretrained(name_or_path: str | os.PathLike, *, dtype: Dtype = jnp.float32, **options) -> Pretrained:
     """Loads a pretrained BART / T5 checkpoint.
 
     Args:
       name_or_path: local checkpoint folder, or a hub id (only where the hub is reachable or the model is
         already in the local hub cache).
       dtype: compute dtype of the module (parameters are float32).
+      **options: the module's `attention` and `remat` (see `build_module`).
 
     Returns:
       Pretrained(module, params, config, tokenizer, path).
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     folder = resolve_folder(str(name_or_path))
     if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}; {FOLDER_CONTENTS}")
     config = AutoConfig.from_pretrained(folder)
-    module = build_module(config, dtype)
+    module = build_module(config, dtype, **options)
     params = load_params(folder, config, module)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)

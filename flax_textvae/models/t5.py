@@ -32,16 +32,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_textvae.models.attention import (
+    DEFAULT_ATTENTION,
     CrossMemory,
     LatentSlots,
     MultiHeadAttention,
     RelativePositionBias,
+    check_attention,
     padding_mask,
     relative_position_bucket,
 )
 from flax_textvae.models.common import (
     Dropout,
     LMHead,
+    LMHeadWeights,
     Seq2SeqProperties,
     apply_name_table,
     get_activation,
@@ -71,7 +74,7 @@ def separate_head(config) -> bool:
     return not bool(getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True)))
 
 
-def _attention(config, owns_bias: bool, causal: bool, dtype: Any, name: str) -> MultiHeadAttention:
+def _attention(config, owns_bias: bool, causal: bool, dtype: Any, attention: str, name: str) -> MultiHeadAttention:
     """T5 attention: no biases, no query scaling, T5's initializers; the bias table where `owns_bias`."""
     c, f = config, config.initializer_factor
     bias = (RelativePositionBias(c.relative_attention_num_buckets, c.relative_attention_max_distance,
@@ -81,7 +84,7 @@ def _attention(config, owns_bias: bool, causal: bool, dtype: Any, name: str) -> 
                               kernel_init=_normal(f * c.d_model ** -0.5),
                               q_kernel_init=_normal(f * (c.d_model * c.d_kv) ** -0.5),
                               o_kernel_init=_normal(f * (c.num_heads * c.d_kv) ** -0.5), relative_bias=bias,
-                              dtype=dtype, param_dtype=jnp.float32, name=name)
+                              dtype=dtype, param_dtype=jnp.float32, attention=attention, name=name)
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -126,6 +129,7 @@ class _AttentionSubLayer(nn.Module):
     owns_bias: bool
     causal: bool
     dtype: Any
+    attention: str = DEFAULT_ATTENTION
 
     @nn.compact
     def __call__(self, h: Array, kv: Array | None = None, *, mask: Array | None, position_bias: Array | None = None,
@@ -133,7 +137,7 @@ class _AttentionSubLayer(nn.Module):
                  decode: bool = False) -> tuple[Array, Array | None]:
         c = self.config
         x = T5LayerNorm(c.d_model, c.layer_norm_epsilon, self.dtype, name="layer_norm")(h)
-        attn = _attention(c, self.owns_bias, self.causal, self.dtype, self.kind)
+        attn = _attention(c, self.owns_bias, self.causal, self.dtype, self.attention, self.kind)
         return attn(x, kv, mask=mask, causal=self.causal, position_bias=position_bias, slots=slots,
                     decode=decode, deterministic=deterministic)
 
@@ -151,24 +155,29 @@ class _FeedForwardSubLayer(nn.Module):
 
 
 class T5Block(nn.Module):
-    """One block: self-attention, cross-attention (decoder, when memory is given), feed-forward."""
+    """One block: self-attention, cross-attention (decoder, when memory is given), feed-forward.
+
+    Arguments are positional (``deterministic`` and ``decode`` are arguments 6 and 7) so `nn.remat` can keep
+    them static.
+    """
     config: Any
     owns_bias: bool = False
     causal: bool = False
     dtype: Any = jnp.float32
+    attention: str = DEFAULT_ATTENTION
 
     @nn.compact
-    def __call__(self, h: Array, *, key_mask: Array | None, position_bias: Array | None,
+    def __call__(self, h: Array, key_mask: Array | None, position_bias: Array | None,
                  memory: CrossMemory | None, slots: LatentSlots, deterministic: bool,
                  decode: bool) -> tuple[Array, Array | None]:
         c = self.config
         drop = Dropout(c.dropout_rate)
         y, position_bias = _AttentionSubLayer(c, "SelfAttention", self.owns_bias, self.causal, self.dtype,
-                                              name="0")(h, mask=key_mask, position_bias=position_bias,
+                                              self.attention, name="0")(h, mask=key_mask, position_bias=position_bias,
                                                         slots=slots, deterministic=deterministic, decode=decode)
         h = h + drop(y, deterministic=deterministic)
         if self.causal and memory is not None:
-            y, _ = _AttentionSubLayer(c, "EncDecAttention", False, False, self.dtype, name="1")(
+            y, _ = _AttentionSubLayer(c, "EncDecAttention", False, False, self.dtype, self.attention, name="1")(
                 h, memory.states, mask=memory.key_mask, deterministic=deterministic)
             h = h + drop(y, deterministic=deterministic)
         y = _FeedForwardSubLayer(c, self.dtype, name="2" if self.causal else "1")(h, deterministic)
@@ -176,15 +185,23 @@ class T5Block(nn.Module):
 
 
 class _BlockSlot(nn.Module):
-    """block/<i> (HF's FlaxT5LayerCollection): holds the block under the name 'layer'."""
+    """block/<i> (HF's FlaxT5LayerCollection): holds the block under the name 'layer'.
+
+    With ``remat`` (and not ``decode``) the block's activations are recomputed in the backward pass.
+    """
     config: Any
     owns_bias: bool
     causal: bool
     dtype: Any
+    attention: str = DEFAULT_ATTENTION
+    remat: bool = False
 
     @nn.compact
-    def __call__(self, h: Array, **kwargs) -> tuple[Array, Array | None]:
-        return T5Block(self.config, self.owns_bias, self.causal, self.dtype, name="layer")(h, **kwargs)
+    def __call__(self, h: Array, *, key_mask: Array | None, position_bias: Array | None, memory: CrossMemory | None,
+                 slots: LatentSlots, deterministic: bool, decode: bool) -> tuple[Array, Array | None]:
+        block = nn.remat(T5Block, static_argnums=(6, 7)) if self.remat and not decode else T5Block
+        return block(self.config, self.owns_bias, self.causal, self.dtype, self.attention, name="layer")(
+            h, key_mask, position_bias, memory, slots, deterministic, decode)
 
 
 class T5Stack(nn.Module):
@@ -195,6 +212,8 @@ class T5Stack(nn.Module):
     config: Any
     causal: bool = False
     dtype: Any = jnp.float32
+    attention: str = DEFAULT_ATTENTION
+    remat: bool = False
 
     @nn.compact
     def __call__(self, embeds: Array, key_mask: Array | None, *, memory: CrossMemory | None = None,
@@ -215,7 +234,7 @@ class T5Stack(nn.Module):
         mask = None if key_mask is None else padding_mask(key_mask)
         drop = Dropout(c.dropout_rate)
         h = drop(embeds, deterministic=deterministic)
-        blocks = _Blocks(c, n, self.causal, self.dtype, name="block")
+        blocks = _Blocks(c, n, self.causal, self.dtype, self.attention, self.remat, name="block")
         h = blocks(h, key_mask=mask, memory=memory, slots=slots, deterministic=deterministic, decode=decode)
         h = T5LayerNorm(c.d_model, c.layer_norm_epsilon, self.dtype, name="final_layer_norm")(h)
         return drop(h, deterministic=deterministic)
@@ -227,13 +246,16 @@ class _Blocks(nn.Module):
     num_layers: int
     causal: bool
     dtype: Any
+    attention: str = DEFAULT_ATTENTION
+    remat: bool = False
 
     @nn.compact
     def __call__(self, h: Array, *, key_mask: Array | None, memory: CrossMemory | None, slots: LatentSlots,
                  deterministic: bool, decode: bool) -> Array:
         position_bias = None
         for i in range(self.num_layers):
-            h, position_bias = _BlockSlot(self.config, i == 0, self.causal, self.dtype, name=str(i))(
+            slot = _BlockSlot(self.config, i == 0, self.causal, self.dtype, self.attention, self.remat, name=str(i))
+            h, position_bias = slot(
                 h, key_mask=key_mask, position_bias=position_bias, memory=memory, slots=slots.layer(i),
                 deterministic=deterministic, decode=decode)
         return h
@@ -247,16 +269,22 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
       config: a transformers T5Config.
       dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32, layer norms and softmax run in
         float32, logits are float32.
+      attention: the attention implementation, 'explicit' or 'dot_product' (see `attention.py`).
+      remat: recompute each block's activations in the backward pass (less memory, more compute); no effect
+        on values or gradients.
     """
     config: Any
     dtype: Any = jnp.float32
+    attention: str = DEFAULT_ATTENTION
+    remat: bool = False
 
     def setup(self):
         c = self.config
+        options = dict(dtype=self.dtype, attention=check_attention(self.attention), remat=self.remat)
         self.shared = nn.Embed(c.vocab_size, c.d_model, embedding_init=_normal(c.initializer_factor),
                                dtype=self.dtype, param_dtype=jnp.float32)
-        self.encoder = T5Stack(c, causal=False, dtype=self.dtype)
-        self.decoder = T5Stack(c, causal=True, dtype=self.dtype)
+        self.encoder = T5Stack(c, causal=False, **options)
+        self.decoder = T5Stack(c, causal=True, **options)
         if separate_head(c):
             self.lm_head = LMHead(c.vocab_size, _normal(c.initializer_factor), dtype=self.dtype)
 
@@ -318,6 +346,20 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
         Returns:
           float32 logits [B, T, V].
         """
+        return self.lm_logits(self.decode_hidden(
+            decoder_input_ids, decoder_attention_mask, memory, memory_mask, prefix_states=prefix_states,
+            prefix_mask=prefix_mask, prefix_kv=prefix_kv, embed_offset=embed_offset, deterministic=deterministic,
+            decode=decode))
+
+    def decode_hidden(self, decoder_input_ids: Array, decoder_attention_mask: Array | None = None,
+                      memory: Array | None = None, memory_mask: Array | None = None, *,
+                      prefix_states: Array | None = None, prefix_mask: Array | None = None,
+                      prefix_kv: Array | None = None, embed_offset: Array | None = None,
+                      deterministic: bool = True, decode: bool = False) -> Array:
+        """The decoder's final hidden states [B, T, D] (compute dtype), what `decode` feeds to `lm_logits`.
+
+        Arguments as `decode`.
+        """
         embeds = self.shared(decoder_input_ids)
         if embed_offset is not None:
             offset = embed_offset if embed_offset.ndim == 3 else embed_offset[:, None, :]
@@ -325,9 +367,14 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
         slots = LatentSlots(states=prefix_states, kv=prefix_kv, mask=prefix_mask).check(
             self.num_decoder_layers, self.d_model, self.num_decoder_heads, self.decoder_head_dim)
         cross = None if memory is None else CrossMemory(memory.astype(self.dtype), memory_mask)
-        hidden = self.decoder(embeds, decoder_attention_mask, memory=cross, slots=slots.astype(self.dtype),
-                              deterministic=deterministic, decode=decode)
-        return self.lm_logits(hidden)
+        return self.decoder(embeds, decoder_attention_mask, memory=cross, slots=slots.astype(self.dtype),
+                            deterministic=deterministic, decode=decode)
+
+    def lm_head_weights(self) -> LMHeadWeights:
+        """The head `lm_logits` applies: lm_head kernel [D, V], or the shared embedding [V, D] after d_model**-0.5."""
+        if separate_head(self.config):
+            return LMHeadWeights(head=self.lm_head.variables["params"]["kernel"], layout="dv")
+        return LMHeadWeights(head=self.shared.embedding, layout="vd", scale=float(self.config.d_model) ** -0.5)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None, decoder_input_ids: Array,
                  decoder_attention_mask: Array | None = None, *, deterministic: bool = True) -> Array:
