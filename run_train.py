@@ -15,10 +15,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from flax_textvae import cli, configuration, validation
+from flax_textvae.train import NonFiniteLossError, train_and_evaluate
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "demo.py"),
-                                "Path to a config file with get_config().", lock_config=True)
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.py")
+# No default here (see cli.with_config): the default file is put on the command line when it names none.
+config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config() (default: "
+                                "configs/demo.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluations "
                     "(default: runs/<config file name>, e.g. runs/tiny for configs/tiny.py).")
 flags.DEFINE_bool("print_config", False, "Print the resolved config, each field with its comment, and exit.")
@@ -40,8 +42,6 @@ def main(argv):
         return 0
     if not FLAGS.workdir:
         print(f"workdir: {workdir} (pass --workdir=DIR to choose another)", flush=True)
-    from flax_textvae.train import NonFiniteLossError, train_and_evaluate
-
     try:
         train_and_evaluate(config, workdir)
     except NonFiniteLossError as e:
@@ -50,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, cli.with_config(sys.argv, DEFAULT_CONFIG))

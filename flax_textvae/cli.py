@@ -18,7 +18,7 @@ import numpy as np
 from absl import app
 from absl import flags as absl_flags
 
-from flax_textvae import configuration, exported, validation
+from flax_textvae import builders, checkpoints, configuration, evaluate, exported, inference, plots, validation
 
 USER_ERROR_EXIT = 2
 VERBOSE_HELP = "On a user error (bad config, missing file), show the Python traceback instead of a short message."
@@ -51,6 +51,18 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     """
     app.run(functools.partial(_guarded, main), argv=list(argv) if argv is not None else None,
             flags_parser=_parse_flags)
+
+
+def with_config(argv: Sequence[str], default: str) -> list[str]:
+    """``argv`` with ``--config=default`` inserted when it names no ``--config``.
+
+    The scripts define their ``--config`` flag without a default: ml_collections applies the
+    ``--config.FIELD`` overrides of the command line to a flag's default while the flag is being defined, at
+    import time, where a mistyped field would end in a traceback instead of :func:`run`'s short error.
+    """
+    argv = list(argv)
+    named = any(a.startswith("-") and a.lstrip("-").split("=")[0] == "config" for a in argv[1:] if a != "--")
+    return argv if named else [argv[0], f"--config={default}", *argv[1:]]
 
 
 def fail(message: str) -> None:
@@ -160,8 +172,6 @@ def check_trained_run(workdir: str) -> None:
 
 def run_eval_main(flags) -> int:
     """Dispatches ``run_eval.py --mode=...``; returns the process exit code."""
-    from flax_textvae import evaluate, inference
-
     workdir = flags.workdir
     check_trained_run(workdir)
     if flags.data:
@@ -211,20 +221,19 @@ def run_eval_main(flags) -> int:
 
 
 def _plot(workdir: str, out_dir: str | None, step: int | None = None) -> int:
-    from flax_textvae import inference, plots
-
     out_dir = out_dir or os.path.join(workdir, "plots")
     os.makedirs(out_dir, exist_ok=True)
-    curves = plots.plot_training_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(out_dir, "training.png"))
-    print(f"wrote {curves}")
     config = inference.load_config(workdir)
-    from flax_textvae import builders, checkpoints
-    from flax_textvae.evaluate import per_dim_kl
-
+    p1 = int(config.phase1.steps) if "phase1" in config else 0
+    boundaries = [(float(p1), 2)] if 0 < p1 < int(config.train_steps) else None
+    curves = plots.plot_training_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(out_dir, "training.png"),
+                                        boundaries=boundaries)
+    print(f"wrote {curves}")
     run = builders.build_run(config, workdir, train=False)
     params, _ = checkpoints.load_params(workdir, step)  # --step, else the newest
-    kl = per_dim_kl(run, params, run.eval_batches)
-    path = plots.plot_kl_per_dim(kl, os.path.join(out_dir, "kl_per_dim.png"))
+    # The variance of the posterior mean is what au thresholds: the plot counts active units as evaluation does.
+    kl, variance = evaluate.per_dim_stats(run, params, run.eval_batches)
+    path = plots.plot_kl_per_dim(kl, os.path.join(out_dir, "kl_per_dim.png"), mean_variance=variance)
     with open(os.path.join(out_dir, "kl_per_dim.json"), "w") as f:
         json.dump(np.asarray(kl).tolist(), f)
     print(f"wrote {path}")

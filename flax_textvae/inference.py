@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import warnings
 from typing import Any, Optional, Sequence
 
 import jax
@@ -44,6 +45,7 @@ from flax_textvae.models import families
 from flax_textvae.vae import TextVAE
 
 _MAX_DECODERS = 32
+UNKNOWN_WARN_FRACTION = 0.5  # encode / reconstruct warn when more of a text's word tokens than this are <unk>
 _DECODERS: "collections.OrderedDict[int, LatentDecoder]" = collections.OrderedDict()
 
 
@@ -203,10 +205,54 @@ class TrainedTextVAE:
         return cls(run, params, used)
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Posterior ``(mean, logvar)``, each ``[len(texts), latent_size]``."""
-        if isinstance(texts, str):
-            texts = [texts]
+        """Posterior ``(mean, logvar)``, each ``[len(texts), latent_size]``.
+
+        Warns (``UserWarning``) when more than half of a text's tokens, special tokens aside, are the
+        tokenizer's unknown token: the model's vocabulary lacks those words, so the code says little about it.
+        """
+        return self._encode(texts, stacklevel=3)
+
+    def _encode(self, texts, stacklevel: int):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        self._warn_unknown(texts, stacklevel + 1)
         return self.run.encode_texts(self.params, texts)
+
+    def unknown_fraction(self, text: str) -> tuple[float, list[str]]:
+        """The fraction of ``text``'s tokens (special tokens aside) that are unknown, and the unknown words.
+
+        Returns:
+          ``(fraction, words)``: 0.0 for a text with no ordinary token or a tokenizer without an unknown
+          token; ``words`` are the stretches of ``text`` that became the unknown token (empty when the
+          tokenizer cannot map tokens back to characters).
+        """
+        tok = self.run.tokenizer
+        unk = getattr(tok, "unk_token_id", None)
+        if unk is None:
+            return 0.0, []
+        special = set(getattr(tok, "all_special_ids", ())) - {unk}
+        fast = bool(getattr(tok, "is_fast", False))  # fast tokenizers map each token to its characters
+        enc = tok(text, add_special_tokens=True, return_offsets_mapping=fast)
+        ids = list(enc["input_ids"])
+        spans = list(enc["offset_mapping"]) if fast else [None] * len(ids)
+        kept = [(i, span) for i, span in zip(ids, spans) if i not in special]
+        if not kept:
+            return 0.0, []
+        words = [text[span[0]:span[1]] for i, span in kept if i == unk and span is not None and span[1] > span[0]]
+        return sum(i == unk for i, _ in kept) / len(kept), words
+
+    def _warn_unknown(self, texts: list[str], stacklevel: int) -> None:
+        """One UserWarning naming every text whose tokens are mostly unknown; ``stacklevel`` is the caller's."""
+        bad = []
+        for text in texts:
+            frac, words = self.unknown_fraction(text)
+            if frac > UNKNOWN_WARN_FRACTION:
+                which = f": {', '.join(repr(w) for w in dict.fromkeys(words))}" if words else ""
+                bad.append(f"{text!r} ({frac:.0%} of its tokens unknown{which})")
+        if bad:
+            shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+            warnings.warn(f"the model's vocabulary lacks most words of {len(bad)} input text(s), which become "
+                          f"the unknown token {self.run.tokenizer.unk_token!r}: {shown}. Its codes and "
+                          "reconstructions of these texts reflect little of them.", UserWarning, stacklevel=stacklevel)
 
     def decode(self, z, *, method: str = "greedy", max_length: int | None = None, seed: int = 0,
                **kwargs) -> list[str]:
@@ -228,8 +274,8 @@ class TrainedTextVAE:
         return self.run.detokenize(ids)
 
     def reconstruct(self, texts: list[str], **kwargs) -> list[str]:
-        """Decode each sentence's posterior mean."""
-        mean, _ = self.encode(texts)
+        """Decode each sentence's posterior mean (warning, as ``encode`` does, about mostly unknown texts)."""
+        mean, _ = self._encode(texts, stacklevel=3)
         return self.decode(mean, **kwargs)
 
     def sample(self, n: int, *, seed: int = 0, **kwargs) -> list[str]:
@@ -257,7 +303,7 @@ class TrainedTextVAE:
         """``steps`` sentences decoded along the straight line between the posterior means of a and b."""
         if steps < 2:
             raise ValueError(f"steps={steps}: need at least 2 (the two end points)")
-        mean, _ = self.encode([a, b])
+        mean, _ = self._encode([a, b], stacklevel=3)
         t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]
         return self.decode((1 - t) * mean[0] + t * mean[1], **kwargs)
 

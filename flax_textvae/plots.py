@@ -1,7 +1,8 @@
 """Diagnostic plots: training curves from ``metrics.jsonl`` and per-dimension KL bars.
 
 Uses matplotlib's object-oriented API with the Agg canvas directly (no pyplot, no global backend
-switch), so it is safe on headless machines and inside tests.
+switch), so it is safe on headless machines and inside tests. Each plot has a ``*_figure`` function that
+returns the matplotlib ``Figure`` (for inspection) and a ``plot_*`` function that writes it as a PNG.
 """
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 _EVAL_SPLITS = ("eval", "valid", "validation", "test")
+_PHASE_TINTS = ("tab:orange", "tab:blue", "tab:green", "tab:purple")
+_EVAL_STYLE = dict(linestyle="none", marker="o", markersize=4, color="tab:orange", label="eval")
 
 
 def read_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -38,33 +43,62 @@ def _is_eval(row: dict[str, Any]) -> bool:
     return str(row.get("split", "train")) in _EVAL_SPLITS
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of rows holding a finite number under ``key``, sorted by step."""
-    pts = []
-    for r in rows:
-        v = r.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            pts.append((float(r["step"]), float(v)))
-    pts.sort()
+    pts = sorted((float(r["step"]), float(r[key])) for r in rows if _number(r.get(key)))
     if not pts:
         return np.zeros((0,)), np.zeros((0,))
     arr = np.asarray(pts)
     return arr[:, 0], arr[:, 1]
 
 
+def _phase_runs(rows: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Train rows in step order, cut where ``phase`` changes (one run when rows carry no phase)."""
+    runs: list[list[dict[str, Any]]] = []
+    for r in sorted(rows, key=lambda r: float(r["step"])):
+        if runs and runs[-1][-1].get("phase") == r.get("phase"):
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    return runs
+
+
 def phase_boundaries(rows: Sequence[dict[str, Any]]) -> list[tuple[float, Any]]:
-    """Steps where the ``phase`` value changes (train rows, in step order), with the new phase."""
-    pts = sorted((float(r["step"]), r["phase"]) for r in rows if "phase" in r and not _is_eval(r))
-    out = []
-    for (_, prev), (step, cur) in zip(pts, pts[1:]):
-        if cur != prev:
-            out.append((step, cur))
-    return out
+    """``[(step, new phase)]``: the step at which each phase after the first begins (train rows only).
+
+    A row's ``step`` is the number of steps done when it was logged, and the training loop always logs the
+    last step of a phase, so a phase begins at the largest step among the previous phase's rows (its own
+    first row comes one logging interval later).
+    """
+    runs = _phase_runs([r for r in rows if "phase" in r and not _is_eval(r)])
+    return [(float(prev[-1]["step"]), cur[0]["phase"]) for prev, cur in zip(runs, runs[1:])]
+
+
+def _phase_spans(rows: Sequence[dict[str, Any]], boundaries: Sequence[tuple[float, Any]]):
+    """``[(start, end, phase)]`` covering the logged steps, cut at ``boundaries``."""
+    train = [r for r in rows if not _is_eval(r)]
+    phased = sorted((float(r["step"]), r["phase"]) for r in train if "phase" in r)
+    if not phased or not boundaries:
+        return []
+    steps = [float(r["step"]) for r in rows]
+    edges = [0.0 if min(steps) >= 0 else min(steps)] + [float(b) for b, _ in boundaries] + [max(steps)]
+    phases = [phased[0][1]] + [p for _, p in boundaries]
+    return [(a, b, p) for a, b, p in zip(edges, edges[1:], phases) if b > a]
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _plot_two_scales(ax, lines) -> None:
     """KL weight on the left axis, KL target C (nats, a different scale) on a twin right axis."""
-    (l1, s1, v1, _), (l2, s2, v2, _) = lines
+    (l1, s1, v1), (l2, s2, v2) = lines
     h1 = ax.plot(s1, v1, "-", color="tab:blue", label=l1, linewidth=1.2)
     ax.set_ylabel(l1, fontsize=8, color="tab:blue")
     twin = ax.twinx()
@@ -73,127 +107,237 @@ def _plot_two_scales(ax, lines) -> None:
     ax.legend(h1 + h2, [h.get_label() for h in h1 + h2], fontsize=8, loc="best")
 
 
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
+def _train_lines(ax, runs, key: str, **style) -> bool:
+    """Draws ``key`` of each phase's train rows as its own line (no segment joins two phases)."""
+    drawn = False
+    for run in runs:
+        s, v = _series(run, key)
+        if len(s):
+            ax.plot(s, v, **(style if not drawn else dict(style, label="_nolegend_")))
+            drawn = True
+    return drawn
+
+
+def _loss_panel(ax, runs) -> None:
+    """The objective: loss per phase, with its KL part (loss - rec = kl_term) shaded above rec."""
+    shaded = False
+    for run in runs:
+        both = [r for r in run if _number(r.get("loss")) and _number(r.get("rec"))]
+        if both:
+            s = np.asarray([float(r["step"]) for r in both])
+            order = np.argsort(s, kind="stable")
+            rec = np.asarray([float(r["rec"]) for r in both])[order]
+            loss = np.asarray([float(r["loss"]) for r in both])[order]
+            ax.fill_between(s[order], rec, loss, color="tab:red", alpha=0.3, linewidth=0,
+                            label="_nolegend_" if shaded else "kl_term = loss - rec")
+            shaded = True
+    _train_lines(ax, runs, "loss", color="black", linewidth=1.2, label="train loss")
+    _train_lines(ax, runs, "rec", color="tab:blue", linewidth=0.8, alpha=0.8, label="train rec")
+
+
+def _panels(train_runs, train, evals):
+    """``[(title, draw(ax))]`` of the panels whose keys the rows hold."""
+    panels = []
+    has = lambda key, src: bool(len(_series(src, key)[0]))
+    if has("loss", train):
+        panels.append(("training loss = rec + kl_term (kl_term is the KL part of the objective)",
+                       lambda ax: _loss_panel(ax, train_runs)))
+    elif has("loss", evals):
+        panels.append(("loss", lambda ax: ax.plot(*_series(evals, "loss"), **_EVAL_STYLE)))
+
+    def curve(key):
+        def draw(ax):
+            _train_lines(ax, train_runs, key, color="tab:blue", linewidth=1.2, label="train")
+            if key == "kl":
+                _train_lines(ax, train_runs, "kl_term", color="tab:red", linewidth=1.0, linestyle="--",
+                             label="train kl_term (in the loss)")
+            s, v = _series(evals, key)
+            if len(s):
+                ax.plot(s, v, **_EVAL_STYLE)
+            if key == "kl" and _wide_range(np.concatenate([_series(train, "kl")[1], v])):
+                # phase 1 has no KL penalty, and its KL can be orders of magnitude above phase 2's
+                ax.set_yscale("symlog", linthresh=1.0)
+                ax.set_title("KL (nats / example, symmetric log axis)", fontsize=10)
+        return draw
+
+    for key, title in (("rec", "reconstruction rec (nats / example)"), ("kl", "KL (nats / example)")):
+        if has(key, train) or has(key, evals):
+            panels.append((title, curve(key)))
+    sched = [(key, *_series(train, key)) for key in ("kl_weight", "kl_target")]
+    sched = [(k, s, v) for k, s, v in sched if len(s) and (k == "kl_weight" or np.any(v != 0))]  # C: constraint only
+    if len(sched) == 2:
+        panels.append(("KL weight / target C", lambda ax: _plot_two_scales(ax, sched)))
+    elif sched:
+        panels.append((sched[0][0], lambda ax: ax.plot(sched[0][1], sched[0][2], "-", color="tab:blue",
+                                                       linewidth=1.2, label=sched[0][0])))
+    au_src = evals if has("au", evals) else train
+    if has("au", au_src):
+        def draw_au(ax):
+            s, v = _series(au_src, "au")
+            ax.plot(s, v, **dict(_EVAL_STYLE, label="au"))
+            pad = max(1.0, 0.1 * float(v.max() - v.min()))  # room for integer ticks around a flat count
+            ax.set_ylim(max(float(v.min()) - pad, -0.5), float(v.max()) + pad)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        panels.append(("active units au (eval)", draw_au))
+    return panels
+
+
+def _wide_range(values: np.ndarray) -> bool:
+    """Whether positive values span more than two decades (a linear axis would flatten the small ones)."""
+    v = np.abs(np.asarray(values, np.float64))
+    return bool(v.size) and float(v.max()) > 100.0 * max(float(np.percentile(v, 25)), 1.0)
+
+
+def training_figure(rows: Sequence[dict[str, Any]], *,
+                    boundaries: Optional[Sequence[tuple[float, Any]]] = None) -> Figure:
+    """The training-curves figure of ``metrics.jsonl`` rows (see :func:`plot_training_curves`)."""
+    train = [r for r in rows if not _is_eval(r)]
+    evals = [r for r in rows if _is_eval(r)]
+    train_runs = _phase_runs(train)
+    panels = _panels(train_runs, train, evals)
+    boundaries = list(phase_boundaries(rows) if boundaries is None else boundaries)
+    spans = _phase_spans(rows, boundaries)
+
+    n = max(1, len(panels))
+    fig = _new_figure(9.0, 2.2 * n + 0.6)
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+    if not panels:
+        axes[0].text(0.5, 0.5, "no plottable metrics", ha="center", va="center", transform=axes[0].transAxes)
+    for ax, (title, draw) in zip(axes, panels):
+        ax.set_title(title, fontsize=10)
+        draw(ax)
+        for i, (a, b, _) in enumerate(spans):
+            ax.axvspan(a, b, color=_PHASE_TINTS[i % len(_PHASE_TINTS)], alpha=0.07, linewidth=0, zorder=0)
+        for step, _ in boundaries:
+            ax.axvline(step, color="dimgray", linestyle="--", linewidth=1.0, zorder=1)
+        handles, labels = ax.get_legend_handles_labels()
+        if len(handles) > 1 and ax.get_legend() is None:
+            ax.legend(fontsize=8, loc="best")
+        ax.grid(True, alpha=0.3)
+    top = axes[0]
+    for a, b, phase in spans:
+        top.annotate(f"phase {phase}", xy=((a + b) / 2, 1.0), xycoords=("data", "axes fraction"),
+                     xytext=(0, -3), textcoords="offset points", ha="center", va="top", fontsize=8,
+                     color="dimgray")
+    axes[-1].set_xlabel("step" + (" (dashed line: a new phase begins)" if boundaries else ""))
     return fig
 
 
-def plot_training_curves(metrics_jsonl_path: str | os.PathLike, out_png: str | os.PathLike) -> str:
+def plot_training_curves(metrics_jsonl_path: str | os.PathLike, out_png: str | os.PathLike, *,
+                         boundaries: Optional[Sequence[tuple[float, Any]]] = None) -> str:
     """Plots training curves from ``WORKDIR/metrics.jsonl`` into a PNG.
 
-    Panels (each only when its keys are present): loss; reconstruction ``rec``; ``kl``; the KL weight
-    and/or KL target C (``kl_weight``, ``kl_target``); active units ``au`` (eval rows). Eval rows
-    (``split`` in eval/valid/validation/test) are drawn as markers on the rec/kl/loss panels. Phase
-    changes are marked with dashed vertical lines on every panel.
+    Panels (each only when its keys are present): the training loss, drawn per phase, with its KL part
+    (``loss - rec``, the ``kl_term``) shaded above ``rec`` so that the step up where phase 2 adds the KL term
+    reads as a change of objective; reconstruction ``rec``; ``kl`` with the ``kl_term``; the KL weight and/or
+    KL target C (``kl_weight``, ``kl_target``); active units ``au``. Train rows are lines, one per phase;
+    eval rows (``split`` in eval/valid/validation/test) are markers only, as they are sparse. Each phase
+    has its own background tint, and a dashed line marks the step where a new phase begins.
 
     Args:
       metrics_jsonl_path: the JSON-lines file; rows need at least ``step``.
       out_png: output path (parent folders are created).
+      boundaries: ``[(step, phase)]`` where each later phase begins, when the caller knows them (the run's
+        ``phase1.steps``); default: :func:`phase_boundaries` of the rows.
 
     Returns:
       ``str(out_png)``.
     """
-    rows = read_metrics_jsonl(metrics_jsonl_path)
-    train = [r for r in rows if not _is_eval(r)]
-    evals = [r for r in rows if _is_eval(r)]
-
-    panels: list[tuple[str, list[tuple[str, np.ndarray, np.ndarray, str]]]] = []
-    for key, title in (("loss", "loss"), ("rec", "reconstruction (nats / example)"),
-                       ("kl", "KL (nats / example)")):
-        lines = []
-        for label, src, style in (("train", train, "-"), ("eval", evals, "o-")):
-            s, v = _series(src, key)
-            if len(s):
-                lines.append((label, s, v, style))
-        if lines:
-            panels.append((title, lines))
-    sched = []
-    for key in ("kl_weight", "kl_target"):
-        s, v = _series(train, key)
-        if len(s) and (key == "kl_weight" or np.any(np.asarray(v) != 0)):  # C is 0 unless a constraint is used
-            sched.append((key, s, v, "-"))
-    if sched:
-        panels.append(("KL weight / target C", sched))
-    s, v = _series(evals, "au")
-    if not len(s):
-        s, v = _series(train, "au")
-    if len(s):
-        panels.append(("active units (eval)", [("au", s, v, "o-")]))
-
-    boundaries = phase_boundaries(rows)
-    n = max(1, len(panels))
-    fig = _new_figure(8.0, 2.2 * n + 0.6)
-    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
-    if not panels:
-        axes[0].text(0.5, 0.5, "no plottable metrics", ha="center", va="center",
-                     transform=axes[0].transAxes)
-    for ax, (title, lines) in zip(axes, panels):
-        if [ln[0] for ln in lines] == ["kl_weight", "kl_target"]:
-            _plot_two_scales(ax, lines)
-        else:
-            for label, steps, vals, style in lines:
-                ax.plot(steps, vals, style, label=label, markersize=3, linewidth=1.2)
-            if len(lines) > 1:
-                ax.legend(fontsize=8, loc="best")
-        for step, phase in boundaries:
-            ax.axvline(step, color="gray", linestyle="--", linewidth=1.0)
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, alpha=0.3)
-    if boundaries:
-        top = axes[0]
-        for step, phase in boundaries:
-            top.annotate(f"phase {phase}", xy=(step, 1.0), xycoords=("data", "axes fraction"),
-                         xytext=(3, -12), textcoords="offset points", fontsize=8, color="gray")
-    axes[-1].set_xlabel("step")
-    fig.tight_layout()
+    fig = training_figure(read_metrics_jsonl(metrics_jsonl_path), boundaries=boundaries)
     return _save(fig, out_png)
 
 
+def active_count(mean_variance: np.ndarray, threshold: float = 0.01) -> int:
+    """Active units from per-dimension ``Var_x(E_q[z_d|x])``: the rule of ``metrics.active_units``."""
+    return int(np.sum(np.asarray(mean_variance, np.float64).reshape(-1) > threshold))
+
+
+def kl_per_dim_figure(kl_per_dim: np.ndarray, *, mean_variance: Optional[np.ndarray] = None,
+                      threshold: float = 0.01, title: Optional[str] = None) -> Figure:
+    """The per-dimension KL figure (see :func:`plot_kl_per_dim`)."""
+    kl = np.asarray(kl_per_dim, np.float64)
+    if kl.ndim == 2:
+        kl = kl.mean(axis=0)
+    kl = kl.reshape(-1)
+    d = kl.shape[0]
+    order = np.argsort(-kl, kind="stable")
+    vals = kl[order]
+    var = None
+    if mean_variance is not None:
+        var = np.asarray(mean_variance, np.float64).reshape(-1)
+        if var.shape != kl.shape:
+            raise ValueError(f"mean_variance has {var.shape[0]} dims, kl_per_dim {d}")
+        on = var[order] > threshold
+        headline = (f"{active_count(var, threshold)} / {d} active units (Var_x E[z_d|x] > {threshold:g}, "
+                    f"as the metric au)  |  total KL {kl.sum():.3g} nats")
+    else:
+        on = vals > threshold
+        headline = f"{int(on.sum())} / {d} dims with mean KL > {threshold:g} nats  |  total KL {kl.sum():.3g} nats"
+    colors = np.where(on, "tab:blue", "tab:gray")
+    width = max(6.0, min(16.0, 0.12 * d + 4.5))
+    fig = _new_figure(width, 3.8 if var is None else 6.0)
+    axes = fig.subplots(1 if var is None else 2, 1, sharex=True, squeeze=False)[:, 0]
+    fig.suptitle(f"{title or 'KL per latent dimension'}\n{headline}", fontsize=10)
+
+    ax = axes[0]
+    if var is None:  # the threshold line sits near 0: a log axis keeps it, and the bars near it, visible
+        shown = np.maximum(vals, 1e-12)
+        ax.bar(np.arange(d), shown, color=colors, width=0.85, zorder=2)
+        ax.set_yscale("log")
+        ax.set_ylim(min(threshold / 10, shown.min() / 2), max(threshold * 10, shown.max() * 2))
+    else:
+        ax.bar(np.arange(d), vals, color=colors, width=0.85, zorder=2)
+    ax.set_ylabel("KL (nats)")
+    ax.grid(True, axis="y", alpha=0.3, zorder=0)
+    line_label = f"active-unit threshold {threshold:g}" if var is not None else f"KL = {threshold:g} nats"
+    line_ax = ax
+    if var is not None:
+        line_ax = axes[1]
+        shown = np.maximum(var[order], 1e-12)  # a log axis cannot show 0
+        line_ax.bar(np.arange(d), shown, color=colors, width=0.85, zorder=2)
+        line_ax.set_yscale("log")
+        line_ax.set_ylim(min(threshold / 10, shown.min() / 2), max(threshold * 10, shown.max() * 2))
+        line_ax.set_ylabel("Var_x E[z_d|x]")
+        line_ax.grid(True, axis="y", alpha=0.3, zorder=0)
+    line_ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1.6, zorder=3, label=line_label)
+    handles = [Patch(color="tab:blue", label="active" if var is not None else f"KL > {threshold:g}"),
+               Patch(color="tab:gray", label="inactive" if var is not None else f"KL <= {threshold:g}"),
+               line_ax.get_legend_handles_labels()[0][0]]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    last = axes[-1]
+    if d <= 64:
+        last.set_xticks(np.arange(d))
+        last.set_xticklabels([str(i) for i in order], fontsize=6 if d > 32 else 8)
+        last.set_xlabel("latent dimension (sorted by KL)")
+    else:
+        last.set_xlabel("rank of latent dimension (sorted by KL)")
+    return fig
+
+
 def plot_kl_per_dim(kl_per_dim: np.ndarray, out_png: str | os.PathLike, *,
-                    threshold: float = 0.01, title: Optional[str] = None) -> str:
-    """Bar chart of the per-dimension KL, sorted descending, with the ``threshold`` line.
+                    mean_variance: Optional[np.ndarray] = None, threshold: float = 0.01,
+                    title: Optional[str] = None) -> str:
+    """Bar chart of the per-dimension KL, sorted descending, with the active units marked.
+
+    With ``mean_variance`` (the per-dimension variance across the split of the posterior mean, as
+    ``metrics.posterior_mean_variance`` gives it) a second panel shows it on a log axis with the
+    ``threshold`` line, a dimension is active when its variance exceeds the threshold, and the headline
+    count is the metric ``au`` of the same data. Without it the count is of dimensions whose mean KL
+    exceeds ``threshold`` nats, and says so.
 
     Args:
       kl_per_dim: ``[D]`` mean over examples of ``KL(q(z_d|x) || p(z_d))`` (nats); also accepts
         ``[N, D]`` per-example values, which are averaged over examples first.
       out_png: output path (parent folders are created).
-      threshold: dims above it are counted in the annotation (0.01, as the active-unit threshold).
+      mean_variance: ``[D]`` ``Var_x(E_q[z_d|x])`` over the same examples, or None.
+      threshold: 0.01, the active-unit threshold of docs/metrics.md.
       title: optional title.
 
     Returns:
       ``str(out_png)``.
     """
-    kl = np.asarray(kl_per_dim, np.float64)
-    if kl.ndim == 2:
-        kl = kl.mean(axis=0)
-    kl = kl.reshape(-1)
-    order = np.argsort(-kl, kind="stable")
-    vals = kl[order]
-    d = vals.shape[0]
-    above = int(np.sum(vals > threshold))
-
-    fig = _new_figure(max(6.0, min(16.0, 0.12 * d + 3.0)), 3.6)
-    ax = fig.add_subplot(1, 1, 1)
-    colors = ["tab:blue" if v > threshold else "tab:gray" for v in vals]
-    ax.bar(np.arange(d), vals, color=colors, width=0.85)
-    ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1.0,
-               label=f"threshold {threshold:g}")
-    ax.legend(fontsize=8, loc="center right")
-    ax.text(0.98, 0.95, f"{above} / {d} dims with KL > {threshold:g} nats\ntotal KL = {kl.sum():.3g}",
-            transform=ax.transAxes, ha="right", va="top", fontsize=9,
-            bbox=dict(boxstyle="round", facecolor="white", alpha=0.8))
-    if d <= 64:
-        ax.set_xticks(np.arange(d))
-        ax.set_xticklabels([str(i) for i in order], fontsize=6 if d > 32 else 8)
-        ax.set_xlabel("latent dimension (sorted by KL)")
-    else:
-        ax.set_xlabel("rank of latent dimension (sorted by KL)")
-    ax.set_ylabel("KL (nats)")
-    ax.set_title(title or "KL per latent dimension", fontsize=10)
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    return _save(fig, out_png)
+    return _save(kl_per_dim_figure(kl_per_dim, mean_variance=mean_variance, threshold=threshold, title=title),
+                 out_png)
 
 
 def _save(fig: Figure, out_png: str | os.PathLike) -> str:
@@ -205,4 +349,5 @@ def _save(fig: Figure, out_png: str | os.PathLike) -> str:
     return out
 
 
-__all__ = ["read_metrics_jsonl", "plot_training_curves", "plot_kl_per_dim"]
+__all__ = ["read_metrics_jsonl", "phase_boundaries", "training_figure", "plot_training_curves", "active_count",
+           "kl_per_dim_figure", "plot_kl_per_dim"]

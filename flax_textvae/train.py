@@ -68,9 +68,11 @@ def _train_locked(config, workdir: str, main: bool) -> dict:
     if main and not resuming:
         rundir.discard_unfinished(workdir)
         rundir.record_start(config, workdir)
-    run = builders.build_run(config, workdir)
+    progress = Progress(config.train_steps)
+    with progress.working("loading the model, the tokenizer and the data"):
+        run = builders.build_run(config, workdir)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
-    log, progress = MetricsLog(workdir), Progress(config.train_steps)
+    log = MetricsLog(workdir)
     meta = ckpt.read_meta()
     if meta is not None:
         run.train_iter.set_state(meta["data"])
@@ -85,7 +87,8 @@ def _train_locked(config, workdir: str, main: bool) -> dict:
     best_meta = ckpt.read_meta(best=True) if meta is not None else None
     best = min((meta or {}).get("best_rec", float("inf")), (best_meta or {}).get("best_rec", float("inf")))
     log.truncate_after(meta["step"] if meta is not None else -1)
-    params = run.init_params(jax.random.key(config.seed))
+    with progress.working("initialising the parameters"):
+        params = run.init_params(jax.random.key(config.seed))
     trained = False
 
     with Preemption() as preempt:
@@ -94,7 +97,8 @@ def _train_locked(config, workdir: str, main: bool) -> dict:
             if meta is not None and (meta["phase"] > phase or meta["step"] >= end):
                 continue  # finished before the restart
             trainer = Trainer(config, run, phase, first, end, params)
-            state = _phase_start(trainer, ckpt, meta, params, jax.random.key(config.seed + 1))
+            with progress.working(f"preparing phase {phase} (optimizer state, checkpoint restore)"):
+                state = _phase_start(trainer, ckpt, meta, params, jax.random.key(config.seed + 1))
             meta = None
             state, stopped = trainer.run_phase(trainer.place(state), ctx)
             params, trained = trainer.host_state(state).params, True
@@ -106,13 +110,15 @@ def _train_locked(config, workdir: str, main: bool) -> dict:
     progress.say(f"Final evaluation on {run.eval_spec} ({len(run.eval_texts)} examples, greedy reconstructions "
                  "for BLEU) ...")
     start = time.time()
-    result = evaluate.evaluate_split(run, params, run.eval_batches, iw_samples=0, seed=config.seed,
-                                     with_bleu=True)
+    with progress.working("running the final evaluation"):
+        result = evaluate.evaluate_split(run, params, run.eval_batches, iw_samples=0, seed=config.seed,
+                                         with_bleu=True)
     progress.say(f"  done in {time.time() - start:.1f} s")
     if trained or not log.has_row(int(config.train_steps), "eval"):  # a rerun of a finished run logs it once
         log.write({"step": int(config.train_steps), "phase": 2, "split": "eval", **result})
     if main:
-        _print_final(run, params, result)
+        with progress.working("decoding the reconstructions"):
+            _print_final(run, params, result)
     ckpt.close()
     return result
 

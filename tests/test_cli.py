@@ -4,6 +4,7 @@ Each subprocess pays a JAX start-up and compile (a few seconds each on 2 cores).
 """
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -152,6 +153,19 @@ def test_default_workdir_is_named_after_the_config_file():
 def test_a_config_typo_is_a_short_error():
     p = run_cli("run_train.py", "--config=configs/tiny.py", "--config.batch_sise=4")
     assert_user_error(p, "--config.batch_sise", "no field 'batch_sise'", "did you mean --config.batch_size?")
+
+
+def test_a_config_typo_without_a_config_flag_is_a_short_error(tmp_path):
+    # The default config is loaded when no --config is given; its overrides are still checked by cli.run.
+    p = run_cli("run_train.py", f"--workdir={tmp_path / 'run'}", "--config.vae.latent_sz=3")
+    assert_user_error(p, "--config.vae.latent_sz", "no field 'latent_sz'", "did you mean --config.vae.latent_size?")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_default_config_takes_overrides():
+    p = run_cli("run_train.py", "--config.vae.latent_size=3", "--print_config")
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^vae\.latent_size = 3\b", p.stdout, re.M), p.stdout
 
 
 def test_a_bad_config_lists_every_problem_before_writing(tmp_path):

@@ -1,10 +1,12 @@
 """flax_textvae.load(workdir) (alias TextVAE.load): the text-level inference API on a real (tiny) trained run."""
+import warnings
+
 import numpy as np
 import pytest
 from _trained_run import trained_run
 
 from flax_textvae import TextVAE, inference
-from flax_textvae.data import read_examples
+from flax_textvae.data import read_examples, synthetic_vocabulary
 
 N = 3  # every call decodes 3 rows, so greedy compiles once for all of them
 
@@ -77,3 +79,36 @@ def test_beam_of_size_one_is_greedy(vae):
     greedy = vae.decode(z)
     assert vae.decode(z, method="beam", beam_size=1) == greedy
     _strings(greedy, N)
+
+
+UNKNOWN = ("zorblax", "quibbling", "xylograph")  # words the synthetic corpus never uses
+
+
+def test_unknown_words_are_not_in_the_tiny_vocabulary():
+    assert not set(UNKNOWN) & set(synthetic_vocabulary())
+
+
+def test_a_mostly_unknown_input_warns_naming_it_and_the_fraction(vae):
+    text = " ".join(UNKNOWN) + " dog"  # 3 of its 4 word tokens are <unk>
+    assert vae.unknown_fraction(text) == (0.75, list(UNKNOWN))
+    for call in (vae.encode, vae.reconstruct):
+        with pytest.warns(UserWarning) as caught:
+            call([text, "the dog"])
+        assert len(caught) == 1
+        message = str(caught[0].message)
+        assert repr(text) in message and "75%" in message and "vocabulary lacks" in message
+        assert "'the dog'" not in message  # only the offending text is named
+        for word in UNKNOWN:
+            assert repr(word) in message
+        assert caught[0].filename == __file__  # it points at the caller's line
+
+
+def test_known_and_half_known_inputs_do_not_warn(vae, train_texts):
+    half = f"{UNKNOWN[0]} {UNKNOWN[1]} the dog"  # exactly half unknown: not "mostly"
+    assert vae.unknown_fraction(half)[0] == 0.5
+    assert vae.unknown_fraction(train_texts[0]) == (0.0, [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vae.reconstruct(list(train_texts))
+        vae.encode([half])
+        vae.interpolate(train_texts[0], train_texts[1], steps=N)

@@ -5,8 +5,11 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
+import numpy as np
 import pytest
+from _trained_run import trained_run
 
 from flax_textvae.data import synthetic_vocabulary
 
@@ -34,15 +37,58 @@ def test_layout_section_names_every_module_and_only_existing_ones():
     assert not package - full, f"README's layout misses: {sorted(package - full)}"
 
 
+def _python_snippet() -> str:
+    return re.search(r"```python\n(.*?)```", _section("Metrics"), re.S).group(1)
+
+
 def test_python_snippet_uses_only_words_the_demo_model_knows():
-    code = re.search(r"```python\n(.*?)```", _section("Metrics"), re.S).group(1)
-    tree = ast.parse(code)
+    tree = ast.parse(_python_snippet())
     texts = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
     sentences = [t for t in texts if " " in t]
     assert sentences
     vocab = set(synthetic_vocabulary())
     for sentence in sentences:
         assert set(sentence.split()) <= vocab, (sentence, set(sentence.split()) - vocab)
+
+
+def _expected_rows(call: ast.Call) -> int:
+    """How many sentences the README's call asks for: its list's length, ``sample``'s n, ``interpolate``'s steps."""
+    method = call.func.attr
+    if method in ("reconstruct", "encode"):
+        return len(ast.literal_eval(call.args[0]))
+    if method == "sample":
+        return ast.literal_eval(call.args[0])
+    if method == "interpolate":
+        return next(ast.literal_eval(k.value) for k in call.keywords if k.arg == "steps")
+    raise AssertionError(f"the README calls vae.{method}, which this test does not know how to check")
+
+
+def test_python_snippet_runs_on_a_trained_run(tmp_path_factory):
+    """The snippet, statement by statement as in a REPL, on a trained tiny run in place of runs/demo."""
+    _, workdir = trained_run(tmp_path_factory)
+    tree = ast.parse(_python_snippet())
+    paths = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value == "runs/demo"]
+    assert len(paths) == 1, "the snippet loads runs/demo, the default workdir of python run_train.py"
+    paths[0].value = workdir
+    namespace, shown = {}, []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for stmt in tree.body:
+            if isinstance(stmt, ast.Expr):  # a REPL prints the value of a bare expression
+                shown.append((stmt.value, eval(compile(ast.Expression(stmt.value), "README.md", "eval"), namespace)))
+            else:
+                exec(compile(ast.Module([stmt], []), "README.md", "exec"), namespace)
+    assert not [w for w in caught if "vocabulary lacks" in str(w.message)]  # its words are the corpus's
+    vae = namespace["vae"]
+    assert type(vae).__name__ == "TrainedTextVAE"
+    assert [call.func.attr for call, _ in shown] == ["reconstruct", "sample", "interpolate"]
+    for call, value in shown:
+        assert isinstance(value, list) and len(value) == _expected_rows(call), (ast.unparse(call), value)
+        assert all(isinstance(line, str) and line.strip() for line in value), (ast.unparse(call), value)
+    encode = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.value.func.attr == "encode")
+    rows = _expected_rows(encode)
+    for name in ("mean", "logvar"):
+        assert namespace[name].shape == (rows, vae.latent_size) and np.all(np.isfinite(namespace[name]))
 
 
 def test_fresh_machine_commands_name_existing_files():

@@ -1,0 +1,133 @@
+"""What a new user sees in the first hour: `python run_train.py` never goes quiet for long.
+
+The heartbeat (``Progress.working``) prints a "still ..." line every few seconds while a compile or an
+evaluation runs. The end-to-end test makes three compiles artificially slow (a ``sitecustomize`` module on
+``PYTHONPATH`` wraps JAX's compile entry point) and times every console line of a tiny training run.
+"""
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from flax_textvae import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_SILENCE_S = 10.0
+SLOW_S = 12.0  # longer than MAX_SILENCE_S: only the heartbeat can keep such a compile from being silent
+MARK = "[slow compile test]"
+
+# Loaded by the training subprocess at start-up. Each XLA module whose name matches the pattern sleeps
+# before its first compile (later compiles of the same name run at full speed, to keep the test short).
+SITECUSTOMIZE = f'''
+import os
+import re
+import sys
+import time
+
+import jax._src.compiler as _compiler
+from jax._src.lib.mlir import ir as _ir
+
+_PATTERN = re.compile(os.environ["SLOW_COMPILE_PATTERN"])
+_SECONDS = float(os.environ["SLOW_COMPILE_S"])
+_SLOWED = set()
+_compile = _compiler.compile_or_get_cached
+
+
+def _slow_compile(backend, computation, *args, **kwargs):
+    name = _ir.StringAttr(computation.operation.attributes["sym_name"]).value
+    if _PATTERN.fullmatch(name) and name not in _SLOWED:
+        _SLOWED.add(name)
+        print("{MARK} " + name, file=sys.stderr, flush=True)
+        time.sleep(_SECONDS)
+    return _compile(backend, computation, *args, **kwargs)
+
+
+_compiler.compile_or_get_cached = _slow_compile
+'''
+
+
+def test_working_prints_a_line_every_interval_until_the_block_ends(capsys):
+    progress = trainer.Progress(10, heartbeat_s=0.05)
+    with progress.working("compiling the phase-1 step for batch shape [16, 32]"):
+        time.sleep(0.4)
+    lines = capsys.readouterr().out.splitlines()
+    assert 3 <= len(lines) <= 9, lines
+    for line in lines:
+        assert re.fullmatch(r"  still compiling the phase-1 step for batch shape \[16, 32\]: \d+ s", line), line
+    time.sleep(0.2)
+    assert capsys.readouterr().out == ""  # the thread stopped with the block
+
+
+def test_working_stops_when_the_block_raises_and_is_quiet_when_fast(capsys):
+    progress = trainer.Progress(10, heartbeat_s=0.05)
+    with pytest.raises(RuntimeError, match="boom"):
+        with progress.working("evaluating at step 5"):
+            time.sleep(0.15)
+            raise RuntimeError("boom")
+    assert "still evaluating at step 5" in capsys.readouterr().out
+    with progress.working("a fast stage"):
+        pass
+    time.sleep(0.15)
+    assert capsys.readouterr().out == ""
+    assert trainer.Progress(10).heartbeat_s == trainer.HEARTBEAT_S == 5.0
+
+
+def test_working_prints_nothing_off_process_0_or_when_disabled(capsys):
+    quiet = trainer.Progress(10, heartbeat_s=0.05)
+    quiet.main = False  # another host of a multi-host run
+    off = trainer.Progress(10, heartbeat_s=0.0)
+    for progress in (quiet, off):
+        with progress.working("compiling"):
+            time.sleep(0.2)
+    with trainer.Progress(10, heartbeat_s=1.0).working("compiling", every=0.05):  # a per-call interval
+        time.sleep(0.2)
+    out = capsys.readouterr().out.splitlines()
+    assert out and all(line.startswith("  still compiling: ") for line in out)
+    assert len(out) <= 5
+
+
+def _timed_lines(cmd, cwd, env, timeout):
+    """Runs ``cmd``; returns (exit code, [(seconds since start, line)], seconds from start to exit)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    lines = []
+    try:
+        for line in iter(proc.stdout.readline, ""):
+            lines.append((time.monotonic() - start, line.rstrip("\n")))
+        code = proc.wait()
+    finally:
+        killer.cancel()
+    return code, lines, time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_run_train_is_never_silent_for_more_than_10_s(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+               PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               # the training step, the evaluation's posterior pass and the greedy decoding for BLEU
+               SLOW_COMPILE_PATTERN="jit_train_step|jit_stats|jit_run", SLOW_COMPILE_S=str(SLOW_S))
+    cmd = [sys.executable, os.path.join(REPO, "run_train.py"), f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
+           "--config.train_steps=6", "--config.phase1.steps=3", "--config.log_every=3", "--config.eval_every=0",
+           "--config.checkpoint_every=3", "--config.data.num_buckets=1", "--config.data.eval=synthetic:32:1"]
+    code, lines, total = _timed_lines(cmd, tmp_path, env, timeout=400)  # workdir: runs/tiny under tmp_path
+    text = "\n".join(f"{t:6.1f}  {line}" for t, line in lines)
+    assert code == 0, text
+    slowed = {line.split()[-1] for _, line in lines if line.startswith(MARK)}
+    assert slowed == {"jit_train_step", "jit_stats", "jit_run"}, text  # the slow compiles did happen
+    own = [t for t, line in lines if not line.startswith(MARK)]  # the run's lines, not the test's markers
+    stamps = [0.0] + own + [total]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    worst = max(range(len(gaps)), key=gaps.__getitem__)
+    assert gaps[worst] <= MAX_SILENCE_S, f"{gaps[worst]:.1f} s of silence after line {worst}:\n{text}"
+    said = [line for _, line in lines]
+    for stage in ("compiling the phase-1 step for batch shape [16, 32]", "evaluating at step 3",
+                  "running the final evaluation"):
+        assert any(re.fullmatch(rf"  still {re.escape(stage)}: \d+ s", line) for line in said), (stage, text)
+    assert any(line.strip().startswith("Reconstructions") for line in said), text
