@@ -10,6 +10,9 @@ Unlike Park & Lee's released code, the corrupted ids and their attention mask st
 (docs/method.md, defect 1):
 after :func:`delete_tokens`, ``mask == 1`` exactly on the surviving tokens, which sit at the left in their
 original order, and every other position holds ``pad_id``.
+
+:func:`text_infilling` (and :func:`infill_example` for one sequence) is BART's pretraining corruption: spans
+with Poisson lengths, each replaced by a single mask token, used by ``flax_textvae.pretrain``.
 """
 from typing import Optional, Sequence, Tuple
 
@@ -113,3 +116,126 @@ def word_dropout(rng: Array, decoder_input_ids: Array, rate, unk_id: int, specia
     if mask is not None:
         hit = hit & (mask > 0)
     return jnp.where(hit, jnp.asarray(unk_id, ids.dtype), ids)
+
+
+def infill_example(rng: Array, ids: Array, mask: Array, rate, poisson_lambda, special_ids: Sequence[int],
+                   mask_id: int, pad_id: int) -> Tuple[Array, Array]:
+    """BART text infilling of one right-padded sequence: spans of Poisson length become one mask token each.
+
+    Let ``m`` be the number of real (mask 1), non-special tokens. ``k`` of them are masked, ``k`` the
+    stochastic rounding of ``rate * m`` (so ``E[k] = rate * m`` at every length). Span lengths are drawn
+    i.i.d. from Poisson(``poisson_lambda``) until they add up to ``k``, the last one cut to fit; a span of
+    length 0 is kept and inserts a mask token. The spans and the ``m - k`` untouched tokens are arranged
+    in a uniformly random order with no two spans adjacent (each span takes its own gap between untouched
+    tokens; only when there are more spans than gaps do several share one, and those merge). Every span
+    turns into exactly one ``mask_id`` in the output. Special tokens are never masked, and no mask is
+    placed before the first or after the last maskable token, so ``<s> ... </s>`` keep their places.
+
+    The output has the input's static length ``S``: it is re-packed to the left and padded with
+    ``pad_id``. Deletion shortens the sequence; if the zero-length insertions would push it past ``S``,
+    the last insertions are dropped, so the result always fits.
+
+    Args:
+      rng: PRNG key (the result is a pure function of it and the inputs).
+      ids: token ids [S], integer, right-padded.
+      mask: attention mask [S], 1 on real tokens, 0 on padding.
+      rate: fraction of maskable tokens to mask, in [0, 1] (may be traced).
+      poisson_lambda: mean span length (> 0; may be traced).
+      special_ids: ids never masked (static tuple: BOS, EOS, PAD, mask, decoder start).
+      mask_id: the replacement id (BART ``<mask>``).
+      pad_id: the id written after the end.
+
+    Returns:
+      ``(ids, mask)`` [S], the input dtypes: the corrupted sequence at the left, ``mask == 1`` exactly on
+      it, ``pad_id`` elsewhere.
+    """
+    s = ids.shape[0]
+    k_round, k_len, k_gap = jax.random.split(rng, 3)
+    real = mask > 0
+    maskable = real & ~_is_special(ids, special_ids)
+    m = jnp.sum(maskable, dtype=jnp.int32)
+    k = jnp.floor(jnp.asarray(rate, jnp.float32) * m + jax.random.uniform(k_round)).astype(jnp.int32)
+    k = jnp.clip(k, 0, m)
+
+    kept_rank, emit_rank = _span_layout(k_len, k_gap, k, m, s, poisson_lambda)
+    return _pack(ids, mask, real, maskable, kept_rank, emit_rank, m, mask_id, pad_id)
+
+
+def _span_layout(k_len: Array, k_gap: Array, k: Array, m: Array, s: int, poisson_lambda):
+    """Where the spans of :func:`infill_example` go, over the ranks 0..m of the maskable tokens:
+    ``(kept_rank, emit_rank)`` [s + 2], whether the token of each rank is kept, and whether a mask token is
+    emitted right before it (rank m: after the last maskable token)."""
+    positions = jnp.arange(s, dtype=jnp.int32)
+    # Span lengths: s draws always suffice (each non-empty span covers a token); the last draw takes whatever
+    # the others leave of k, so the masked count is exactly k.
+    draws = jax.random.poisson(k_len, jnp.asarray(poisson_lambda, jnp.float32), (s,)).astype(jnp.int32)
+    before = jnp.cumsum(draws) - draws  # tokens covered by the spans drawn earlier
+    left = jnp.maximum(k - before, 0)
+    lengths = jnp.where(positions < s - 1, jnp.minimum(draws, left), left)
+    used = before < k  # the spans needed to reach k (length-0 ones included)
+
+    # The u = m - k untouched tokens leave u + 1 gaps; span j takes gap order[j] of a random order of them.
+    u = m - k
+    gap_ids = jnp.arange(s + 1, dtype=jnp.int32)
+    order = jnp.argsort(jnp.where(gap_ids <= u, jax.random.uniform(k_gap, (s + 1,)), 2.0))
+    gap = order[jnp.mod(positions, u + 1)]
+    span_len = jnp.zeros(s + 1, jnp.int32).at[gap].add(jnp.where(used, lengths, 0))
+    occupied = jnp.zeros(s + 1, jnp.int32).at[gap].max(used.astype(jnp.int32)) > 0
+    covered_before = jnp.cumsum(span_len) - span_len
+    # In the order of the maskable tokens ("ranks" 0..m-1): untouched token g has rank g + tokens masked
+    # before it; the mask of gap g goes right before rank g + covered_before[g] (rank m: after the last one).
+    dump = s + 1
+    kept_rank = jnp.zeros(s + 2, bool).at[jnp.where(gap_ids < u, gap_ids + covered_before + span_len, dump)].set(True)
+    emit_rank = jnp.zeros(s + 2, bool).at[jnp.where(occupied, gap_ids + covered_before, dump)].set(True)
+    return kept_rank, emit_rank
+
+
+def _pack(ids: Array, mask: Array, real: Array, maskable: Array, kept_rank: Array, emit_rank: Array, m: Array,
+          mask_id: int, pad_id: int) -> Tuple[Array, Array]:
+    """The corrupted sequence of :func:`infill_example` from its span layout, re-packed to the left."""
+    s = ids.shape[0]
+    positions = jnp.arange(s, dtype=jnp.int32)
+    dump = s + 1
+    rank = jnp.cumsum(maskable) - 1
+    safe_rank = jnp.where(maskable, rank, dump)
+    keep = real & (~maskable | kept_rank[safe_rank])
+    replaces = maskable & ~kept_rank[safe_rank]  # a masked token (the first of a span carries the mask)
+    emit = jnp.zeros(s + 1, bool).at[:s].set(maskable & emit_rank[safe_rank])
+    last = jnp.max(jnp.where(maskable, positions, -1))
+    emit = emit.at[jnp.where(emit_rank[m] & (m > 0), last + 1, s)].max(emit_rank[m] & (m > 0))
+
+    # Insertions (masks that replace nothing) are what can make the output longer than s: drop the last ones.
+    keep_ext = jnp.concatenate([keep, jnp.zeros(1, bool)])
+    insert = emit & ~jnp.concatenate([replaces, jnp.zeros(1, bool)])
+    overflow = jnp.maximum(jnp.sum(emit) + jnp.sum(keep) - s, 0)
+    from_end = jnp.cumsum(insert[::-1])[::-1]
+    emit = emit & ~(insert & (from_end <= overflow))
+
+    # Assemble: at each position, its mask (if any) and then its token (if kept).
+    count = emit.astype(jnp.int32) + keep_ext.astype(jnp.int32)
+    start = jnp.cumsum(count) - count
+    ext_ids = jnp.concatenate([ids, jnp.full((1,), pad_id, ids.dtype)])
+    out = jnp.full((s + 1,), pad_id, ids.dtype)
+    out = out.at[jnp.where(emit, start, s)].set(jnp.asarray(mask_id, ids.dtype))
+    out = out.at[jnp.where(keep_ext, start + emit, s)].set(ext_ids)
+    length = jnp.sum(count)
+    out = jnp.where(jnp.arange(s + 1) < length, out, jnp.asarray(pad_id, ids.dtype))[:s]
+    return out, (positions < length).astype(mask.dtype)
+
+
+def text_infilling(rng: Array, ids: Array, mask: Array, rate, poisson_lambda, special_ids: Sequence[int],
+                   mask_id: int, pad_id: int) -> Tuple[Array, Array]:
+    """:func:`infill_example` on every row of a batch; row ``b`` draws from ``fold_in(rng, b)``.
+
+    Args:
+      rng: PRNG key.
+      ids: token ids [B, S], integer, right-padded.
+      mask: attention mask [B, S].
+      rate, poisson_lambda, special_ids, mask_id, pad_id: as for :func:`infill_example`.
+
+    Returns:
+      ``(ids, mask)`` [B, S].
+    """
+    keys = jax.vmap(lambda b: jax.random.fold_in(rng, b))(jnp.arange(ids.shape[0]))
+    return jax.vmap(lambda key, i, m: infill_example(key, i, m, rate, poisson_lambda, special_ids, mask_id,
+                                                     pad_id))(keys, ids, mask)

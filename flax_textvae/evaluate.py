@@ -273,14 +273,17 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def per_dim_kl(run, params, batches_fn) -> np.ndarray:
-    """``[Dz]`` mean over the split of KL(q(z_d|x) || N(0, 1)) per latent dimension."""
+def per_dim_stats(run, params, batches_fn) -> tuple[np.ndarray, np.ndarray]:
+    """``(kl, mean_variance)``, each ``[Dz]``, over the split: the mean KL(q(z_d|x) || N(0, 1)) per latent
+    dimension, and the variance across examples of the posterior mean that ``au`` thresholds
+    (``metrics.posterior_mean_variance``), in one pass."""
     stats_fn, _ = _compiled(run.model)
-    total, count = None, 0
+    total, count, means = None, 0, []
     for batch in batches_fn():
         keep = np.asarray(batch["example_weight"]) > 0
         out = jax.device_get(stats_fn(params, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(0)))
         kl = np.asarray(losses.gaussian_kl(out["mean"], out["logvar"]), np.float64)[keep]
         total = kl.sum(0) if total is None else total + kl.sum(0)
         count += int(keep.sum())
-    return total / max(count, 1)
+        means.append(np.asarray(out["mean"])[keep])
+    return total / max(count, 1), metrics.posterior_mean_variance(np.concatenate(means))

@@ -25,16 +25,21 @@ import ml_collections
 import numpy as np
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
+from transformers import AutoConfig
 
 from flax_textvae import checkpoints, cli, exported
+from flax_textvae import workdir as rundir
 from flax_textvae.metrics import SUMMARY_KEYS
 from flax_textvae.models import families
 
-__all__ = ["export", "torch_state_dict", "eval_results", "model_card", "main"]
+__all__ = ["export", "export_backbone", "export_pretrained", "torch_state_dict", "eval_results", "model_card", "main"]
 
 MODEL_FOLDER = "model"  # WORKDIR/model: the backbone's config.json and tokenizer, saved by training
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
+# A pretrained backbone's record: {"format", "step", "eval", "config"}; marks a folder a rerun may replace.
+PRETRAIN_INFO_NAME = "pretrain.json"
+PRETRAIN_FORMAT = "flax_textvae.pretrain/1"
 
 
 # ------------------------------------------------------------------------------------ Flax -> PyTorch
@@ -184,22 +189,30 @@ def model_card(config: dict, step: int, hf_config, results: list[dict], *, name:
         f"latent z of {c.vae.latent_size} dimensions) finetuned from {source} with flax_textvae, exported at "
         f"step {step}.", "",
         "## Evaluation", ""]
-    if results:
-        lines += ["Held-out metrics in nats (natural log): `rec` = -log p(x|z), `kl` = KL(q(z|x) || N(0, I)), "
-                  "`neg_elbo` = rec + kl, `nll` = importance-weighted -log p(x) with K = `iw_samples`, `ppl` / "
-                  "`ppl_elbo` per token of this model's tokenizer (not comparable across tokenizers), `mi` = "
-                  "I(x;z) over the split, `au` = active units, `bleu` = greedy reconstructions from the "
-                  "posterior mean.", ""]
-        keys = [k for k in SUMMARY_KEYS if any(k in r["metrics"] for r in results)]
-        lines.append("| split | data | step | " + " | ".join(keys) + " |")
-        lines.append("|---" * (3 + len(keys)) + "|")
-        for r in results:
-            cells = [r["name"], f"`{r['data']}`" if r["data"] else "-", _fmt(r["step"])]
-            lines.append("| " + " | ".join(cells + [_fmt(r["metrics"].get(k)) for k in keys]) + " |")
-    else:
-        lines.append("No evaluation was recorded for this run (`python run_eval.py --workdir=DIR` computes one).")
+    lines += _card_results(results) + _card_training(c) + _card_usage(name)
+    return "\n".join(lines)
+
+
+def _card_results(results: list[dict]) -> list[str]:
+    if not results:
+        return ["No evaluation was recorded for this run (`python run_eval.py --workdir=DIR` computes one)."]
+    lines = ["Held-out metrics in nats (natural log): `rec` = -log p(x|z), `kl` = KL(q(z|x) || N(0, I)), "
+             "`neg_elbo` = rec + kl, `nll` = importance-weighted -log p(x) with K = `iw_samples`, `ppl` / "
+             "`ppl_elbo` per token of this model's tokenizer (not comparable across tokenizers), `mi` = "
+             "I(x;z) over the split, `au` = active units, `bleu` = greedy reconstructions from the "
+             "posterior mean.", ""]
+    keys = [k for k in SUMMARY_KEYS if any(k in r["metrics"] for r in results)]
+    lines.append("| split | data | step | " + " | ".join(keys) + " |")
+    lines.append("|---" * (3 + len(keys)) + "|")
+    for r in results:
+        cells = [r["name"], f"`{r['data']}`" if r["data"] else "-", _fmt(r["step"])]
+        lines.append("| " + " | ".join(cells + [_fmt(r["metrics"].get(k)) for k in keys]) + " |")
+    return lines
+
+
+def _card_training(c) -> list[str]:
     phase1 = int(c.phase1.steps)
-    lines += [
+    return [
         "", "## Training", "",
         f"* Steps: {c.train_steps} in all; " + (
             f"phase 1 (steps 1-{phase1}): KL weight 0, decoder frozen, the encoder and posterior heads learn; "
@@ -212,7 +225,11 @@ def model_card(config: dict, step: int, hf_config, results: list[dict], *, name:
         f"* Optimizer: AdamW, learning rate {c.optimizer.learning_rate} ({c.optimizer.warmup_steps} warm-up "
         f"steps, {c.optimizer.decay} decay), weight decay {c.optimizer.weight_decay}, batch size {c.batch_size}.",
         f"* Data: train `{c.data.train}`, eval `{c.data.eval}`, at most {c.data.max_length} tokens per sentence.",
-        f"* Seed {c.seed}; compute dtype {c.model.dtype}. The full config is `config` in `vae_config.json`.",
+        f"* Seed {c.seed}; compute dtype {c.model.dtype}. The full config is `config` in `vae_config.json`."]
+
+
+def _card_usage(name: str) -> list[str]:
+    return [
         "", "## Files", "",
         "* `config.json`, `model.safetensors`, tokenizer files: the backbone in Hugging Face PyTorch format (the "
         "whole seq2seq model; its decoder was trained to read z, which plain transformers does not feed it).",
@@ -233,7 +250,6 @@ def model_card(config: dict, step: int, hf_config, results: list[dict], *, name:
         "```", "",
         f"Held-out metrics: `python run_eval.py --workdir={name} --data=SPEC` (writes `{name}/eval/NAME.json`).",
         ""]
-    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------------------------- export
@@ -265,8 +281,6 @@ def export(workdir: str, output: str, *, step: int | None = None) -> str:
       FileNotFoundError: ``workdir`` is not a trained run, or has no checkpoint ``step``.
       FileExistsError: ``output`` holds something other than an earlier export.
     """
-    from transformers import AutoConfig  # imported on use: transformers takes seconds to import
-
     cli.check_trained_run(workdir)
     if exported.is_exported(workdir):
         raise FileNotFoundError(f"--workdir={workdir} is already an exported folder; copy it instead")
@@ -283,32 +297,152 @@ def export(workdir: str, output: str, *, step: int | None = None) -> str:
     state = torch_state_dict(params.pop("backbone"), hf_config)
     vae = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flatten_dict(params, sep="/").items()}
 
+    vae_config = {"format": exported.FORMAT, "step": int(used_step), "config": config}
+    card = model_card(config, int(used_step), hf_config, eval_results(workdir),
+                      name=os.path.basename(os.path.abspath(output)))
+    _assemble(output, model_dir, {WEIGHTS_NAME: (state, "pt"), exported.VAE_WEIGHTS_NAME: (vae, "np")},
+              {exported.VAE_CONFIG_NAME: _json_text(vae_config), CARD_NAME: card})
+    size = sum(a.nbytes for a in state.values()) / 2**20
+    print(f"export: wrote {output} (step {used_step}; backbone {len(state)} tensors, {size:.1f} MiB; "
+          f"VAE {len(vae)} tensors)", flush=True)
+    return output
+
+
+def export_backbone(backbone: Any, hf_config, model_dir: str, output: str, *, extra_files: dict | None = None,
+                    marker: str | None = None) -> str:
+    """Writes a bare seq2seq backbone as a Hugging Face folder (no VAE parts), replacing ``output`` atomically.
+
+    The folder holds ``model.safetensors`` (:func:`torch_state_dict` of ``backbone``), every file of
+    ``model_dir`` (the backbone's ``config.json`` and tokenizer files, as training saved them) and
+    ``extra_files``; ``transformers.AutoModelForSeq2SeqLM.from_pretrained(output)`` and
+    ``flax_textvae.models.load_pretrained(output)`` read it, and it serves as ``model.name_or_path``.
+    It is assembled next to ``output`` and moved into place at the end.
+
+    Args:
+      backbone: the HF Flax layout params tree of the complete seq2seq model.
+      hf_config: its transformers config.
+      model_dir: the folder holding ``config.json`` and the tokenizer files.
+      output: the folder to write: absent, empty, or (when ``marker`` is given) an earlier folder holding a
+        file named ``marker``, which is replaced.
+      extra_files: ``{file name: text}`` written next to the weights (a model card, a JSON record).
+      marker: the name of a file that marks a folder this kind of export may replace.
+
+    Returns:
+      ``output``.
+
+    Raises:
+      FileNotFoundError: ``model_dir`` has no ``config.json``.
+      FileExistsError: ``output`` holds something else.
+      ValueError: ``backbone`` does not match the family's name table.
+    """
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"{model_dir} has no config.json: nothing describes the backbone to export")
+    if os.path.exists(output) and not (os.path.isdir(output) and (
+            not os.listdir(output) or (marker and os.path.isfile(os.path.join(output, marker))))):
+        raise FileExistsError(f"{output} exists and is not an earlier export of this kind; choose a new or empty "
+                              "folder")
+    return _assemble(output, model_dir, {WEIGHTS_NAME: (torch_state_dict(backbone, hf_config), "pt")},
+                     extra_files or {})
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)
+
+
+def _assemble(output: str, model_dir: str, tensors: dict, texts: dict) -> str:
+    """Writes the folder ``output``: every file of ``model_dir`` (the backbone's ``config.json`` and tokenizer
+    files), ``tensors`` (``{file name: (arrays, safetensors format tag)}``) and ``texts`` (``{file name: text}``).
+
+    The folder is assembled next to ``output`` and moved into place at the end, replacing what was there; an
+    error on the way leaves ``output`` as it was. Returns ``output``.
+    """
     output = output.rstrip(os.sep) or output
     tmp = f"{output}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        for fname in sorted(os.listdir(model_dir)):  # the backbone's config.json and tokenizer files
+        for fname in sorted(os.listdir(model_dir)):
             if os.path.isfile(os.path.join(model_dir, fname)):
                 shutil.copy2(os.path.join(model_dir, fname), os.path.join(tmp, fname))
-        save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        save_file(vae, os.path.join(tmp, exported.VAE_WEIGHTS_NAME), metadata={"format": "np"})
-        checkpoints.save_json(os.path.join(tmp, exported.VAE_CONFIG_NAME),
-                              {"format": exported.FORMAT, "step": int(used_step), "config": config})
-        card = model_card(config, int(used_step), hf_config, eval_results(workdir),
-                          name=os.path.basename(os.path.abspath(output)))
-        with open(os.path.join(tmp, CARD_NAME), "w") as f:
-            f.write(card)
+        for fname, (arrays, tag) in tensors.items():
+            save_file(arrays, os.path.join(tmp, fname), metadata={"format": tag})
+        for fname, text in texts.items():
+            with open(os.path.join(tmp, fname), "w") as f:
+                f.write(text)
         if os.path.exists(output):
             shutil.rmtree(output)
         os.replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    size = sum(a.nbytes for a in state.values()) / 2**20
-    print(f"export: wrote {output} (step {used_step}; backbone {len(state)} tensors, {size:.1f} MiB; "
-          f"VAE {len(vae)} tensors)", flush=True)
     return output
+
+
+# ------------------------------------------------------------------------------- pretrained backbones
+def export_pretrained(workdir: str, output: str, params, hf_config, *, step: int, eval_metrics: dict | None,
+                      config) -> str:
+    """Writes the pretrained backbone as a Hugging Face folder (``export.export_backbone``) with a card.
+
+    Args:
+      workdir: the run directory (its ``model/`` holds ``config.json`` and the tokenizer).
+      output: the folder to write (absent, empty, or an earlier pretraining export).
+      params: the backbone parameters (HF Flax layout).
+      hf_config: the backbone's transformers config.
+      step: the step the parameters are from.
+      eval_metrics: the held-out metrics of ``flax_textvae.pretrain.make_evaluator`` at that step (or None).
+      config: the run's config.
+
+    Returns:
+      ``output``.
+    """
+    record = {"format": PRETRAIN_FORMAT, "step": int(step), "eval": eval_metrics,
+              "config": rundir.config_dict(config)}
+    name = os.path.basename(os.path.abspath(output))
+    files = {PRETRAIN_INFO_NAME: _json_text(record) + "\n",
+             CARD_NAME: _pretrained_card(config, hf_config, step, eval_metrics, name)}
+    export_backbone(params, hf_config, os.path.join(workdir, MODEL_FOLDER), output, extra_files=files,
+                    marker=PRETRAIN_INFO_NAME)
+    print(f"export: wrote {output} (step {step}; transformers' BartForConditionalGeneration.from_pretrained "
+          "reads it)", flush=True)
+    return output
+
+
+def _pretrained_card(config, hf_config, step: int, eval_metrics: dict | None, name: str) -> str:
+    c = config
+    size = (f"d_model {hf_config.d_model}, {hf_config.encoder_layers} + {hf_config.decoder_layers} layers, "
+            f"{hf_config.encoder_attention_heads} heads, feed-forward {hf_config.encoder_ffn_dim}, vocabulary "
+            f"{hf_config.vocab_size}")
+    scratch = c.model.name_or_path == "scratch"
+    start = "from scratch" if scratch else f"from `{c.model.name_or_path}`"
+    tokenizer = "word level, trained on the training data" if scratch else "that of the starting checkpoint"
+    held_out = ("No held-out evaluation was recorded." if not eval_metrics else
+                f"Held-out denoising loss on the first {eval_metrics['num_examples']} sentences of `{c.data.eval}`: "
+                f"{eval_metrics['loss']:.4f} nats per target token (perplexity {eval_metrics['ppl']:.2f}, "
+                f"teacher-forced accuracy {eval_metrics['accuracy']:.3f}).")
+    lines = [
+        "---", "library_name: transformers", "tags:", "- bart", "- text-infilling", "- flax_textvae", "---", "",
+        f"# {name}", "",
+        f"A BART-architecture sequence-to-sequence model ({size}) pretrained {start} with flax_textvae's text "
+        f"infilling: in each sentence, spans with Poisson(lambda = {c.pretrain.poisson_lambda}) lengths are "
+        f"replaced by one `<mask>` each until {c.pretrain.mask_rate:.0%} of the tokens are masked (a length-0 span "
+        "inserts a `<mask>`), and the decoder reconstructs the original sentence.", "",
+        "## Training", "",
+        f"* Steps: {step} of batch {c.batch_size}; AdamW, peak learning rate {c.optimizer.learning_rate} "
+        f"({c.optimizer.warmup_steps} warm-up steps, {c.optimizer.decay} decay), weight decay "
+        f"{c.optimizer.weight_decay}, dropout {getattr(hf_config, 'dropout', '-')}.",
+        f"* Data: `{c.data.train}`, at most {c.data.max_length} tokens per sentence; seed {c.seed}.",
+        f"* Tokenizer: {tokenizer}; words it does not know become `<unk>`.",
+        f"* {held_out}", "",
+        "## How to use", "",
+        "```python", "from transformers import AutoTokenizer, BartForConditionalGeneration", "",
+        f'model = BartForConditionalGeneration.from_pretrained("{name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", "",
+        "As the backbone of a text VAE:", "",
+        "```bash",
+        f"python run_train.py --config=configs/bart_vae.py --config.model.name_or_path={name} \\",
+        "    --config.data.train=TRAIN.txt --config.data.eval=VALID.txt", "```", "",
+        f"`{PRETRAIN_INFO_NAME}` holds the step, the held-out metrics and the full pretraining config.", ""]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from flax.traverse_util import unflatten_dict
 from safetensors.numpy import load_file
+from transformers import AutoConfig
 
 from flax_textvae import models
 
@@ -79,8 +80,6 @@ def load_params(folder: str, step: int | None = None) -> tuple[Any, int]:
     Raises:
       FileNotFoundError: ``step`` is not the exported step, or a weights file is missing.
     """
-    from transformers import AutoConfig  # imported on use: transformers takes seconds to import
-
     saved = int(read_vae_config(folder)["step"])
     if step is not None and int(step) != saved:
         raise FileNotFoundError(f"{folder} is an export of step {saved} only; no checkpoint of step {step}")
