@@ -10,6 +10,7 @@ Other modes: --mode=reconstruct (--input=FILE or --text=...), --mode=sample (--n
 --mode=interpolate (--text=A --text=B --steps=N), --mode=plot (training curves + per-dim KL PNGs);
 --output=FILE writes the sentences to a text file.
 """
+
 import sys
 
 from absl import app, flags, logging

@@ -8,6 +8,7 @@ Override any config field with --config.FIELD=VALUE (e.g. --config.batch_size=64
 every field with its meaning. A bad config, a missing data file or model ends with one error message
 (exit code 2) before anything is written.
 """
+
 import os
 import sys
 
@@ -19,10 +20,15 @@ from flax_textvae.train import NonFiniteLossError, train_and_evaluate
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.py")
 # No default here (see cli.with_config): the default file is put on the command line when it names none.
-config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config() (default: "
-                                "configs/demo.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluations "
-                    "(default: runs/<config file name>, e.g. runs/tiny for configs/tiny.py).")
+config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file with get_config() (default: configs/demo.py).", lock_config=True
+)
+flags.DEFINE_string(
+    "workdir",
+    None,
+    "Directory for checkpoints, logs and evaluations "
+    "(default: runs/<config file name>, e.g. runs/tiny for configs/tiny.py).",
+)
 flags.DEFINE_bool("print_config", False, "Print the resolved config, each field with its comment, and exit.")
 flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP)
 FLAGS = flags.FLAGS

@@ -1,4 +1,5 @@
 """flax_textvae: pretrained seq2seq Transformers finetuned into text VAEs, in JAX/Flax."""
+
 import setuptools
 
 INSTALL_REQUIRES = [

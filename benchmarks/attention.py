@@ -13,6 +13,7 @@ Reports per program and implementation the median wall and CPU (process) millise
 and bytes-accessed counts, its temporary buffer size, and the largest difference of the outputs from the
 explicit path. With ``--json`` the last line printed is one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,17 +39,29 @@ def _layer_programs(hf, args, dtype):
     t5 = hf.model_type == "t5"
     heads = hf.num_heads if t5 else hf.decoder_attention_heads
     head_dim = hf.d_kv if t5 else hf.d_model // heads
-    bias = attn_lib.RelativePositionBias(hf.relative_attention_num_buckets, hf.relative_attention_max_distance,
-                                         bidirectional=False, init_std=1.0) if t5 else None
+    bias = (
+        attn_lib.RelativePositionBias(
+            hf.relative_attention_num_buckets, hf.relative_attention_max_distance, bidirectional=False, init_std=1.0
+        )
+        if t5
+        else None
+    )
     r = np.random.RandomState(0)
     x = jnp.asarray(r.randn(args.batch, args.length, hf.d_model), jnp.float32)
     lengths = r.randint(args.length // 4, args.length + 1, (args.batch, 1))
     mask = attn_lib.padding_mask(jnp.asarray((np.arange(args.length)[None] < lengths).astype(np.int32)))
     programs, params = {}, None
     for impl in IMPLEMENTATIONS:
-        m = attn_lib.MultiHeadAttention(num_heads=heads, head_dim=head_dim, out_features=hf.d_model,
-                                        use_bias=not t5, scale_query=not t5, relative_bias=bias, dtype=dtype,
-                                        attention=impl)
+        m = attn_lib.MultiHeadAttention(
+            num_heads=heads,
+            head_dim=head_dim,
+            out_features=hf.d_model,
+            use_bias=not t5,
+            scale_query=not t5,
+            relative_bias=bias,
+            dtype=dtype,
+            attention=impl,
+        )
         if params is None:
             params = m.init(jax.random.key(0), x, mask=mask, causal=True)["params"]
 
@@ -72,7 +85,8 @@ def _model_programs(hf, args, dtype):
         vae = TextVAE(models.build_module(hf, dtype).clone(attention=impl), latent_size=32, dtype=dtype)
         if params is None:
             params = jax.jit(lambda k, vae=vae: vae.init({"params": k}, ids, mask, ids, sample=False)["params"])(
-                jax.random.key(0))
+                jax.random.key(0)
+            )
         fn = jax.jit(lambda p, vae=vae: vae.apply({"params": p}, ids, mask, ids, mask, sample=False)["logits"])
         programs[impl] = (fn, (params,))
     return programs
@@ -86,9 +100,13 @@ def _measure(programs, repeats: int) -> dict:
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         memory = compiled.memory_analysis()
         outs[impl] = jax.block_until_ready(fn(*inputs))
-        rows[impl] = {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0)),
-                      "temp_mb": round(memory.temp_size_in_bytes / 2**20, 2) if memory is not None else None,
-                      "wall": [], "cpu": []}
+        rows[impl] = {
+            "flops": float(cost.get("flops", 0.0)),
+            "bytes_accessed": float(cost.get("bytes accessed", 0)),
+            "temp_mb": round(memory.temp_size_in_bytes / 2**20, 2) if memory is not None else None,
+            "wall": [],
+            "cpu": [],
+        }
     for _ in range(repeats):
         for impl, (fn, inputs) in programs.items():
             t0, c0 = time.perf_counter(), time.process_time()
@@ -99,8 +117,10 @@ def _measure(programs, repeats: int) -> dict:
     for impl, row in rows.items():
         row["wall_ms"] = round(float(np.median(row.pop("wall"))) * 1e3, 2)
         row["cpu_ms"] = round(float(np.median(row.pop("cpu"))) * 1e3, 2)
-        row["max_abs_diff_vs_explicit"] = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
-                                              for a, b in zip(jax.tree.leaves(outs[impl]), ref))
+        row["max_abs_diff_vs_explicit"] = max(
+            float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+            for a, b in zip(jax.tree.leaves(outs[impl]), ref)
+        )
     return rows
 
 
@@ -119,16 +139,24 @@ def main(argv=None) -> dict:
     hf = arch_config(args.arch)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     load = os.getloadavg()[0]
-    result = {"arch": args.arch, "batch": args.batch, "length": args.length, "dtype": args.dtype,
-              "device": jax.devices()[0].device_kind, "repeats": args.repeats,
-              "layer": _measure(_layer_programs(hf, args, dtype), args.repeats),
-              "model": _measure(_model_programs(hf, args, dtype), max(args.repeats // 3, 3)),
-              "load_avg_1m_before_after": [round(load, 2), round(os.getloadavg()[0], 2)]}
+    result = {
+        "arch": args.arch,
+        "batch": args.batch,
+        "length": args.length,
+        "dtype": args.dtype,
+        "device": jax.devices()[0].device_kind,
+        "repeats": args.repeats,
+        "layer": _measure(_layer_programs(hf, args, dtype), args.repeats),
+        "model": _measure(_model_programs(hf, args, dtype), max(args.repeats // 3, 3)),
+        "load_avg_1m_before_after": [round(load, 2), round(os.getloadavg()[0], 2)],
+    }
     for program in ("layer", "model"):
         for impl, row in result[program].items():
-            print(f"{program:>5s} {impl:>11s}: wall {row['wall_ms']:8.2f} ms  cpu {row['cpu_ms']:8.2f} ms  "
-                  f"bytes {row['bytes_accessed'] / 2**20:8.1f} MiB  temp {row['temp_mb']} MB  "
-                  f"max |diff| {row['max_abs_diff_vs_explicit']:.2e}")
+            print(
+                f"{program:>5s} {impl:>11s}: wall {row['wall_ms']:8.2f} ms  cpu {row['cpu_ms']:8.2f} ms  "
+                f"bytes {row['bytes_accessed'] / 2**20:8.1f} MiB  temp {row['temp_mb']} MB  "
+                f"max |diff| {row['max_abs_diff_vs_explicit']:.2e}"
+            )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

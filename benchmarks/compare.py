@@ -11,6 +11,7 @@ Runs, one after the other in fresh processes (so they never share the cores):
 All three see sentences with the lengths of ``lengths.batches_of_lengths(..., seed)``. Prints a markdown
 table with real (non-padding) tokens/s and the ratios, and writes all raw JSON to ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,36 +47,50 @@ def main(argv=None) -> dict:
     p.add_argument("--lengths-from", default=None)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    common = [f"--arch={a.arch}", f"--batch={a.batch}"] + ([f"--lengths-from={a.lengths_from}"] if a.lengths_from
-                                                           else [])
+    common = [f"--arch={a.arch}", f"--batch={a.batch}"] + (
+        [f"--lengths-from={a.lengths_from}"] if a.lengths_from else []
+    )
     torch_arch = a.arch
     res = {
         "jax_bucketed": _run("train_throughput.py", common + [f"--steps={a.steps}"]),
-        "torch_longest": _run("torch_baseline.py", [f"--arch={torch_arch}", f"--batch={a.batch}",
-                                                    f"--steps={a.steps}", "--warmup=2", "--pad=longest"]
-                              + common[2:]),
-        "torch_256": _run("torch_baseline.py", [f"--arch={torch_arch}", f"--batch={a.batch}",
-                                                f"--steps={a.steps_256}", "--warmup=1", "--pad=256"] + common[2:]),
+        "torch_longest": _run(
+            "torch_baseline.py",
+            [f"--arch={torch_arch}", f"--batch={a.batch}", f"--steps={a.steps}", "--warmup=2", "--pad=longest"]
+            + common[2:],
+        ),
+        "torch_256": _run(
+            "torch_baseline.py",
+            [f"--arch={torch_arch}", f"--batch={a.batch}", f"--steps={a.steps_256}", "--warmup=1", "--pad=256"]
+            + common[2:],
+        ),
     }
     jax_tps = res["jax_bucketed"]["real_tokens_per_s"]
     summary = {
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores", "arch": a.arch, "batch": a.batch, "lengths_from": a.lengths_from or "synthetic",
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "arch": a.arch,
+        "batch": a.batch,
+        "lengths_from": a.lengths_from or "synthetic",
         "speedup_vs_torch_longest": round(jax_tps / res["torch_longest"]["real_tokens_per_s"], 2),
         "speedup_vs_torch_256": round(jax_tps / res["torch_256"]["real_tokens_per_s"], 2),
         # The same ratio from CPU time per real token (both processes use every core; less sensitive to load).
-        "cpu_speedup_vs_torch_longest": round(res["jax_bucketed"]["real_tokens_per_cpu_s"]
-                                              / res["torch_longest"]["real_tokens_per_cpu_s"], 2),
+        "cpu_speedup_vs_torch_longest": round(
+            res["jax_bucketed"]["real_tokens_per_cpu_s"] / res["torch_longest"]["real_tokens_per_cpu_s"], 2
+        ),
     }
     res["summary"] = summary
     print("\n| run | steps | real tokens/s | examples/s | padding | peak MB |")
     print("|---|---|---|---|---|---|")
     for name, r in res.items():
         if name != "summary":
-            print(f"| {name} | {r['steps']} | {r['real_tokens_per_s']:.1f} | {r['examples_per_s']:.2f} | "
-                  f"{r['padding_fraction']:.3f} | {r['peak_memory_mb']:.0f} |")
-    print(f"\nspeed-up (real tokens/s): {summary['speedup_vs_torch_longest']}x vs torch padded to longest, "
-          f"{summary['speedup_vs_torch_256']}x vs torch padded to 256")
+            print(
+                f"| {name} | {r['steps']} | {r['real_tokens_per_s']:.1f} | {r['examples_per_s']:.2f} | "
+                f"{r['padding_fraction']:.3f} | {r['peak_memory_mb']:.0f} |"
+            )
+    print(
+        f"\nspeed-up (real tokens/s): {summary['speedup_vs_torch_longest']}x vs torch padded to longest, "
+        f"{summary['speedup_vs_torch_256']}x vs torch padded to 256"
+    )
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:

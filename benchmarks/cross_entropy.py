@@ -23,6 +23,7 @@ the head [V, D] (forward + backward, the work of a training step's loss), then r
 positions are padding. ``--isolate`` measures every path in a fresh subprocess (so the peaks are
 per path) and merges the results. With ``--json`` the last line printed is one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,14 +50,18 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def loss_fns(chunks: list[int]) -> dict:
     """name -> loss(hidden [B,T,D], head [V,D], targets [B,T], weights [B,T]) -> float32 scalar."""
+
     def full(hidden, head, targets, weights):
         logits = jnp.einsum("btd,vd->btv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
         return jnp.sum(losses.token_nll(logits, targets, weights))
 
     fns = {"full": full}
     for c in chunks:
-        fns[f"chunked_{c}"] = (lambda size: lambda hidden, head, targets, weights: jnp.sum(
-            losses.chunked_token_nll(hidden, head, targets, weights, chunk_size=size)))(c)
+        fns[f"chunked_{c}"] = (
+            lambda size: lambda hidden, head, targets, weights: jnp.sum(
+                losses.chunked_token_nll(hidden, head, targets, weights, chunk_size=size)
+            )
+        )(c)
     return fns
 
 
@@ -65,7 +70,7 @@ def random_inputs(args):
     rng = np.random.default_rng(args.seed)
     dtype = DTYPES[args.dtype]
     hidden = jnp.asarray(rng.standard_normal((args.batch, args.length, args.d_model)), dtype)
-    head = jnp.asarray(rng.standard_normal((args.vocab, args.d_model)) * args.d_model ** -0.5, jnp.float32)
+    head = jnp.asarray(rng.standard_normal((args.vocab, args.d_model)) * args.d_model**-0.5, jnp.float32)
     targets = jnp.asarray(rng.integers(0, args.vocab, (args.batch, args.length)), jnp.int32)
     weights = jnp.asarray(rng.random((args.batch, args.length)) > 0.1, jnp.float32)
     return hidden, head, targets, weights
@@ -86,10 +91,14 @@ def measure_one(fn, inputs, repeats: int) -> dict:
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
     mb = lambda name: round(getattr(mem, name) / 2**20, 2) if mem is not None else None  # noqa: E731
-    return {"compile_s": round(compile_s, 2), "step_ms": round(1e3 * statistics.median(times), 2),
-            "step_cpu_ms": round(1e3 * statistics.median(cpu_times), 2),
-            "temp_mb": mb("temp_size_in_bytes"), "arg_mb": mb("argument_size_in_bytes"),
-            "out_mb": mb("output_size_in_bytes")}
+    return {
+        "compile_s": round(compile_s, 2),
+        "step_ms": round(1e3 * statistics.median(times), 2),
+        "step_cpu_ms": round(1e3 * statistics.median(cpu_times), 2),
+        "temp_mb": mb("temp_size_in_bytes"),
+        "arg_mb": mb("argument_size_in_bytes"),
+        "out_mb": mb("output_size_in_bytes"),
+    }
 
 
 def peak_device_mb():
@@ -110,8 +119,9 @@ def max_abs_diff(chunk: int, inputs) -> float:
 def isolated(argv: list[str], name: str) -> dict:
     """The result of a fresh subprocess of this script, with the same flags, that measures path ``name``."""
     keep = [a for a in argv if not a.startswith(("--isolate", "--out", "--json", "--paths"))]
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *keep, f"--paths={name}", "--json"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *keep, f"--paths={name}", "--json"], capture_output=True, text=True
+    )
     if out.returncode != 0:
         raise SystemExit(f"path {name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -153,19 +163,30 @@ def main(argv=None) -> dict:
         print(f"{name:>14s}  " + "  ".join(f"{k} {v}" for k, v in rows[name].items()), flush=True)
     device = child["device"] if args.isolate else jax.devices()[0].device_kind
     result = {
-        "benchmark": "cross_entropy", "device": device,
+        "benchmark": "cross_entropy",
+        "device": device,
         "backend": child["backend"] if args.isolate else jax.default_backend(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "batch": args.batch, "length": args.length, "d_model": args.d_model, "vocab": args.vocab,
-        "dtype": args.dtype, "repeats": args.repeats, "jax": jax.__version__, "paths": rows,
+        "batch": args.batch,
+        "length": args.length,
+        "d_model": args.d_model,
+        "vocab": args.vocab,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "jax": jax.__version__,
+        "paths": rows,
     }
-    print("\n| path | step ms (fwd+bwd) | CPU ms per step | compile s | XLA temp MB | args MB | outputs MB "
-          "| peak RSS MB |")
+    print(
+        "\n| path | step ms (fwd+bwd) | CPU ms per step | compile s | XLA temp MB | args MB | outputs MB "
+        "| peak RSS MB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['step_ms']} | {r['step_cpu_ms']} | {r['compile_s']} | {r['temp_mb']} | {r['arg_mb']} "
-              f"| {r['out_mb']} | {r['peak_rss_mb']} |")
+        print(
+            f"| {name} | {r['step_ms']} | {r['step_cpu_ms']} | {r['compile_s']} | {r['temp_mb']} | {r['arg_mb']} "
+            f"| {r['out_mb']} | {r['peak_rss_mb']} |"
+        )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -7,6 +7,7 @@ Reads every ``*.json`` in the folder: ``environment.json`` and one file per run,
 skipped holds ``{"error": ...}`` or ``{"skipped": ...}`` instead of figures and is listed at the end. Exits 1
 when a run failed (skipped runs are not failures).
 """
+
 from __future__ import annotations
 
 import glob
@@ -16,8 +17,16 @@ import sys
 
 # Keys each kind of run must report; a file without them counts as failed.
 REQUIRED = {
-    "train_": ("arch", "dtype", "batch", "real_tokens_per_s", "examples_per_s", "padding_fraction", "compile_s",
-               "peak_memory_mb"),
+    "train_": (
+        "arch",
+        "dtype",
+        "batch",
+        "real_tokens_per_s",
+        "examples_per_s",
+        "padding_fraction",
+        "compile_s",
+        "peak_memory_mb",
+    ),
     "torch_": ("arch", "batch", "real_tokens_per_s", "examples_per_s", "padding_fraction", "peak_memory_mb"),
     "xent_": ("batch", "length", "d_model", "vocab", "dtype", "paths"),
     "eval_": ("arch", "dtype", "examples", "iw_samples", "examples_per_s", "decoded_tokens_per_s", "first_pass_s"),
@@ -74,22 +83,58 @@ def report(folder: str) -> tuple[str, int]:
     env = runs.pop("environment", {})
     runs = {k: _check(k, v) for k, v in runs.items()}
     ok = {k: v for k, v in runs.items() if "error" not in v and "skipped" not in v}
-    out = [f"Device: {env.get('device_kind', '?')} x{env.get('device_count', '?')} ({env.get('backend', '?')}), "
-           f"jax {env.get('jax', '?')}, {env.get('date', '?')}, host {env.get('host', '?')}"
-           + (" -- SMOKE RUN (tiny sizes, not figures)" if env.get("smoke") else "")]
+    out = [
+        f"Device: {env.get('device_kind', '?')} x{env.get('device_count', '?')} ({env.get('backend', '?')}), "
+        f"jax {env.get('jax', '?')}, {env.get('date', '?')}, host {env.get('host', '?')}"
+        + (" -- SMOKE RUN (tiny sizes, not figures)" if env.get("smoke") else "")
+    ]
 
-    train = sorted((v for k, v in ok.items() if k.startswith("train_")),
-                   key=lambda r: (r["arch"], r["dtype"], r["batch"], _options(r)))
+    train = sorted(
+        (v for k, v in ok.items() if k.startswith("train_")),
+        key=lambda r: (r["arch"], r["dtype"], r["batch"], _options(r)),
+    )
     if train:
-        out += ["", "Training step (random weights, length buckets):", _table(
-            ["arch", "dtype", "global batch", "real tokens/s", "examples/s", "padding", "compile s",
-             "peak device MB", "TFLOP/s", "MFU", "XLA temp MB", "attention, fast paths"],
-            [[r["arch"], r["dtype"], str(r["batch"]), _fmt(r["real_tokens_per_s"]), _fmt(r["examples_per_s"]),
-              _fmt(r["padding_fraction"], 3), _fmt(r["compile_s"]), _fmt(r["peak_memory_mb"], 0),
-              _fmt(r.get("achieved_tflops"), 2), _fmt(r.get("mfu"), 3), _fmt(r.get("xla_temp_mb_longest"), 0),
-              _options(r)] for r in train])]
-        out.append("MFU = XLA's FLOP count of the compiled step x steps / time / datasheet peak of the dtype "
-                   "(peak_flops_per_device in the JSON).")
+        out += [
+            "",
+            "Training step (random weights, length buckets):",
+            _table(
+                [
+                    "arch",
+                    "dtype",
+                    "global batch",
+                    "real tokens/s",
+                    "examples/s",
+                    "padding",
+                    "compile s",
+                    "peak device MB",
+                    "TFLOP/s",
+                    "MFU",
+                    "XLA temp MB",
+                    "attention, fast paths",
+                ],
+                [
+                    [
+                        r["arch"],
+                        r["dtype"],
+                        str(r["batch"]),
+                        _fmt(r["real_tokens_per_s"]),
+                        _fmt(r["examples_per_s"]),
+                        _fmt(r["padding_fraction"], 3),
+                        _fmt(r["compile_s"]),
+                        _fmt(r["peak_memory_mb"], 0),
+                        _fmt(r.get("achieved_tflops"), 2),
+                        _fmt(r.get("mfu"), 3),
+                        _fmt(r.get("xla_temp_mb_longest"), 0),
+                        _options(r),
+                    ]
+                    for r in train
+                ],
+            ),
+        ]
+        out.append(
+            "MFU = XLA's FLOP count of the compiled step x steps / time / datasheet peak of the dtype "
+            "(peak_flops_per_device in the JSON)."
+        )
 
     torch_rows = sorted((v for k, v in ok.items() if k.startswith("torch_")), key=lambda r: (r["arch"], r["batch"]))
     if torch_rows:
@@ -99,37 +144,102 @@ def report(folder: str) -> tuple[str, int]:
             arch = {"tiny-t5": "tiny"}.get(r["arch"], r["arch"])
             j = jax_bf16.get((arch, r["batch"]))
             ratio = j["real_tokens_per_s"] / r["real_tokens_per_s"] if j and r["real_tokens_per_s"] else None
-            rows.append([r["arch"], r.get("amp", "none"), str(r["batch"]), _fmt(r["real_tokens_per_s"]),
-                         _fmt(r["examples_per_s"]), _fmt(r["padding_fraction"], 3), _fmt(r["peak_memory_mb"], 0),
-                         str(r.get("attn_implementation")), _fmt(ratio, 2)])
-        out += ["", "PyTorch + transformers, same VAE (each batch padded to its longest):", _table(
-            ["arch", "autocast", "batch", "real tokens/s", "examples/s", "padding", "peak MB", "attention",
-             "flax_textvae bf16 / torch"], rows)]
+            rows.append(
+                [
+                    r["arch"],
+                    r.get("amp", "none"),
+                    str(r["batch"]),
+                    _fmt(r["real_tokens_per_s"]),
+                    _fmt(r["examples_per_s"]),
+                    _fmt(r["padding_fraction"], 3),
+                    _fmt(r["peak_memory_mb"], 0),
+                    str(r.get("attn_implementation")),
+                    _fmt(ratio, 2),
+                ]
+            )
+        out += [
+            "",
+            "PyTorch + transformers, same VAE (each batch padded to its longest):",
+            _table(
+                [
+                    "arch",
+                    "autocast",
+                    "batch",
+                    "real tokens/s",
+                    "examples/s",
+                    "padding",
+                    "peak MB",
+                    "attention",
+                    "flax_textvae bf16 / torch",
+                ],
+                rows,
+            ),
+        ]
 
     for name, r in sorted(ok.items()):
         if name.startswith("xent_"):
-            out += ["", f"Cross-entropy with the LM head, fwd+bwd (B={r['batch']}, T={r['length']}, "
-                        f"D={r['d_model']}, V={r['vocab']}, {r['dtype']}):", _table(
-                ["path", "step ms", "compile s", "XLA temp MB", "peak device MB"],
-                [[p, _fmt(v["step_ms"], 2), _fmt(v["compile_s"], 2), _fmt(v["temp_mb"]),
-                  _fmt(v.get("peak_device_mb"), 0)] for p, v in r["paths"].items()])]
+            out += [
+                "",
+                f"Cross-entropy with the LM head, fwd+bwd (B={r['batch']}, T={r['length']}, "
+                f"D={r['d_model']}, V={r['vocab']}, {r['dtype']}):",
+                _table(
+                    ["path", "step ms", "compile s", "XLA temp MB", "peak device MB"],
+                    [
+                        [
+                            p,
+                            _fmt(v["step_ms"], 2),
+                            _fmt(v["compile_s"], 2),
+                            _fmt(v["temp_mb"]),
+                            _fmt(v.get("peak_device_mb"), 0),
+                        ]
+                        for p, v in r["paths"].items()
+                    ],
+                ),
+            ]
 
     evals = [v for k, v in sorted(ok.items()) if k.startswith("eval_")]
     if evals:
-        out += ["", "Importance-weighted evaluation (PTB-length random sentences):", _table(
-            ["arch", "dtype", "examples", "K", "examples/s", "decoded sample-tokens/s", "first pass s",
-             "projected s for 3,761 examples", "attention"],
-            [[r["arch"], r["dtype"], str(r["examples"]), str(r["iw_samples"]), _fmt(r["examples_per_s"], 2),
-              _fmt(r["decoded_tokens_per_s"], 0), _fmt(r["first_pass_s"]),
-              _fmt(3761 / r["examples_per_s"] if r["examples_per_s"] else None), r.get("attention", "explicit")]
-             for r in evals])]
+        out += [
+            "",
+            "Importance-weighted evaluation (PTB-length random sentences):",
+            _table(
+                [
+                    "arch",
+                    "dtype",
+                    "examples",
+                    "K",
+                    "examples/s",
+                    "decoded sample-tokens/s",
+                    "first pass s",
+                    "projected s for 3,761 examples",
+                    "attention",
+                ],
+                [
+                    [
+                        r["arch"],
+                        r["dtype"],
+                        str(r["examples"]),
+                        str(r["iw_samples"]),
+                        _fmt(r["examples_per_s"], 2),
+                        _fmt(r["decoded_tokens_per_s"], 0),
+                        _fmt(r["first_pass_s"]),
+                        _fmt(3761 / r["examples_per_s"] if r["examples_per_s"] else None),
+                        r.get("attention", "explicit"),
+                    ]
+                    for r in evals
+                ],
+            ),
+        ]
 
     for name, r in sorted(ok.items()):
         if name.startswith("second_start"):
             s = r["starts"]
-            out += ["", f"Second start ({r['config']}, {r['steps']} steps): time to first step "
-                        f"{s['first']['time_to_first_step_s']} s with an empty cache, "
-                        f"{s['second']['time_to_first_step_s']} s from the cache ({r['speedup_first_step']}x)."]
+            out += [
+                "",
+                f"Second start ({r['config']}, {r['steps']} steps): time to first step "
+                f"{s['first']['time_to_first_step_s']} s with an empty cache, "
+                f"{s['second']['time_to_first_step_s']} s from the cache ({r['speedup_first_step']}x).",
+            ]
         if name.startswith("prefetch"):
             rates = ", ".join(f"data.prefetch={d}: {v['median_steps_per_s']} steps/s" for d, v in r["depths"].items())
             out += ["", f"Training loop ({r['config']}, {r['steps']} steps, median of the logged rates): {rates}."]
@@ -137,8 +247,9 @@ def report(folder: str) -> tuple[str, int]:
     bad = {k: v for k, v in runs.items() if k not in ok}
     failed = sum("error" in v for v in bad.values())
     if bad:
-        out += ["", "Not measured:"] + [f"  {k}: {v.get('error') or 'skipped: ' + str(v.get('skipped'))}"
-                                        for k, v in sorted(bad.items())]
+        out += ["", "Not measured:"] + [
+            f"  {k}: {v.get('error') or 'skipped: ' + str(v.get('skipped'))}" for k, v in sorted(bad.items())
+        ]
     return "\n".join(out), failed
 
 

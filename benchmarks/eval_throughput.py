@@ -9,6 +9,7 @@ model sizes of ``train_throughput.py`` (random weights, no download). Reports ex
 (sample x token) positions/s after a warm-up pass that compiles every shape. With ``--json`` the last line
 printed is one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,15 @@ def measure(args) -> dict:
     run, hf = random_run(args)
     lens = lengths_lib.load_lengths(args.lengths_from)
     flat = np.minimum(lengths_lib.batches_of_lengths(lens, args.examples, 1, seed=args.seed)[0], args.max_length)
-    batcher = data.Batcher(random_examples(flat, hf, args), batch_size=args.batch, pad_id=hf.pad_token_id,
-                           decoder_start_token_id=hf.decoder_start_token_id, bos_id=None,
-                           max_length=args.max_length, num_buckets=args.num_buckets)
+    batcher = data.Batcher(
+        random_examples(flat, hf, args),
+        batch_size=args.batch,
+        pad_id=hf.pad_token_id,
+        decoder_start_token_id=hf.decoder_start_token_id,
+        bos_id=None,
+        max_length=args.max_length,
+        num_buckets=args.num_buckets,
+    )
     params = run.init_params(jax.random.key(0))
     kw = dict(iw_samples=args.iw_samples, seed=0, iw_chunk=args.chunk)
     t0 = time.perf_counter()
@@ -46,11 +53,20 @@ def measure(args) -> dict:
     dt = time.perf_counter() - t0
     positions = float(sum(flat)) * args.iw_samples
     return {
-        "framework": "jax", "arch": args.arch, "examples": int(result["num_examples"]),
-        "iw_samples": args.iw_samples, "batch": args.batch, "dtype": args.dtype, "attention": args.attention,
-        "device": jax.devices()[0].device_kind, "first_pass_s": round(warm, 2), "steady_s": round(dt, 2),
+        "framework": "jax",
+        "arch": args.arch,
+        "examples": int(result["num_examples"]),
+        "iw_samples": args.iw_samples,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "attention": args.attention,
+        "device": jax.devices()[0].device_kind,
+        "first_pass_s": round(warm, 2),
+        "steady_s": round(dt, 2),
         "examples_per_s": round(result["num_examples"] / dt, 4),
-        "decoded_tokens_per_s": round(positions / dt, 1), "nll": result["nll"], "neg_elbo": result["neg_elbo"],
+        "decoded_tokens_per_s": round(positions / dt, 1),
+        "nll": result["nll"],
+        "neg_elbo": result["neg_elbo"],
     }
 
 

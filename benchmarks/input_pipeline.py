@@ -13,6 +13,7 @@
    ``PreparedSource`` + ``GrainTrainIterator`` to the first batch, examples/s over ``--batches`` further
    batches, and the resident memory (``VmRSS`` now, ``VmHWM`` peak, and after imports) from /proc.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,9 +92,18 @@ def measure(folder: str, batches: int, batch: int, num_workers: int, num_threads
     t0 = time.time()
     source = data.PreparedSource(folder)
     tok = source.index["tokenizer"]
-    it = data.GrainTrainIterator(source, batch_size=batch, pad_id=1, decoder_start_token_id=2, bos_id=0,
-                                 max_length=source.index["max_length"], num_buckets=8, seed=0,
-                                 num_workers=num_workers, num_threads=num_threads)
+    it = data.GrainTrainIterator(
+        source,
+        batch_size=batch,
+        pad_id=1,
+        decoder_start_token_id=2,
+        bos_id=0,
+        max_length=source.index["max_length"],
+        num_buckets=8,
+        seed=0,
+        num_workers=num_workers,
+        num_threads=num_threads,
+    )
     first = next(it)
     first_s = time.time() - t0
     t1 = time.time()
@@ -105,13 +115,25 @@ def measure(folder: str, batches: int, batch: int, num_workers: int, num_threads
     dt = time.time() - t1
     rss, children = _rss_mb(), _children_rss_mb()
     it.close()
-    return {"num_examples": len(source), "tokenizer": tok["name"], "batch": batch, "batches": batches,
-            "num_workers": num_workers, "num_threads": num_threads, "boundaries": it.boundaries,
-            "steps_per_epoch": it.steps_per_epoch, "import_s": round(import_s, 2),
-            "first_batch_s": round(first_s, 2), "first_batch_shape": list(first["input_ids"].shape),
-            "examples_per_s": round(rows / dt, 1), "real_tokens_per_s": round(tokens / dt, 1),
-            "rss_after_imports_mb": round(rss_imports, 1), "rss_mb": round(rss["VmRSS"], 1),
-            "peak_rss_mb": round(rss["VmHWM"], 1), "workers_rss_mb": round(children, 1)}
+    return {
+        "num_examples": len(source),
+        "tokenizer": tok["name"],
+        "batch": batch,
+        "batches": batches,
+        "num_workers": num_workers,
+        "num_threads": num_threads,
+        "boundaries": it.boundaries,
+        "steps_per_epoch": it.steps_per_epoch,
+        "import_s": round(import_s, 2),
+        "first_batch_s": round(first_s, 2),
+        "first_batch_shape": list(first["input_ids"].shape),
+        "examples_per_s": round(rows / dt, 1),
+        "real_tokens_per_s": round(tokens / dt, 1),
+        "rss_after_imports_mb": round(rss_imports, 1),
+        "rss_mb": round(rss["VmRSS"], 1),
+        "peak_rss_mb": round(rss["VmHWM"], 1),
+        "workers_rss_mb": round(children, 1),
+    }
 
 
 def main(argv=None) -> int:
@@ -122,8 +144,13 @@ def main(argv=None) -> int:
     p.add_argument("--max_length", type=int, default=64)
     p.add_argument("--cache", default="/tmp/flax_textvae_bench")
     p.add_argument("--num_workers", type=int, default=None, help="prepare's worker processes (default: CPUs)")
-    p.add_argument("--pipeline_workers", type=int, action="append", default=None,
-                   help="grain worker processes for the measured iterator (repeat for several runs; default 0)")
+    p.add_argument(
+        "--pipeline_workers",
+        type=int,
+        action="append",
+        default=None,
+        help="grain worker processes for the measured iterator (repeat for several runs; default 0)",
+    )
     p.add_argument("--num_threads", type=int, default=2)
     p.add_argument("--json", default=None)
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)
@@ -150,15 +177,29 @@ def main(argv=None) -> int:
     out = os.path.join(args.cache, f"prepared_{n}")
     t0 = time.time()
     index = data.prepare_dataset(corpus, tok_dir, args.max_length, out, num_workers=args.num_workers)
-    result.update(prepare_s=round(time.time() - t0, 1), prepare_was_cached=bool(index.get("up_to_date")),
-                  prepare_recorded_s=index.get("seconds"), corpus_mb=round(os.path.getsize(corpus) / 2**20, 1),
-                  prepared_mb=round(sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)
-                                        if os.path.isfile(os.path.join(out, f))) / 2**20, 1),
-                  mean_length=round(index["stats"]["mean_length"], 2))
+    result.update(
+        prepare_s=round(time.time() - t0, 1),
+        prepare_was_cached=bool(index.get("up_to_date")),
+        prepare_recorded_s=index.get("seconds"),
+        corpus_mb=round(os.path.getsize(corpus) / 2**20, 1),
+        prepared_mb=round(
+            sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if os.path.isfile(os.path.join(out, f)))
+            / 2**20,
+            1,
+        ),
+        mean_length=round(index["stats"]["mean_length"], 2),
+    )
     result["runs"] = []
     for workers in args.pipeline_workers or [0]:
-        cmd = [sys.executable, os.path.abspath(__file__), f"--measure={out}", f"--batches={args.batches}",
-               f"--batch={args.batch}", f"--pipeline_workers={workers}", f"--num_threads={args.num_threads}"]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            f"--measure={out}",
+            f"--batches={args.batches}",
+            f"--batch={args.batch}",
+            f"--pipeline_workers={workers}",
+            f"--num_threads={args.num_threads}",
+        ]
         proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
         run = json.loads(proc.stdout.strip().splitlines()[-1])
         result["runs"].append(run)

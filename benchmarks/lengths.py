@@ -122,7 +122,7 @@ def batches_of_lengths(lengths: np.ndarray, batch_size: int, steps: int, seed: i
     while len(out) < steps:
         order = rng.permutation(len(lengths))
         for i in range(min(per_epoch, steps - len(out))):
-            out.append(lengths[order[i * batch_size:(i + 1) * batch_size]].copy())
+            out.append(lengths[order[i * batch_size : (i + 1) * batch_size]].copy())
     return out
 
 

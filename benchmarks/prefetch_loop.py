@@ -10,6 +10,7 @@ excludes compile time from it). Reports, per depth, the median over every logged
 each run's first row (it holds the first compiles), and the 1-minute load average of the machine around each
 run. Needs the training loop to read ``data.prefetch`` (flax_textvae/trainer.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,20 @@ REPO = os.path.dirname(HERE)
 
 def one_run(args, depth: int) -> dict:
     workdir = tempfile.mkdtemp(prefix=f"prefetch_{depth}_")
-    cmd = [sys.executable, os.path.join(REPO, "run_train.py"), f"--config={args.config}", f"--workdir={workdir}",
-           f"--config.train_steps={args.steps}", "--config.phase1.steps=0", "--config.eval_every=0",
-           f"--config.log_every={args.log_every}", f"--config.checkpoint_every={args.steps}",
-           f"--config.data.prefetch={depth}", "--config.compile_cache_dir=off", *args.override]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "run_train.py"),
+        f"--config={args.config}",
+        f"--workdir={workdir}",
+        f"--config.train_steps={args.steps}",
+        "--config.phase1.steps=0",
+        "--config.eval_every=0",
+        f"--config.log_every={args.log_every}",
+        f"--config.checkpoint_every={args.steps}",
+        f"--config.data.prefetch={depth}",
+        "--config.compile_cache_dir=off",
+        *args.override,
+    ]
     load_before = os.getloadavg()[0]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if out.returncode != 0:
@@ -39,8 +50,10 @@ def one_run(args, depth: int) -> dict:
         rows = [json.loads(line) for line in f]
     shutil.rmtree(workdir, ignore_errors=True)
     rates = [r["steps_per_s"] for r in rows if r.get("split") != "eval" and "steps_per_s" in r]
-    return {"steps_per_s_rows": rates[1:], "load_avg_1m_before_after": [round(load_before, 2),
-                                                                        round(os.getloadavg()[0], 2)]}
+    return {
+        "steps_per_s_rows": rates[1:],
+        "load_avg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
 
 
 def main(argv=None) -> dict:
@@ -60,12 +73,24 @@ def main(argv=None) -> dict:
         for d in depths:
             runs[d].append(one_run(args, d))
             rates = runs[d][-1]["steps_per_s_rows"]
-            print(f"prefetch={d}: median {statistics.median(rates):.1f} steps/s over {len(rates)} rows "
-                  f"(load {runs[d][-1]['load_avg_1m_before_after']})", flush=True)
-    result = {"config": os.path.relpath(args.config, REPO), "overrides": args.override, "steps": args.steps,
-              "log_every": args.log_every,
-              "depths": {str(d): {"median_steps_per_s": round(statistics.median(
-                  [x for r in rs for x in r["steps_per_s_rows"]]), 2), "runs": rs} for d, rs in runs.items()}}
+            print(
+                f"prefetch={d}: median {statistics.median(rates):.1f} steps/s over {len(rates)} rows "
+                f"(load {runs[d][-1]['load_avg_1m_before_after']})",
+                flush=True,
+            )
+    result = {
+        "config": os.path.relpath(args.config, REPO),
+        "overrides": args.override,
+        "steps": args.steps,
+        "log_every": args.log_every,
+        "depths": {
+            str(d): {
+                "median_steps_per_s": round(statistics.median([x for r in rs for x in r["steps_per_s_rows"]]), 2),
+                "runs": rs,
+            }
+            for d, rs in runs.items()
+        },
+    }
     for d in depths:
         print(f"prefetch={d}: {result['depths'][str(d)]['median_steps_per_s']} steps/s (median)")
     if args.out:

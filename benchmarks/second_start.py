@@ -20,6 +20,7 @@ is given), and the medians are reported.
 ``flax_textvae.train.train_and_evaluate``; ``--entry=run_train`` runs ``run_train.py`` itself, which uses the
 cache only where the training entry point enables it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,11 +80,23 @@ def start(args, cache: str, name: str) -> dict:
     """Runs one fresh training process; returns its timings and cache figures."""
     workdir = tempfile.mkdtemp(prefix=f"second_start_{name}_")
     if args.entry == "wrapper":
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--config={args.config}",
-               f"--workdir={workdir}", f"--steps={args.steps}"]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            f"--config={args.config}",
+            f"--workdir={workdir}",
+            f"--steps={args.steps}",
+        ]
     else:
-        cmd = [sys.executable, os.path.join(REPO, "run_train.py"), f"--config={args.config}", f"--workdir={workdir}",
-               f"--config.train_steps={args.steps}", "--config.log_every=1"]
+        cmd = [
+            sys.executable,
+            os.path.join(REPO, "run_train.py"),
+            f"--config={args.config}",
+            f"--workdir={workdir}",
+            f"--config.train_steps={args.steps}",
+            "--config.log_every=1",
+        ]
     env = dict(os.environ, FLAX_TEXTVAE_COMPILE_CACHE=cache if name != "off" else "off", PYTHONUNBUFFERED="1")
     before = _entries(cache)
     t0 = time.perf_counter()
@@ -93,18 +106,24 @@ def start(args, cache: str, name: str) -> dict:
         if first is None and FIRST_STEP.match(line):
             first = time.perf_counter() - t0
         if line.startswith(CHILD_TAG):
-            info = json.loads(line[len(CHILD_TAG):])
+            info = json.loads(line[len(CHILD_TAG) :])
         tail = (tail + [line])[-40:]
     rc = proc.wait()
     total = time.perf_counter() - t0
     shutil.rmtree(workdir, ignore_errors=True)
     if rc != 0 or first is None:
         raise SystemExit(f"{name} start failed (exit code {rc}):\n{''.join(tail)}")
-    row = {"time_to_first_step_s": round(first, 2), "total_s": round(total, 2),
-           "cache_entries_written": _entries(cache) - before if name != "off" else 0}
+    row = {
+        "time_to_first_step_s": round(first, 2),
+        "total_s": round(total, 2),
+        "cache_entries_written": _entries(cache) - before if name != "off" else 0,
+    }
     row.update({k: v for k, v in info.get("events", {}).items() if k in ("cache_hits", "cache_misses")})
-    print(f"{name:>6s}: first step after {row['time_to_first_step_s']:.2f} s, exit after {row['total_s']:.2f} s, "
-          f"{row['cache_entries_written']} entries written, hits {row.get('cache_hits', '-')}", flush=True)
+    print(
+        f"{name:>6s}: first step after {row['time_to_first_step_s']:.2f} s, exit after {row['total_s']:.2f} s, "
+        f"{row['cache_entries_written']} entries written, hits {row.get('cache_hits', '-')}",
+        flush=True,
+    )
     return row
 
 
@@ -136,15 +155,24 @@ def main(argv=None) -> dict:
                 shutil.rmtree(cache, ignore_errors=True)
     # Per start, the median over the repeats of every figure.
     rows = {name: {k: statistics.median(r[name].get(k, 0) for r in runs) for k in runs[0][name]} for name in runs[0]}
-    result = {"benchmark": "second_start", "config": os.path.relpath(args.config, REPO), "steps": args.steps,
-              "entry": args.entry, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "backend": jax.default_backend(), "jax": jax.__version__,
-              "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-              "repeats": args.repeats, "starts": rows, "all_starts": runs,
-              "speedup_first_step": round(rows["first"]["time_to_first_step_s"]
-                                          / rows["second"]["time_to_first_step_s"], 2)}
-    print(f"time to first step: {rows['first']['time_to_first_step_s']} s (empty cache) -> "
-          f"{rows['second']['time_to_first_step_s']} s (second start), {result['speedup_first_step']}x")
+    result = {
+        "benchmark": "second_start",
+        "config": os.path.relpath(args.config, REPO),
+        "steps": args.steps,
+        "entry": args.entry,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "repeats": args.repeats,
+        "starts": rows,
+        "all_starts": runs,
+        "speedup_first_step": round(rows["first"]["time_to_first_step_s"] / rows["second"]["time_to_first_step_s"], 2),
+    }
+    print(
+        f"time to first step: {rows['first']['time_to_first_step_s']} s (empty cache) -> "
+        f"{rows['second']['time_to_first_step_s']} s (second start), {result['speedup_first_step']}x"
+    )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

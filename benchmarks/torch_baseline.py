@@ -61,26 +61,78 @@ ARCHS = ("t5-small", "bart-base", "tiny-t5", "tiny-bart")
 def build_config(arch: str) -> T5Config | BartConfig:
     """The transformers config of ``arch`` (t5-small / bart-base shapes, or tiny ones for tests)."""
     if arch == "t5-small":
-        return T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6,
-                        num_heads=8, feed_forward_proj="relu", dropout_rate=0.1, relative_attention_num_buckets=32,
-                        relative_attention_max_distance=128, tie_word_embeddings=True, pad_token_id=0,
-                        eos_token_id=1, decoder_start_token_id=0)
+        return T5Config(
+            vocab_size=32128,
+            d_model=512,
+            d_kv=64,
+            d_ff=2048,
+            num_layers=6,
+            num_decoder_layers=6,
+            num_heads=8,
+            feed_forward_proj="relu",
+            dropout_rate=0.1,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
     if arch == "tiny-t5":
-        return T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
-                        num_heads=4, feed_forward_proj="relu", dropout_rate=0.1, relative_attention_num_buckets=8,
-                        relative_attention_max_distance=32, tie_word_embeddings=True, pad_token_id=0,
-                        eos_token_id=1, decoder_start_token_id=0)
-    common = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-                  forced_eos_token_id=2, activation_function="gelu", dropout=0.1, attention_dropout=0.1,
-                  activation_dropout=0.1, scale_embedding=False, max_position_embeddings=1024)
+        return T5Config(
+            vocab_size=128,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_decoder_layers=1,
+            num_heads=4,
+            feed_forward_proj="relu",
+            dropout_rate=0.1,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    common = dict(
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=2,
+        activation_function="gelu",
+        dropout=0.1,
+        attention_dropout=0.1,
+        activation_dropout=0.1,
+        scale_embedding=False,
+        max_position_embeddings=1024,
+    )
     if arch == "bart-base":
-        return BartConfig(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6,
-                          encoder_attention_heads=12, decoder_attention_heads=12, encoder_ffn_dim=3072,
-                          decoder_ffn_dim=3072, **common)
+        return BartConfig(
+            vocab_size=50265,
+            d_model=768,
+            encoder_layers=6,
+            decoder_layers=6,
+            encoder_attention_heads=12,
+            decoder_attention_heads=12,
+            encoder_ffn_dim=3072,
+            decoder_ffn_dim=3072,
+            **common,
+        )
     if arch == "tiny-bart":
-        return BartConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
-                          encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                          decoder_ffn_dim=64, **common)
+        return BartConfig(
+            vocab_size=128,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            **common,
+        )
     raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
 
 
@@ -115,12 +167,13 @@ class TorchTextVAE(nn.Module):
         """LM head: [B, T, D] decoder output -> float32 logits [B, T, V]."""
         if self.is_t5:
             if self.config.tie_word_embeddings:
-                hidden = hidden * (self.config.d_model ** -0.5)
+                hidden = hidden * (self.config.d_model**-0.5)
             return self.seq2seq.lm_head(hidden).float()
         return (self.seq2seq.lm_head(hidden) + self.seq2seq.final_logits_bias).float()
 
-    def forward(self, batch: dict[str, torch.Tensor], average_all_positions: bool = False
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, batch: dict[str, torch.Tensor], average_all_positions: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one batch.
 
         Args:
@@ -148,8 +201,9 @@ class TorchTextVAE(nn.Module):
             prefix.append((k, v))
         cache = DynamicCache(prefix)
         dec_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # [B, 1 + S]: prefix always visible
-        out = self.decoder(input_ids=batch["decoder_input_ids"], attention_mask=dec_mask,
-                           past_key_values=cache, use_cache=True)
+        out = self.decoder(
+            input_ids=batch["decoder_input_ids"], attention_mask=dec_mask, past_key_values=cache, use_cache=True
+        )
         logits = self.logits_from_hidden(out.last_hidden_state)  # [B, S, V]
         nll = F.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")  # [B, S]
         nll = nll * batch["label_weights"]
@@ -167,8 +221,13 @@ def to_torch(batch: dict[str, np.ndarray], device: str = "cpu") -> dict[str, tor
     return out
 
 
-def train_step(model: TorchTextVAE, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-               average_all_positions: bool, amp: str = "none") -> float:
+def train_step(
+    model: TorchTextVAE,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    average_all_positions: bool,
+    amp: str = "none",
+) -> float:
     """One AdamW step (zero_grad, forward, backward, step); returns the loss value.
 
     ``amp='bfloat16'`` runs the forward pass under ``torch.autocast`` in bfloat16 (parameters, optimizer and
@@ -230,9 +289,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # draws); the untimed warm-up steps reuse them cyclically.
     plan = lengths_lib.batches_of_lengths(lengths, args.batch, args.steps, args.seed)
     rng = np.random.default_rng(args.seed)
-    batches = [lengths_lib.make_batch(b, vocab_size=config.vocab_size, pad_id=config.pad_token_id,
-                                      eos_id=config.eos_token_id, decoder_start_id=config.decoder_start_token_id,
-                                      rng=rng, pad=args.pad) for b in plan]
+    batches = [
+        lengths_lib.make_batch(
+            b,
+            vocab_size=config.vocab_size,
+            pad_id=config.pad_token_id,
+            eos_id=config.eos_token_id,
+            decoder_start_id=config.decoder_start_token_id,
+            rng=rng,
+            pad=args.pad,
+        )
+        for b in plan
+    ]
     average_all = args.pad != "longest"
 
     loss = float("nan")
@@ -281,9 +349,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
     }
-    print(f"[torch {args.arch} pad={args.pad} B={args.batch}] {result['examples_per_s']:.2f} ex/s, "
-          f"{result['real_tokens_per_s']:.1f} real tok/s, padding {result['padding_fraction']:.3f}, "
-          f"peak RSS {result['peak_memory_mb']:.0f} MB, {seconds:.2f} s for {len(timed)} steps")
+    print(
+        f"[torch {args.arch} pad={args.pad} B={args.batch}] {result['examples_per_s']:.2f} ex/s, "
+        f"{result['real_tokens_per_s']:.1f} real tok/s, padding {result['padding_fraction']:.3f}, "
+        f"peak RSS {result['peak_memory_mb']:.0f} MB, {seconds:.2f} s for {len(timed)} steps"
+    )
     if args.json:
         print(json.dumps(result), flush=True)
     return result

@@ -19,6 +19,7 @@ buffer size of the compiled step for the longest bucket, and — from XLA's FLOP
 achieved FLOP/s and model FLOPs utilisation on GPUs/TPUs whose peak is known. With ``--json`` the last line
 printed is one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,15 @@ import numpy as np  # noqa: E402
 # H200 SXM), not measurements. float32 is the non-tensor-core FP32 rate; XLA's default matmul precision may
 # run float32 matmuls as TF32 on these GPUs, which can lift a float32 MFU above what FP32 units allow.
 PEAK_FLOPS = {
-    "bfloat16": {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5e": 197e12,
-                 "TPU v5p": 459e12, "TPU v6": 918e12},
+    "bfloat16": {
+        "H100": 989e12,
+        "H200": 989e12,
+        "A100": 312e12,
+        "TPU v4": 275e12,
+        "TPU v5e": 197e12,
+        "TPU v5p": 459e12,
+        "TPU v6": 918e12,
+    },
     "float32": {"H100": 67e12, "H200": 67e12, "A100": 19.5e12},
 }
 
@@ -51,18 +59,50 @@ def arch_config(arch: str):
     import transformers
 
     if arch == "t5-small":
-        return transformers.T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
-                                     feed_forward_proj="relu", pad_token_id=0, eos_token_id=1,
-                                     decoder_start_token_id=0, dropout_rate=0.1)
+        return transformers.T5Config(
+            vocab_size=32128,
+            d_model=512,
+            d_kv=64,
+            d_ff=2048,
+            num_layers=6,
+            num_heads=8,
+            feed_forward_proj="relu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+            dropout_rate=0.1,
+        )
     if arch == "bart-base":
-        return transformers.BartConfig(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6,
-                                       encoder_attention_heads=12, decoder_attention_heads=12, encoder_ffn_dim=3072,
-                                       decoder_ffn_dim=3072, max_position_embeddings=1024, pad_token_id=1,
-                                       bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, dropout=0.1)
+        return transformers.BartConfig(
+            vocab_size=50265,
+            d_model=768,
+            encoder_layers=6,
+            decoder_layers=6,
+            encoder_attention_heads=12,
+            decoder_attention_heads=12,
+            encoder_ffn_dim=3072,
+            decoder_ffn_dim=3072,
+            max_position_embeddings=1024,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            dropout=0.1,
+        )
     if arch == "tiny":
-        return transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-                                     feed_forward_proj="relu", pad_token_id=0, eos_token_id=1,
-                                     decoder_start_token_id=0, dropout_rate=0.0)
+        return transformers.T5Config(
+            vocab_size=128,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=4,
+            feed_forward_proj="relu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+            dropout_rate=0.0,
+        )
     raise SystemExit(f"unknown --arch={arch}; choose t5-small, bart-base or tiny")
 
 
@@ -76,9 +116,21 @@ def random_run(args, remat: bool = False):
     backbone = models.build_module(hf, dtype).clone(attention=args.attention, remat=remat)
     model = TextVAE(backbone=backbone, latent_size=32, pooling="mean", injection=("memory",), dtype=dtype)
     pad, eos, start = hf.pad_token_id, hf.eos_token_id, hf.decoder_start_token_id
-    run = builders.Run(config=None, model=model, tokenizer=None, tokenizer_name="random ids", backbone_params=None,
-                       pad_id=pad, eos_id=eos, mask_id=pad, unk_id=pad, special_ids=(pad, eos), prompt=(start,),
-                       max_length=args.max_length, vocab_size=hf.vocab_size)
+    run = builders.Run(
+        config=None,
+        model=model,
+        tokenizer=None,
+        tokenizer_name="random ids",
+        backbone_params=None,
+        pad_id=pad,
+        eos_id=eos,
+        mask_id=pad,
+        unk_id=pad,
+        special_ids=(pad, eos),
+        prompt=(start,),
+        max_length=args.max_length,
+        vocab_size=hf.vocab_size,
+    )
     return run, hf
 
 
@@ -86,8 +138,10 @@ def random_examples(lens, hf, args) -> list:
     """Random-id sentences (ending in EOS) with the given lengths, truncated to ``args.max_length``."""
     rng = np.random.default_rng(args.seed)
     low = max(hf.pad_token_id, hf.eos_token_id) + 1
-    return [np.append(rng.integers(low, hf.vocab_size, size=n - 1), hf.eos_token_id).astype(np.int32)
-            for n in np.minimum(lens, args.max_length)]
+    return [
+        np.append(rng.integers(low, hf.vocab_size, size=n - 1), hf.eos_token_id).astype(np.int32)
+        for n in np.minimum(lens, args.max_length)
+    ]
 
 
 def build(args):
@@ -111,8 +165,13 @@ def build(args):
     lens = lengths_lib.load_lengths(args.lengths_from)
     plan = lengths_lib.batches_of_lengths(lens, args.batch, args.steps, seed=args.seed)
     examples = random_examples(np.concatenate(plan), hf, args)
-    kw = dict(batch_size=args.batch, pad_id=hf.pad_token_id, decoder_start_token_id=hf.decoder_start_token_id,
-              bos_id=None, max_length=max(args.max_length, 256) if args.pad == "256" else args.max_length)
+    kw = dict(
+        batch_size=args.batch,
+        pad_id=hf.pad_token_id,
+        decoder_start_token_id=hf.decoder_start_token_id,
+        bos_id=None,
+        max_length=max(args.max_length, 256) if args.pad == "256" else args.max_length,
+    )
     if args.pad == "256":
         kw["boundaries"] = [256]
     else:
@@ -122,8 +181,10 @@ def build(args):
     params = run.init_params(jax.random.key(0))
     runner = train.Trainer(c, run, 2, 0, args.steps, params)
     if runner.step_config.vocab_chunk_size != args.vocab_chunk:
-        raise SystemExit("--vocab-chunk: the training loop does not pass config.loss.vocab_chunk_size into its "
-                         "StepConfig (flax_textvae/trainer.py, _step_config)")
+        raise SystemExit(
+            "--vocab-chunk: the training loop does not pass config.loss.vocab_chunk_size into its "
+            "StepConfig (flax_textvae/trainer.py, _step_config)"
+        )
     state = runner.place(runner.new_state(params, 0, jax.random.key(1)))
     return runner, state, batches
 
@@ -161,22 +222,38 @@ def measure(args) -> dict:
     total_flops = sum(flops[b["input_ids"].shape] for b in batches)
     dev = jax.devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-    peak_mb = (stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak_mb = (
+        stats["peak_bytes_in_use"] / 2**20
+        if stats and "peak_bytes_in_use" in stats
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
     peak = next((v for k, v in PEAK_FLOPS[args.dtype].items() if k in dev.device_kind), None)
     achieved = total_flops / dt if total_flops else None
     return {
-        "framework": "jax", "arch": args.arch, "batch": args.batch, "steps": args.steps, "pad": args.pad,
-        "dtype": args.dtype, "attention": args.attention, "remat": args.remat, "vocab_chunk_size": args.vocab_chunk,
-        "device": dev.device_kind, "num_devices": jax.device_count(),
-        "num_shapes": len(shapes), "shapes": sorted(s[1] for s in shapes),
-        "compile_s": round(compile_s, 2), "steady_s": round(dt, 3),
-        "examples_per_s": round(len(batches) * args.batch / dt, 2), "real_tokens_per_s": round(real / dt, 1),
+        "framework": "jax",
+        "arch": args.arch,
+        "batch": args.batch,
+        "steps": args.steps,
+        "pad": args.pad,
+        "dtype": args.dtype,
+        "attention": args.attention,
+        "remat": args.remat,
+        "vocab_chunk_size": args.vocab_chunk,
+        "device": dev.device_kind,
+        "num_devices": jax.device_count(),
+        "num_shapes": len(shapes),
+        "shapes": sorted(s[1] for s in shapes),
+        "compile_s": round(compile_s, 2),
+        "steady_s": round(dt, 3),
+        "examples_per_s": round(len(batches) * args.batch / dt, 2),
+        "real_tokens_per_s": round(real / dt, 1),
         # CPU time of the whole process (all XLA threads): steadier than wall time on a shared machine.
         "real_tokens_per_cpu_s": round(real / cpu_s, 1) if cpu_s > 0 else None,
-        "padding_fraction": round(1 - real / computed, 4), "peak_memory_mb": round(peak_mb, 1),
+        "padding_fraction": round(1 - real / computed, 4),
+        "peak_memory_mb": round(peak_mb, 1),
         "xla_temp_mb_longest": round(temp_mb, 1) if temp_mb is not None else None,
-        "steps_per_s": round(len(batches) / dt, 3), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "steps_per_s": round(len(batches) / dt, 3),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "flops_per_step": round(total_flops / len(batches)) if total_flops else None,
         "achieved_tflops": round(achieved / 1e12, 3) if achieved else None,
         "peak_flops_per_device": peak,

@@ -5,6 +5,7 @@
 Needs the hub (or --config.model.name_or_path=LOCAL_FOLDER holding config.json, model.safetensors or
 flax_model.msgpack, and the tokenizer files). The shared settings are in configuration.finetune_config.
 """
+
 from flax_textvae.configuration import finetune_config
 
 

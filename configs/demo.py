@@ -3,6 +3,7 @@
 Needs no hub and no download; trains for a few minutes on a 2-core CPU, evaluates and prints
 reconstructions. `python run_train.py` with no --config runs this file.
 """
+
 from flax_textvae.configuration import base_config
 
 

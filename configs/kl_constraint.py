@@ -3,6 +3,7 @@
 C ramps linearly from 0 to `loss.target` nats per example over `loss.target_ramp_steps`, then holds.
 Built on the BART setup; override model.name_or_path / data.* as for configs/bart_vae.py.
 """
+
 from flax_textvae.configuration import finetune_config
 
 

@@ -16,6 +16,7 @@ Where this differs from the released code on purpose (docs/method.md lists each)
 and never scored, denoising keeps token ids and attention mask apart, latents never mix across the batch,
 and NLL / MI are the exact estimators. Our other configs differ more; docs/method.md says where and why.
 """
+
 from flax_textvae.configuration import FREEZE_DECODER_AND_MEMORY, finetune_config
 
 STEPS_PER_EPOCH = 329  # ceil(42068 PTB training sentences / batch 128)

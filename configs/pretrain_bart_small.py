@@ -12,6 +12,7 @@ The data paths are resolved next to the repository (REPO/../shared/data/ted); wh
 (a fresh clone) the config falls back to the package's synthetic corpus, which the run's first lines name.
 Any text file works: --config.data.train=FILE --config.data.eval=FILE.
 """
+
 import os
 
 from flax_textvae.pretrain import pretrain_config

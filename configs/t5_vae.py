@@ -9,6 +9,7 @@ constant learning rate) is configs/park_lee_t5.py; docs/method.md compares the t
   python run_train.py --config=configs/t5_vae.py --workdir=runs/t5 \
       --config.data.train=PATH/train.txt --config.data.eval=PATH/valid.txt
 """
+
 from flax_textvae.configuration import finetune_config
 
 

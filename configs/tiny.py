@@ -3,6 +3,7 @@
 Shared by the tests and smoke runs:
   python run_train.py --config=configs/tiny.py --workdir=/tmp/tiny
 """
+
 from flax_textvae.configuration import base_config
 
 

@@ -4,6 +4,7 @@
 the text-level inference object (``encode``, ``decode``, ``reconstruct``, ``sample``, ``interpolate``);
 ``flax_textvae.TextVAE`` is the linen module (``TextVAE.load`` is an alias of ``load``).
 """
+
 from flax_textvae.inference import TrainedTextVAE, load
 from flax_textvae.vae import TextVAE
 

@@ -5,6 +5,7 @@ the same tokenizer, special ids and batch layout; the batches come from ``input_
 (``Run.data``). The backbone's ``config.json`` and tokenizer are copied into ``WORKDIR/model/`` on the first
 run; evaluation and ``TextVAE.load`` rebuild the module from there (no hub access needed after training).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -112,8 +113,11 @@ class Run:
         if self._unused is None:
             b, s = 2, 8
             ids = jnp.ones((b, s), jnp.int32)
-            used = jax.eval_shape(lambda: self.model.init({"params": jax.random.key(0)}, ids, ids, ids,
-                                                          sample=False)["params"]["backbone"])
+            used = jax.eval_shape(
+                lambda: self.model.init({"params": jax.random.key(0)}, ids, ids, ids, sample=False)["params"][
+                    "backbone"
+                ]
+            )
             full = models.param_shapes(self.model.backbone)
             unused = set(flatten_dict(full, sep="/")) - set(flatten_dict(used, sep="/"))
             self._unused = tuple("^" + re.escape("backbone/" + k) + "$" for k in sorted(unused))
@@ -122,10 +126,18 @@ class Run:
     def encode_texts(self, params, texts: list[str]):
         """(mean, logvar) numpy ``[N, Dz]`` for raw texts."""
         ids, _ = data_lib.encode_texts(self.tokenizer, list(texts), self.max_length)
-        batch = data_lib.collate(ids, pad_id=self.pad_id, decoder_start_id=self.prompt[0],
-                                 bos_id=self.prompt[1] if len(self.prompt) > 1 else None)
-        mean, logvar = self.model.apply({"params": params}, jnp.asarray(batch["input_ids"]),
-                                        jnp.asarray(batch["attention_mask"]), method=TextVAE.encode)
+        batch = data_lib.collate(
+            ids,
+            pad_id=self.pad_id,
+            decoder_start_id=self.prompt[0],
+            bos_id=self.prompt[1] if len(self.prompt) > 1 else None,
+        )
+        mean, logvar = self.model.apply(
+            {"params": params},
+            jnp.asarray(batch["input_ids"]),
+            jnp.asarray(batch["attention_mask"]),
+            method=TextVAE.encode,
+        )
         return np.asarray(mean), np.asarray(logvar)
 
     def detokenize(self, ids) -> list[str]:
@@ -147,8 +159,10 @@ def _load_backbone(config, workdir: str, train: bool, train_texts: Callable[[], 
     if dtype is None:
         raise ValueError(f"model.dtype={config.model.dtype!r}; choose one of {sorted(DTYPES)}")
     # configs saved before these fields existed get the defaults
-    options = {"attention": config.model.get("attention", models.attention.DEFAULT_ATTENTION),
-               "remat": bool(config.model.get("remat", False))}
+    options = {
+        "attention": config.model.get("attention", models.attention.DEFAULT_ATTENTION),
+        "remat": bool(config.model.get("remat", False)),
+    }
     folder = _model_folder(workdir)
     saved = os.path.isfile(os.path.join(folder, "config.json"))
     main = jax.process_index() == 0
@@ -166,14 +180,18 @@ def _load_backbone(config, workdir: str, train: bool, train_texts: Callable[[], 
     if config.model.name_or_path == "scratch":
         if data_lib.is_prepared_spec(config.data.train):  # its ids come from the tokenizer saved with it
             tokenizer = transformers.AutoTokenizer.from_pretrained(
-                data_lib.PreparedSource(config.data.train).tokenizer_folder)
+                data_lib.PreparedSource(config.data.train).tokenizer_folder
+            )
             if main:
                 tokenizer.save_pretrained(folder)
         else:
             tokenizer = data_lib.train_word_tokenizer(
-                train_texts(), os.path.join(folder, "_tok_tmp") if not main else folder,
-                family=config.model.scratch.family, vocab_size=config.model.scratch.vocab_size,
-                min_freq=config.model.scratch.min_freq)
+                train_texts(),
+                os.path.join(folder, "_tok_tmp") if not main else folder,
+                family=config.model.scratch.family,
+                vocab_size=config.model.scratch.vocab_size,
+                min_freq=config.model.scratch.min_freq,
+            )
         family = models.families.get(config.model.scratch.family)
         hf_config = family.scratch_config(config.model.scratch, tokenizer, config.data.max_length)
         if main:
@@ -203,14 +221,27 @@ def _prompt(tokenizer, hf_config, sp: dict) -> tuple:
 
 def _vae(config, module) -> TextVAE:
     v = config.vae
-    return TextVAE(backbone=module, latent_size=v.latent_size, pooling=v.pooling,
-                   injection=tuple(s.strip() for s in v.injection.split(",") if s.strip()),
-                   num_memory_slots=v.num_memory_slots, memory_style=v.get("memory_style", "hidden"),
-                   posterior_bias=v.get("posterior_bias", True), dtype=DTYPES[config.model.dtype])
+    return TextVAE(
+        backbone=module,
+        latent_size=v.latent_size,
+        pooling=v.pooling,
+        injection=tuple(s.strip() for s in v.injection.split(",") if s.strip()),
+        num_memory_slots=v.num_memory_slots,
+        memory_style=v.get("memory_style", "hidden"),
+        posterior_bias=v.get("posterior_bias", True),
+        dtype=DTYPES[config.model.dtype],
+    )
 
 
-def build_run(config, workdir: str, *, train: bool = True, eval_spec: str | None = None,
-              eval_batch_size: int | None = None, with_eval: bool = True) -> Run:
+def build_run(
+    config,
+    workdir: str,
+    *,
+    train: bool = True,
+    eval_spec: str | None = None,
+    eval_batch_size: int | None = None,
+    with_eval: bool = True,
+) -> Run:
     """Builds the model, tokenizer and data for ``config``.
 
     Args:
@@ -224,18 +255,39 @@ def build_run(config, workdir: str, *, train: bool = True, eval_spec: str | None
     """
     reader = input_pipeline.TextReader(config.data)
     module, backbone_params, hf_config, tokenizer, tok_name = _load_backbone(
-        config, workdir, train, lambda: reader(config.data.train)[0])
+        config, workdir, train, lambda: reader(config.data.train)[0]
+    )
     sp = _special(tokenizer)
     prompt = _prompt(tokenizer, hf_config, sp)
     # Ids that denoising and word dropout never touch: BOS / EOS / PAD / mask and the decoder prompt.
     # <unk> is an ordinary token here (about 5% of PTB), so it can be deleted, masked and dropped.
     specials = tuple(sorted({sp[k] for k in ("pad", "eos", "bos", "mask") if sp[k] is not None} | set(prompt)))
     pipeline = input_pipeline.make_pipeline(
-        config, tokenizer, prompt=prompt, tokenizer_name=tok_name, process_index=jax.process_index(),
-        process_count=jax.process_count(), train=train, eval_spec=eval_spec, eval_batch_size=eval_batch_size,
-        with_eval=with_eval, reader=reader)
-    return Run(config=config, model=_vae(config, module), tokenizer=tokenizer, tokenizer_name=tok_name,
-               backbone_params=backbone_params, pad_id=sp["pad"], eos_id=sp["eos"],
-               mask_id=sp["mask"] if sp["mask"] is not None else sp["unk"],
-               unk_id=sp["unk"] if sp["unk"] is not None else sp["pad"], special_ids=specials, prompt=prompt,
-               max_length=config.data.max_length, vocab_size=module.vocab_size, data=pipeline)
+        config,
+        tokenizer,
+        prompt=prompt,
+        tokenizer_name=tok_name,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        train=train,
+        eval_spec=eval_spec,
+        eval_batch_size=eval_batch_size,
+        with_eval=with_eval,
+        reader=reader,
+    )
+    return Run(
+        config=config,
+        model=_vae(config, module),
+        tokenizer=tokenizer,
+        tokenizer_name=tok_name,
+        backbone_params=backbone_params,
+        pad_id=sp["pad"],
+        eos_id=sp["eos"],
+        mask_id=sp["mask"] if sp["mask"] is not None else sp["unk"],
+        unk_id=sp["unk"] if sp["unk"] is not None else sp["pad"],
+        special_ids=specials,
+        prompt=prompt,
+        max_length=config.data.max_length,
+        vocab_size=module.vocab_size,
+        data=pipeline,
+    )

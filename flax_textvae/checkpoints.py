@@ -20,6 +20,7 @@ named in one line on stderr and the newest intact step is used instead; when non
 :class:`CheckpointError` (an ``OSError``: a user error, exit 2 in the command-line tools) says what is
 wrong with each. Steps without a checksums file are accepted as they are once orbax can read them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,8 +67,10 @@ def write_checksums(step_dir: str) -> None:
     Args:
       step_dir: a finished checkpoint step folder (``WORKDIR/checkpoints/STEP``).
     """
-    files = {rel: {"sha256": _sha256(os.path.join(step_dir, rel)), "size": os.path.getsize(os.path.join(step_dir, rel))}
-             for rel in _files_under(step_dir)}
+    files = {
+        rel: {"sha256": _sha256(os.path.join(step_dir, rel)), "size": os.path.getsize(os.path.join(step_dir, rel))}
+        for rel in _files_under(step_dir)
+    }
     save_json(os.path.join(step_dir, CHECKSUMS_NAME), {"algorithm": "sha256", "files": files})
 
 
@@ -115,8 +118,14 @@ def _step_dir(mgr: ocp.CheckpointManager, step: int) -> str:
     return os.path.join(str(mgr.directory), str(step))
 
 
-def _restore_intact(mgr: ocp.CheckpointManager, step: int | None, restore: Callable[[int], Any], *,
-                    checked: dict | None = None, reported: set | None = None) -> tuple[int, Any]:
+def _restore_intact(
+    mgr: ocp.CheckpointManager,
+    step: int | None,
+    restore: Callable[[int], Any],
+    *,
+    checked: dict | None = None,
+    reported: set | None = None,
+) -> tuple[int, Any]:
     """``(step, restore(step))`` for ``step``, or for the newest intact step when ``step`` is None.
 
     Each step found broken is named on stderr (once per ``reported`` set); ``checked`` caches the
@@ -151,8 +160,11 @@ def _restore_intact(mgr: ocp.CheckpointManager, step: int | None, restore: Calla
             then = "; trying an older step" if i + 1 < len(candidates) else ""
             print(f"warning: checkpoint step {s} in {folder} is {problem}{then}", file=sys.stderr, flush=True)
     which = f"checkpoint step {step}" if step is not None else "no intact checkpoint"
-    raise CheckpointError(f"{which} in {folder}: " + "; ".join(problems)
-                          + ". Restore the folder from a copy, pass --step=N of an intact step, or retrain.")
+    raise CheckpointError(
+        f"{which} in {folder}: "
+        + "; ".join(problems)
+        + ". Restore the folder from a copy, pass --step=N of an intact step, or retrain."
+    )
 
 
 def check_finite(params: Any, step: int, where: str = "") -> None:
@@ -164,12 +176,17 @@ def check_finite(params: Any, step: int, where: str = "") -> None:
       where: the checkpoint folder (for the message).
     """
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    bad = [jax.tree_util.keystr(p) for p, x in leaves
-           if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.isfinite(np.asarray(x)).all()]
+    bad = [
+        jax.tree_util.keystr(p)
+        for p, x in leaves
+        if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.isfinite(np.asarray(x)).all()
+    ]
     if bad:
-        raise CheckpointError(f"checkpoint step {step}{' in ' + where if where else ''} holds non-finite "
-                              f"parameters (NaN or inf in {len(bad)} of {len(leaves)} arrays, e.g. {bad[0]}); "
-                              "refusing to use it. Pass --step=N of an earlier checkpoint or retrain.")
+        raise CheckpointError(
+            f"checkpoint step {step}{' in ' + where if where else ''} holds non-finite "
+            f"parameters (NaN or inf in {len(bad)} of {len(leaves)} arrays, e.g. {bad[0]}); "
+            "refusing to use it. Pass --step=N of an earlier checkpoint or retrain."
+        )
 
 
 def _manager(directory: str, keep: int | None) -> ocp.CheckpointManager:
@@ -214,8 +231,7 @@ class Checkpointer:
         mgr = self.best if best else self.recent
         reported = {s for b, s in self._reported if b == best}
         try:
-            return _restore_intact(mgr, step, lambda s: restore(mgr, s), checked=self._checked[best],
-                                   reported=reported)
+            return _restore_intact(mgr, step, lambda s: restore(mgr, s), checked=self._checked[best], reported=reported)
         finally:
             self._reported |= {(best, s) for s in reported}
 
@@ -228,8 +244,9 @@ class Checkpointer:
         mgr = self.best if best else self.recent
         if step is None and mgr.latest_step() is None:
             return None
-        _, meta = self._restore(step, best, lambda m, s: m.restore(
-            s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+        _, meta = self._restore(
+            step, best, lambda m, s: m.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        )
         return meta
 
     def restore(self, abstract_state: Any, step: int | None = None, *, best: bool = False):
@@ -247,8 +264,13 @@ class Checkpointer:
         mgr = self.best if best else self.recent
         if step is None and mgr.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint under {self.workdir}")
-        _, out = self._restore(step, best, lambda m, s: m.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())))
+        _, out = self._restore(
+            step,
+            best,
+            lambda m, s: m.restore(
+                s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+            ),
+        )
         return out.state, out.meta
 
     def close(self) -> None:
@@ -290,10 +312,11 @@ def load_params(workdir: str, step: int | None = None):
     try:
         if step is None and mgr.latest_step() is None:
             raise FileNotFoundError(
-                f"no checkpoint in {folder}; train first with "
-                f"`python run_train.py --config=... --workdir={workdir}`")
-        step, state = _restore_intact(mgr, step, lambda s: mgr.restore(
-            s, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state)
+                f"no checkpoint in {folder}; train first with `python run_train.py --config=... --workdir={workdir}`"
+            )
+        step, state = _restore_intact(
+            mgr, step, lambda s: mgr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+        )
     finally:
         mgr.close()
     check_finite(state["params"], step, folder)

@@ -5,6 +5,7 @@ override, a :class:`~flax_textvae.validation.ConfigError`, a missing or unreadab
 hub id) prints one ``error: ...`` paragraph on stderr and exits 2, with the traceback only under
 ``--verbose``; anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,8 +50,7 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
       main: the script's ``main(argv)``; its return value is the exit code.
       argv: the command line (default ``sys.argv``).
     """
-    app.run(functools.partial(_guarded, main), argv=list(argv) if argv is not None else None,
-            flags_parser=_parse_flags)
+    app.run(functools.partial(_guarded, main), argv=list(argv) if argv is not None else None, flags_parser=_parse_flags)
 
 
 def with_config(argv: Sequence[str], default: str) -> list[str]:
@@ -86,8 +86,7 @@ def _flag_set(argv: Sequence[str], name: str) -> bool:
 
 
 def _asked_for_help(argv: Sequence[str]) -> bool:
-    return any(a.startswith("-") and a.lstrip("-").split("=")[0] in _HELP_FLAGS
-               for a in argv[1:] if a != "--")
+    return any(a.startswith("-") and a.lstrip("-").split("=")[0] in _HELP_FLAGS for a in argv[1:] if a != "--")
 
 
 def _override_message(err: BaseException, argv: Sequence[str]) -> str:
@@ -106,8 +105,7 @@ def _override_message(err: BaseException, argv: Sequence[str]) -> str:
             if guess:
                 fixed = ".".join(guess.group(1) if p == key else p for p in parts)
                 fix = f"did you mean --{fixed}? "
-            return (f"--{name}: the config has no field {key!r}; {fix}Run with --print_config to list every "
-                    "field.")
+            return f"--{name}: the config has no field {key!r}; {fix}Run with --print_config to list every field."
     hint = f" (did you mean {guess.group(1)!r}?)" if guess else ""
     return f"the config has no field {key!r}{hint}; check the config file and the --config.FIELD overrides."
 
@@ -127,8 +125,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
             raise
         name = getattr(e, "flagname", None)
         fields = [f for f in configuration.field_comments() if name and (f == name or f.endswith(f".{name}"))]
-        hint = (f"; config fields are set with --config.FIELD=VALUE: did you mean --config.{fields[0]}?"
-                if fields and "config" in absl_flags.FLAGS else "")
+        hint = (
+            f"; config fields are set with --config.FIELD=VALUE: did you mean --config.{fields[0]}?"
+            if fields and "config" in absl_flags.FLAGS
+            else ""
+        )
         fail(f"{e}{hint}\nRun with --helpfull to list the flags.")
     except (AttributeError, KeyError) as e:  # ml_collections: a field the locked config does not have
         if verbose:
@@ -166,8 +167,10 @@ def check_trained_run(workdir: str) -> None:
         raise FileNotFoundError(f"--workdir={workdir} is not a trained run: it has no config.json; {fix}")
     ckdir = os.path.join(workdir, "checkpoints")
     if not (os.path.isdir(ckdir) and any(d.isdigit() for d in os.listdir(ckdir))):
-        raise FileNotFoundError(f"--workdir={workdir} has no checkpoint yet; train it first (python run_train.py "
-                                f"--config=... --workdir={workdir}) or {fix}")
+        raise FileNotFoundError(
+            f"--workdir={workdir} has no checkpoint yet; train it first (python run_train.py "
+            f"--config=... --workdir={workdir}) or {fix}"
+        )
 
 
 def run_eval_main(flags) -> int:
@@ -181,15 +184,24 @@ def run_eval_main(flags) -> int:
     if flags.mode == "metrics":
         config = inference.load_config(workdir)
         try:
-            evaluate.evaluate(config, workdir, data=flags.data, name=flags.name, iw_samples=flags.iw_samples,
-                              seed=flags.seed, batch_size=flags.batch_size, step=flags.step,
-                              output_dir=flags.output_dir,
-                              report=lambda result: print(evaluate.format_table(result), flush=True))
+            evaluate.evaluate(
+                config,
+                workdir,
+                data=flags.data,
+                name=flags.name,
+                iw_samples=flags.iw_samples,
+                seed=flags.seed,
+                batch_size=flags.batch_size,
+                step=flags.step,
+                output_dir=flags.output_dir,
+                report=lambda result: print(evaluate.format_table(result), flush=True),
+            )
         except evaluate.ResultsNotWritten as e:
             if flags.output_dir:
                 raise
-            raise evaluate.ResultsNotWritten(f"{e}; the metrics are printed above: pass --output_dir=DIR to "
-                                             "write them to a writable folder") from e
+            raise evaluate.ResultsNotWritten(
+                f"{e}; the metrics are printed above: pass --output_dir=DIR to write them to a writable folder"
+            ) from e
         return 0
     if flags.mode == "plot":
         return _plot(workdir, flags.output, flags.step)
@@ -226,8 +238,9 @@ def _plot(workdir: str, out_dir: str | None, step: int | None = None) -> int:
     config = inference.load_config(workdir)
     p1 = int(config.phase1.steps) if "phase1" in config else 0
     boundaries = [(float(p1), 2)] if 0 < p1 < int(config.train_steps) else None
-    curves = plots.plot_training_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(out_dir, "training.png"),
-                                        boundaries=boundaries)
+    curves = plots.plot_training_curves(
+        os.path.join(workdir, "metrics.jsonl"), os.path.join(out_dir, "training.png"), boundaries=boundaries
+    )
     print(f"wrote {curves}")
     run = builders.build_run(config, workdir, train=False)
     params, _ = checkpoints.load_params(workdir, step)  # --step, else the newest

@@ -23,6 +23,7 @@ Values of ``directory``:
 
 The cache is only ever a shortcut: an unreadable entry is recompiled (jax warns), never an error.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@
 each with a comment; a file in ``configs/`` changes what it needs and returns ``config.lock()``-ed, so a
 mistyped ``--config.x=y`` override is an error rather than a silently ignored key.
 """
+
 from __future__ import annotations
 
 import inspect

@@ -44,6 +44,7 @@ score frozen and a pad continuation of cost 0, competing with the live ones. Can
 ``length_penalty=0`` ranks by the raw summed log-probability. The best beam per example (by the same
 normalised score) is returned.
 """
+
 from __future__ import annotations
 
 import collections
@@ -64,8 +65,19 @@ TokensToLogits = Callable[[Any, Any, jax.Array, Any], tuple[jax.Array, Any]]
 # sequence_logits(params, tokens [R, T], inputs) -> logits [R, T, V]
 SequenceLogits = Callable[[Any, jax.Array, Any], jax.Array]
 
-__all__ = ["METHODS", "TokensToLogits", "SequenceLogits", "decode", "sequence_log_probs", "cache_length",
-           "filter_logits", "length_penalty_factor", "clear_compiled_cache", "trace_count", "compiled_count"]
+__all__ = [
+    "METHODS",
+    "TokensToLogits",
+    "SequenceLogits",
+    "decode",
+    "sequence_log_probs",
+    "cache_length",
+    "filter_logits",
+    "length_penalty_factor",
+    "clear_compiled_cache",
+    "trace_count",
+    "compiled_count",
+]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -120,8 +132,9 @@ def _num_rows(*trees: Any) -> int:
     """The common leading axis of every rank >= 1 leaf of ``trees`` (ValueError if they differ or none has one)."""
     sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(trees) if jnp.ndim(x)}
     if len(sizes) != 1:
-        raise ValueError(f"every cache / inputs leaf of rank >= 1 must have the rows first; leading axes: "
-                         f"{sorted(sizes) or 'none'}")
+        raise ValueError(
+            f"every cache / inputs leaf of rank >= 1 must have the rows first; leading axes: {sorted(sizes) or 'none'}"
+        )
     return sizes.pop()
 
 
@@ -130,8 +143,9 @@ def _per_row(fn: Callable[[jax.Array], jax.Array], tree: Any) -> Any:
     return jax.tree.map(lambda x: fn(x) if jnp.ndim(x) else x, tree)
 
 
-def _forced_or(step_in_prompt: jax.Array, prompt: tuple[int, ...], rows: int, forced_rest: tuple,
-               generate: Callable[[], tuple]) -> tuple:
+def _forced_or(
+    step_in_prompt: jax.Array, prompt: tuple[int, ...], rows: int, forced_rest: tuple, generate: Callable[[], tuple]
+) -> tuple:
     """Loop iterations 0..len(prompt)-2 feed the prompt: the next input is prompt[i + 1] and the rest of the
     state is unchanged (``forced_rest``); later iterations run ``generate()``. The model call itself is
     outside this switch, so the compiled program holds one copy of the model."""
@@ -162,8 +176,7 @@ def _build_ancestral(tokens_to_logits, method, prompt, eos_id, pad_id, max_lengt
         batch = _num_rows(cache, inputs)
         tok = jnp.full((batch,), prompt[0], jnp.int32)
         out = jnp.full((batch, max_length), pad_id, jnp.int32)
-        state = (jnp.zeros((), jnp.int32), cache, tok, out, jnp.zeros((batch,), bool),
-                 jnp.zeros((batch,), jnp.float32))
+        state = (jnp.zeros((), jnp.int32), cache, tok, out, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.float32))
 
         def cond(s):
             return jnp.logical_and(s[0] < cache_len, jnp.logical_not(jnp.all(s[4])))
@@ -184,8 +197,7 @@ def _build_ancestral(tokens_to_logits, method, prompt, eos_id, pad_id, max_lengt
                 nxt = jnp.where(finished, pad_id, nxt)
                 gained = jnp.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0]
                 new_out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, jnp.maximum(t, 0)))
-                return (nxt, new_out, jnp.logical_or(finished, nxt == eos_id),
-                        total + jnp.where(finished, 0.0, gained))
+                return (nxt, new_out, jnp.logical_or(finished, nxt == eos_id), total + jnp.where(finished, 0.0, gained))
 
             nxt, out, finished, total = _forced_or(i, prompt, batch, (out, finished, total), generate)
             return i + 1, cache, nxt, out, finished, total
@@ -224,8 +236,7 @@ def _beam_candidates(logits, t, scores, finished, lengths, seqs, pad_id, eos_id,
     new_seqs = jnp.take_along_axis(seqs, parent[..., None], axis=1)
     new_seqs = jax.lax.dynamic_update_slice(new_seqs, token[..., None], (0, 0, jnp.maximum(t, 0)))
     flat_parent = (jnp.arange(batch)[:, None] * width + parent).reshape(-1)
-    return (token.reshape(-1), flat_parent, new_seqs, new_scores, jnp.logical_or(parent_done, token == eos_id),
-            new_len)
+    return (token.reshape(-1), flat_parent, new_seqs, new_scores, jnp.logical_or(parent_done, token == eos_id), new_len)
 
 
 def _build_beam(tokens_to_logits, prompt, eos_id, pad_id, max_length, beam_size):
@@ -243,8 +254,15 @@ def _build_beam(tokens_to_logits, prompt, eos_id, pad_id, max_length, beam_size)
         seqs = jnp.full((batch, width, max_length), pad_id, jnp.int32)
         # only beam 0 is alive at the start, so the W beams do not all expand the same prefix
         scores = jnp.tile(jnp.where(jnp.arange(width) == 0, 0.0, _NEG)[None], (batch, 1)).astype(jnp.float32)
-        state = (jnp.zeros((), jnp.int32), cache, tok, seqs, scores, jnp.zeros((batch, width), bool),
-                 jnp.zeros((batch, width), jnp.int32))
+        state = (
+            jnp.zeros((), jnp.int32),
+            cache,
+            tok,
+            seqs,
+            scores,
+            jnp.zeros((batch, width), bool),
+            jnp.zeros((batch, width), jnp.int32),
+        )
 
         def cond(s):
             return jnp.logical_and(s[0] < cache_len, jnp.logical_not(jnp.all(s[5])))
@@ -253,11 +271,13 @@ def _build_beam(tokens_to_logits, prompt, eos_id, pad_id, max_length, beam_size)
             i, cache, tok, seqs, scores, finished, lengths = s
             logits, cache = _step(tokens_to_logits, params, cache, tok, inputs)
             t = i - num_forced
-            generate = functools.partial(_beam_candidates, logits, t, scores, finished, lengths, seqs, pad_id,
-                                         eos_id, length_penalty)
+            generate = functools.partial(
+                _beam_candidates, logits, t, scores, finished, lengths, seqs, pad_id, eos_id, length_penalty
+            )
             keep = jnp.arange(rows)
             nxt, flat_parent, seqs, scores, finished, lengths = _forced_or(
-                i, prompt, rows, (keep, seqs, scores, finished, lengths), generate)
+                i, prompt, rows, (keep, seqs, scores, finished, lengths), generate
+            )
             cache = _per_row(lambda x: x[flat_parent], cache)  # cache rows follow their parent beams
             return i + 1, cache, nxt, seqs, scores, finished, lengths
 
@@ -324,8 +344,9 @@ def clear_compiled_cache() -> None:
     _COMPILED.clear()
 
 
-def _program(tokens_to_logits: TokensToLogits, method: str, static: tuple, *, rng, temperature, top_k, top_p,
-             beam_size) -> Callable:
+def _program(
+    tokens_to_logits: TokensToLogits, method: str, static: tuple, *, rng, temperature, top_k, top_p, beam_size
+) -> Callable:
     """The compiled search for ``method`` and the static settings ``(prompt, eos_id, pad_id, max_length)``,
     after checking the method's own arguments."""
     if method not in METHODS:
@@ -333,18 +354,25 @@ def _program(tokens_to_logits: TokensToLogits, method: str, static: tuple, *, rn
     if method == "beam":
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-        return _compiled(tokens_to_logits, ("beam",) + static + (int(beam_size),),
-                         lambda: _build_beam(tokens_to_logits, *static, int(beam_size)))
+        return _compiled(
+            tokens_to_logits,
+            ("beam",) + static + (int(beam_size),),
+            lambda: _build_beam(tokens_to_logits, *static, int(beam_size)),
+        )
     if method == "sample":
         if rng is None:
             raise ValueError("method='sample' needs an explicit rng")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0 (use method='greedy' for argmax), got {temperature}")
         use_top_p = float(top_p) < 1.0
-        return _compiled(tokens_to_logits, ("sample",) + static + (int(top_k), use_top_p),
-                         lambda: _build_ancestral(tokens_to_logits, "sample", *static, int(top_k), use_top_p))
-    return _compiled(tokens_to_logits, ("greedy",) + static,
-                     lambda: _build_ancestral(tokens_to_logits, "greedy", *static, 0, False))
+        return _compiled(
+            tokens_to_logits,
+            ("sample",) + static + (int(top_k), use_top_p),
+            lambda: _build_ancestral(tokens_to_logits, "sample", *static, int(top_k), use_top_p),
+        )
+    return _compiled(
+        tokens_to_logits, ("greedy",) + static, lambda: _build_ancestral(tokens_to_logits, "greedy", *static, 0, False)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -397,18 +425,28 @@ def decode(
     prompt = tuple(int(t) for t in prompt)
     cache_length(prompt, max_length)  # validates prompt and max_length
     _num_rows(cache, inputs)
-    fn = _program(tokens_to_logits, method, (prompt, int(eos_id), int(pad_id), int(max_length)), rng=rng,
-                  temperature=temperature, top_k=top_k, top_p=top_p, beam_size=beam_size)
+    fn = _program(
+        tokens_to_logits,
+        method,
+        (prompt, int(eos_id), int(pad_id), int(max_length)),
+        rng=rng,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        beam_size=beam_size,
+    )
     if method != "sample":
         rng = jax.random.PRNGKey(0)
-    tokens, scores = fn(params, cache, inputs, rng, jnp.float32(temperature), jnp.float32(top_p),
-                        jnp.float32(length_penalty))
+    tokens, scores = fn(
+        params, cache, inputs, rng, jnp.float32(temperature), jnp.float32(top_p), jnp.float32(length_penalty)
+    )
     tokens = np.asarray(tokens)
     return (tokens, np.asarray(scores)) if return_scores else tokens
 
 
-def sequence_log_probs(sequence_logits: SequenceLogits, params: Any, tokens: Any, inputs: Any = None, *,
-                       prompt: Sequence[int], eos_id: int) -> np.ndarray:
+def sequence_log_probs(
+    sequence_logits: SequenceLogits, params: Any, tokens: Any, inputs: Any = None, *, prompt: Sequence[int], eos_id: int
+) -> np.ndarray:
     """Teacher-forced ``log p(tokens | inputs)`` of continuations as ``decode`` returns them (no cache).
 
     Args:
@@ -424,8 +462,9 @@ def sequence_log_probs(sequence_logits: SequenceLogits, params: Any, tokens: Any
       ``np.ndarray [B]`` float32 summed log-probabilities.
     """
     prompt = tuple(int(t) for t in prompt)
-    fn = _compiled(sequence_logits, ("score", prompt, int(eos_id)),
-                   lambda: _build_scorer(sequence_logits, prompt, int(eos_id)))
+    fn = _compiled(
+        sequence_logits, ("score", prompt, int(eos_id)), lambda: _build_scorer(sequence_logits, prompt, int(eos_id))
+    )
     return np.asarray(fn(params, jnp.asarray(tokens, jnp.int32), inputs))
 
 
@@ -434,7 +473,7 @@ def _build_scorer(sequence_logits: SequenceLogits, prompt: tuple[int, ...], eos_
         batch = tokens.shape[0]
         prefix = jnp.tile(jnp.asarray(prompt, jnp.int32)[None], (batch, 1))
         ids = jnp.concatenate([prefix, tokens[:, :-1]], axis=1)
-        logits = sequence_logits(params, ids, inputs)[:, len(prompt) - 1:].astype(jnp.float32)
+        logits = sequence_logits(params, ids, inputs)[:, len(prompt) - 1 :].astype(jnp.float32)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
         is_eos = (tokens == eos_id).astype(jnp.int32)
         upto_eos = (jnp.cumsum(is_eos, axis=1) - is_eos) == 0  # positions up to and including the first EOS

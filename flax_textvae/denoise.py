@@ -14,6 +14,7 @@ original order, and every other position holds ``pad_id``.
 :func:`text_infilling` (and :func:`infill_example` for one sequence) is BART's pretraining corruption: spans
 with Poisson lengths, each replaced by a single mask token, used by ``flax_textvae.pretrain``.
 """
+
 from typing import Optional, Sequence, Tuple
 
 import jax
@@ -39,8 +40,9 @@ def _corruptible(rng: Array, ids: Array, mask: Array, max_rate, special_ids: Seq
     return hit & (mask > 0) & ~_is_special(ids, special_ids)
 
 
-def delete_tokens(rng: Array, ids: Array, mask: Array, max_rate, special_ids: Sequence[int],
-                  pad_id: int) -> Tuple[Array, Array]:
+def delete_tokens(
+    rng: Array, ids: Array, mask: Array, max_rate, special_ids: Sequence[int], pad_id: int
+) -> Tuple[Array, Array]:
     """Randomly deletes tokens from a right-padded batch and re-packs the survivors to the left.
 
     Each example b draws a rate r_b ~ U(0, max_rate); each real (mask 1), non-special token is deleted with
@@ -70,8 +72,7 @@ def delete_tokens(rng: Array, ids: Array, mask: Array, max_rate, special_ids: Se
     return new_ids, new_keep.astype(mask.dtype)
 
 
-def mask_tokens(rng: Array, ids: Array, mask: Array, max_rate, special_ids: Sequence[int],
-                mask_id: int) -> Array:
+def mask_tokens(rng: Array, ids: Array, mask: Array, max_rate, special_ids: Sequence[int], mask_id: int) -> Array:
     """Randomly replaces tokens with ``mask_id``; the attention mask does not change.
 
     Each example b draws a rate r_b ~ U(0, max_rate); each real, non-special token is replaced with
@@ -92,8 +93,9 @@ def mask_tokens(rng: Array, ids: Array, mask: Array, max_rate, special_ids: Sequ
     return jnp.where(hit, jnp.asarray(mask_id, ids.dtype), ids)
 
 
-def word_dropout(rng: Array, decoder_input_ids: Array, rate, unk_id: int, special_ids: Sequence[int],
-                 mask: Optional[Array] = None) -> Array:
+def word_dropout(
+    rng: Array, decoder_input_ids: Array, rate, unk_id: int, special_ids: Sequence[int], mask: Optional[Array] = None
+) -> Array:
     """Decoder word dropout (Bowman et al. 2016): replaces teacher-forced decoder INPUT tokens with ``unk_id``.
 
     Each token is replaced independently with probability ``rate``, except position 0 (the decoder start
@@ -118,8 +120,9 @@ def word_dropout(rng: Array, decoder_input_ids: Array, rate, unk_id: int, specia
     return jnp.where(hit, jnp.asarray(unk_id, ids.dtype), ids)
 
 
-def infill_example(rng: Array, ids: Array, mask: Array, rate, poisson_lambda, special_ids: Sequence[int],
-                   mask_id: int, pad_id: int) -> Tuple[Array, Array]:
+def infill_example(
+    rng: Array, ids: Array, mask: Array, rate, poisson_lambda, special_ids: Sequence[int], mask_id: int, pad_id: int
+) -> Tuple[Array, Array]:
     """BART text infilling of one right-padded sequence: spans of Poisson length become one mask token each.
 
     Let ``m`` be the number of real (mask 1), non-special tokens. ``k`` of them are masked, ``k`` the
@@ -190,8 +193,17 @@ def _span_layout(k_len: Array, k_gap: Array, k: Array, m: Array, s: int, poisson
     return kept_rank, emit_rank
 
 
-def _pack(ids: Array, mask: Array, real: Array, maskable: Array, kept_rank: Array, emit_rank: Array, m: Array,
-          mask_id: int, pad_id: int) -> Tuple[Array, Array]:
+def _pack(
+    ids: Array,
+    mask: Array,
+    real: Array,
+    maskable: Array,
+    kept_rank: Array,
+    emit_rank: Array,
+    m: Array,
+    mask_id: int,
+    pad_id: int,
+) -> Tuple[Array, Array]:
     """The corrupted sequence of :func:`infill_example` from its span layout, re-packed to the left."""
     s = ids.shape[0]
     positions = jnp.arange(s, dtype=jnp.int32)
@@ -223,8 +235,9 @@ def _pack(ids: Array, mask: Array, real: Array, maskable: Array, kept_rank: Arra
     return out, (positions < length).astype(mask.dtype)
 
 
-def text_infilling(rng: Array, ids: Array, mask: Array, rate, poisson_lambda, special_ids: Sequence[int],
-                   mask_id: int, pad_id: int) -> Tuple[Array, Array]:
+def text_infilling(
+    rng: Array, ids: Array, mask: Array, rate, poisson_lambda, special_ids: Sequence[int], mask_id: int, pad_id: int
+) -> Tuple[Array, Array]:
     """:func:`infill_example` on every row of a batch; row ``b`` draws from ``fold_in(rng, b)``.
 
     Args:
@@ -237,5 +250,6 @@ def text_infilling(rng: Array, ids: Array, mask: Array, rate, poisson_lambda, sp
       ``(ids, mask)`` [B, S].
     """
     keys = jax.vmap(lambda b: jax.random.fold_in(rng, b))(jnp.arange(ids.shape[0]))
-    return jax.vmap(lambda key, i, m: infill_example(key, i, m, rate, poisson_lambda, special_ids, mask_id,
-                                                     pad_id))(keys, ids, mask)
+    return jax.vmap(lambda key, i, m: infill_example(key, i, m, rate, poisson_lambda, special_ids, mask_id, pad_id))(
+        keys, ids, mask
+    )

@@ -11,6 +11,7 @@ Per example x (``T(x)`` = real target tokens, EOS counted, padding and BOS not):
 Every random draw is keyed by the example's index in the split, so results do not depend on the batch size,
 on the bucket an example lands in, or on the number of devices; the same seed gives the same numbers.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,7 +55,6 @@ def _compiled(model: TextVAE):
 
 
 def _build(model: TextVAE):
-
     def posterior(params, batch):
         return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], method=TextVAE.encode)
 
@@ -71,8 +71,7 @@ def _build(model: TextVAE):
         z = mean + jnp.exp(0.5 * logvar) * eps
         rec = -log_px(params, z, batch, 1)
         kl = losses.gaussian_kl(mean, logvar).sum(-1)
-        return {"rec": rec, "kl": kl, "mean": mean, "logvar": logvar, "z": z,
-                "tokens": batch["label_weights"].sum(-1)}
+        return {"rec": rec, "kl": kl, "mean": mean, "logvar": logvar, "z": z, "tokens": batch["label_weights"].sum(-1)}
 
     @functools.partial(jax.jit, static_argnums=(6,))
     def iw_chunk(params, batch, mean, logvar, key, start, k):
@@ -108,13 +107,26 @@ class _Progress:
 
     def close(self, done: int) -> None:
         if self.on and (self.tty or time.time() - self.t0 >= 30):
-            print(("\r" if self.tty else "") + f"  eval {self.name}: {done} examples in "
-                  f"{time.time() - self.t0:.1f} s", file=sys.stderr, flush=True)
+            print(
+                ("\r" if self.tty else "") + f"  eval {self.name}: {done} examples in {time.time() - self.t0:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
-def evaluate_split(run, params, batches_fn, *, iw_samples: int = 0, seed: int = 0, with_bleu: bool = False,
-                   iw_chunk: int = 0, name: str = "eval", mi_au: bool = True,
-                   mesh=None) -> dict:
+def evaluate_split(
+    run,
+    params,
+    batches_fn,
+    *,
+    iw_samples: int = 0,
+    seed: int = 0,
+    with_bleu: bool = False,
+    iw_chunk: int = 0,
+    name: str = "eval",
+    mi_au: bool = True,
+    mesh=None,
+) -> dict:
     """The docs/metrics.md metrics of ``params`` over every example ``batches_fn()`` yields.
 
     Args:
@@ -169,8 +181,10 @@ def _placement(params, mesh):
     its own default device), the default device."""
     if mesh is None or jax.process_count() > 1:
         return params, lambda b: {k: jnp.asarray(v) for k, v in b.items()}
-    return (jax.device_put(params, parallel.replicated(mesh)),
-            lambda b: jax.device_put(dict(b), parallel.batch_sharding(mesh)))
+    return (
+        jax.device_put(params, parallel.replicated(mesh)),
+        lambda b: jax.device_put(dict(b), parallel.batch_sharding(mesh)),
+    )
 
 
 def _iw_nll(iw_fn, params, dev: dict, out: dict, key, iw_samples: int, iw_chunk: int, vocab_size: int):
@@ -193,14 +207,30 @@ def _summarize(cols: dict, mi_au: bool, bleu, iw_samples: int) -> dict:
     cat = {k: v[order] for k, v in cat.items()}
     mi = metrics.mutual_information(cat["mean"], cat["logvar"], cat["z"]) if mi_au else None
     au = metrics.active_units(cat["mean"]) if mi_au else None
-    return metrics.summarize(cat["rec"], cat["kl"], cat.get("nll"), cat["tokens"], mi=mi, au=au,
-                             bleu=None if bleu is None else float(bleu), iw_samples=iw_samples)
+    return metrics.summarize(
+        cat["rec"],
+        cat["kl"],
+        cat.get("nll"),
+        cat["tokens"],
+        mi=mi,
+        au=au,
+        bleu=None if bleu is None else float(bleu),
+        iw_samples=iw_samples,
+    )
 
 
 def _greedy(run, params, z) -> np.ndarray:
     """Greedy token ids ``[N, run.max_length]`` decoded from latent codes ``z [N, Dz]``."""
-    return inference.decode_from_z(run.model, params, z, prompt=run.prompt, eos_id=run.eos_id, pad_id=run.pad_id,
-                                   max_length=run.max_length, method="greedy")
+    return inference.decode_from_z(
+        run.model,
+        params,
+        z,
+        prompt=run.prompt,
+        eos_id=run.eos_id,
+        pad_id=run.pad_id,
+        max_length=run.max_length,
+        method="greedy",
+    )
 
 
 def reconstruct_examples(run, params, n: int = 5) -> list[tuple[str, str]]:
@@ -211,10 +241,19 @@ def reconstruct_examples(run, params, n: int = 5) -> list[tuple[str, str]]:
     return list(zip(texts, outs))
 
 
-def evaluate(config, workdir: str, *, data: str | None = None, name: str | None = None,
-             iw_samples: int = 500, seed: int | None = None, batch_size: int | None = None,
-             step: int | None = None, output_dir: str | None = None,
-             report: Callable[[dict], None] | None = None) -> dict:
+def evaluate(
+    config,
+    workdir: str,
+    *,
+    data: str | None = None,
+    name: str | None = None,
+    iw_samples: int = 500,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    step: int | None = None,
+    output_dir: str | None = None,
+    report: Callable[[dict], None] | None = None,
+) -> dict:
     """Evaluates a run's checkpoint on a split and writes ``OUTPUT_DIR/NAME.json`` and ``NAME.meta.json``.
 
     Args:
@@ -246,8 +285,16 @@ def evaluate(config, workdir: str, *, data: str | None = None, name: str | None 
     mesh = None
     if jax.device_count() > 1 and (batch_size or config.batch_size) % jax.device_count() == 0:
         mesh = parallel.make_mesh(1)
-    result = evaluate_split(run, params, run.eval_batches, iw_samples=iw_samples,
-                            seed=config.seed if seed is None else seed, with_bleu=True, name=name, mesh=mesh)
+    result = evaluate_split(
+        run,
+        params,
+        run.eval_batches,
+        iw_samples=iw_samples,
+        seed=config.seed if seed is None else seed,
+        with_bleu=True,
+        name=name,
+        mesh=mesh,
+    )
     result = dict(result, max_length=int(run.max_length), num_truncated=int(run.eval_stats.get("truncated", 0)))
     if report is not None:
         report(result)
@@ -256,11 +303,14 @@ def evaluate(config, workdir: str, *, data: str | None = None, name: str | None 
         try:
             os.makedirs(out_dir, exist_ok=True)
             checkpoints.save_json(os.path.join(out_dir, f"{name}.json"), result)
-            checkpoints.save_json(os.path.join(out_dir, f"{name}.meta.json"),
-                                  {"step": used_step, "data": spec, "tokenizer": run.tokenizer_name})
+            checkpoints.save_json(
+                os.path.join(out_dir, f"{name}.meta.json"),
+                {"step": used_step, "data": spec, "tokenizer": run.tokenizer_name},
+            )
         except OSError as e:
-            raise ResultsNotWritten(f"cannot write the evaluation results to {out_dir}: "
-                                    f"{e.strerror or e} ({e.filename or out_dir})") from e
+            raise ResultsNotWritten(
+                f"cannot write the evaluation results to {out_dir}: {e.strerror or e} ({e.filename or out_dir})"
+            ) from e
     return result
 
 

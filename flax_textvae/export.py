@@ -12,6 +12,7 @@ Flax -> PyTorch names come from the family's explicit table read backwards (``ex
 the duplicate names transformers expects for an embedding it does not tie; tied embeddings are written once,
 as transformers saves them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,8 +100,11 @@ def eval_results(workdir: str) -> list[dict]:
     """
     out = []
     eval_dir = os.path.join(workdir, "eval")
-    names = sorted(f[:-5] for f in os.listdir(eval_dir) if f.endswith(".json") and not f.endswith(".meta.json")) \
-        if os.path.isdir(eval_dir) else []
+    names = (
+        sorted(f[:-5] for f in os.listdir(eval_dir) if f.endswith(".json") and not f.endswith(".meta.json"))
+        if os.path.isdir(eval_dir)
+        else []
+    )
     for name in names:
         with open(os.path.join(eval_dir, f"{name}.json")) as f:
             result = json.load(f)
@@ -129,8 +133,14 @@ def eval_results(workdir: str) -> list[dict]:
     if os.path.isfile(os.path.join(workdir, "config.json")):
         with open(os.path.join(workdir, "config.json")) as f:
             data = json.load(f).get("data", {}).get("eval")
-    return [{"name": "final training eval", "data": data, "step": last.get("step"),
-             "metrics": {k: v for k, v in last.items() if k not in ("step", "phase", "split")}}]
+    return [
+        {
+            "name": "final training eval",
+            "data": data,
+            "step": last.get("step"),
+            "metrics": {k: v for k, v in last.items() if k not in ("step", "phase", "split")},
+        }
+    ]
 
 
 def _fmt(value: Any) -> str:
@@ -157,8 +167,10 @@ def _loss_line(c: ml_collections.ConfigDict) -> str:
     if loss.kind == "free_bits":
         return f"free bits (lambda {loss.free_bits} nats per dimension, {loss.free_bits_mode}), {weight}"
     if loss.kind == "constraint":
-        return (f"KL constraint beta * |KL - C| (beta {loss.beta}, target C {loss.target} nats, ramp "
-                f"{loss.target_ramp_steps} steps)")
+        return (
+            f"KL constraint beta * |KL - C| (beta {loss.beta}, target C {loss.target} nats, ramp "
+            f"{loss.target_ramp_steps} steps)"
+        )
     return f"ELBO, {weight}"
 
 
@@ -179,16 +191,35 @@ def model_card(config: dict, step: int, hf_config, results: list[dict], *, name:
     family = getattr(hf_config, "model_type", "?")
     base = c.model.name_or_path
     hub = _hub_id(base)
-    header = ["---", "library_name: flax_textvae", "tags:", "- text-vae", "- variational-autoencoder",
-              f"- {family}", "- jax", "- flax"] + ([f"base_model: {hub}"] if hub else []) + ["---", ""]
-    source = ("a from-scratch " + family.upper() + " backbone" if base == "scratch"
-              else f"the pretrained `{base}` ({family.upper()})")
+    header = (
+        [
+            "---",
+            "library_name: flax_textvae",
+            "tags:",
+            "- text-vae",
+            "- variational-autoencoder",
+            f"- {family}",
+            "- jax",
+            "- flax",
+        ]
+        + ([f"base_model: {hub}"] if hub else [])
+        + ["---", ""]
+    )
+    source = (
+        "a from-scratch " + family.upper() + " backbone"
+        if base == "scratch"
+        else f"the pretrained `{base}` ({family.upper()})"
+    )
     lines = header + [
-        f"# {name}", "",
+        f"# {name}",
+        "",
         f"A text variational autoencoder (a sentence encoder q(z|x) and a decoder p(x|z) with a Gaussian "
         f"latent z of {c.vae.latent_size} dimensions) finetuned from {source} with flax_textvae, exported at "
-        f"step {step}.", "",
-        "## Evaluation", ""]
+        f"step {step}.",
+        "",
+        "## Evaluation",
+        "",
+    ]
     lines += _card_results(results) + _card_training(c) + _card_usage(name)
     return "\n".join(lines)
 
@@ -196,11 +227,14 @@ def model_card(config: dict, step: int, hf_config, results: list[dict], *, name:
 def _card_results(results: list[dict]) -> list[str]:
     if not results:
         return ["No evaluation was recorded for this run (`python run_eval.py --workdir=DIR` computes one)."]
-    lines = ["Held-out metrics in nats (natural log): `rec` = -log p(x|z), `kl` = KL(q(z|x) || N(0, I)), "
-             "`neg_elbo` = rec + kl, `nll` = importance-weighted -log p(x) with K = `iw_samples`, `ppl` / "
-             "`ppl_elbo` per token of this model's tokenizer (not comparable across tokenizers), `mi` = "
-             "I(x;z) over the split, `au` = active units, `bleu` = greedy reconstructions from the "
-             "posterior mean.", ""]
+    lines = [
+        "Held-out metrics in nats (natural log): `rec` = -log p(x|z), `kl` = KL(q(z|x) || N(0, I)), "
+        "`neg_elbo` = rec + kl, `nll` = importance-weighted -log p(x) with K = `iw_samples`, `ppl` / "
+        "`ppl_elbo` per token of this model's tokenizer (not comparable across tokenizers), `mi` = "
+        "I(x;z) over the split, `au` = active units, `bleu` = greedy reconstructions from the "
+        "posterior mean.",
+        "",
+    ]
     keys = [k for k in SUMMARY_KEYS if any(k in r["metrics"] for r in results)]
     lines.append("| split | data | step | " + " | ".join(keys) + " |")
     lines.append("|---" * (3 + len(keys)) + "|")
@@ -213,43 +247,63 @@ def _card_results(results: list[dict]) -> list[str]:
 def _card_training(c) -> list[str]:
     phase1 = int(c.phase1.steps)
     return [
-        "", "## Training", "",
-        f"* Steps: {c.train_steps} in all; " + (
+        "",
+        "## Training",
+        "",
+        f"* Steps: {c.train_steps} in all; "
+        + (
             f"phase 1 (steps 1-{phase1}): KL weight 0, decoder frozen, the encoder and posterior heads learn; "
-            f"phase 2 (steps {phase1 + 1}-{c.train_steps}): everything trains." if phase1 else "one phase."),
+            f"phase 2 (steps {phase1 + 1}-{c.train_steps}): everything trains."
+            if phase1
+            else "one phase."
+        ),
         f"* Loss: {_loss_line(c)}.",
         f"* VAE: latent size {c.vae.latent_size}, {c.vae.pooling} pooling, z injected as `{c.vae.injection}`"
-        + (f" (memory style `{c.vae.memory_style}`)" if "memory_style" in c.vae else "") + ".",
+        + (f" (memory style `{c.vae.memory_style}`)" if "memory_style" in c.vae else "")
+        + ".",
         f"* Denoising: deletion up to {c.denoise.delete_rate}, masking up to {c.denoise.mask_rate}, decoder word "
         f"dropout {c.denoise.word_dropout}.",
         f"* Optimizer: AdamW, learning rate {c.optimizer.learning_rate} ({c.optimizer.warmup_steps} warm-up "
         f"steps, {c.optimizer.decay} decay), weight decay {c.optimizer.weight_decay}, batch size {c.batch_size}.",
         f"* Data: train `{c.data.train}`, eval `{c.data.eval}`, at most {c.data.max_length} tokens per sentence.",
-        f"* Seed {c.seed}; compute dtype {c.model.dtype}. The full config is `config` in `vae_config.json`."]
+        f"* Seed {c.seed}; compute dtype {c.model.dtype}. The full config is `config` in `vae_config.json`.",
+    ]
 
 
 def _card_usage(name: str) -> list[str]:
     return [
-        "", "## Files", "",
+        "",
+        "## Files",
+        "",
         "* `config.json`, `model.safetensors`, tokenizer files: the backbone in Hugging Face PyTorch format (the "
         "whole seq2seq model; its decoder was trained to read z, which plain transformers does not feed it).",
         "* `vae.safetensors`: the VAE's own parameters (posterior heads, z -> decoder projections).",
         "* `vae_config.json`: the run's config and the exported step.",
-        "", "## How to load", "",
-        "```python", "import flax_textvae", "",
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "import flax_textvae",
+        "",
         f'vae = flax_textvae.load("{name}")',
         'mean, logvar = vae.encode(["the cat sat on the mat"])   # [1, latent_size] each',
         'vae.reconstruct(["the cat sat on the mat"])',
         "vae.sample(3, seed=0)",
         'vae.interpolate("a dog barks", "the old man sleeps", steps=5)',
-        "```", "",
-        "The backbone alone:", "",
-        "```python", "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer", "",
+        "```",
+        "",
+        "The backbone alone:",
+        "",
+        "```python",
+        "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
+        "",
         f'model = AutoModelForSeq2SeqLM.from_pretrained("{name}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
-        "```", "",
+        "```",
+        "",
         f"Held-out metrics: `python run_eval.py --workdir={name} --data=SPEC` (writes `{name}/eval/NAME.json`).",
-        ""]
+        "",
+    ]
 
 
 # -------------------------------------------------------------------------------------------- export
@@ -257,10 +311,13 @@ def _check_output(output: str, workdir: str) -> None:
     """Raises ``FileExistsError`` unless ``output`` is absent, empty, or an earlier export (then replaced)."""
     if os.path.realpath(output) == os.path.realpath(workdir):
         raise FileExistsError(f"--output={output} is the run's workdir; choose another folder")
-    if os.path.exists(output) and not (os.path.isdir(output) and (not os.listdir(output)
-                                                                  or exported.is_exported(output))):
-        raise FileExistsError(f"--output={output} exists and is not an earlier export; choose a new or empty "
-                              "folder (an earlier export there is replaced)")
+    if os.path.exists(output) and not (
+        os.path.isdir(output) and (not os.listdir(output) or exported.is_exported(output))
+    ):
+        raise FileExistsError(
+            f"--output={output} exists and is not an earlier export; choose a new or empty "
+            "folder (an earlier export there is replaced)"
+        )
 
 
 def export(workdir: str, output: str, *, step: int | None = None) -> str:
@@ -298,18 +355,27 @@ def export(workdir: str, output: str, *, step: int | None = None) -> str:
     vae = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flatten_dict(params, sep="/").items()}
 
     vae_config = {"format": exported.FORMAT, "step": int(used_step), "config": config}
-    card = model_card(config, int(used_step), hf_config, eval_results(workdir),
-                      name=os.path.basename(os.path.abspath(output)))
-    _assemble(output, model_dir, {WEIGHTS_NAME: (state, "pt"), exported.VAE_WEIGHTS_NAME: (vae, "np")},
-              {exported.VAE_CONFIG_NAME: _json_text(vae_config), CARD_NAME: card})
+    card = model_card(
+        config, int(used_step), hf_config, eval_results(workdir), name=os.path.basename(os.path.abspath(output))
+    )
+    _assemble(
+        output,
+        model_dir,
+        {WEIGHTS_NAME: (state, "pt"), exported.VAE_WEIGHTS_NAME: (vae, "np")},
+        {exported.VAE_CONFIG_NAME: _json_text(vae_config), CARD_NAME: card},
+    )
     size = sum(a.nbytes for a in state.values()) / 2**20
-    print(f"export: wrote {output} (step {used_step}; backbone {len(state)} tensors, {size:.1f} MiB; "
-          f"VAE {len(vae)} tensors)", flush=True)
+    print(
+        f"export: wrote {output} (step {used_step}; backbone {len(state)} tensors, {size:.1f} MiB; "
+        f"VAE {len(vae)} tensors)",
+        flush=True,
+    )
     return output
 
 
-def export_backbone(backbone: Any, hf_config, model_dir: str, output: str, *, extra_files: dict | None = None,
-                    marker: str | None = None) -> str:
+def export_backbone(
+    backbone: Any, hf_config, model_dir: str, output: str, *, extra_files: dict | None = None, marker: str | None = None
+) -> str:
     """Writes a bare seq2seq backbone as a Hugging Face folder (no VAE parts), replacing ``output`` atomically.
 
     The folder holds ``model.safetensors`` (:func:`torch_state_dict` of ``backbone``), every file of
@@ -337,12 +403,15 @@ def export_backbone(backbone: Any, hf_config, model_dir: str, output: str, *, ex
     """
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"{model_dir} has no config.json: nothing describes the backbone to export")
-    if os.path.exists(output) and not (os.path.isdir(output) and (
-            not os.listdir(output) or (marker and os.path.isfile(os.path.join(output, marker))))):
-        raise FileExistsError(f"{output} exists and is not an earlier export of this kind; choose a new or empty "
-                              "folder")
-    return _assemble(output, model_dir, {WEIGHTS_NAME: (torch_state_dict(backbone, hf_config), "pt")},
-                     extra_files or {})
+    if os.path.exists(output) and not (
+        os.path.isdir(output) and (not os.listdir(output) or (marker and os.path.isfile(os.path.join(output, marker))))
+    ):
+        raise FileExistsError(
+            f"{output} exists and is not an earlier export of this kind; choose a new or empty folder"
+        )
+    return _assemble(
+        output, model_dir, {WEIGHTS_NAME: (torch_state_dict(backbone, hf_config), "pt")}, extra_files or {}
+    )
 
 
 def _json_text(obj: Any) -> str:
@@ -379,8 +448,9 @@ def _assemble(output: str, model_dir: str, tensors: dict, texts: dict) -> str:
 
 
 # ------------------------------------------------------------------------------- pretrained backbones
-def export_pretrained(workdir: str, output: str, params, hf_config, *, step: int, eval_metrics: dict | None,
-                      config) -> str:
+def export_pretrained(
+    workdir: str, output: str, params, hf_config, *, step: int, eval_metrics: dict | None, config
+) -> str:
     """Writes the pretrained backbone as a Hugging Face folder (``export.export_backbone``) with a card.
 
     Args:
@@ -395,53 +465,83 @@ def export_pretrained(workdir: str, output: str, params, hf_config, *, step: int
     Returns:
       ``output``.
     """
-    record = {"format": PRETRAIN_FORMAT, "step": int(step), "eval": eval_metrics,
-              "config": rundir.config_dict(config)}
+    record = {"format": PRETRAIN_FORMAT, "step": int(step), "eval": eval_metrics, "config": rundir.config_dict(config)}
     name = os.path.basename(os.path.abspath(output))
-    files = {PRETRAIN_INFO_NAME: _json_text(record) + "\n",
-             CARD_NAME: _pretrained_card(config, hf_config, step, eval_metrics, name)}
-    export_backbone(params, hf_config, os.path.join(workdir, MODEL_FOLDER), output, extra_files=files,
-                    marker=PRETRAIN_INFO_NAME)
-    print(f"export: wrote {output} (step {step}; transformers' BartForConditionalGeneration.from_pretrained "
-          "reads it)", flush=True)
+    files = {
+        PRETRAIN_INFO_NAME: _json_text(record) + "\n",
+        CARD_NAME: _pretrained_card(config, hf_config, step, eval_metrics, name),
+    }
+    export_backbone(
+        params, hf_config, os.path.join(workdir, MODEL_FOLDER), output, extra_files=files, marker=PRETRAIN_INFO_NAME
+    )
+    print(
+        f"export: wrote {output} (step {step}; transformers' BartForConditionalGeneration.from_pretrained reads it)",
+        flush=True,
+    )
     return output
 
 
 def _pretrained_card(config, hf_config, step: int, eval_metrics: dict | None, name: str) -> str:
     c = config
-    size = (f"d_model {hf_config.d_model}, {hf_config.encoder_layers} + {hf_config.decoder_layers} layers, "
-            f"{hf_config.encoder_attention_heads} heads, feed-forward {hf_config.encoder_ffn_dim}, vocabulary "
-            f"{hf_config.vocab_size}")
+    size = (
+        f"d_model {hf_config.d_model}, {hf_config.encoder_layers} + {hf_config.decoder_layers} layers, "
+        f"{hf_config.encoder_attention_heads} heads, feed-forward {hf_config.encoder_ffn_dim}, vocabulary "
+        f"{hf_config.vocab_size}"
+    )
     scratch = c.model.name_or_path == "scratch"
     start = "from scratch" if scratch else f"from `{c.model.name_or_path}`"
     tokenizer = "word level, trained on the training data" if scratch else "that of the starting checkpoint"
-    held_out = ("No held-out evaluation was recorded." if not eval_metrics else
-                f"Held-out denoising loss on the first {eval_metrics['num_examples']} sentences of `{c.data.eval}`: "
-                f"{eval_metrics['loss']:.4f} nats per target token (perplexity {eval_metrics['ppl']:.2f}, "
-                f"teacher-forced accuracy {eval_metrics['accuracy']:.3f}).")
+    held_out = (
+        "No held-out evaluation was recorded."
+        if not eval_metrics
+        else f"Held-out denoising loss on the first {eval_metrics['num_examples']} sentences of `{c.data.eval}`: "
+        f"{eval_metrics['loss']:.4f} nats per target token (perplexity {eval_metrics['ppl']:.2f}, "
+        f"teacher-forced accuracy {eval_metrics['accuracy']:.3f})."
+    )
     lines = [
-        "---", "library_name: transformers", "tags:", "- bart", "- text-infilling", "- flax_textvae", "---", "",
-        f"# {name}", "",
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- bart",
+        "- text-infilling",
+        "- flax_textvae",
+        "---",
+        "",
+        f"# {name}",
+        "",
         f"A BART-architecture sequence-to-sequence model ({size}) pretrained {start} with flax_textvae's text "
         f"infilling: in each sentence, spans with Poisson(lambda = {c.pretrain.poisson_lambda}) lengths are "
         f"replaced by one `<mask>` each until {c.pretrain.mask_rate:.0%} of the tokens are masked (a length-0 span "
-        "inserts a `<mask>`), and the decoder reconstructs the original sentence.", "",
-        "## Training", "",
+        "inserts a `<mask>`), and the decoder reconstructs the original sentence.",
+        "",
+        "## Training",
+        "",
         f"* Steps: {step} of batch {c.batch_size}; AdamW, peak learning rate {c.optimizer.learning_rate} "
         f"({c.optimizer.warmup_steps} warm-up steps, {c.optimizer.decay} decay), weight decay "
         f"{c.optimizer.weight_decay}, dropout {getattr(hf_config, 'dropout', '-')}.",
         f"* Data: `{c.data.train}`, at most {c.data.max_length} tokens per sentence; seed {c.seed}.",
         f"* Tokenizer: {tokenizer}; words it does not know become `<unk>`.",
-        f"* {held_out}", "",
-        "## How to use", "",
-        "```python", "from transformers import AutoTokenizer, BartForConditionalGeneration", "",
+        f"* {held_out}",
+        "",
+        "## How to use",
+        "",
+        "```python",
+        "from transformers import AutoTokenizer, BartForConditionalGeneration",
+        "",
         f'model = BartForConditionalGeneration.from_pretrained("{name}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", "",
-        "As the backbone of a text VAE:", "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+        "```",
+        "",
+        "As the backbone of a text VAE:",
+        "",
         "```bash",
         f"python run_train.py --config=configs/bart_vae.py --config.model.name_or_path={name} \\",
-        "    --config.data.train=TRAIN.txt --config.data.eval=VALID.txt", "```", "",
-        f"`{PRETRAIN_INFO_NAME}` holds the step, the held-out metrics and the full pretraining config.", ""]
+        "    --config.data.train=TRAIN.txt --config.data.eval=VALID.txt",
+        "```",
+        "",
+        f"`{PRETRAIN_INFO_NAME}` holds the step, the held-out metrics and the full pretraining config.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -454,7 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flax_textvae.export",
         description="Export a trained flax_textvae run as a self-contained folder: the backbone in Hugging Face "
-                    "PyTorch format, the VAE weights and config, and a model card.")
+        "PyTorch format, the VAE weights and config, and a model card.",
+    )
     parser.add_argument("--workdir", required=True, help="the trained run's directory")
     parser.add_argument("--output", required=True, help="the folder to write (new, empty, or an earlier export)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")

@@ -13,6 +13,7 @@ An exported folder holds one trained text VAE and nothing of its workdir::
 recognise such a folder with :func:`is_exported` and read it with :func:`load_config` / :func:`load_params`,
 which mirror ``inference.load_config`` / ``checkpoints.load_params`` for a workdir.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,15 @@ VAE_CONFIG_NAME = "vae_config.json"
 VAE_WEIGHTS_NAME = "vae.safetensors"
 FORMAT = "flax_textvae.export/1"  # the layout above; a reader refuses other values
 
-__all__ = ["VAE_CONFIG_NAME", "VAE_WEIGHTS_NAME", "FORMAT", "is_exported", "read_vae_config", "load_config",
-           "load_params"]
+__all__ = [
+    "VAE_CONFIG_NAME",
+    "VAE_WEIGHTS_NAME",
+    "FORMAT",
+    "is_exported",
+    "read_vae_config",
+    "load_config",
+    "load_params",
+]
 
 
 def is_exported(path: str) -> bool:
@@ -54,8 +62,10 @@ def read_vae_config(folder: str) -> dict:
     with open(path) as f:
         record = json.load(f)
     if not isinstance(record, dict) or record.get("format") != FORMAT or "config" not in record:
-        raise ValueError(f"{path}: not a flax_textvae export of format {FORMAT!r} "
-                         f"(format {record.get('format') if isinstance(record, dict) else None!r})")
+        raise ValueError(
+            f"{path}: not a flax_textvae export of format {FORMAT!r} "
+            f"(format {record.get('format') if isinstance(record, dict) else None!r})"
+        )
     return record
 
 
@@ -88,8 +98,7 @@ def load_params(folder: str, step: int | None = None) -> tuple[Any, int]:
         raise FileNotFoundError(f"{weights} not found: the exported folder {folder} is incomplete")
     hf_config = AutoConfig.from_pretrained(folder)
     backbone = models.load_params(folder, hf_config, models.build_module(hf_config))
-    vae = unflatten_dict({k: jnp.asarray(np.asarray(v, np.float32)) for k, v in load_file(weights).items()},
-                         sep="/")
+    vae = unflatten_dict({k: jnp.asarray(np.asarray(v, np.float32)) for k, v in load_file(weights).items()}, sep="/")
     if "backbone" in vae:
         raise ValueError(f"{weights} holds backbone tensors; the backbone belongs in model.safetensors")
     return dict(vae, backbone=backbone), saved

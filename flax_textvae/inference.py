@@ -27,6 +27,7 @@ The cache holds ``len(prompt) - 1 + max_length`` token positions; with a head-sp
 (``vae.num_slot_positions``) in front of them, they must fit the family's ``Family.max_decode_positions``
 (BART: ``max_position_embeddings``; T5: no limit).
 """
+
 from __future__ import annotations
 
 import collections
@@ -81,8 +82,9 @@ class LatentDecoder:
 
     def tokens_to_logits(self, params: Any, cache: Any, tokens: jax.Array, z: jax.Array):
         """One cached decoder step: ``tokens [R, 1]``, ``z [R, Dz]`` -> (float32 logits ``[R, V]``, new cache)."""
-        logits, mutated = self.vae.apply({"params": params, "cache": cache}, z, tokens, decode=True,
-                                         mutable=["cache"], method=TextVAE.decode)
+        logits, mutated = self.vae.apply(
+            {"params": params, "cache": cache}, z, tokens, decode=True, mutable=["cache"], method=TextVAE.decode
+        )
         return logits[:, -1].astype(jnp.float32), mutated["cache"]
 
     def sequence_logits(self, params: Any, tokens: jax.Array, z: jax.Array) -> jax.Array:
@@ -103,8 +105,10 @@ class LatentDecoder:
         """ValueError unless ``z`` is ``[B, Dz]`` and the slot, prompt and ``max_length`` fit the positions."""
         needed = self.vae.num_slot_positions + decoding.cache_length(prompt, max_length)
         if self.max_positions is not None and needed > self.max_positions:
-            raise ValueError(f"the memory slot + len(prompt) - 1 + max_length = {needed} exceeds the backbone's "
-                             f"{self.max_positions} decoder positions (max_position_embeddings)")
+            raise ValueError(
+                f"the memory slot + len(prompt) - 1 + max_length = {needed} exceeds the backbone's "
+                f"{self.max_positions} decoder positions (max_position_embeddings)"
+            )
         if z.ndim != 2 or z.shape[1] != self.vae.latent_size:
             raise ValueError(f"z must be [B, {self.vae.latent_size}], got {z.shape}")
 
@@ -129,8 +133,17 @@ def _unwrap(params: Any) -> Any:
     return params
 
 
-def decode_from_z(vae: TextVAE, params: Any, z: Any, *, prompt: Sequence[int], eos_id: int, pad_id: int,
-                  max_length: int, **kwargs: Any):
+def decode_from_z(
+    vae: TextVAE,
+    params: Any,
+    z: Any,
+    *,
+    prompt: Sequence[int],
+    eos_id: int,
+    pad_id: int,
+    max_length: int,
+    **kwargs: Any,
+):
     """Decodes token ids from latent codes with ``decoding.decode``.
 
     Args:
@@ -152,12 +165,22 @@ def decode_from_z(vae: TextVAE, params: Any, z: Any, *, prompt: Sequence[int], e
     z = jnp.asarray(z, jnp.float32)
     dec.check(z, prompt, max_length)
     cache = dec.init_cache(z.shape[0], decoding.cache_length(prompt, max_length))
-    return decoding.decode(dec.tokens_to_logits, _unwrap(params), cache, z, prompt=prompt, eos_id=eos_id,
-                           pad_id=pad_id, max_length=max_length, **kwargs)
+    return decoding.decode(
+        dec.tokens_to_logits,
+        _unwrap(params),
+        cache,
+        z,
+        prompt=prompt,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        max_length=max_length,
+        **kwargs,
+    )
 
 
-def sequence_log_probs(vae: TextVAE, params: Any, z: Any, tokens: Any, *, prompt: Sequence[int],
-                       eos_id: int) -> np.ndarray:
+def sequence_log_probs(
+    vae: TextVAE, params: Any, z: Any, tokens: Any, *, prompt: Sequence[int], eos_id: int
+) -> np.ndarray:
     """Teacher-forced ``log p(tokens | z)`` of continuations as ``decode_from_z`` returns them (no cache).
 
     Args:
@@ -170,8 +193,14 @@ def sequence_log_probs(vae: TextVAE, params: Any, z: Any, tokens: Any, *, prompt
     Returns:
       ``np.ndarray [B]`` float32 summed log-probabilities.
     """
-    return decoding.sequence_log_probs(latent_decoder(vae).sequence_logits, _unwrap(params), tokens,
-                                       jnp.asarray(z, jnp.float32), prompt=prompt, eos_id=eos_id)
+    return decoding.sequence_log_probs(
+        latent_decoder(vae).sequence_logits,
+        _unwrap(params),
+        tokens,
+        jnp.asarray(z, jnp.float32),
+        prompt=prompt,
+        eos_id=eos_id,
+    )
 
 
 # --------------------------------------------------------------------------------------------- text level
@@ -237,7 +266,7 @@ class TrainedTextVAE:
         kept = [(i, span) for i, span in zip(ids, spans) if i not in special]
         if not kept:
             return 0.0, []
-        words = [text[span[0]:span[1]] for i, span in kept if i == unk and span is not None and span[1] > span[0]]
+        words = [text[span[0] : span[1]] for i, span in kept if i == unk and span is not None and span[1] > span[0]]
         return sum(i == unk for i, _ in kept) / len(kept), words
 
     def _warn_unknown(self, texts: list[str], stacklevel: int) -> None:
@@ -250,12 +279,15 @@ class TrainedTextVAE:
                 bad.append(f"{text!r} ({frac:.0%} of its tokens unknown{which})")
         if bad:
             shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-            warnings.warn(f"the model's vocabulary lacks most words of {len(bad)} input text(s), which become "
-                          f"the unknown token {self.run.tokenizer.unk_token!r}: {shown}. Its codes and "
-                          "reconstructions of these texts reflect little of them.", UserWarning, stacklevel=stacklevel)
+            warnings.warn(
+                f"the model's vocabulary lacks most words of {len(bad)} input text(s), which become "
+                f"the unknown token {self.run.tokenizer.unk_token!r}: {shown}. Its codes and "
+                "reconstructions of these texts reflect little of them.",
+                UserWarning,
+                stacklevel=stacklevel,
+            )
 
-    def decode(self, z, *, method: str = "greedy", max_length: int | None = None, seed: int = 0,
-               **kwargs) -> list[str]:
+    def decode(self, z, *, method: str = "greedy", max_length: int | None = None, seed: int = 0, **kwargs) -> list[str]:
         """Sentences decoded from latent codes ``z [N, latent_size]``.
 
         Args:
@@ -268,9 +300,18 @@ class TrainedTextVAE:
         z = np.atleast_2d(np.asarray(z, np.float32))
         if z.shape[-1] != self.latent_size:
             raise ValueError(f"z has {z.shape[-1]} dims; this model's latent_size is {self.latent_size}")
-        ids = decode_from_z(self.run.model, self.params, z, prompt=self.run.prompt, eos_id=self.run.eos_id,
-                            pad_id=self.run.pad_id, max_length=max_length or self.run.max_length, method=method,
-                            rng=jax.random.key(seed), **kwargs)
+        ids = decode_from_z(
+            self.run.model,
+            self.params,
+            z,
+            prompt=self.run.prompt,
+            eos_id=self.run.eos_id,
+            pad_id=self.run.pad_id,
+            max_length=max_length or self.run.max_length,
+            method=method,
+            rng=jax.random.key(seed),
+            **kwargs,
+        )
         return self.run.detokenize(ids)
 
     def reconstruct(self, texts: list[str], **kwargs) -> list[str]:

@@ -15,6 +15,7 @@ the iterator's ``get_state()``, every eval example exactly once. A split is
 The same examples give the same batches from every source. Opening a split prints one line on process 0:
 what was read, skipped and truncated.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,9 +47,12 @@ class TextReader:
         """(texts, ``read_examples`` stats) of ``spec``."""
         if spec not in self._read:
             c = self.data_config
-            self._read[spec] = data_lib.read_examples(spec, column=None if c.column < 0 else c.column,
-                                                      text_field=c.text_field or None,
-                                                      data_dir=c.tfds_data_dir or None)
+            self._read[spec] = data_lib.read_examples(
+                spec,
+                column=None if c.column < 0 else c.column,
+                text_field=c.text_field or None,
+                data_dir=c.tfds_data_dir or None,
+            )
         return self._read[spec]
 
 
@@ -70,8 +74,16 @@ class Split:
     stats: dict
 
 
-def open_split(data_config: Any, spec: str, tokenizer: Any, *, tokenizer_name: str, name: str,
-               reader: TextReader | None = None, report: bool = True) -> Split:
+def open_split(
+    data_config: Any,
+    spec: str,
+    tokenizer: Any,
+    *,
+    tokenizer_name: str,
+    name: str,
+    reader: TextReader | None = None,
+    report: bool = True,
+) -> Split:
     """Opens ``spec`` as a token source of the tokenizer's ids, truncated to ``data_config.max_length``.
 
     Args:
@@ -90,19 +102,27 @@ def open_split(data_config: Any, spec: str, tokenizer: Any, *, tokenizer_name: s
     max_length = data_config.max_length
     if data_lib.is_prepared_spec(spec):
         source = data_lib.PreparedSource(spec)
-        problems = data_lib.prepared.compatibility_problems(source.index, tokenizer, max_length, spec=spec,
-                                                            tokenizer_name=tokenizer_name)
+        problems = data_lib.prepared.compatibility_problems(
+            source.index, tokenizer, max_length, spec=spec, tokenizer_name=tokenizer_name
+        )
         if problems:
-
             raise ConfigError(problems, subject=f"data.{name}")
-        split = Split(spec, source, data_lib.DecodedTexts(source, tokenizer),
-                      dict(source.index["stats"], examples=len(source)))
+        split = Split(
+            spec, source, data_lib.DecodedTexts(source, tokenizer), dict(source.index["stats"], examples=len(source))
+        )
     elif spec.startswith(TFDS_PREFIX):
         if data_config.column >= 0:
-            raise ValueError(f"data.column={data_config.column} only applies to text files, not to {spec!r}; "
-                             "data.text_field picks the TFDS feature")
-        source = TfdsTokenSource(spec, tokenizer, max_length, data_dir=data_config.tfds_data_dir or None,
-                                 text_field=data_config.text_field or None)
+            raise ValueError(
+                f"data.column={data_config.column} only applies to text files, not to {spec!r}; "
+                "data.text_field picks the TFDS feature"
+            )
+        source = TfdsTokenSource(
+            spec,
+            tokenizer,
+            max_length,
+            data_dir=data_config.tfds_data_dir or None,
+            text_field=data_config.text_field or None,
+        )
         split = Split(spec, source, source.texts, source.stats)
     else:
         texts, read_stats = (reader or TextReader(data_config))(spec)
@@ -116,13 +136,18 @@ def open_split(data_config: Any, spec: str, tokenizer: Any, *, tokenizer_name: s
 def _report(name: str, split: Split, max_length: int) -> None:
     """The split's line: examples, mean length, what was skipped and truncated."""
     s = split.stats
-    skipped = [f"{s.get(k, 0)} {what}" for k, what in
-               (("empty_skipped", "empty lines skipped"), ("undecodable_skipped", "undecodable lines skipped"))
-               if s.get(k, 0)]
+    skipped = [
+        f"{s.get(k, 0)} {what}"
+        for k, what in (("empty_skipped", "empty lines skipped"), ("undecodable_skipped", "undecodable lines skipped"))
+        if s.get(k, 0)
+    ]
     if s.get("truncated", 0):
         skipped.append(f"{s['truncated']} truncated to data.max_length={max_length}")
-    print(f"data {name}: {split.spec}: {s.get('examples', 0)} examples, mean {s.get('mean_length', 0):.1f} tokens"
-          + (f" ({', '.join(skipped)})" if skipped else ""), flush=True)
+    print(
+        f"data {name}: {split.spec}: {s.get('examples', 0)} examples, mean {s.get('mean_length', 0):.1f} tokens"
+        + (f" ({', '.join(skipped)})" if skipped else ""),
+        flush=True,
+    )
 
 
 @dataclasses.dataclass
@@ -181,16 +206,27 @@ class Pipeline:
         key = (int(n), bool(sharded))
         if key not in self._eval_iterators:
             shard = dict(shard_index=self.process_index, shard_count=self.process_count) if sharded else {}
-            self._eval_iterators[key] = GrainEvalIterator(self.eval.source, num_examples=n or None,
-                                                          **self.eval_layout, **shard)
+            self._eval_iterators[key] = GrainEvalIterator(
+                self.eval.source, num_examples=n or None, **self.eval_layout, **shard
+            )
         batches = self._eval_iterators[key]
         return lambda: iter(batches)
 
 
-def make_pipeline(config: Any, tokenizer: Any, *, prompt: Sequence[int], tokenizer_name: str, process_index: int,
-                  process_count: int, train: bool = True, eval_spec: str | None = None,
-                  eval_batch_size: int | None = None, with_eval: bool = True,
-                  reader: TextReader | None = None) -> Pipeline:
+def make_pipeline(
+    config: Any,
+    tokenizer: Any,
+    *,
+    prompt: Sequence[int],
+    tokenizer_name: str,
+    process_index: int,
+    process_count: int,
+    train: bool = True,
+    eval_spec: str | None = None,
+    eval_batch_size: int | None = None,
+    with_eval: bool = True,
+    reader: TextReader | None = None,
+) -> Pipeline:
     """Opens a run's splits and builds its training iterator and eval batches.
 
     Args:
@@ -208,15 +244,31 @@ def make_pipeline(config: Any, tokenizer: Any, *, prompt: Sequence[int], tokeniz
       reader: a ``TextReader`` that may hold texts already read (default: a new one).
     """
     c = config.data
-    layout = dict(pad_id=tokenizer.pad_token_id, decoder_start_id=prompt[0],
-                  bos_id=prompt[1] if len(prompt) > 1 else None, max_length=c.max_length, num_buckets=c.num_buckets)
-    opened = functools.partial(open_split, c, tokenizer=tokenizer, tokenizer_name=tokenizer_name,
-                               reader=reader or TextReader(c), report=process_index == 0)
+    layout = dict(
+        pad_id=tokenizer.pad_token_id,
+        decoder_start_id=prompt[0],
+        bos_id=prompt[1] if len(prompt) > 1 else None,
+        max_length=c.max_length,
+        num_buckets=c.num_buckets,
+    )
+    opened = functools.partial(
+        open_split,
+        c,
+        tokenizer=tokenizer,
+        tokenizer_name=tokenizer_name,
+        reader=reader or TextReader(c),
+        report=process_index == 0,
+    )
     pipeline = Pipeline(process_index=int(process_index), process_count=int(process_count))
     if train:
-        pipeline.train_iter = GrainTrainIterator(opened(c.train, name="train").source, batch_size=config.batch_size,
-                                                 seed=config.seed, shard_index=process_index,
-                                                 shard_count=process_count, **layout)
+        pipeline.train_iter = GrainTrainIterator(
+            opened(c.train, name="train").source,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            shard_index=process_index,
+            shard_count=process_count,
+            **layout,
+        )
     if with_eval:
         pipeline.eval = opened(eval_spec or c.eval, name="eval")
         pipeline.eval_layout = dict(layout, batch_size=eval_batch_size or config.batch_size)

@@ -9,6 +9,7 @@ Conventions:
     positions (docs/method.md, defect 3). Averages over padded final batches are exact through ``example_weight``.
   * All arithmetic is done in float32 whatever the input dtype.
 """
+
 import functools
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
@@ -85,8 +86,9 @@ def _head_chunk(head: Array, start: Array, size: int, vocab_axis: int) -> Array:
     return chunk if vocab_axis == 0 else chunk.T
 
 
-def _chunk_logits(hidden: Array, head: Array, bias: Array, c: Array, size: int, vocab: int,
-                  vocab_axis: int) -> Tuple[Array, Array, Array, Array]:
+def _chunk_logits(
+    hidden: Array, head: Array, bias: Array, c: Array, size: int, vocab: int, vocab_axis: int
+) -> Tuple[Array, Array, Array, Array]:
     """float32 logits [N, size] of vocabulary chunk ``c`` and its bookkeeping.
 
     The last chunk is shifted left to end at ``vocab`` (so every slice has the static ``size``); the columns it
@@ -143,7 +145,8 @@ def _chunked_nll_bwd(size, vocab_axis, res, g):
         # d nll / d logits = softmax - onehot; stale columns have softmax exp(-inf) = 0 and no target.
         d_logits = (jnp.exp(logits - lse[:, None]) - onehot) * g[:, None]  # [N, size] float32
         d_bias = jax.lax.dynamic_update_slice_in_dim(
-            d_bias, jax.lax.dynamic_slice_in_dim(d_bias, start, size) + jnp.sum(d_logits, axis=0), start, 0)
+            d_bias, jax.lax.dynamic_slice_in_dim(d_bias, start, size) + jnp.sum(d_logits, axis=0), start, 0
+        )
         d_low = d_logits.astype(hidden.dtype)
         w = _head_chunk(head, start, size, vocab_axis).astype(hidden.dtype)  # [size, D]
         d_hidden = d_hidden + jnp.einsum("nv,vd->nd", d_low, w, preferred_element_type=jnp.float32)
@@ -154,8 +157,11 @@ def _chunked_nll_bwd(size, vocab_axis, res, g):
         d_head = jax.lax.dynamic_update_slice_in_dim(d_head, old + d_w, start, vocab_axis)
         return (d_hidden, d_head, d_bias), None
 
-    init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(head.shape, jnp.float32),
-            jnp.zeros(bias.shape, jnp.float32))
+    init = (
+        jnp.zeros(hidden.shape, jnp.float32),
+        jnp.zeros(head.shape, jnp.float32),
+        jnp.zeros(bias.shape, jnp.float32),
+    )
     num_chunks = -(-vocab // size)
     (d_hidden, d_head, d_bias), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
     return d_hidden.astype(hidden.dtype), d_head.astype(head.dtype), d_bias.astype(bias.dtype), None
@@ -164,9 +170,17 @@ def _chunked_nll_bwd(size, vocab_axis, res, g):
 _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
-def chunked_token_nll(hidden: Array, head: Array, targets: Array, weights: Array, *,
-                      bias: Optional[Array] = None, scale: Scalar = 1.0, head_layout: str = "vd",
-                      chunk_size: int = 8192) -> Array:
+def chunked_token_nll(
+    hidden: Array,
+    head: Array,
+    targets: Array,
+    weights: Array,
+    *,
+    bias: Optional[Array] = None,
+    scale: Scalar = 1.0,
+    head_layout: str = "vd",
+    chunk_size: int = 8192,
+) -> Array:
     """:func:`token_nll` of the logits ``(scale * hidden) @ head + bias``, without forming those logits.
 
     The LM head is applied one vocabulary chunk at a time inside a scan that keeps, per position, a running
@@ -216,8 +230,14 @@ def chunked_token_nll(hidden: Array, head: Array, targets: Array, weights: Array
     if not (isinstance(scale, (int, float)) and scale == 1):
         hidden = hidden * jnp.asarray(scale, hidden.dtype)
     targets = jnp.where(valid, targets, 0).astype(jnp.int32)
-    nll = _chunked_nll(hidden.reshape(batch * length, d_model), head, bias, targets.reshape(-1),
-                       min(int(chunk_size), vocab), vocab_axis)
+    nll = _chunked_nll(
+        hidden.reshape(batch * length, d_model),
+        head,
+        bias,
+        targets.reshape(-1),
+        min(int(chunk_size), vocab),
+        vocab_axis,
+    )
     return jnp.sum(jnp.where(valid, nll.reshape(batch, length) * weights, 0.0), axis=-1)
 
 
@@ -230,13 +250,14 @@ def _check_chunked_args(hidden: Array, head: Array, head_layout: str, chunk_size
     vocab_axis = 0 if head_layout == "vd" else 1
     d_model = hidden.shape[-1]
     if hidden.ndim != 3 or head.ndim != 2 or head.shape[1 - vocab_axis] != d_model:
-        raise ValueError(f"head of shape {head.shape} does not match layout {head_layout!r} and hidden states "
-                         f"of shape {hidden.shape} ([B, T, D])")
+        raise ValueError(
+            f"head of shape {head.shape} does not match layout {head_layout!r} and hidden states "
+            f"of shape {hidden.shape} ([B, T, D])"
+        )
     return vocab_axis
 
 
-def free_bits(kl: Array, threshold: Scalar, mode: str = "per_example",
-              example_weight: Optional[Array] = None) -> Array:
+def free_bits(kl: Array, threshold: Scalar, mode: str = "per_example", example_weight: Optional[Array] = None) -> Array:
     """Free bits / KL thresholding with a per-dimension floor ``lambda = threshold``.
 
     Args:
@@ -267,8 +288,7 @@ def free_bits(kl: Array, threshold: Scalar, mode: str = "per_example",
     return jnp.sum(jnp.where(above, kl, jnp.broadcast_to(lam, kl.shape)), axis=-1)
 
 
-def kl_constraint(kl: Array, target: Scalar, beta: Scalar = 1.0,
-                  example_weight: Optional[Array] = None) -> Array:
+def kl_constraint(kl: Array, target: Scalar, beta: Scalar = 1.0, example_weight: Optional[Array] = None) -> Array:
     """Prokhorov et al. (2019) KL constraint ``beta * |mean_b kl[b] - C|``.
 
     Args:
@@ -284,10 +304,21 @@ def kl_constraint(kl: Array, target: Scalar, beta: Scalar = 1.0,
     return jnp.asarray(beta, jnp.float32) * jnp.abs(mean_kl - jnp.asarray(target, jnp.float32))
 
 
-def vae_loss(logits: Array, targets: Array, weights: Array, mean: Array, logvar: Array, *,
-             kind: str = "elbo", weight: Scalar = 1.0, threshold: Scalar = 0.0,
-             free_bits_mode: str = "per_example", target: Scalar = 0.0, beta: Scalar = 1.0,
-             example_weight: Optional[Array] = None) -> Tuple[Array, Dict[str, Any]]:
+def vae_loss(
+    logits: Array,
+    targets: Array,
+    weights: Array,
+    mean: Array,
+    logvar: Array,
+    *,
+    kind: str = "elbo",
+    weight: Scalar = 1.0,
+    threshold: Scalar = 0.0,
+    free_bits_mode: str = "per_example",
+    target: Scalar = 0.0,
+    beta: Scalar = 1.0,
+    example_weight: Optional[Array] = None,
+) -> Tuple[Array, Dict[str, Any]]:
     """Assembles the text-VAE objective ``loss = mean_x rec(x) + KL_term`` (docs/method.md).
 
     ``rec(x)`` is the summed token NLL of example x; the mean is over examples (weighted by
@@ -328,15 +359,35 @@ def vae_loss(logits: Array, targets: Array, weights: Array, mean: Array, logvar:
     Raises:
       ValueError: for an unknown ``kind`` or ``free_bits_mode``.
     """
-    return vae_loss_from_nll(lambda w: token_nll(logits, targets, w), weights, mean, logvar, kind=kind,
-                             weight=weight, threshold=threshold, free_bits_mode=free_bits_mode, target=target,
-                             beta=beta, example_weight=example_weight)
+    return vae_loss_from_nll(
+        lambda w: token_nll(logits, targets, w),
+        weights,
+        mean,
+        logvar,
+        kind=kind,
+        weight=weight,
+        threshold=threshold,
+        free_bits_mode=free_bits_mode,
+        target=target,
+        beta=beta,
+        example_weight=example_weight,
+    )
 
 
-def vae_loss_from_nll(nll_fn: Callable[[Array], Array], weights: Array, mean: Array, logvar: Array, *,
-                      kind: str = "elbo", weight: Scalar = 1.0, threshold: Scalar = 0.0,
-                      free_bits_mode: str = "per_example", target: Scalar = 0.0, beta: Scalar = 1.0,
-                      example_weight: Optional[Array] = None) -> Tuple[Array, Dict[str, Any]]:
+def vae_loss_from_nll(
+    nll_fn: Callable[[Array], Array],
+    weights: Array,
+    mean: Array,
+    logvar: Array,
+    *,
+    kind: str = "elbo",
+    weight: Scalar = 1.0,
+    threshold: Scalar = 0.0,
+    free_bits_mode: str = "per_example",
+    target: Scalar = 0.0,
+    beta: Scalar = 1.0,
+    example_weight: Optional[Array] = None,
+) -> Tuple[Array, Dict[str, Any]]:
     """:func:`vae_loss` with the per-example reconstruction NLL computed by ``nll_fn``.
 
     Args:
@@ -360,22 +411,44 @@ def vae_loss_from_nll(nll_fn: Callable[[Array], Array], weights: Array, mean: Ar
     nll = nll_fn(weights)  # [B]
     kl_dim = gaussian_kl(mean, logvar)  # [B, Dz]
     kl = jnp.sum(kl_dim, axis=-1)  # [B]
-    sums = {"num_examples": jnp.sum(ew), "num_tokens": jnp.sum(ew * jnp.sum(weights, axis=-1)),
-            "rec_sum": jnp.sum(ew * nll), "kl_sum": jnp.sum(ew * kl)}
-    kl_term, kl_weight, kl_target = _kl_term(kind, kl_dim, kl, ew, sums["num_examples"], weight=weight,
-                                             threshold=threshold, free_bits_mode=free_bits_mode, target=target,
-                                             beta=beta)
+    sums = {
+        "num_examples": jnp.sum(ew),
+        "num_tokens": jnp.sum(ew * jnp.sum(weights, axis=-1)),
+        "rec_sum": jnp.sum(ew * nll),
+        "kl_sum": jnp.sum(ew * kl),
+    }
+    kl_term, kl_weight, kl_target = _kl_term(
+        kind,
+        kl_dim,
+        kl,
+        ew,
+        sums["num_examples"],
+        weight=weight,
+        threshold=threshold,
+        free_bits_mode=free_bits_mode,
+        target=target,
+        beta=beta,
+    )
     rec = _safe_div(sums["rec_sum"], sums["num_examples"])
     kl_mean = _safe_div(sums["kl_sum"], sums["num_examples"])
     loss = rec + kl_term
-    aux = {"loss": loss, "rec": rec, "kl": kl_mean, "neg_elbo": rec + kl_mean, "kl_term": kl_term,
-           "kl_weight": kl_weight, "kl_target": kl_target, **sums,
-           "nll_per_token": _safe_div(sums["rec_sum"], sums["num_tokens"])}
+    aux = {
+        "loss": loss,
+        "rec": rec,
+        "kl": kl_mean,
+        "neg_elbo": rec + kl_mean,
+        "kl_term": kl_term,
+        "kl_weight": kl_weight,
+        "kl_target": kl_target,
+        **sums,
+        "nll_per_token": _safe_div(sums["rec_sum"], sums["num_tokens"]),
+    }
     return loss, aux
 
 
-def _isolate_filler_rows(weights: Array, mean: Array, logvar: Array,
-                         example_weight: Optional[Array]) -> Tuple[Array, Array, Array, Array]:
+def _isolate_filler_rows(
+    weights: Array, mean: Array, logvar: Array, example_weight: Optional[Array]
+) -> Tuple[Array, Array, Array, Array]:
     """(example weights [B], token weights, mean, logvar) in float32 with the filler rows' inputs zeroed.
 
     Zeroing the inputs themselves (not only their contributions) keeps NaN / inf of filler rows out of the
@@ -384,12 +457,27 @@ def _isolate_filler_rows(weights: Array, mean: Array, logvar: Array,
     batch = weights.shape[0]
     ew = jnp.ones((batch,), jnp.float32) if example_weight is None else jnp.asarray(example_weight, jnp.float32)
     row = (ew > 0)[:, None]
-    return (ew, jnp.where(row, jnp.asarray(weights, jnp.float32), 0.0),
-            jnp.where(row, jnp.asarray(mean, jnp.float32), 0.0), jnp.where(row, jnp.asarray(logvar, jnp.float32), 0.0))
+    return (
+        ew,
+        jnp.where(row, jnp.asarray(weights, jnp.float32), 0.0),
+        jnp.where(row, jnp.asarray(mean, jnp.float32), 0.0),
+        jnp.where(row, jnp.asarray(logvar, jnp.float32), 0.0),
+    )
 
 
-def _kl_term(kind: str, kl_dim: Array, kl: Array, ew: Array, num_examples: Array, *, weight: Scalar,
-             threshold: Scalar, free_bits_mode: str, target: Scalar, beta: Scalar) -> Tuple[Array, Array, Array]:
+def _kl_term(
+    kind: str,
+    kl_dim: Array,
+    kl: Array,
+    ew: Array,
+    num_examples: Array,
+    *,
+    weight: Scalar,
+    threshold: Scalar,
+    free_bits_mode: str,
+    target: Scalar,
+    beta: Scalar,
+) -> Tuple[Array, Array, Array]:
     """(KL part of the loss, the multiplier applied, the target C) for ``kind``; see :func:`vae_loss`."""
     weight = jnp.asarray(weight, jnp.float32)
     if kind == "elbo":

@@ -17,6 +17,7 @@ posterior parameters and latent samples. Nothing here knows about BART/T5 or tok
 
 All log quantities are in nats (natural log).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,14 +30,25 @@ import numpy as np
 LOG_2PI = math.log(2.0 * math.pi)
 
 SUMMARY_KEYS = (
-    "rec", "kl", "neg_elbo", "nll", "ppl", "ppl_elbo", "mi", "au", "bleu",
-    "num_examples", "num_tokens", "iw_samples",
+    "rec",
+    "kl",
+    "neg_elbo",
+    "nll",
+    "ppl",
+    "ppl_elbo",
+    "mi",
+    "au",
+    "bleu",
+    "num_examples",
+    "num_tokens",
+    "iw_samples",
 )
 
 
 # --------------------------------------------------------------------------------------------------
 # Gaussian log-densities
 # --------------------------------------------------------------------------------------------------
+
 
 def log_normal_diag(z: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
     """Log density of a diagonal Gaussian, summed over the last axis.
@@ -60,8 +72,7 @@ def log_standard_normal(z: jax.Array) -> jax.Array:
     return -0.5 * jnp.sum(LOG_2PI + jnp.square(z), axis=-1)
 
 
-def sample_diag_gaussian(rng: jax.Array, mean: jax.Array, logvar: jax.Array,
-                         num_samples: int) -> jax.Array:
+def sample_diag_gaussian(rng: jax.Array, mean: jax.Array, logvar: jax.Array, num_samples: int) -> jax.Array:
     """Draws ``num_samples`` reparameterised samples per row.
 
     Args:
@@ -81,8 +92,8 @@ def sample_diag_gaussian(rng: jax.Array, mean: jax.Array, logvar: jax.Array,
 # Importance-weighted log-likelihood
 # --------------------------------------------------------------------------------------------------
 
-def iw_log_weights(log_px_given_z: jax.Array, z: jax.Array, mean: jax.Array,
-                   logvar: jax.Array) -> jax.Array:
+
+def iw_log_weights(log_px_given_z: jax.Array, z: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
     """Log importance weights ``log p(x|z_k) + log p(z_k) - log q(z_k|x)``.
 
     Args:
@@ -100,8 +111,7 @@ def iw_log_weights(log_px_given_z: jax.Array, z: jax.Array, mean: jax.Array,
     return log_px_given_z + log_pz - log_qz
 
 
-def iw_log_marginal(log_px_given_z: jax.Array, z: jax.Array, mean: jax.Array,
-                    logvar: jax.Array) -> jax.Array:
+def iw_log_marginal(log_px_given_z: jax.Array, z: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
     """Importance-weighted estimate of ``log p(x)`` from ``K`` samples (all at once).
 
     Args:
@@ -131,12 +141,10 @@ class IWState(NamedTuple):
 
 def iw_init(batch_size: int, dtype=jnp.float32) -> IWState:
     """Empty running state for ``batch_size`` examples."""
-    return IWState(lse=jnp.full((batch_size,), -jnp.inf, dtype=dtype),
-                   count=jnp.zeros((), jnp.int32))
+    return IWState(lse=jnp.full((batch_size,), -jnp.inf, dtype=dtype), count=jnp.zeros((), jnp.int32))
 
 
-def iw_update(state: IWState, log_px_given_z: jax.Array, z: jax.Array, mean: jax.Array,
-              logvar: jax.Array) -> IWState:
+def iw_update(state: IWState, log_px_given_z: jax.Array, z: jax.Array, mean: jax.Array, logvar: jax.Array) -> IWState:
     """Adds a chunk of ``k`` samples per example to the running estimate.
 
     Args:
@@ -151,8 +159,7 @@ def iw_update(state: IWState, log_px_given_z: jax.Array, z: jax.Array, mean: jax
     """
     log_w = iw_log_weights(log_px_given_z, z, mean, logvar)
     chunk_lse = jax.nn.logsumexp(log_w, axis=-1).astype(state.lse.dtype)
-    return IWState(lse=jnp.logaddexp(state.lse, chunk_lse),
-                   count=state.count + jnp.asarray(log_w.shape[-1], jnp.int32))
+    return IWState(lse=jnp.logaddexp(state.lse, chunk_lse), count=state.count + jnp.asarray(log_w.shape[-1], jnp.int32))
 
 
 def iw_result(state: IWState) -> jax.Array:
@@ -163,6 +170,7 @@ def iw_result(state: IWState) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 # Mutual information over a whole split
 # --------------------------------------------------------------------------------------------------
+
 
 def _blocks(a: np.ndarray, block: int, fill: float) -> np.ndarray:
     """Pads axis 0 of ``a [N, ...]`` to a multiple of ``block`` and reshapes to ``[nb, block, ...]``."""
@@ -175,8 +183,9 @@ def _blocks(a: np.ndarray, block: int, fill: float) -> np.ndarray:
 
 
 @jax.jit
-def _log_qagg_sum_rows(z_rows: jax.Array, mean_blocks: jax.Array, logvar_blocks: jax.Array,
-                       valid_blocks: jax.Array) -> jax.Array:
+def _log_qagg_sum_rows(
+    z_rows: jax.Array, mean_blocks: jax.Array, logvar_blocks: jax.Array, valid_blocks: jax.Array
+) -> jax.Array:
     """``logsumexp_n log q(z_i | x_n)`` over all valid columns, for a block of rows.
 
     Args:
@@ -188,6 +197,7 @@ def _log_qagg_sum_rows(z_rows: jax.Array, mean_blocks: jax.Array, logvar_blocks:
     Returns:
       ``[R]``; memory is ``O(R * C * D)`` whatever ``N`` is.
     """
+
     def body(carry, blk):
         m, lv, valid = blk
         lq = log_normal_diag(z_rows[:, None, :], m[None, :, :], lv[None, :, :])  # [R, C]
@@ -199,8 +209,9 @@ def _log_qagg_sum_rows(z_rows: jax.Array, mean_blocks: jax.Array, logvar_blocks:
     return out
 
 
-def mutual_information(means: np.ndarray, logvars: np.ndarray, z: np.ndarray, *,
-                       chunk: int = 256, column_chunk: int = 1024) -> float:
+def mutual_information(
+    means: np.ndarray, logvars: np.ndarray, z: np.ndarray, *, chunk: int = 256, column_chunk: int = 1024
+) -> float:
     """``I(x; z)`` under ``q`` over a whole split (``mi`` in docs/metrics.md).
 
     ``mi = mean_i [log q(z_i|x_i) - log q_agg(z_i)]`` with
@@ -224,8 +235,7 @@ def mutual_information(means: np.ndarray, logvars: np.ndarray, z: np.ndarray, *,
     logvars = np.asarray(logvars, np.float32)
     z = np.asarray(z, np.float32)
     if not (means.shape == logvars.shape == z.shape and means.ndim == 2):
-        raise ValueError(f"means/logvars/z must all be [N, D]; got {means.shape}, {logvars.shape}, "
-                         f"{z.shape}")
+        raise ValueError(f"means/logvars/z must all be [N, D]; got {means.shape}, {logvars.shape}, {z.shape}")
     n = means.shape[0]
     if n == 0:
         raise ValueError("mutual_information needs at least one example")
@@ -238,11 +248,11 @@ def mutual_information(means: np.ndarray, logvars: np.ndarray, z: np.ndarray, *,
 
     lse = np.empty((z_row_blocks.shape[0] * chunk,), np.float64)
     for i, z_rows in enumerate(z_row_blocks):
-        lse[i * chunk:(i + 1) * chunk] = np.asarray(
-            _log_qagg_sum_rows(jnp.asarray(z_rows), mean_blocks, logvar_blocks, valid_blocks))
+        lse[i * chunk : (i + 1) * chunk] = np.asarray(
+            _log_qagg_sum_rows(jnp.asarray(z_rows), mean_blocks, logvar_blocks, valid_blocks)
+        )
     lse = lse[:n]
-    log_q_own = np.asarray(_log_q_own(jnp.asarray(z), jnp.asarray(means), jnp.asarray(logvars)),
-                           np.float64)
+    log_q_own = np.asarray(_log_q_own(jnp.asarray(z), jnp.asarray(means), jnp.asarray(logvars)), np.float64)
     log_q_agg = lse - math.log(n)
     return float(np.mean(log_q_own - log_q_agg))
 
@@ -256,6 +266,7 @@ def _log_q_own(z: jax.Array, means: jax.Array, logvars: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 # Active units
 # --------------------------------------------------------------------------------------------------
+
 
 def posterior_mean_variance(means: np.ndarray) -> np.ndarray:
     """``[D]`` population variance (``ddof=0``) across examples of ``E_q[z_d]``, in float64.
@@ -323,6 +334,7 @@ class ActiveUnitsAccumulator:
 # Perplexity and the summary dict
 # --------------------------------------------------------------------------------------------------
 
+
 def perplexity(total_nll: float, total_tokens: float) -> float:
     """``exp(total_nll / total_tokens)`` (``inf`` on overflow).
 
@@ -338,9 +350,17 @@ def perplexity(total_nll: float, total_tokens: float) -> float:
         return math.inf
 
 
-def summarize(rec: np.ndarray, kl: np.ndarray, nll: Optional[np.ndarray], num_tokens: np.ndarray,
-              *, mi: Optional[float], au: Optional[int], bleu: Optional[float],
-              iw_samples: int) -> dict:
+def summarize(
+    rec: np.ndarray,
+    kl: np.ndarray,
+    nll: Optional[np.ndarray],
+    num_tokens: np.ndarray,
+    *,
+    mi: Optional[float],
+    au: Optional[int],
+    bleu: Optional[float],
+    iw_samples: int,
+) -> dict:
     """Assembles the docs/metrics.md dict from per-example arrays accumulated over a split.
 
     Args:
@@ -363,8 +383,9 @@ def summarize(rec: np.ndarray, kl: np.ndarray, nll: Optional[np.ndarray], num_to
     tokens = np.asarray(num_tokens, np.float64).reshape(-1)
     n = rec.shape[0]
     if n == 0 or kl.shape[0] != n or tokens.shape[0] != n:
-        raise ValueError(f"summarize: need equal non-empty lengths, got rec {rec.shape}, "
-                         f"kl {kl.shape}, num_tokens {tokens.shape}")
+        raise ValueError(
+            f"summarize: need equal non-empty lengths, got rec {rec.shape}, kl {kl.shape}, num_tokens {tokens.shape}"
+        )
     total_tokens = float(tokens.sum())
     neg_elbo = rec + kl
     if nll is not None:
@@ -391,8 +412,20 @@ def summarize(rec: np.ndarray, kl: np.ndarray, nll: Optional[np.ndarray], num_to
 
 
 __all__ = [
-    "SUMMARY_KEYS", "log_normal_diag", "log_standard_normal", "sample_diag_gaussian",
-    "iw_log_weights", "iw_log_marginal", "IWState", "iw_init", "iw_update", "iw_result",
-    "mutual_information", "posterior_mean_variance", "active_units", "ActiveUnitsAccumulator",
-    "perplexity", "summarize",
+    "SUMMARY_KEYS",
+    "log_normal_diag",
+    "log_standard_normal",
+    "sample_diag_gaussian",
+    "iw_log_weights",
+    "iw_log_marginal",
+    "IWState",
+    "iw_init",
+    "iw_update",
+    "iw_result",
+    "mutual_information",
+    "posterior_mean_variance",
+    "active_units",
+    "ActiveUnitsAccumulator",
+    "perplexity",
+    "summarize",
 ]

@@ -13,6 +13,7 @@ chosen mode (:class:`MeshPlacement`, :class:`PmapPlacement`); the training loop 
 Per-example randomness (latent noise, denoising) is keyed by the example's *global* index, so every mode and
 device count draws the same numbers for the same example.
 """
+
 from __future__ import annotations
 
 import functools
@@ -101,7 +102,8 @@ def global_batch_size_check(batch_size: int, mesh_or_count) -> None:
     if batch_size % n:
         raise ValueError(
             f"batch_size={batch_size} is not divisible by the {n} devices; "
-            f"use --config.batch_size={max(n, batch_size // n * n)} or a multiple of {n}")
+            f"use --config.batch_size={max(n, batch_size // n * n)} or a multiple of {n}"
+        )
 
 
 def host_local_rows(global_batch: int) -> tuple[int, int]:
@@ -134,8 +136,7 @@ def global_devices(num: int = 0) -> list:
     if not num:
         return jax.devices()
     local_devices(num)  # validates
-    return [d for p in range(jax.process_count()) for d in
-            [x for x in jax.devices() if x.process_index == p][:num]]
+    return [d for p in range(jax.process_count()) for d in [x for x in jax.devices() if x.process_index == p][:num]]
 
 
 def replicate_for_pmap(tree, devices=None):
@@ -168,8 +169,12 @@ class MeshPlacement:
 
     def compile(self, step_fn):
         """``step_fn(state, batch) -> (state, metrics)`` jitted with explicit shardings, state donated."""
-        return jax.jit(step_fn, in_shardings=(self.state_sh, self.batch_sh),
-                       out_shardings=(self.state_sh, replicated(self.mesh)), donate_argnums=0)
+        return jax.jit(
+            step_fn,
+            in_shardings=(self.state_sh, self.batch_sh),
+            out_shardings=(self.state_sh, replicated(self.mesh)),
+            donate_argnums=0,
+        )
 
     def place(self, state):
         return jax.device_put(state, self.state_sh)
@@ -205,8 +210,12 @@ class PmapPlacement:
 
     def compile(self, step_fn):
         """``step_fn(state, batch, axis_name=...)`` pmapped, state donated."""
-        return jax.pmap(functools.partial(step_fn, axis_name=self.axis_name), axis_name=self.axis_name,
-                        donate_argnums=0, devices=global_devices(len(self.devices)))
+        return jax.pmap(
+            functools.partial(step_fn, axis_name=self.axis_name),
+            axis_name=self.axis_name,
+            donate_argnums=0,
+            devices=global_devices(len(self.devices)),
+        )
 
     def place(self, state):
         return replicate_for_pmap(state, self.devices)

@@ -4,6 +4,7 @@ Uses matplotlib's object-oriented API with the Agg canvas directly (no pyplot, n
 switch), so it is safe on headless machines and inside tests. Each plot has a ``*_figure`` function that
 returns the matplotlib ``Figure`` (for inspection) and a ``plot_*`` function that writes it as a PNG.
 """
+
 from __future__ import annotations
 
 import json
@@ -128,8 +129,15 @@ def _loss_panel(ax, runs) -> None:
             order = np.argsort(s, kind="stable")
             rec = np.asarray([float(r["rec"]) for r in both])[order]
             loss = np.asarray([float(r["loss"]) for r in both])[order]
-            ax.fill_between(s[order], rec, loss, color="tab:red", alpha=0.3, linewidth=0,
-                            label="_nolegend_" if shaded else "kl_term = loss - rec")
+            ax.fill_between(
+                s[order],
+                rec,
+                loss,
+                color="tab:red",
+                alpha=0.3,
+                linewidth=0,
+                label="_nolegend_" if shaded else "kl_term = loss - rec",
+            )
             shaded = True
     _train_lines(ax, runs, "loss", color="black", linewidth=1.2, label="train loss")
     _train_lines(ax, runs, "rec", color="tab:blue", linewidth=0.8, alpha=0.8, label="train rec")
@@ -140,8 +148,12 @@ def _panels(train_runs, train, evals):
     panels = []
     has = lambda key, src: bool(len(_series(src, key)[0]))
     if has("loss", train):
-        panels.append(("training loss = rec + kl_term (kl_term is the KL part of the objective)",
-                       lambda ax: _loss_panel(ax, train_runs)))
+        panels.append(
+            (
+                "training loss = rec + kl_term (kl_term is the KL part of the objective)",
+                lambda ax: _loss_panel(ax, train_runs),
+            )
+        )
     elif has("loss", evals):
         panels.append(("loss", lambda ax: ax.plot(*_series(evals, "loss"), **_EVAL_STYLE)))
 
@@ -149,8 +161,15 @@ def _panels(train_runs, train, evals):
         def draw(ax):
             _train_lines(ax, train_runs, key, color="tab:blue", linewidth=1.2, label="train")
             if key == "kl":
-                _train_lines(ax, train_runs, "kl_term", color="tab:red", linewidth=1.0, linestyle="--",
-                             label="train kl_term (in the loss)")
+                _train_lines(
+                    ax,
+                    train_runs,
+                    "kl_term",
+                    color="tab:red",
+                    linewidth=1.0,
+                    linestyle="--",
+                    label="train kl_term (in the loss)",
+                )
             s, v = _series(evals, key)
             if len(s):
                 ax.plot(s, v, **_EVAL_STYLE)
@@ -158,6 +177,7 @@ def _panels(train_runs, train, evals):
                 # phase 1 has no KL penalty, and its KL can be orders of magnitude above phase 2's
                 ax.set_yscale("symlog", linthresh=1.0)
                 ax.set_title("KL (nats / example, symmetric log axis)", fontsize=10)
+
         return draw
 
     for key, title in (("rec", "reconstruction rec (nats / example)"), ("kl", "KL (nats / example)")):
@@ -168,16 +188,22 @@ def _panels(train_runs, train, evals):
     if len(sched) == 2:
         panels.append(("KL weight / target C", lambda ax: _plot_two_scales(ax, sched)))
     elif sched:
-        panels.append((sched[0][0], lambda ax: ax.plot(sched[0][1], sched[0][2], "-", color="tab:blue",
-                                                       linewidth=1.2, label=sched[0][0])))
+        panels.append(
+            (
+                sched[0][0],
+                lambda ax: ax.plot(sched[0][1], sched[0][2], "-", color="tab:blue", linewidth=1.2, label=sched[0][0]),
+            )
+        )
     au_src = evals if has("au", evals) else train
     if has("au", au_src):
+
         def draw_au(ax):
             s, v = _series(au_src, "au")
             ax.plot(s, v, **dict(_EVAL_STYLE, label="au"))
             pad = max(1.0, 0.1 * float(v.max() - v.min()))  # room for integer ticks around a flat count
             ax.set_ylim(max(float(v.min()) - pad, -0.5), float(v.max()) + pad)
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
         panels.append(("active units au (eval)", draw_au))
     return panels
 
@@ -188,8 +214,9 @@ def _wide_range(values: np.ndarray) -> bool:
     return bool(v.size) and float(v.max()) > 100.0 * max(float(np.percentile(v, 25)), 1.0)
 
 
-def training_figure(rows: Sequence[dict[str, Any]], *,
-                    boundaries: Optional[Sequence[tuple[float, Any]]] = None) -> Figure:
+def training_figure(
+    rows: Sequence[dict[str, Any]], *, boundaries: Optional[Sequence[tuple[float, Any]]] = None
+) -> Figure:
     """The training-curves figure of ``metrics.jsonl`` rows (see :func:`plot_training_curves`)."""
     train = [r for r in rows if not _is_eval(r)]
     evals = [r for r in rows if _is_eval(r)]
@@ -216,15 +243,27 @@ def training_figure(rows: Sequence[dict[str, Any]], *,
         ax.grid(True, alpha=0.3)
     top = axes[0]
     for a, b, phase in spans:
-        top.annotate(f"phase {phase}", xy=((a + b) / 2, 1.0), xycoords=("data", "axes fraction"),
-                     xytext=(0, -3), textcoords="offset points", ha="center", va="top", fontsize=8,
-                     color="dimgray")
+        top.annotate(
+            f"phase {phase}",
+            xy=((a + b) / 2, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(0, -3),
+            textcoords="offset points",
+            ha="center",
+            va="top",
+            fontsize=8,
+            color="dimgray",
+        )
     axes[-1].set_xlabel("step" + (" (dashed line: a new phase begins)" if boundaries else ""))
     return fig
 
 
-def plot_training_curves(metrics_jsonl_path: str | os.PathLike, out_png: str | os.PathLike, *,
-                         boundaries: Optional[Sequence[tuple[float, Any]]] = None) -> str:
+def plot_training_curves(
+    metrics_jsonl_path: str | os.PathLike,
+    out_png: str | os.PathLike,
+    *,
+    boundaries: Optional[Sequence[tuple[float, Any]]] = None,
+) -> str:
     """Plots training curves from ``WORKDIR/metrics.jsonl`` into a PNG.
 
     Panels (each only when its keys are present): the training loss, drawn per phase, with its KL part
@@ -252,8 +291,13 @@ def active_count(mean_variance: np.ndarray, threshold: float = 0.01) -> int:
     return int(np.sum(np.asarray(mean_variance, np.float64).reshape(-1) > threshold))
 
 
-def kl_per_dim_figure(kl_per_dim: np.ndarray, *, mean_variance: Optional[np.ndarray] = None,
-                      threshold: float = 0.01, title: Optional[str] = None) -> Figure:
+def kl_per_dim_figure(
+    kl_per_dim: np.ndarray,
+    *,
+    mean_variance: Optional[np.ndarray] = None,
+    threshold: float = 0.01,
+    title: Optional[str] = None,
+) -> Figure:
     """The per-dimension KL figure (see :func:`plot_kl_per_dim`)."""
     kl = np.asarray(kl_per_dim, np.float64)
     if kl.ndim == 2:
@@ -268,8 +312,10 @@ def kl_per_dim_figure(kl_per_dim: np.ndarray, *, mean_variance: Optional[np.ndar
         if var.shape != kl.shape:
             raise ValueError(f"mean_variance has {var.shape[0]} dims, kl_per_dim {d}")
         on = var[order] > threshold
-        headline = (f"{active_count(var, threshold)} / {d} active units (Var_x E[z_d|x] > {threshold:g}, "
-                    f"as the metric au)  |  total KL {kl.sum():.3g} nats")
+        headline = (
+            f"{active_count(var, threshold)} / {d} active units (Var_x E[z_d|x] > {threshold:g}, "
+            f"as the metric au)  |  total KL {kl.sum():.3g} nats"
+        )
     else:
         on = vals > threshold
         headline = f"{int(on.sum())} / {d} dims with mean KL > {threshold:g} nats  |  total KL {kl.sum():.3g} nats"
@@ -300,9 +346,11 @@ def kl_per_dim_figure(kl_per_dim: np.ndarray, *, mean_variance: Optional[np.ndar
         line_ax.set_ylabel("Var_x E[z_d|x]")
         line_ax.grid(True, axis="y", alpha=0.3, zorder=0)
     line_ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1.6, zorder=3, label=line_label)
-    handles = [Patch(color="tab:blue", label="active" if var is not None else f"KL > {threshold:g}"),
-               Patch(color="tab:gray", label="inactive" if var is not None else f"KL <= {threshold:g}"),
-               line_ax.get_legend_handles_labels()[0][0]]
+    handles = [
+        Patch(color="tab:blue", label="active" if var is not None else f"KL > {threshold:g}"),
+        Patch(color="tab:gray", label="inactive" if var is not None else f"KL <= {threshold:g}"),
+        line_ax.get_legend_handles_labels()[0][0],
+    ]
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     last = axes[-1]
     if d <= 64:
@@ -314,9 +362,14 @@ def kl_per_dim_figure(kl_per_dim: np.ndarray, *, mean_variance: Optional[np.ndar
     return fig
 
 
-def plot_kl_per_dim(kl_per_dim: np.ndarray, out_png: str | os.PathLike, *,
-                    mean_variance: Optional[np.ndarray] = None, threshold: float = 0.01,
-                    title: Optional[str] = None) -> str:
+def plot_kl_per_dim(
+    kl_per_dim: np.ndarray,
+    out_png: str | os.PathLike,
+    *,
+    mean_variance: Optional[np.ndarray] = None,
+    threshold: float = 0.01,
+    title: Optional[str] = None,
+) -> str:
     """Bar chart of the per-dimension KL, sorted descending, with the active units marked.
 
     With ``mean_variance`` (the per-dimension variance across the split of the posterior mean, as
@@ -336,8 +389,7 @@ def plot_kl_per_dim(kl_per_dim: np.ndarray, out_png: str | os.PathLike, *,
     Returns:
       ``str(out_png)``.
     """
-    return _save(kl_per_dim_figure(kl_per_dim, mean_variance=mean_variance, threshold=threshold, title=title),
-                 out_png)
+    return _save(kl_per_dim_figure(kl_per_dim, mean_variance=mean_variance, threshold=threshold, title=title), out_png)
 
 
 def _save(fig: Figure, out_png: str | os.PathLike) -> str:
@@ -349,5 +401,12 @@ def _save(fig: Figure, out_png: str | os.PathLike) -> str:
     return out
 
 
-__all__ = ["read_metrics_jsonl", "phase_boundaries", "training_figure", "plot_training_curves", "active_count",
-           "kl_per_dim_figure", "plot_kl_per_dim"]
+__all__ = [
+    "read_metrics_jsonl",
+    "phase_boundaries",
+    "training_figure",
+    "plot_training_curves",
+    "active_count",
+    "kl_per_dim_figure",
+    "plot_kl_per_dim",
+]

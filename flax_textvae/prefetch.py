@@ -22,6 +22,7 @@ training phase) sees the same batches as without prefetching.
 
 ``depth=0`` draws and places each batch on demand in the caller's thread (no thread at all).
 """
+
 from __future__ import annotations
 
 import copy
@@ -114,8 +115,9 @@ class Prefetcher:
         self._stop.clear()
         self._drawn = self._taken = 0
         self._queue = queue.Queue(maxsize=self.depth)
-        self._thread = threading.Thread(target=self._work, args=(self._queue, self._stop),
-                                        name="flax_textvae-prefetch", daemon=True)
+        self._thread = threading.Thread(
+            target=self._work, args=(self._queue, self._stop), name="flax_textvae-prefetch", daemon=True
+        )
         self._thread.start()
 
     def _work(self, out: queue.Queue, stop: threading.Event) -> None:

@@ -23,6 +23,7 @@ config) and a ``README.md`` card. ``transformers.BartForConditionalGeneration.fr
 and ``--config.model.name_or_path=DIR`` finetunes it into a VAE (e.g. with ``configs/bart_vae.py``).
 Rerunning a finished run re-evaluates it and writes the export again (to a new ``--export`` if given).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,18 @@ from flax_textvae import workdir as rundir
 from flax_textvae.step import TrainState, make_optimizer, per_example_keys
 from flax_textvae.trainer import MetricsLog, NonFiniteLossError, PhaseContext, Preemption, Progress, TrainLoop
 
-__all__ = ["pretrain_config", "config_problems", "DenoisingConfig", "pretrain_step", "make_evaluator", "pretrain",
-           "export_pretrained", "main", "EXPORT_FOLDER", "INFO_NAME"]
+__all__ = [
+    "pretrain_config",
+    "config_problems",
+    "DenoisingConfig",
+    "pretrain_step",
+    "make_evaluator",
+    "pretrain",
+    "export_pretrained",
+    "main",
+    "EXPORT_FOLDER",
+    "INFO_NAME",
+]
 
 EXPORT_FOLDER = "export"  # WORKDIR/export: where the pretrained model goes without --export
 INFO_NAME = export_lib.PRETRAIN_INFO_NAME
@@ -90,21 +101,31 @@ def config_problems(config: Any, *, check_data: bool = True, check_model_path: b
     problems = validation.config_problems(config, check_data=check_data, check_model_path=check_model_path)
     section = config.get("pretrain") if hasattr(config, "get") else None
     if section is None:
-        return problems + ["pretrain: the config has no pretrain section (mask_rate, poisson_lambda); build it "
-                           "on flax_textvae.pretrain.pretrain_config(), as configs/pretrain_bart_small.py does"]
+        return problems + [
+            "pretrain: the config has no pretrain section (mask_rate, poisson_lambda); build it "
+            "on flax_textvae.pretrain.pretrain_config(), as configs/pretrain_bart_small.py does"
+        ]
     rate, lam = section.get("mask_rate"), section.get("poisson_lambda")
     if not _number(rate) or not 0.0 < rate < 1.0:
-        problems.append(f"pretrain.mask_rate={rate!r}: must be a number in (0, 1), the fraction of tokens masked; "
-                        "e.g. --config.pretrain.mask_rate=0.3")
+        problems.append(
+            f"pretrain.mask_rate={rate!r}: must be a number in (0, 1), the fraction of tokens masked; "
+            "e.g. --config.pretrain.mask_rate=0.3"
+        )
     if not _number(lam) or not lam > 0.0:
-        problems.append(f"pretrain.poisson_lambda={lam!r}: must be a number > 0, the mean masked span length; "
-                        "e.g. --config.pretrain.poisson_lambda=3")
+        problems.append(
+            f"pretrain.poisson_lambda={lam!r}: must be a number > 0, the mean masked span length; "
+            "e.g. --config.pretrain.poisson_lambda=3"
+        )
     if config.model.name_or_path == "scratch" and config.model.scratch.family != "bart":
-        problems.append(f"model.scratch.family={config.model.scratch.family!r}: text infilling pretrains a BART "
-                        "(a <mask> token and cross-attention); use --config.model.scratch.family=bart")
+        problems.append(
+            f"model.scratch.family={config.model.scratch.family!r}: text infilling pretrains a BART "
+            "(a <mask> token and cross-attention); use --config.model.scratch.family=bart"
+        )
     if config.optimizer.grad_accum_steps != 1:
-        problems.append(f"optimizer.grad_accum_steps={config.optimizer.grad_accum_steps!r}: pretraining steps "
-                        "whole batches; use --config.optimizer.grad_accum_steps=1 and set batch_size instead")
+        problems.append(
+            f"optimizer.grad_accum_steps={config.optimizer.grad_accum_steps!r}: pretraining steps "
+            "whole batches; use --config.optimizer.grad_accum_steps=1 and set batch_size instead"
+        )
     return problems
 
 
@@ -133,24 +154,35 @@ class DenoisingConfig:
 
     def corrupt(self, keys: jax.Array, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Text infilling of each row ``b`` of ``ids`` / ``mask`` [B, S] with its own key ``keys[b]``."""
-        return jax.vmap(lambda k, i, m: denoise.infill_example(k, i, m, self.rate, self.poisson_lambda,
-                                                               self.special_ids, self.mask_id, self.pad_id))(
-            keys, ids, mask)
+        return jax.vmap(
+            lambda k, i, m: denoise.infill_example(
+                k, i, m, self.rate, self.poisson_lambda, self.special_ids, self.mask_id, self.pad_id
+            )
+        )(keys, ids, mask)
 
 
 def _denoising_sums(params, batch: dict, enc_ids, enc_mask, *, module, deterministic: bool, dropout_rng=None):
     """(summed target NLL, target tokens, correctly predicted target tokens) of one batch."""
     rngs = None if deterministic else {"dropout": dropout_rng}
-    logits = module.apply({"params": params}, enc_ids, enc_mask, batch["decoder_input_ids"],
-                          deterministic=deterministic, rngs=rngs)
+    logits = module.apply(
+        {"params": params}, enc_ids, enc_mask, batch["decoder_input_ids"], deterministic=deterministic, rngs=rngs
+    )
     weights = batch["label_weights"]
     nll = jnp.sum(losses.token_nll(logits, batch["labels"], weights))
     correct = jnp.sum(jnp.where(jnp.argmax(logits, axis=-1) == batch["labels"], weights, 0.0))
     return nll, jnp.sum(weights), correct
 
 
-def pretrain_step(state: TrainState, batch: dict, *, module, tx: optax.GradientTransformation,
-                  cfg: DenoisingConfig, lr_fn: Callable, axis_name: str | None = None):
+def pretrain_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    module,
+    tx: optax.GradientTransformation,
+    cfg: DenoisingConfig,
+    lr_fn: Callable,
+    axis_name: str | None = None,
+):
     """One optimizer step of the denoising objective (pure; jit over a mesh, or pmap with ``axis_name``).
 
     Each example is corrupted with a key folded from the step's key and its global row, so the corruption
@@ -179,8 +211,9 @@ def pretrain_step(state: TrainState, batch: dict, *, module, tx: optax.GradientT
     enc_ids, enc_mask = cfg.corrupt(per_example_keys(noise_rng, rows), batch["input_ids"], batch["attention_mask"])
 
     def loss_fn(params):
-        nll, tokens, correct = _denoising_sums(params, batch, enc_ids, enc_mask, module=module, deterministic=False,
-                                               dropout_rng=dropout_rng)
+        nll, tokens, correct = _denoising_sums(
+            params, batch, enc_ids, enc_mask, module=module, deterministic=False, dropout_rng=dropout_rng
+        )
         return nll / jnp.maximum(tokens, 1.0), (tokens, correct)
 
     (loss, (tokens, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -193,12 +226,19 @@ def pretrain_step(state: TrainState, batch: dict, *, module, tx: optax.GradientT
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
-                              opt_state=keep(new_opt, state.opt_state))
-    metrics = {"loss": loss, "accuracy": correct / jnp.maximum(tokens, 1.0), "num_tokens": tokens,
-               "input_ratio": ratio.astype(jnp.float32), "grad_norm": grad_norm,
-               "param_norm": optax.global_norm(state.params),
-               "learning_rate": jnp.asarray(lr_fn(state.step), jnp.float32), "nonfinite": (~ok).astype(jnp.int32)}
+    new_state = state.replace(
+        step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state)
+    )
+    metrics = {
+        "loss": loss,
+        "accuracy": correct / jnp.maximum(tokens, 1.0),
+        "num_tokens": tokens,
+        "input_ratio": ratio.astype(jnp.float32),
+        "grad_norm": grad_norm,
+        "param_norm": optax.global_norm(state.params),
+        "learning_rate": jnp.asarray(lr_fn(state.step), jnp.float32),
+        "nonfinite": (~ok).astype(jnp.int32),
+    }
     return new_state, metrics
 
 
@@ -224,13 +264,30 @@ def make_evaluator(module, cfg: DenoisingConfig, seed: int) -> Callable[[Any, Ca
     def evaluate(params, batches_fn) -> dict:
         total = np.zeros(4, np.float64)
         for batch in batches_fn():
-            batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "label_weights",
-                                                             "decoder_input_ids", "example_weight", "index")}
+            batch = {
+                k: v
+                for k, v in batch.items()
+                if k
+                in (
+                    "input_ids",
+                    "attention_mask",
+                    "labels",
+                    "label_weights",
+                    "decoder_input_ids",
+                    "example_weight",
+                    "index",
+                )
+            }
             total += np.asarray(jax.device_get(sums(params, batch)), np.float64)
         nll, tokens, correct, examples = total
         loss = float(nll / max(tokens, 1.0))
-        return {"loss": loss, "ppl": float(math.exp(min(loss, 700.0))), "accuracy": float(correct / max(tokens, 1.0)),
-                "num_examples": int(round(examples)), "num_tokens": int(round(tokens))}
+        return {
+            "loss": loss,
+            "ppl": float(math.exp(min(loss, 700.0))),
+            "accuracy": float(correct / max(tokens, 1.0)),
+            "num_examples": int(round(examples)),
+            "num_tokens": int(round(tokens)),
+        }
 
     return evaluate
 
@@ -276,26 +333,39 @@ def pretrain(config, workdir: str, *, export_dir: str | None = None) -> dict:
 def _check_export_dir(export_dir: str, workdir: str) -> None:
     if os.path.realpath(export_dir) == os.path.realpath(workdir):
         raise FileExistsError(f"--export={export_dir} is the run's workdir; choose another folder")
-    if os.path.exists(export_dir) and not (os.path.isdir(export_dir) and (
-            not os.listdir(export_dir) or os.path.isfile(os.path.join(export_dir, INFO_NAME)))):
-        raise FileExistsError(f"--export={export_dir} exists and is not an earlier pretraining export; choose a new "
-                              "or empty folder (an earlier export there is replaced)")
+    if os.path.exists(export_dir) and not (
+        os.path.isdir(export_dir)
+        and (not os.listdir(export_dir) or os.path.isfile(os.path.join(export_dir, INFO_NAME)))
+    ):
+        raise FileExistsError(
+            f"--export={export_dir} exists and is not an earlier pretraining export; choose a new "
+            "or empty folder (an earlier export there is replaced)"
+        )
 
 
 def _denoising_config(config, run) -> DenoisingConfig:
     hf_config = run.model.backbone.config
     problems = []
     if getattr(hf_config, "model_type", None) != "bart":
-        problems.append(f"model.name_or_path={config.model.name_or_path!r}: a {hf_config.model_type!r} model; text "
-                        "infilling pretrains BART models")
+        problems.append(
+            f"model.name_or_path={config.model.name_or_path!r}: a {hf_config.model_type!r} model; text "
+            "infilling pretrains BART models"
+        )
     mask_id = getattr(run.tokenizer, "mask_token_id", None)
     if mask_id is None:
-        problems.append(f"model.name_or_path={config.model.name_or_path!r}: the tokenizer has no mask token, which "
-                        "text infilling needs")
+        problems.append(
+            f"model.name_or_path={config.model.name_or_path!r}: the tokenizer has no mask token, which "
+            "text infilling needs"
+        )
     if problems:
         raise validation.ConfigError(problems)
-    return DenoisingConfig(rate=float(config.pretrain.mask_rate), poisson_lambda=float(config.pretrain.poisson_lambda),
-                           special_ids=tuple(run.special_ids), mask_id=int(mask_id), pad_id=int(run.pad_id))
+    return DenoisingConfig(
+        rate=float(config.pretrain.mask_rate),
+        poisson_lambda=float(config.pretrain.poisson_lambda),
+        special_ids=tuple(run.special_ids),
+        mask_id=int(mask_id),
+        pad_id=int(run.pad_id),
+    )
 
 
 def _pretrain_locked(config, workdir: str, export_dir: str, main: bool) -> dict:
@@ -315,8 +385,11 @@ def _pretrain_locked(config, workdir: str, export_dir: str, main: bool) -> dict:
     meta = ckpt.read_meta()
     if meta is not None:
         run.train_iter.set_state(meta["data"])
-        progress.say(f"{workdir} finished at step {meta['step']}: evaluating its final checkpoint"
-                     if meta["step"] >= total else f"Resuming from step {meta['step']} in {workdir}")
+        progress.say(
+            f"{workdir} finished at step {meta['step']}: evaluating its final checkpoint"
+            if meta["step"] >= total
+            else f"Resuming from step {meta['step']} in {workdir}"
+        )
         if main:
             rundir.record_changes(config, workdir, meta["step"], changes)
     log.truncate_after(meta["step"] if meta is not None else -1)
@@ -324,8 +397,12 @@ def _pretrain_locked(config, workdir: str, export_dir: str, main: bool) -> dict:
     key = jax.random.key(config.seed)
     params = run.backbone_params if run.backbone_params is not None else models.init_params(module, key)
     tx, lr_fn = make_optimizer(config.optimizer, total, params)
-    fresh = lambda: TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params),
-                               rng=jnp.array(jax.random.key_data(jax.random.fold_in(key, 1)), copy=True))
+    fresh = lambda: TrainState(
+        step=jnp.asarray(0, jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jnp.array(jax.random.key_data(jax.random.fold_in(key, 1)), copy=True),
+    )
     placement = parallel.make_placement(config.parallel, config.batch_size, jax.eval_shape(fresh))
     step_fn = placement.compile(functools.partial(pretrain_step, module=module, tx=tx, cfg=cfg, lr_fn=lr_fn))
     state = fresh()
@@ -334,10 +411,17 @@ def _pretrain_locked(config, workdir: str, export_dir: str, main: bool) -> dict:
     state = placement.place(state)
     with Preemption() as preempt:
         ctx = PhaseContext(ckpt=ckpt, log=log, progress=progress, preempt=preempt)
-        loop = _PretrainLoop(step_fn=step_fn, placement=placement, train_iter=run.train_iter, config=config,
-                             ctx=ctx, step=int(meta["step"]) if meta is not None else 0, end=total,
-                             evaluator=make_evaluator(module, cfg, config.seed),
-                             eval_batches=run.eval_subset(config.data.eval_max_examples))
+        loop = _PretrainLoop(
+            step_fn=step_fn,
+            placement=placement,
+            train_iter=run.train_iter,
+            config=config,
+            ctx=ctx,
+            step=int(meta["step"]) if meta is not None else 0,
+            end=total,
+            evaluator=make_evaluator(module, cfg, config.seed),
+            eval_batches=run.eval_subset(config.data.eval_max_examples),
+        )
         if loop.step == 0 and not log.has_row(0, "eval"):
             loop.score(state)  # the untrained model: where the curve starts
         state, stopped = loop.run(state)
@@ -350,8 +434,7 @@ def _pretrain_locked(config, workdir: str, export_dir: str, main: bool) -> dict:
         final = loop.score(state, write=not log.has_row(total, "eval"))
     ckpt.close()
     if main:
-        export_pretrained(workdir, export_dir, params, module.config, step=loop.step, eval_metrics=final,
-                          config=config)
+        export_pretrained(workdir, export_dir, params, module.config, step=loop.step, eval_metrics=final, config=config)
     return {"step": loop.step, "eval": final, "export": export_dir}
 
 
@@ -377,16 +460,20 @@ class _PretrainLoop(TrainLoop):
             result = self.evaluator(self.placement.host(state).params, self.eval_batches)
         if write:
             self.ctx.log.write({"step": self.step, "split": "eval", **result})
-        progress.say(f"  eval @ {self.step}: denoising loss {result['loss']:.4f}  ppl {result['ppl']:.2f}  "
-                     f"acc {result['accuracy']:.3f}  ({result['num_examples']} examples, "
-                     f"{time.time() - start:.1f} s)")
+        progress.say(
+            f"  eval @ {self.step}: denoising loss {result['loss']:.4f}  ppl {result['ppl']:.2f}  "
+            f"acc {result['accuracy']:.3f}  ({result['num_examples']} examples, "
+            f"{time.time() - start:.1f} s)"
+        )
         return result
 
     def say_row(self, row: dict) -> None:
-        self.ctx.progress.say(f"[pretrain] step {self.step}/{self.end}  loss {row['loss']:.3f}  acc "
-                              f"{row['accuracy']:.3f}  input {row['input_ratio']:.2f}  lr "
-                              f"{row['learning_rate']:.2e}  |  {row['steps_per_s']:.2f} steps/s  "
-                              f"{row['tokens_per_s']:.0f} tok/s  ETA {self.ctx.progress.eta(self.step, row)}")
+        self.ctx.progress.say(
+            f"[pretrain] step {self.step}/{self.end}  loss {row['loss']:.3f}  acc "
+            f"{row['accuracy']:.3f}  input {row['input_ratio']:.2f}  lr "
+            f"{row['learning_rate']:.2e}  |  {row['steps_per_s']:.2f} steps/s  "
+            f"{row['tokens_per_s']:.0f} tok/s  ETA {self.ctx.progress.eta(self.step, row)}"
+        )
 
     def meta(self) -> dict:
         return {**super().meta(), "objective": "text_infilling"}
@@ -397,11 +484,17 @@ def _define_flags(argv: list[str]) -> None:
     if "export" in flags.FLAGS:
         return
     # No default value (see cli.with_config): `main` puts the default file on the command line.
-    config_flags.DEFINE_config_file("config", None, "Path to a pretraining config file with get_config() (default: "
-                                    "configs/pretrain_bart_small.py).", lock_config=True, sys_argv=argv)
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Path to a pretraining config file with get_config() (default: configs/pretrain_bart_small.py).",
+        lock_config=True,
+        sys_argv=argv,
+    )
     flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs (default: runs/<config file name>).")
-    flags.DEFINE_string("export", None, "Folder for the pretrained model in Hugging Face format "
-                        "(default: WORKDIR/export).")
+    flags.DEFINE_string(
+        "export", None, "Folder for the pretrained model in Hugging Face format (default: WORKDIR/export)."
+    )
     flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
     flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP)
 
@@ -430,8 +523,11 @@ def _main(argv) -> int:
         sys.exit(3)
     if not result.get("preempted"):
         ev = result["eval"]
-        print(f"\nPretrained to step {result['step']}: held-out denoising loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f}, "
-              f"accuracy {ev['accuracy']:.3f}); the model is in {result['export']}", flush=True)
+        print(
+            f"\nPretrained to step {result['step']}: held-out denoising loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f}, "
+            f"accuracy {ev['accuracy']:.3f}); the model is in {result['export']}",
+            flush=True,
+        )
     return 0
 
 

@@ -6,6 +6,7 @@ and composed with ``optax.join_schedules`` like any ``optax.Schedule``.
 
 Only jax / optax are imported, so ``import flax_textvae.schedules`` is cheap.
 """
+
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import jax
@@ -28,8 +29,10 @@ def constant(value: float) -> Schedule:
     Returns:
       ``step -> value`` (float32, shape of ``step``).
     """
+
     def schedule(step):
         return jnp.full(jnp.shape(step), value, jnp.float32)
+
     return schedule
 
 
@@ -59,12 +62,20 @@ def linear(start: float, end: float, steps: int, begin: int = 0) -> Schedule:
         else:
             frac = jnp.clip(t / float(steps), 0.0, 1.0)
         return (start + (end - start) * frac).astype(jnp.float32)
+
     return schedule
 
 
-def cyclical(max_value: float = 1.0, period: Optional[float] = None, *, total_steps: Optional[int] = None,
-             num_cycles: Optional[int] = None, ratio_increase: float = 0.5, ratio_zero: float = 0.0,
-             min_value: float = 0.0) -> Schedule:
+def cyclical(
+    max_value: float = 1.0,
+    period: Optional[float] = None,
+    *,
+    total_steps: Optional[int] = None,
+    num_cycles: Optional[int] = None,
+    ratio_increase: float = 0.5,
+    ratio_zero: float = 0.0,
+    min_value: float = 0.0,
+) -> Schedule:
     """Cyclical annealing (Fu et al. 2019).
 
     Within each cycle of length ``period`` and relative position ``tau = (step mod period) / period``:
@@ -92,16 +103,19 @@ def cyclical(max_value: float = 1.0, period: Optional[float] = None, *, total_st
         if total_steps is None or num_cycles is None:
             raise ValueError("cyclical schedule needs `period`, or `total_steps` and `num_cycles`")
         if total_steps <= 0 or num_cycles <= 0:
-            raise ValueError(f"cyclical schedule needs total_steps > 0 and num_cycles > 0, "
-                             f"got {total_steps}, {num_cycles}")
+            raise ValueError(
+                f"cyclical schedule needs total_steps > 0 and num_cycles > 0, got {total_steps}, {num_cycles}"
+            )
         period = total_steps / num_cycles
     elif total_steps is not None or num_cycles is not None:
         raise ValueError("cyclical schedule: give `period` or (`total_steps`, `num_cycles`), not both")
     if period <= 0:
         raise ValueError(f"cyclical schedule needs period > 0, got {period}")
     if not (0.0 < ratio_increase <= 1.0 and 0.0 <= ratio_zero and ratio_zero + ratio_increase <= 1.0):
-        raise ValueError(f"cyclical schedule needs 0 < ratio_increase, 0 <= ratio_zero and "
-                         f"ratio_zero + ratio_increase <= 1, got {ratio_increase}, {ratio_zero}")
+        raise ValueError(
+            f"cyclical schedule needs 0 < ratio_increase, 0 <= ratio_zero and "
+            f"ratio_zero + ratio_increase <= 1, got {ratio_increase}, {ratio_zero}"
+        )
 
     def schedule(step):
         t = _step(step)
@@ -111,6 +125,7 @@ def cyclical(max_value: float = 1.0, period: Optional[float] = None, *, total_st
         if total_steps is not None:
             value = jnp.where(t >= total_steps, max_value, value)
         return value.astype(jnp.float32)
+
     return schedule
 
 
@@ -125,8 +140,10 @@ def sigmoid(max_value: float = 1.0, midpoint: float = 0.0, steepness: float = 1.
     Returns:
       ``step -> value`` (float32, shape of ``step``).
     """
+
     def schedule(step):
         return (max_value * jax.nn.sigmoid(steepness * (_step(step) - midpoint))).astype(jnp.float32)
+
     return schedule
 
 
@@ -155,8 +172,7 @@ _BUILDERS: Dict[str, Callable[..., Schedule]] = {
 _FIELDS = {
     "constant": ("value",),
     "linear": ("start", "end", "steps", "begin"),
-    "cyclical": ("max_value", "period", "total_steps", "num_cycles", "ratio_increase", "ratio_zero",
-                 "min_value"),
+    "cyclical": ("max_value", "period", "total_steps", "num_cycles", "ratio_increase", "ratio_zero", "min_value"),
     "sigmoid": ("max_value", "midpoint", "steepness"),
     "capacity": ("target", "ramp_steps", "begin"),
 }

@@ -9,6 +9,7 @@ then drawn per example from keys folded with the example's global row index, so 
 do not depend on the number of devices or on the parallel mode. Dropout inside the backbone uses its own
 stream (``'dropout'``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -93,8 +94,7 @@ def make_optimizer(opt_cfg, phase_steps: int, params, frozen: Sequence[str] = ()
     lr = learning_rate_fn(opt_cfg, phase_steps)
     decay_mask = jax.tree.map(lambda p: p.ndim > 1, params)
     parts = [optax.clip_by_global_norm(opt_cfg.grad_clip)] if opt_cfg.grad_clip > 0 else []
-    parts.append(optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, weight_decay=opt_cfg.weight_decay,
-                             mask=decay_mask))
+    parts.append(optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, weight_decay=opt_cfg.weight_decay, mask=decay_mask))
     tx = optax.chain(*parts)
     if frozen:
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, param_labels(params, frozen))
@@ -114,19 +114,32 @@ def noisy_inputs(batch: dict, keys: jax.Array, cfg: StepConfig):
     k_del, k_mask, k_wd = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in (1, 2, 3))
     one = lambda f: jax.vmap(lambda k, *xs: jax.tree.map(lambda y: y[0], f(k, *(x[None] for x in xs))))
     if cfg.delete_rate > 0:
-        ids, mask = one(lambda k, i, m: denoise.delete_tokens(
-            k, i, m, cfg.delete_rate, cfg.special_ids, cfg.pad_id))(k_del, ids, mask)
+        ids, mask = one(lambda k, i, m: denoise.delete_tokens(k, i, m, cfg.delete_rate, cfg.special_ids, cfg.pad_id))(
+            k_del, ids, mask
+        )
     if cfg.mask_rate > 0:
-        ids = one(lambda k, i, m: denoise.mask_tokens(
-            k, i, m, cfg.mask_rate, cfg.special_ids, cfg.mask_id))(k_mask, ids, mask)
+        ids = one(lambda k, i, m: denoise.mask_tokens(k, i, m, cfg.mask_rate, cfg.special_ids, cfg.mask_id))(
+            k_mask, ids, mask
+        )
     if cfg.word_dropout > 0:
-        dec_in = one(lambda k, d: denoise.word_dropout(
-            k, d, cfg.word_dropout, cfg.unk_id, cfg.special_ids))(k_wd, dec_in)
+        dec_in = one(lambda k, d: denoise.word_dropout(k, d, cfg.word_dropout, cfg.unk_id, cfg.special_ids))(
+            k_wd, dec_in
+        )
     return ids, mask, dec_in
 
 
-def loss_and_metrics(params, batch: dict, example_rng: jax.Array, dropout_rng: jax.Array, rows: jax.Array, *,
-                     model: TextVAE, cfg: StepConfig, kl_weight, kl_target):
+def loss_and_metrics(
+    params,
+    batch: dict,
+    example_rng: jax.Array,
+    dropout_rng: jax.Array,
+    rows: jax.Array,
+    *,
+    model: TextVAE,
+    cfg: StepConfig,
+    kl_weight,
+    kl_target,
+):
     """The training objective on one (micro-)batch; differentiable in ``params``.
 
     ``example_rng`` is folded with each example's global row (latent noise, denoising); ``dropout_rng`` is
@@ -140,22 +153,44 @@ def loss_and_metrics(params, batch: dict, example_rng: jax.Array, dropout_rng: j
     ids, mask, dec_in = noisy_inputs(batch, keys, cfg)
     eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (model.latent_size,)))(keys)
     chunked = cfg.vocab_chunk_size > 0
-    out = model.apply({"params": params}, ids, mask, dec_in, batch.get("decoder_attention_mask"),
-                      eps=eps, deterministic=False, rngs={"dropout": dropout_rng}, hidden=chunked)
-    nll_fn = (_chunked_nll_fn(params, out["hidden"], batch["labels"], model, cfg.vocab_chunk_size) if chunked
-              else lambda w: losses.token_nll(out["logits"], batch["labels"], w))
+    out = model.apply(
+        {"params": params},
+        ids,
+        mask,
+        dec_in,
+        batch.get("decoder_attention_mask"),
+        eps=eps,
+        deterministic=False,
+        rngs={"dropout": dropout_rng},
+        hidden=chunked,
+    )
+    nll_fn = (
+        _chunked_nll_fn(params, out["hidden"], batch["labels"], model, cfg.vocab_chunk_size)
+        if chunked
+        else lambda w: losses.token_nll(out["logits"], batch["labels"], w)
+    )
     loss, aux = losses.vae_loss_from_nll(
-        nll_fn, batch["label_weights"], out["mean"], out["logvar"],
-        kind=cfg.kind, weight=kl_weight, threshold=cfg.free_bits, free_bits_mode=cfg.free_bits_mode,
-        target=kl_target, beta=cfg.beta, example_weight=batch.get("example_weight"))
+        nll_fn,
+        batch["label_weights"],
+        out["mean"],
+        out["logvar"],
+        kind=cfg.kind,
+        weight=kl_weight,
+        threshold=cfg.free_bits,
+        free_bits_mode=cfg.free_bits_mode,
+        target=kl_target,
+        beta=cfg.beta,
+        example_weight=batch.get("example_weight"),
+    )
     return loss, aux
 
 
 def _chunked_nll_fn(params, hidden: jax.Array, labels: jax.Array, model: TextVAE, chunk_size: int) -> Callable:
     """``token_weights -> [B]`` summed NLL of ``labels`` through the backbone's LM head, by vocabulary chunks."""
     head = model.backbone.apply({"params": params["backbone"]}, method="lm_head_weights")
-    return lambda w: losses.chunked_token_nll(hidden, head.head, labels, w, bias=head.bias, scale=head.scale,
-                                              head_layout=head.layout, chunk_size=chunk_size)
+    return lambda w: losses.chunked_token_nll(
+        hidden, head.head, labels, w, bias=head.bias, scale=head.scale, head_layout=head.layout, chunk_size=chunk_size
+    )
 
 
 # Auxiliary outputs of losses.vae_loss that are sums over the batch (added over micro-batches); the others
@@ -163,8 +198,17 @@ def _chunked_nll_fn(params, hidden: jax.Array, labels: jax.Array, model: TextVAE
 SUMMED_AUX = ("rec_sum", "kl_sum", "num_tokens", "num_examples")
 
 
-def accumulate_gradients(grad_fn: Callable, params, batch: dict, example_rng: jax.Array, dropout_rng: jax.Array,
-                         rows: jax.Array, *, steps: int, **kw):
+def accumulate_gradients(
+    grad_fn: Callable,
+    params,
+    batch: dict,
+    example_rng: jax.Array,
+    dropout_rng: jax.Array,
+    rows: jax.Array,
+    *,
+    steps: int,
+    **kw,
+):
     """Gradient accumulation: ``grad_fn`` over ``steps`` micro-batches in a ``lax.scan``.
 
     Args:
@@ -193,17 +237,25 @@ def accumulate_gradients(grad_fn: Callable, params, batch: dict, example_rng: ja
         return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    (loss0, aux0), grads0 = jax.eval_shape(lambda: grad_fn(params, first[0], example_rng, dropout_rng, first[1],
-                                                           **kw))
+    (loss0, aux0), grads0 = jax.eval_shape(lambda: grad_fn(params, first[0], example_rng, dropout_rng, first[1], **kw))
     zeros = jax.tree.map(jnp.zeros_like, (loss0, aux0, grads0))
     (loss, aux, grads), _ = jax.lax.scan(body, zeros, micro)
     aux = {k: (v if k in SUMMED_AUX else v / steps) for k, v in aux.items()}
     return loss / steps, aux, jax.tree.map(lambda g: g / steps, grads)
 
 
-def train_step(state: TrainState, batch: dict, *, model: TextVAE, tx: optax.GradientTransformation,
-               cfg: StepConfig, kl_weight_fn: Callable, kl_target_fn: Callable, lr_fn: Callable,
-               axis_name: str | None = None):
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    model: TextVAE,
+    tx: optax.GradientTransformation,
+    cfg: StepConfig,
+    kl_weight_fn: Callable,
+    kl_target_fn: Callable,
+    lr_fn: Callable,
+    axis_name: str | None = None,
+):
     """One optimizer step.
 
     Args:
@@ -242,16 +294,22 @@ def train_step(state: TrainState, batch: dict, *, model: TextVAE, tx: optax.Grad
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
-                              opt_state=keep(new_opt, state.opt_state))
+    new_state = state.replace(
+        step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state)
+    )
     metrics = {
-        "loss": loss, "rec": aux["rec"], "kl": aux["kl"], "kl_term": aux["kl_term"],
+        "loss": loss,
+        "rec": aux["rec"],
+        "kl": aux["kl"],
+        "kl_term": aux["kl_term"],
         # What multiplies the KL term (the schedule's weight; beta for the constraint) and the target C.
         "kl_weight": jnp.asarray(aux["kl_weight"], jnp.float32),
         "kl_target": jnp.asarray(aux["kl_target"], jnp.float32),
-        "grad_norm": grad_norm, "param_norm": optax.global_norm(state.params),
+        "grad_norm": grad_norm,
+        "param_norm": optax.global_norm(state.params),
         "learning_rate": jnp.asarray(lr_fn(phase_step), jnp.float32),
-        "num_tokens": aux["num_tokens"], "nonfinite": (~ok).astype(jnp.int32),
+        "num_tokens": aux["num_tokens"],
+        "nonfinite": (~ok).astype(jnp.int32),
     }
     if axis_name is not None:
         metrics["num_tokens"] = aux["num_tokens"] * jax.lax.psum(1, axis_name)  # pmean -> global sum
@@ -264,8 +322,7 @@ def kl_weight_schedule(sched_cfg):
     builders = {
         "constant": lambda: schedules.constant(c.value),
         "linear": lambda: schedules.linear(c.start, c.value, c.steps),
-        "cyclical": lambda: schedules.cyclical(c.value, c.steps, ratio_increase=c.ratio_increase,
-                                               min_value=c.start),
+        "cyclical": lambda: schedules.cyclical(c.value, c.steps, ratio_increase=c.ratio_increase, min_value=c.start),
         "sigmoid": lambda: schedules.sigmoid(c.value, midpoint=c.steps, steepness=c.steepness),
     }
     if c.kind not in builders:

@@ -34,6 +34,7 @@ the plots (``flax_textvae.study_report``) are rewritten after every cell. ``DIR/
 splits. Minutes count the wall-clock time of the process that trained (and of the one that evaluated) the
 cell; a cell resumed after a kill reports the time of its last process only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,8 +72,9 @@ class Study:
     notes: Sequence[str] = ()
 
 
-def text_files_or_synthetic(train_file: str | os.PathLike, held_out_file: str | os.PathLike,
-                            fallback: tuple[str, str]) -> tuple[str, str, list[str]]:
+def text_files_or_synthetic(
+    train_file: str | os.PathLike, held_out_file: str | os.PathLike, fallback: tuple[str, str]
+) -> tuple[str, str, list[str]]:
     """``(train_spec, held_out_spec, notes)``: the two text files when both exist, else ``fallback``.
 
     Args:
@@ -88,8 +90,14 @@ def text_files_or_synthetic(train_file: str | os.PathLike, held_out_file: str | 
     missing = [p for p in paths if not os.path.isfile(p)]
     if not missing:
         return paths[0], paths[1], []
-    return fallback[0], fallback[1], [f"note: {', '.join(missing)} not found; using {fallback[0]} for training "
-                                      f"and {fallback[1]} as the held-out split instead"]
+    return (
+        fallback[0],
+        fallback[1],
+        [
+            f"note: {', '.join(missing)} not found; using {fallback[0]} for training "
+            f"and {fallback[1]} as the held-out split instead"
+        ],
+    )
 
 
 def load_study(path: str, smoke: bool = False) -> Study:
@@ -100,8 +108,7 @@ def load_study(path: str, smoke: bool = False) -> Study:
       validation.ConfigError: the file has no ``get_study`` or returns something that is not a study.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--study={path}: no such file; pass a study file such as "
-                                "configs/studies/park_lee.py")
+        raise FileNotFoundError(f"--study={path}: no such file; pass a study file such as configs/studies/park_lee.py")
     module = _import_file(path, "flax_textvae_study_file")
     if not callable(getattr(module, "get_study", None)):
         raise validation.ConfigError([f"{path} defines no get_study(smoke) function"], subject="the study file")
@@ -113,16 +120,22 @@ def load_study(path: str, smoke: bool = False) -> Study:
     else:
         fields = got.to_dict() if isinstance(got, ml_collections.ConfigDict) else got
     if not isinstance(fields, Mapping):
-        raise validation.ConfigError([f"get_study returned {type(got).__name__}; return a Study or a mapping"],
-                                     subject=path)
+        raise validation.ConfigError(
+            [f"get_study returned {type(got).__name__}; return a Study or a mapping"], subject=path
+        )
     known = {f.name for f in dataclasses.fields(Study)}
     unknown = sorted(set(fields) - known)
-    missing = sorted(f.name for f in dataclasses.fields(Study)
-                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                     and f.name not in fields)
+    missing = sorted(
+        f.name
+        for f in dataclasses.fields(Study)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in fields
+    )
     if unknown or missing:
-        raise validation.ConfigError([f"unknown study field {k!r}; fields: {sorted(known)}" for k in unknown]
-                                     + [f"missing study field {k!r}" for k in missing], subject=path)
+        raise validation.ConfigError(
+            [f"unknown study field {k!r}; fields: {sorted(known)}" for k in unknown]
+            + [f"missing study field {k!r}" for k in missing],
+            subject=path,
+        )
     return Study(**fields)
 
 
@@ -142,8 +155,9 @@ def parse_override(text: str, config: ml_collections.ConfigDict | None = None) -
     key, eq, raw = text.partition("=")
     key = key.strip()
     if not eq or not key:
-        raise validation.ConfigError([f"--override={text!r}: write KEY=VALUE, e.g. --override=train_steps=500"],
-                                     subject="the command line")
+        raise validation.ConfigError(
+            [f"--override={text!r}: write KEY=VALUE, e.g. --override=train_steps=500"], subject="the command line"
+        )
     current = _get(config, key) if config is not None else None
     try:
         if isinstance(current, bool):
@@ -153,8 +167,10 @@ def parse_override(text: str, config: ml_collections.ConfigDict | None = None) -
         if isinstance(current, (int, float)) and not isinstance(current, bool):
             return key, type(current)(float(raw) if isinstance(current, float) else int(raw))
     except ValueError:
-        raise validation.ConfigError([f"--override={text!r}: {key} holds {_article(type(current).__name__)}, "
-                                      f"and {raw!r} is not one"], subject="the command line") from None
+        raise validation.ConfigError(
+            [f"--override={text!r}: {key} holds {_article(type(current).__name__)}, and {raw!r} is not one"],
+            subject="the command line",
+        ) from None
     return key, raw
 
 
@@ -171,8 +187,7 @@ def _get(config, key: str, default: Any = None) -> Any:
     return node
 
 
-def _apply(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str,
-           problems: list[str]) -> None:
+def _apply(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str, problems: list[str]) -> None:
     """Sets dotted ``overrides`` on the unlocked ``config``; each unknown key or bad type adds a problem."""
     leaves = list(configuration.field_comments())
     for key, value in overrides.items():
@@ -200,8 +215,9 @@ def base_config(study: Study) -> ml_collections.ConfigDict:
     return _import_file(study.config, "flax_textvae_study_base_config").get_config()
 
 
-def cell_configs(study: Study, overrides: Mapping[str, Any] | None = None,
-                 workdir: str | None = None) -> list[tuple[str, ml_collections.ConfigDict]]:
+def cell_configs(
+    study: Study, overrides: Mapping[str, Any] | None = None, workdir: str | None = None
+) -> list[tuple[str, ml_collections.ConfigDict]]:
     """Every cell's locked config, in order, after checking all of them.
 
     Args:
@@ -221,8 +237,11 @@ def cell_configs(study: Study, overrides: Mapping[str, Any] | None = None,
     problems: list[str] = []
     names = [name for name, _ in study.cells]
     problems += [f"cell name {n!r} appears {names.count(n)} times" for n in sorted(set(names)) if names.count(n) > 1]
-    problems += [f"cell name {n!r}: use letters, digits, '-', '_' and '.' only" for n in names
-                 if not n or not all(ch.isalnum() or ch in "-_." for ch in n)]
+    problems += [
+        f"cell name {n!r}: use letters, digits, '-', '_' and '.' only"
+        for n in names
+        if not n or not all(ch.isalnum() or ch in "-_." for ch in n)
+    ]
     if not study.cells:
         problems.append("the study has no cells")
     if not isinstance(study.iw_samples, int) or study.iw_samples < 0:
@@ -260,11 +279,16 @@ def cut_split(spec: str, n: int, folder: str) -> str:
     if n <= 0:
         return spec
     if spec.startswith("synthetic:"):
-        count, *rest = spec[len("synthetic:"):].split(":")
+        count, *rest = spec[len("synthetic:") :].split(":")
         return ":".join([f"synthetic:{min(int(count), n)}"] + rest)
     if spec.startswith(validation.READER_PREFIXES):
-        raise validation.ConfigError([f"{spec!r} cannot be cut to {n} examples; use a text file or a "
-                                      "synthetic: spec, or set the study's max_examples to 0"], subject="the study")
+        raise validation.ConfigError(
+            [
+                f"{spec!r} cannot be cut to {n} examples; use a text file or a "
+                "synthetic: spec, or set the study's max_examples to 0"
+            ],
+            subject="the study",
+        )
     lines = []
     with open(spec, encoding="utf-8") as f:
         for line in f:
@@ -296,14 +320,18 @@ def _flat(tree: Mapping, prefix: str = "") -> dict:
 def _learned(config) -> dict:
     """The config as a flat dict without the loop-only fields a resume may change."""
     flat = _flat(config if isinstance(config, dict) else rundir.config_dict(config))
-    return {k: v for k, v in flat.items()
-            if k not in rundir.SAFE_FIELDS and not k.startswith(rundir.SAFE_SECTIONS)}
+    return {k: v for k, v in flat.items() if k not in rundir.SAFE_FIELDS and not k.startswith(rundir.SAFE_SECTIONS)}
 
 
 def eval_settings(study: Study, config) -> dict:
     """What a cell's held-out evaluation depends on (compared with the record to decide on a rerun)."""
-    return {"data": study.eval_data, "max_examples": int(study.eval_max_examples), "name": eval_name(study),
-            "iw_samples": int(study.iw_samples), "seed": int(config.seed)}
+    return {
+        "data": study.eval_data,
+        "max_examples": int(study.eval_max_examples),
+        "name": eval_name(study),
+        "iw_samples": int(study.iw_samples),
+        "seed": int(config.seed),
+    }
 
 
 def eval_name(study: Study) -> str:
@@ -333,15 +361,21 @@ def _check_resumable(cells, workdir: str) -> None:
             try:
                 rundir.resume_changes(config, cell_dir)
             except rundir.ResumeConfigError as err:
-                problems += [f"cell {name!r} ({cell_dir}) was trained with another config: {p}; delete that folder "
-                             "to retrain the cell" for p in err.problems]
+                problems += [
+                    f"cell {name!r} ({cell_dir}) was trained with another config: {p}; delete that folder "
+                    "to retrain the cell"
+                    for p in err.problems
+                ]
     _raise(problems)
 
 
 def _train_steps_done(cell_dir: str, default: int) -> int:
     path = os.path.join(cell_dir, "metrics.jsonl")
-    steps = [r["step"] for r in plots.read_metrics_jsonl(path) if r.get("split", "train") == "train"] \
-        if os.path.isfile(path) else []
+    steps = (
+        [r["step"] for r in plots.read_metrics_jsonl(path) if r.get("split", "train") == "train"]
+        if os.path.isfile(path)
+        else []
+    )
     return int(max(steps)) if steps else int(default)
 
 
@@ -358,8 +392,14 @@ def select_cells(study: Study, names: Sequence[str] | None) -> Study:
     return dataclasses.replace(study, cells=[(n, c) for n, c in study.cells if n in set(names)])
 
 
-def run_study(study: Study, workdir: str, *, overrides: Mapping[str, Any] | None = None,
-              cells: Sequence[str] | None = None, log: Callable[[str], None] = print) -> list[dict]:
+def run_study(
+    study: Study,
+    workdir: str,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    cells: Sequence[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """Trains and evaluates every cell in order (skipping finished ones), writing the report after each.
 
     Args:
@@ -388,14 +428,23 @@ def run_study(study: Study, workdir: str, *, overrides: Mapping[str, Any] | None
             log(note)
         rows, t_study = [], time.time()
         for i, (name, config) in enumerate(cells, 1):
-            row = _run_cell(study, config, name, os.path.join(workdir, "cells", name), held_out,
-                            f"[{study.name} {i}/{len(cells)}] {name}", log)
+            row = _run_cell(
+                study,
+                config,
+                name,
+                os.path.join(workdir, "cells", name),
+                held_out,
+                f"[{study.name} {i}/{len(cells)}] {name}",
+                log,
+            )
             if row is None:
                 return rows
             rows.append(row)
             study_report.write_report(study, workdir, rows, dict(cells))
-        log(f"[{study.name}] {len(cells)} cells in {(time.time() - t_study) / 60:.1f} min; "
-            f"wrote {os.path.join(workdir, 'study.md')}")
+        log(
+            f"[{study.name}] {len(cells)} cells in {(time.time() - t_study) / 60:.1f} min; "
+            f"wrote {os.path.join(workdir, 'study.md')}"
+        )
     return rows
 
 
@@ -408,8 +457,13 @@ def _run_cell(study: Study, config, name: str, cell_dir: str, held_out: str, tag
     if trained and record.get("eval") == settings and os.path.isfile(result_path):
         log(f"{tag}: finished earlier ({record.get('minutes', 0):.1f} min), skipped")
         with open(result_path) as f:
-            return {"cell": name, "steps": record.get("steps"), "minutes": record.get("minutes"), "skipped": True,
-                    **json.load(f)}
+            return {
+                "cell": name,
+                "steps": record.get("steps"),
+                "minutes": record.get("minutes"),
+                "skipped": True,
+                **json.load(f),
+            }
     t0 = time.time()
     if not trained:
         log(f"{tag}: training in {cell_dir}")
@@ -417,20 +471,28 @@ def _run_cell(study: Study, config, name: str, cell_dir: str, held_out: str, tag
         if out.get("preempted"):
             log(f"{tag}: stopped by SIGTERM at step {out.get('step')}; rerun the study to resume it")
             return None
-        record = {"config": rundir.config_dict(config), "train_minutes": (time.time() - t0) / 60,
-                  "steps": _train_steps_done(cell_dir, config.train_steps)}
+        record = {
+            "config": rundir.config_dict(config),
+            "train_minutes": (time.time() - t0) / 60,
+            "steps": _train_steps_done(cell_dir, config.train_steps),
+        }
         _write_record(cell_dir, record)
-    log(f"{tag}: evaluating on {study.eval_data}" + (f" (first {study.eval_max_examples})"
-                                                      if study.eval_max_examples else "")
-        + f", iw_samples={study.iw_samples}")
+    log(
+        f"{tag}: evaluating on {study.eval_data}"
+        + (f" (first {study.eval_max_examples})" if study.eval_max_examples else "")
+        + f", iw_samples={study.iw_samples}"
+    )
     t1 = time.time()
-    result = evaluate.evaluate(config, cell_dir, data=held_out, name=settings["name"], iw_samples=study.iw_samples,
-                               seed=settings["seed"])
+    result = evaluate.evaluate(
+        config, cell_dir, data=held_out, name=settings["name"], iw_samples=study.iw_samples, seed=settings["seed"]
+    )
     record.update(eval=settings, eval_minutes=(time.time() - t1) / 60)
     record["minutes"] = record.get("train_minutes", 0.0) + record["eval_minutes"]
     _write_record(cell_dir, record)
-    log(f"{tag}: done in {(time.time() - t0) / 60:.1f} min  (rec {result['rec']:.2f}  kl {result['kl']:.2f}  "
-        f"au {result['au']})")
+    log(
+        f"{tag}: done in {(time.time() - t0) / 60:.1f} min  (rec {result['rec']:.2f}  kl {result['kl']:.2f}  "
+        f"au {result['au']})"
+    )
     return {"cell": name, "steps": record["steps"], "minutes": record["minutes"], "skipped": False, **result}
 
 
@@ -438,8 +500,11 @@ def _define_flags() -> None:
     flags.DEFINE_string("study", None, "Study file with get_study(smoke), e.g. configs/studies/park_lee.py.")
     flags.DEFINE_string("workdir", None, "Study folder: cells/NAME run folders, study.md, study.csv, plots.")
     flags.DEFINE_bool("smoke", False, "The study's smoke size: tiny model, few steps, small evaluation.")
-    flags.DEFINE_string("model", None, "Backbone for every cell (model.name_or_path): a local folder, hub id "
-                        "or 'scratch'; default: the study's.")
+    flags.DEFINE_string(
+        "model",
+        None,
+        "Backbone for every cell (model.name_or_path): a local folder, hub id or 'scratch'; default: the study's.",
+    )
     flags.DEFINE_multi_string("override", [], "KEY=VALUE dotted config override for every cell (repeatable).")
     flags.DEFINE_list("cells", [], "Run only these cells (comma-separated names); default: all.")
     flags.DEFINE_bool("verbose", False, "On a user error, show the Python traceback instead of a short message.")

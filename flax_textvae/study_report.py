@@ -13,6 +13,7 @@ Written into the study folder by ``flax_textvae.study.run_study`` after every ce
 Matplotlib's object-oriented API with the Agg canvas (no pyplot, no global backend), safe on headless
 machines.
 """
+
 from __future__ import annotations
 
 import csv
@@ -57,21 +58,30 @@ def markdown(study: Any, rows: Sequence[Mapping[str, Any]], configs: Mapping[str
     first = next(iter(configs.values()), None)
     n = rows[0].get("num_examples") if rows else None
     held_out = study.eval_data + (f" (first {study.eval_max_examples} examples)" if study.eval_max_examples else "")
-    lines = [f"# Study: {study.name}", "",
-             f"* base config: `{os.path.relpath(study.config) if os.path.isabs(study.config) else study.config}`",
-             f"* held-out split: `{held_out}`, {n if n is not None else '?'} examples, "
-             f"iw_samples = {study.iw_samples}",
-             f"* cells finished: {len(rows)} / {len(study.cells)}"]
+    lines = [
+        f"# Study: {study.name}",
+        "",
+        f"* base config: `{os.path.relpath(study.config) if os.path.isabs(study.config) else study.config}`",
+        f"* held-out split: `{held_out}`, {n if n is not None else '?'} examples, iw_samples = {study.iw_samples}",
+        f"* cells finished: {len(rows)} / {len(study.cells)}",
+    ]
     if first is not None:
-        lines.append(f"* backbone: `{first.model.name_or_path}`, latent size {first.vae.latent_size}, "
-                     f"train: `{first.data.train}`")
-    lines += ["", "Held-out metrics in nats per example (`ppl`: per token of the run's own tokenizer); `steps` "
-              "trained, `minutes` of wall-clock time (training + held-out evaluation).", ""]
+        lines.append(
+            f"* backbone: `{first.model.name_or_path}`, latent size {first.vae.latent_size}, "
+            f"train: `{first.data.train}`"
+        )
+    lines += [
+        "",
+        "Held-out metrics in nats per example (`ppl`: per token of the run's own tokenizer); `steps` "
+        "trained, `minutes` of wall-clock time (training + held-out evaluation).",
+        "",
+    ]
     lines.append("| " + " | ".join(TABLE_COLUMNS) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(TABLE_COLUMNS) - 1)) + "|")
     for r in rows:
-        lines.append("| " + " | ".join(format_metric(r.get(k)) if k != "cell" else str(r["cell"])
-                                       for k in TABLE_COLUMNS) + " |")
+        lines.append(
+            "| " + " | ".join(format_metric(r.get(k)) if k != "cell" else str(r["cell"]) for k in TABLE_COLUMNS) + " |"
+        )
     lines += ["", "## Cells", ""]
     for name, over in study.cells:
         shown = ", ".join(f"`{k}={v!r}`" for k, v in over.items()) or "(the base config)"
@@ -91,8 +101,9 @@ def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for r in rows:
-        writer.writerow(["" if r.get(k) is None else (repr(r[k]) if isinstance(r[k], float) else r[k])
-                         for k in CSV_COLUMNS])
+        writer.writerow(
+            ["" if r.get(k) is None else (repr(r[k]) if isinstance(r[k], float) else r[k]) for k in CSV_COLUMNS]
+        )
     return buf.getvalue()
 
 
@@ -117,8 +128,7 @@ def plot_rec_vs_kl(rows: Sequence[Mapping[str, Any]], path: str) -> str:
         ax.scatter([r["kl"]], [r["rec"]], color=f"C{i % 10}", s=36, zorder=3)
         point = (round(r["kl"], 2), round(r["rec"], 2))
         k = seen[point] = seen.get(point, -1) + 1  # cells at the same point get their labels stacked
-        ax.annotate(str(r["cell"]), (r["kl"], r["rec"]), xytext=(4, 4 + 10 * k), textcoords="offset points",
-                    fontsize=8)
+        ax.annotate(str(r["cell"]), (r["kl"], r["rec"]), xytext=(4, 4 + 10 * k), textcoords="offset points", fontsize=8)
     ax.set_xlabel("KL(q(z|x) || p(z))  (nats / example)")
     ax.set_ylabel("reconstruction -log p(x|z)  (nats / example)")
     ax.set_title("held-out rate and distortion per cell", fontsize=10)
@@ -160,8 +170,11 @@ def plot_kl_curves(cell_dirs: Mapping[str, str], path: str) -> str:
         metrics = os.path.join(folder, "metrics.jsonl")
         if not os.path.isfile(metrics):
             continue
-        pts = sorted((r["step"], r["kl"]) for r in plots.read_metrics_jsonl(metrics)
-                     if r.get("split", "train") == "train" and isinstance(r.get("kl"), (int, float)))
+        pts = sorted(
+            (r["step"], r["kl"])
+            for r in plots.read_metrics_jsonl(metrics)
+            if r.get("split", "train") == "train" and isinstance(r.get("kl"), (int, float))
+        )
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=f"C{i % 10}", linewidth=1.2, label=name)
             top = max(top, max(p[1] for p in pts))
@@ -190,7 +203,10 @@ def write_report(study: Any, workdir: str, rows: Sequence[Mapping[str, Any]], co
     rundir.write_atomic(table, csv_text(rows))
     latent = next(iter(configs.values())).vae.latent_size if configs else None
     done = [r["cell"] for r in rows]
-    return [md, table,
-            plot_rec_vs_kl(rows, os.path.join(workdir, PLOTS[0])),
-            plot_active_units(rows, os.path.join(workdir, PLOTS[1]), latent),
-            plot_kl_curves({n: os.path.join(workdir, "cells", n) for n in done}, os.path.join(workdir, PLOTS[2]))]
+    return [
+        md,
+        table,
+        plot_rec_vs_kl(rows, os.path.join(workdir, PLOTS[0])),
+        plot_active_units(rows, os.path.join(workdir, PLOTS[1]), latent),
+        plot_kl_curves({n: os.path.join(workdir, "cells", n) for n in done}, os.path.join(workdir, PLOTS[2])),
+    ]

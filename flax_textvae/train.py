@@ -12,6 +12,7 @@ continues the same run, and starts afresh, discarding what an earlier start left
 current step and returns; a non-finite loss stops the run naming the step, and the checkpoints on disk stay
 those of the last good state. Only process 0 writes logs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -107,12 +108,12 @@ def _train_locked(config, workdir: str, main: bool) -> dict:
                 return {"preempted": True, "step": int(trainer.host_state(state).step)}
     if not trained:  # the run had already finished: evaluate its final checkpoint
         params, _ = checkpoints.load_params(workdir)
-    progress.say(f"Final evaluation on {run.eval_spec} ({len(run.eval_texts)} examples, greedy reconstructions "
-                 "for BLEU) ...")
+    progress.say(
+        f"Final evaluation on {run.eval_spec} ({len(run.eval_texts)} examples, greedy reconstructions for BLEU) ..."
+    )
     start = time.time()
     with progress.working("running the final evaluation"):
-        result = evaluate.evaluate_split(run, params, run.eval_batches, iw_samples=0, seed=config.seed,
-                                         with_bleu=True)
+        result = evaluate.evaluate_split(run, params, run.eval_batches, iw_samples=0, seed=config.seed, with_bleu=True)
     progress.say(f"  done in {time.time() - start:.1f} s")
     if trained or not log.has_row(int(config.train_steps), "eval"):  # a rerun of a finished run logs it once
         log.write({"step": int(config.train_steps), "phase": 2, "split": "eval", **result})
@@ -132,8 +133,10 @@ def _phase_start(trainer: Trainer, ckpt, meta, params, key) -> TrainState:
         return state
     if trainer.phase == 2 and trainer.first > 0 and ckpt.latest_step(best=True) is not None:
         restored, best = ckpt.restore(checkpoints.abstract_like({"params": state.params}), best=True)
-        print(f"Phase 2 starts from the phase-1 checkpoint of step {best['step']} (eval rec "
-              f"{best['best_rec']:.3f})", flush=True)
+        print(
+            f"Phase 2 starts from the phase-1 checkpoint of step {best['step']} (eval rec {best['best_rec']:.3f})",
+            flush=True,
+        )
         return trainer.new_state(restored["params"], trainer.first, key)
     return state
 

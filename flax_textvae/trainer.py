@@ -14,6 +14,7 @@ step of its own (benchmarks, tests, other objectives) builds a :class:`Trainer` 
 The parallel mode is a placement object from ``flax_textvae.parallel`` (mesh or pmap); nothing here branches
 on it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -179,15 +180,20 @@ class Progress:
         rate = row.get("steps_per_s", 0.0)
         self.rate = rate if self.rate is None else 0.7 * self.rate + 0.3 * rate
         left = (self.total - step) / max(self.rate, 1e-9)
-        return f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m" if left >= 3600 else \
-            f"{int(left // 60)}m{int(left % 60):02d}s"
+        return (
+            f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m"
+            if left >= 3600
+            else f"{int(left // 60)}m{int(left % 60):02d}s"
+        )
 
     def train_row(self, step: int, row: dict) -> None:
         eta = self.eta(step, row)
         kl_ctl = f"C {row['kl_target']:.2f}" if row.get("kl_target") else f"w {row.get('kl_weight', 0):.3f}"
-        self.say(f"[phase {row['phase']}] step {step}/{self.total}  loss {row['loss']:.3f}  rec {row['rec']:.3f}  "
-                 f"kl {row['kl']:.3f}  kl_term {row.get('kl_term', 0.0):.3f}  {kl_ctl}  |  "
-                 f"{row.get('steps_per_s', 0):.2f} steps/s  {row.get('tokens_per_s', 0):.0f} tok/s  ETA {eta}")
+        self.say(
+            f"[phase {row['phase']}] step {step}/{self.total}  loss {row['loss']:.3f}  rec {row['rec']:.3f}  "
+            f"kl {row['kl']:.3f}  kl_term {row.get('kl_term', 0.0):.3f}  {kl_ctl}  |  "
+            f"{row.get('steps_per_s', 0):.2f} steps/s  {row.get('tokens_per_s', 0):.0f} tok/s  ETA {eta}"
+        )
 
 
 @dataclasses.dataclass
@@ -203,12 +209,22 @@ class PhaseContext:
 
 def _step_config(config, run, phase: int, first: int, frozen: tuple) -> StepConfig:
     return StepConfig(
-        kind="elbo" if phase == 1 else config.loss.kind, free_bits=config.loss.free_bits,
-        free_bits_mode=config.loss.free_bits_mode, beta=config.loss.beta, phase_start=first,
-        delete_rate=config.denoise.delete_rate, mask_rate=config.denoise.mask_rate,
-        word_dropout=config.denoise.word_dropout, special_ids=run.special_ids, pad_id=run.pad_id,
-        mask_id=run.mask_id, unk_id=run.unk_id, grad_accum_steps=config.optimizer.grad_accum_steps,
-        frozen=frozen, vocab_chunk_size=int(config.loss.get("vocab_chunk_size", 0)))
+        kind="elbo" if phase == 1 else config.loss.kind,
+        free_bits=config.loss.free_bits,
+        free_bits_mode=config.loss.free_bits_mode,
+        beta=config.loss.beta,
+        phase_start=first,
+        delete_rate=config.denoise.delete_rate,
+        mask_rate=config.denoise.mask_rate,
+        word_dropout=config.denoise.word_dropout,
+        special_ids=run.special_ids,
+        pad_id=run.pad_id,
+        mask_id=run.mask_id,
+        unk_id=run.unk_id,
+        grad_accum_steps=config.optimizer.grad_accum_steps,
+        frozen=frozen,
+        vocab_chunk_size=int(config.loss.get("vocab_chunk_size", 0)),
+    )
 
 
 def _check_global_kl(cfg: StepConfig, mode: str) -> None:
@@ -218,7 +234,8 @@ def _check_global_kl(cfg: StepConfig, mode: str) -> None:
             f"loss.kind={cfg.kind!r} (free_bits_mode={cfg.free_bits_mode!r}) needs the KL of the whole batch, "
             "which parallel.mode='pmap' and optimizer.grad_accum_steps > 1 compute per shard; use "
             "--config.parallel.mode=mesh --config.optimizer.grad_accum_steps=1 (the mesh splits the batch "
-            "over every device and still computes the global KL)")
+            "over every device and still computes the global KL)"
+        )
 
 
 class Trainer:
@@ -240,8 +257,9 @@ class Trainer:
         self.step_config = _step_config(config, run, phase, first, frozen)
         _check_global_kl(self.step_config, config.parallel.mode)
         wfn, tfn = kl_fns(config.loss, phase)
-        fn = functools.partial(train_step, model=run.model, tx=self.tx, cfg=self.step_config, kl_weight_fn=wfn,
-                               kl_target_fn=tfn, lr_fn=lr)
+        fn = functools.partial(
+            train_step, model=run.model, tx=self.tx, cfg=self.step_config, kl_weight_fn=wfn, kl_target_fn=tfn, lr_fn=lr
+        )
         abstract = jax.eval_shape(lambda: self.new_state(init_params, 0, jax.random.key(0)))
         self.placement = parallel.make_placement(config.parallel, config.batch_size, abstract)
         self.step = self.placement.compile(fn)
@@ -249,8 +267,12 @@ class Trainer:
 
     def new_state(self, params, step: int, key) -> TrainState:
         """A fresh host-side state at ``step`` (fresh optimizer state); ``place`` it before stepping."""
-        return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=self.tx.init(params),
-                          rng=jnp.array(jax.random.key_data(key), copy=True))
+        return TrainState(
+            step=jnp.asarray(step, jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            rng=jnp.array(jax.random.key_data(key), copy=True),
+        )
 
     def place(self, state: TrainState) -> TrainState:
         return self.placement.place(state)
@@ -325,8 +347,10 @@ class TrainLoop:
         return {}
 
     def say_row(self, row: dict) -> None:
-        self.ctx.progress.say(f"step {self.step}/{self.end}  loss {row['loss']:.3f}  |  "
-                              f"{row['steps_per_s']:.2f} steps/s  ETA {self.ctx.progress.eta(self.step, row)}")
+        self.ctx.progress.say(
+            f"step {self.step}/{self.end}  loss {row['loss']:.3f}  |  "
+            f"{row['steps_per_s']:.2f} steps/s  ETA {self.ctx.progress.eta(self.step, row)}"
+        )
 
     def meta(self) -> dict:
         """What a checkpoint records beside the state: the step and the data position."""
@@ -369,8 +393,9 @@ class TrainLoop:
                 if not do_ckpt:  # SIGTERM came after this step's save decision (during the evaluation, say)
                     self._fetch()
                     self.save(state)
-                ctx.progress.say(f"SIGTERM: saved the checkpoint of step {ctx.ckpt.latest_step()} in "
-                                 f"{ctx.ckpt.workdir}; exiting.")
+                ctx.progress.say(
+                    f"SIGTERM: saved the checkpoint of step {ctx.ckpt.latest_step()} in {ctx.ckpt.workdir}; exiting."
+                )
                 return state, True
             if not self.pending and not self.fetched:
                 self.t_last, self.compile_s = time.time(), 0.0  # rates measure training steps only
@@ -408,7 +433,8 @@ class TrainLoop:
             raise NonFiniteLossError(
                 f"non-finite loss or gradient at step {bad[0]} ({self.label}); the run stopped there and "
                 f"the last checkpoint on disk is step {self.ctx.ckpt.latest_step()}. Lower "
-                f"optimizer.learning_rate, enable optimizer.grad_clip or try model.dtype=float32.")
+                f"optimizer.learning_rate, enable optimizer.grad_clip or try model.dtype=float32."
+            )
 
     def _log_row(self) -> None:
         rows, self.fetched = self.fetched, []
@@ -416,8 +442,13 @@ class TrainLoop:
         row = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1] if k != "nonfinite"}
         row.update({k: float(rows[-1][1][k]) for k in self.at_step_keys})
         tokens = float(np.sum([r["num_tokens"] for _, r in rows]))
-        row.update(step=self.step, **self.row_fields(), steps_per_s=len(rows) / dt, tokens_per_s=tokens / dt,
-                   examples_per_s=len(rows) * self.config.batch_size / dt)
+        row.update(
+            step=self.step,
+            **self.row_fields(),
+            steps_per_s=len(rows) / dt,
+            tokens_per_s=tokens / dt,
+            examples_per_s=len(rows) * self.config.batch_size / dt,
+        )
         self.ctx.log.write(row)
         self.say_row(row)
 
@@ -429,8 +460,15 @@ class _PhaseLoop(TrainLoop):
     at_step_keys = TrainLoop.at_step_keys + ("kl_weight", "kl_target")
 
     def __init__(self, trainer: Trainer, ctx: PhaseContext, step: int):
-        super().__init__(step_fn=trainer.step, placement=trainer.placement, train_iter=trainer.run.train_iter,
-                         config=trainer.config, ctx=ctx, step=step, end=trainer.end)
+        super().__init__(
+            step_fn=trainer.step,
+            placement=trainer.placement,
+            train_iter=trainer.run.train_iter,
+            config=trainer.config,
+            ctx=ctx,
+            step=step,
+            end=trainer.end,
+        )
         self.t = trainer
         self.label = f"phase-{trainer.phase} step"
 
@@ -448,12 +486,19 @@ class _PhaseLoop(TrainLoop):
         start = time.time()
         ctx.progress.say(f"  evaluating at step {self.step} ...")
         with ctx.progress.working(f"evaluating at step {self.step}"):
-            ev = evaluate.evaluate_split(run, self.t.host_state(state).params,
-                                         run.eval_subset(c.data.eval_max_examples), iw_samples=0, seed=c.seed,
-                                         mesh=self.t.mesh)
+            ev = evaluate.evaluate_split(
+                run,
+                self.t.host_state(state).params,
+                run.eval_subset(c.data.eval_max_examples),
+                iw_samples=0,
+                seed=c.seed,
+                mesh=self.t.mesh,
+            )
         ctx.log.write({"step": self.step, "phase": self.t.phase, "split": "eval", **ev})
-        ctx.progress.say(f"  eval @ {self.step}: rec {ev['rec']:.3f}  kl {ev['kl']:.3f}  au {ev['au']}  "
-                         f"ppl_elbo {ev['ppl_elbo']:.2f}  ({time.time() - start:.1f} s)")
+        ctx.progress.say(
+            f"  eval @ {self.step}: rec {ev['rec']:.3f}  kl {ev['kl']:.3f}  au {ev['au']}  "
+            f"ppl_elbo {ev['ppl_elbo']:.2f}  ({time.time() - start:.1f} s)"
+        )
         if self.t.phase == 1 and ev["rec"] < ctx.best:
             ctx.best = ev["rec"]
             self.save(state, best_ckpt=True)
@@ -464,5 +509,4 @@ class _PhaseLoop(TrainLoop):
     def save(self, state: TrainState, *, best_ckpt: bool = False) -> None:
         host = self.t.host_state(state)
         with self.ctx.progress.working(f"saving the checkpoint of step {self.step}"):
-            self.ctx.ckpt.save(self.step, {"params": host.params} if best_ckpt else host, self.meta(),
-                               best=best_ckpt)
+            self.ctx.ckpt.save(self.step, {"params": host.params} if best_ckpt else host, self.meta(), best=best_ckpt)

@@ -21,6 +21,7 @@ can only reach example b's decoder (the released Park & Lee code reshaped ``[B, 
 and mixed latents across the batch; docs/method.md, defect 2). ``tests/test_vae.py`` checks permutation equivariance for
 every injection mode.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -140,8 +141,9 @@ class TextVAE(nn.Module):
         if "memory" in self.injection and self.memory_style == "head_kv":
             # [B, L*H*Dh] -> [B, L, 1, H, Dh]: only trailing axes are split, so rows never mix.
             bb = self.backbone
-            out["prefix_kv"] = self.to_memory(z).reshape(b, bb.num_decoder_layers, 1, bb.num_decoder_heads,
-                                                         bb.decoder_head_dim)
+            out["prefix_kv"] = self.to_memory(z).reshape(
+                b, bb.num_decoder_layers, 1, bb.num_decoder_heads, bb.decoder_head_dim
+            )
         elif "memory" in self.injection:
             # [B, L*D] -> [B, L, 1, D]: only trailing axes are split, so rows never mix.
             out["prefix_states"] = self.to_memory(z).reshape(b, self.backbone.num_decoder_layers, 1, d)

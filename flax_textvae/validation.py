@@ -11,6 +11,7 @@ The allowed names come from the code that consumes them where it exports them (`
 ``vae.INJECTIONS``, ``vae.MEMORY_STYLES``, ``losses.KINDS``, ``losses.FREE_BITS_MODES``,
 ``vae.DTYPES``); the others are listed here next to the function that reads them.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -118,8 +119,10 @@ def check_data_spec(spec: Any, field: str, *, column: int | None = None) -> list
       [] when the spec is fine (or not a file path), else one problem string naming the field and the fix.
     """
     if not isinstance(spec, str) or not spec.strip():
-        return [f"{field}={spec!r}: must be a text file path or a 'tfds:NAME[/CONFIG][:SPLIT]', "
-                f"'synthetic:N[:SEED]' or 'prepared:DIR' spec; e.g. {field}=synthetic:20000"]
+        return [
+            f"{field}={spec!r}: must be a text file path or a 'tfds:NAME[/CONFIG][:SPLIT]', "
+            f"'synthetic:N[:SEED]' or 'prepared:DIR' spec; e.g. {field}=synthetic:20000"
+        ]
     if spec.startswith(READER_PREFIXES):
         return []
     what = _text_file_problem(os.path.expanduser(spec), column)
@@ -173,8 +176,10 @@ class _Checks:
     def get(self, field: str) -> Any:
         v = _lookup(self.config, field)
         if v is _MISSING:
-            self.problems.append(f"{field}: missing; every config needs it (build the config on "
-                                 "flax_textvae.configuration.base_config(), which sets all fields)")
+            self.problems.append(
+                f"{field}: missing; every config needs it (build the config on "
+                "flax_textvae.configuration.base_config(), which sets all fields)"
+            )
         return v
 
     def has(self, field: str) -> bool:
@@ -189,15 +194,15 @@ class _Checks:
         value = default if default is not _MISSING and ok(default) else fallback
         return f"e.g. --config.{field}={_show(value)}"
 
-    def number(self, field: str, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
-               integer: bool = False):
+    def number(
+        self, field: str, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False, integer: bool = False
+    ):
         v = self.get(field)
         if v is _MISSING:
             return None
 
         def inside(x) -> bool:
-            return ((lo is None or (x > lo if lo_open else x >= lo)) and
-                    (hi is None or (x < hi if hi_open else x <= hi)))
+            return (lo is None or (x > lo if lo_open else x >= lo)) and (hi is None or (x < hi if hi_open else x <= hi))
 
         typed = _is_int if integer else _is_number
         if typed(v) and inside(v):
@@ -229,8 +234,11 @@ class _Checks:
         if isinstance(v, str) and v in allowed:
             return v
         close = difflib.get_close_matches(str(v), allowed, n=1)
-        fix = f"did you mean --config.{field}={close[0]}?" if close else self.example(
-            field, lambda x: x in allowed, allowed[0])
+        fix = (
+            f"did you mean --config.{field}={close[0]}?"
+            if close
+            else self.example(field, lambda x: x in allowed, allowed[0])
+        )
         self.report(field, v, f"must be one of {', '.join(repr(a) for a in allowed)}", fix)
         return None
 
@@ -253,9 +261,12 @@ def _check_model(c: _Checks, check_path: bool = True) -> None:
         # A hub id is checked when it is fetched; a local path that is not a folder can be refused now.
         path = os.path.expanduser(name) if name else ""
         if path and not os.path.isdir(path) and (os.path.exists(path) or path.startswith((".", "/", "~"))):
-            c.report("model.name_or_path", name, f"is not a checkpoint folder ({FOLDER_CONTENTS})",
-                     "pass such a folder, a hub id (e.g. --config.model.name_or_path=facebook/bart-base) or "
-                     "'scratch'")
+            c.report(
+                "model.name_or_path",
+                name,
+                f"is not a checkpoint folder ({FOLDER_CONTENTS})",
+                "pass such a folder, a hub id (e.g. --config.model.name_or_path=facebook/bart-base) or 'scratch'",
+            )
         return
     c.choice("model.scratch.family", SCRATCH_FAMILIES)
     d_model = c.integer("model.scratch.d_model", lo=1)
@@ -267,9 +278,11 @@ def _check_model(c: _Checks, check_path: bool = True) -> None:
     c.integer("model.scratch.min_freq", lo=1)
     if d_model and heads and d_model % heads:
         near = max(heads, d_model // heads * heads)
-        c.problems.append(f"model.scratch.d_model={d_model} with model.scratch.num_heads={heads}: d_model must be "
-                          f"divisible by num_heads (each head gets d_model / num_heads dims); e.g. "
-                          f"--config.model.scratch.d_model={near}")
+        c.problems.append(
+            f"model.scratch.d_model={d_model} with model.scratch.num_heads={heads}: d_model must be "
+            f"divisible by num_heads (each head gets d_model / num_heads dims); e.g. "
+            f"--config.model.scratch.d_model={near}"
+        )
 
 
 def _check_fast_paths(c: _Checks) -> None:
@@ -290,17 +303,25 @@ def _check_vae(c: _Checks) -> None:
     c.integer("vae.num_memory_slots", lo=1)
     v = c.get("vae.injection")
     if v is not _MISSING:
-        names = ([s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str)
-                 else list(v) if isinstance(v, (list, tuple)) else None)
+        names = (
+            [s.strip() for s in v.split(",") if s.strip()]
+            if isinstance(v, str)
+            else list(v)
+            if isinstance(v, (list, tuple))
+            else None
+        )
         bad = None if names is None else [n for n in names if n not in INJECTIONS]
         if not names or bad:
             what = f"unknown name(s) {', '.join(repr(b) for b in bad)}; " if bad else ""
             close = {b: difflib.get_close_matches(str(b), INJECTIONS, n=1) for b in bad or ()}
-            fix = ("e.g. --config.vae.injection=memory or --config.vae.injection=memory,embedding"
-                   if not bad or not all(close.values()) else
-                   f"did you mean --config.vae.injection={','.join(close[n][0] if n in bad else n for n in names)}?")
-            c.report("vae.injection", v, f"{what}must be a non-empty comma-separated subset of "
-                     f"{','.join(INJECTIONS)}", fix)
+            fix = (
+                "e.g. --config.vae.injection=memory or --config.vae.injection=memory,embedding"
+                if not bad or not all(close.values())
+                else f"did you mean --config.vae.injection={','.join(close[n][0] if n in bad else n for n in names)}?"
+            )
+            c.report(
+                "vae.injection", v, f"{what}must be a non-empty comma-separated subset of {','.join(INJECTIONS)}", fix
+            )
     if c.has("vae.memory_style"):
         c.choice("vae.memory_style", MEMORY_STYLES)
     if c.has("vae.posterior_bias"):
@@ -330,21 +351,28 @@ def _check_loop(c: _Checks) -> None:
     c.integer("seed", lo=0)
     p1 = c.integer("phase1.steps", lo=0)
     if total is not None and p1 is not None and p1 >= total:
-        c.problems.append(f"phase1.steps={p1} with train_steps={total}: train_steps counts the steps of both "
-                          "phases and must exceed phase1.steps, so phase 2 gets at least one step; e.g. "
-                          f"--config.train_steps={p1 + max(total, 1)} or --config.phase1.steps={total // 2}")
+        c.problems.append(
+            f"phase1.steps={p1} with train_steps={total}: train_steps counts the steps of both "
+            "phases and must exceed phase1.steps, so phase 2 gets at least one step; e.g. "
+            f"--config.train_steps={p1 + max(total, 1)} or --config.phase1.steps={total // 2}"
+        )
     frozen = c.get("phase1.frozen")
     if frozen is not _MISSING:
         if not isinstance(frozen, (list, tuple)) or not all(isinstance(p, str) for p in frozen):
-            c.report("phase1.frozen", frozen, "must be a tuple of regular expressions (strings) matched against "
-                     "'a/b/c' parameter paths", "keep the default configuration.FREEZE_DECODER")
+            c.report(
+                "phase1.frozen",
+                frozen,
+                "must be a tuple of regular expressions (strings) matched against 'a/b/c' parameter paths",
+                "keep the default configuration.FREEZE_DECODER",
+            )
         else:
             for p in frozen:
                 try:
                     re.compile(p)
                 except re.error as err:
-                    c.report("phase1.frozen", p, f"is not a valid regular expression ({err})",
-                             "fix or remove that pattern")
+                    c.report(
+                        "phase1.frozen", p, f"is not a valid regular expression ({err})", "fix or remove that pattern"
+                    )
 
 
 def _check_optimizer(c: _Checks) -> None:
@@ -358,9 +386,11 @@ def _check_optimizer(c: _Checks) -> None:
     accum = c.integer("optimizer.grad_accum_steps", lo=1)
     batch = _lookup(c.config, "batch_size")
     if accum and _is_int(batch) and batch >= 1 and batch % accum:
-        c.problems.append(f"batch_size={batch} with optimizer.grad_accum_steps={accum}: the batch is split into "
-                          f"{accum} equal micro-batches, so batch_size must be a multiple of it; e.g. "
-                          f"--config.batch_size={max(accum, batch // accum * accum)}")
+        c.problems.append(
+            f"batch_size={batch} with optimizer.grad_accum_steps={accum}: the batch is split into "
+            f"{accum} equal micro-batches, so batch_size must be a multiple of it; e.g. "
+            f"--config.batch_size={max(accum, batch // accum * accum)}"
+        )
 
 
 def _check_loss(c: _Checks) -> None:
@@ -377,8 +407,12 @@ def _check_loss(c: _Checks) -> None:
     c.number("loss.kl_schedule.ratio_increase", lo=0.0, hi=1.0, lo_open=True)
     c.number("loss.kl_schedule.steepness", lo=0.0, lo_open=True)
     if sched == "cyclical" and steps == 0:
-        c.report("loss.kl_schedule.steps", 0, "is the cycle length of loss.kl_schedule.kind='cyclical' and must "
-                 "be >= 1", "e.g. --config.loss.kl_schedule.steps=1000")
+        c.report(
+            "loss.kl_schedule.steps",
+            0,
+            "is the cycle length of loss.kl_schedule.kind='cyclical' and must be >= 1",
+            "e.g. --config.loss.kl_schedule.steps=1000",
+        )
     # The constraint and batch free bits need the KL of the whole batch; pmap and gradient accumulation see
     # only a shard of it per step.
     mode_of_run = _lookup(c.config, "parallel.mode")
@@ -390,7 +424,8 @@ def _check_loss(c: _Checks) -> None:
             f"optimizer.grad_accum_steps={accum}: this objective needs the KL of the whole batch, which pmap and "
             "gradient accumulation compute per shard; use --config.parallel.mode=mesh "
             "--config.optimizer.grad_accum_steps=1 (the mesh splits the batch over every device and still "
-            "computes the global KL)")
+            "computes the global KL)"
+        )
 
 
 def _check_parallel(c: _Checks) -> None:
@@ -407,8 +442,10 @@ def _check_parallel(c: _Checks) -> None:
 
 def _text_file_problem(path: str, column: int | None) -> str | None:
     """What is wrong with ``path`` as a text data file (None when it is fine)."""
-    hint = ("give the path of a UTF-8 text file with one example per line, or a 'tfds:NAME[/CONFIG][:SPLIT]' "
-            "or 'synthetic:N[:SEED]' spec")
+    hint = (
+        "give the path of a UTF-8 text file with one example per line, or a 'tfds:NAME[/CONFIG][:SPLIT]' "
+        "or 'synthetic:N[:SEED]' spec"
+    )
     if not os.path.exists(path):
         return f"no such file (resolved: {os.path.abspath(path)}); {hint}"
     if os.path.isdir(path):
@@ -428,13 +465,17 @@ def _text_file_problem(path: str, column: int | None) -> str | None:
             decoded.append(raw.decode("utf-8").lstrip("\ufeff"))
         except UnicodeDecodeError:
             undecodable += 1
-    binary_fix = ("give the plain-text file (one example per line, UTF-8; decompress or convert it first); "
-                  "a few bad lines are skipped with a warning, a binary file is refused")
+    binary_fix = (
+        "give the plain-text file (one example per line, UTF-8; decompress or convert it first); "
+        "a few bad lines are skipped with a warning, a binary file is refused"
+    )
     if b"\x00" in sample:
         return f"looks like a binary file, not text (it contains NUL bytes); {binary_fix}"
     if undecodable > max(1, len(lines) // 10):
-        return (f"looks like a binary or non-UTF-8 file ({undecodable} of the first {len(lines)} lines are not "
-                f"valid UTF-8); {binary_fix}")
+        return (
+            f"looks like a binary or non-UTF-8 file ({undecodable} of the first {len(lines)} lines are not "
+            f"valid UTF-8); {binary_fix}"
+        )
     first = next((line for line in decoded if line.strip()), None)
     if first is None and truncated:
         first = _first_nonblank_after(path, len(sample))
@@ -444,8 +485,10 @@ def _text_file_problem(path: str, column: int | None) -> str | None:
     if column is not None and column >= 0:
         cols = first.rstrip("\r\n").split("\t")
         if column >= len(cols):
-            return (f"its first non-blank line has {len(cols)} tab-separated column(s) but data.column={column}; "
-                    "choose an existing column (0-based) or --config.data.column=-1 for the whole line")
+            return (
+                f"its first non-blank line has {len(cols)} tab-separated column(s) but data.column={column}; "
+                "choose an existing column (0-based) or --config.data.column=-1 for the whole line"
+            )
     return None
 
 

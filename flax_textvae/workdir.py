@@ -14,6 +14,7 @@ than reused. A start that finds a checkpoint resumes, and only with a config tha
 model, data or recipe, and returns the allowed ones (loop cadences, longer training, parallel layout).
 Evaluation and inference read a workdir without the lock.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,7 @@ CONFIG_NAME = "config.json"
 FINGERPRINT_NAME = "data_fingerprint.json"
 CHANGES_NAME = "config_changes.jsonl"
 # Fields a resumed run may change: they steer the loop, not what is learned. ``train_steps`` may grow.
-SAFE_FIELDS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "data.eval",
-               "data.eval_max_examples")
+SAFE_FIELDS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "data.eval", "data.eval_max_examples")
 SAFE_SECTIONS = ("parallel.",)
 # What a start that never reached a checkpoint leaves, and the next first start removes.
 _RUN_FILES = ("metrics.jsonl", CHANGES_NAME, FINGERPRINT_NAME)
@@ -61,12 +61,20 @@ class ResumeConfigError(ConfigError):
     def __init__(self, problems: list[str], workdir: str):
         self.problems = list(problems)
         n = len(self.problems)
-        ValueError.__init__(self, "\n".join(
-            [f"--workdir={workdir} holds a run trained with another config; resuming it would change "
-             f"{n} setting{'s' if n > 1 else ''} that decide{'' if n > 1 else 's'} what is learned:"]
-            + [f"  - {p}" for p in self.problems]
-            + [f"A resumed run keeps the model, data and training recipe. To train with these settings use a new "
-               f"--workdir; to resume {workdir}, drop these overrides. Nothing in {workdir} was changed."]))
+        ValueError.__init__(
+            self,
+            "\n".join(
+                [
+                    f"--workdir={workdir} holds a run trained with another config; resuming it would change "
+                    f"{n} setting{'s' if n > 1 else ''} that decide{'' if n > 1 else 's'} what is learned:"
+                ]
+                + [f"  - {p}" for p in self.problems]
+                + [
+                    f"A resumed run keeps the model, data and training recipe. To train with these settings use a new "
+                    f"--workdir; to resume {workdir}, drop these overrides. Nothing in {workdir} was changed."
+                ]
+            ),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,19 +121,29 @@ class WorkdirLock:
             holder = _read_holder(fd)
             os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                print(f"warning: cannot lock {self.path} ({err.strerror}); training without a lock, so make "
-                      "sure no other run uses this workdir", flush=True)
+                print(
+                    f"warning: cannot lock {self.path} ({err.strerror}); training without a lock, so make "
+                    "sure no other run uses this workdir",
+                    flush=True,
+                )
                 return self
-            who = (f"process {holder.get('pid')} on host {holder.get('host')} (started "
-                   f"{holder.get('started', '?')})" if holder else "another process")
+            who = (
+                f"process {holder.get('pid')} on host {holder.get('host')} (started {holder.get('started', '?')})"
+                if holder
+                else "another process"
+            )
             raise WorkdirInUseError(
                 f"--workdir={self.workdir} is in use: {who} is training in it and holds {self.path}. Wait for "
                 f"it to finish or stop it (kill {holder.get('pid', 'PID')}), or train in another --workdir. "
-                "Evaluation (run_eval.py) and flax_textvae.load can read the run meanwhile.") from None
+                "Evaluation (run_eval.py) and flax_textvae.load can read the run meanwhile."
+            ) from None
         stale = _read_holder(fd)
         if stale:
-            print(f"{self.path}: re-acquired a stale lock of process {stale.get('pid')} on host "
-                  f"{stale.get('host')}, which is no longer running", flush=True)
+            print(
+                f"{self.path}: re-acquired a stale lock of process {stale.get('pid')} on host "
+                f"{stale.get('host')}, which is no longer running",
+                flush=True,
+            )
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
@@ -220,8 +238,11 @@ def discard_unfinished(workdir: str) -> list[str]:
             continue
         removed.append(name)
     if removed:
-        print(f"{workdir}: no checkpoint yet, so this is a first start; discarded what an earlier start left "
-              f"({', '.join(sorted(removed))})", flush=True)
+        print(
+            f"{workdir}: no checkpoint yet, so this is a first start; discarded what an earlier start left "
+            f"({', '.join(sorted(removed))})",
+            flush=True,
+        )
     return removed
 
 
@@ -313,8 +334,7 @@ def resume_changes(config: Any, workdir: str) -> list[Change]:
         new_v = new.get(field, defaults.get(field, _ABSENT))
         if old_v != new_v:
             changes.append(Change(field, old_v, new_v))
-    problems = [f"{c.field}: {_show(c.old)} in the saved run -> {_show(c.new)} now"
-                for c in changes if not _allowed(c)]
+    problems = [f"{c.field}: {_show(c.old)} in the saved run -> {_show(c.new)} now" for c in changes if not _allowed(c)]
     problems += _data_file_problems(config, workdir)
     if problems:
         raise ResumeConfigError(problems, workdir)
@@ -335,8 +355,10 @@ def _data_file_problems(config: Any, workdir: str) -> list[str]:
     if (old.get("size"), old.get("sha256_first_mib")) == (new["size"], new["sha256_first_mib"]):
         return []
     head = "same" if old.get("sha256_first_mib") == new["sha256_first_mib"] else "differs"
-    return [f"data.train: the file {new['path']} changed since the run started (size {old.get('size')} -> "
-            f"{new['size']} bytes, first MiB {head})"]
+    return [
+        f"data.train: the file {new['path']} changed since the run started (size {old.get('size')} -> "
+        f"{new['size']} bytes, first MiB {head})"
+    ]
 
 
 def record_changes(config: Any, workdir: str, step: int, changes: Iterable[Change]) -> None:
@@ -351,9 +373,18 @@ def record_changes(config: Any, workdir: str, step: int, changes: Iterable[Chang
     changes = list(changes)
     if not changes:
         return
-    rows = "".join(json.dumps({"step": int(step), "field": c.field,
-                               "old": None if c.old is _ABSENT else c.old,
-                               "new": None if c.new is _ABSENT else c.new}) + "\n" for c in changes)
+    rows = "".join(
+        json.dumps(
+            {
+                "step": int(step),
+                "field": c.field,
+                "old": None if c.old is _ABSENT else c.old,
+                "new": None if c.new is _ABSENT else c.new,
+            }
+        )
+        + "\n"
+        for c in changes
+    )
     with open(os.path.join(workdir, CHANGES_NAME), "a") as f:
         f.write(rows)
         f.flush()

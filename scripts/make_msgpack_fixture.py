@@ -23,6 +23,7 @@ Stages (the script calls itself):
 `flax_textvae.models.bart.params_from_torch` (only for when transformers 4.x cannot be installed; that
 route does NOT test compatibility with real HF Flax files).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,15 +47,19 @@ def stage_torch(src: str, out: str) -> None:
     import helpers_hf
     import torch
 
-    model = helpers_hf.make_tiny_bart(src, seed=123, d_model=16, encoder_ffn_dim=24, decoder_ffn_dim=24,
-                                      max_position_embeddings=32)
+    model = helpers_hf.make_tiny_bart(
+        src, seed=123, d_model=16, encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=32
+    )
     rng = np.random.default_rng(123)
     ids, mask = helpers_hf.padded_batch(rng, [6, 3], model.config.vocab_size, model.config.pad_token_id)
     dec, dmask = helpers_hf.padded_batch(rng, [3, 5], model.config.vocab_size, model.config.pad_token_id)
     with torch.no_grad():
-        logits = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
-                       decoder_input_ids=torch.from_numpy(dec).long(),
-                       decoder_attention_mask=torch.from_numpy(dmask).long()).logits.numpy()
+        logits = model(
+            input_ids=torch.from_numpy(ids).long(),
+            attention_mask=torch.from_numpy(mask).long(),
+            decoder_input_ids=torch.from_numpy(dec).long(),
+            decoder_attention_mask=torch.from_numpy(dmask).long(),
+        ).logits.numpy()
     os.makedirs(out, exist_ok=True)
     for name, arr in zip(ARRAYS, (ids, mask, dec, dmask)):
         np.save(os.path.join(out, f"{name}.npy"), arr)
@@ -76,9 +81,17 @@ def stage_flax(src: str, out: str) -> None:
     with open(os.path.join(out, "PRODUCED_BY.json"), "w") as f:
         import flax
         import jax
-        json.dump({"transformers": transformers.__version__, "flax": flax.__version__, "jax": jax.__version__,
-                   "route": "FlaxBartForConditionalGeneration.from_pretrained(from_pt=True).save_pretrained"},
-                  f, indent=1)
+
+        json.dump(
+            {
+                "transformers": transformers.__version__,
+                "flax": flax.__version__,
+                "jax": jax.__version__,
+                "route": "FlaxBartForConditionalGeneration.from_pretrained(from_pt=True).save_pretrained",
+            },
+            f,
+            indent=1,
+        )
 
 
 def stage_fallback(src: str, out: str) -> None:
@@ -94,8 +107,9 @@ def stage_fallback(src: str, out: str) -> None:
     params = bart.params_from_torch(load_file(os.path.join(src, "model.safetensors")), config)
     params = {k: v for k, v in params.items()}
     with open(os.path.join(out, "flax_model.msgpack"), "wb") as f:
-        f.write(serialization.msgpack_serialize(
-            __import__("jax").tree.map(lambda x: np.asarray(x, np.float32), params)))
+        f.write(
+            serialization.msgpack_serialize(__import__("jax").tree.map(lambda x: np.asarray(x, np.float32), params))
+        )
     shutil.copy(os.path.join(src, "config.json"), out)
     with open(os.path.join(out, "PRODUCED_BY.json"), "w") as f:
         json.dump({"flax": flax.__version__, "route": "fallback: msgpack_serialize(bart.params_from_torch)"}, f)
@@ -103,8 +117,9 @@ def stage_fallback(src: str, out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flax-python", default="/tmp/venv_tf4/bin/python",
-                        help="python of a venv with transformers 4.x + flax + jax")
+    parser.add_argument(
+        "--flax-python", default="/tmp/venv_tf4/bin/python", help="python of a venv with transformers 4.x + flax + jax"
+    )
     parser.add_argument("--out", default=FIXTURE)
     parser.add_argument("--fallback", action="store_true", help="skip transformers 4.x (see docstring)")
     parser.add_argument("--stage", choices=["flax"], help=argparse.SUPPRESS)
@@ -120,8 +135,11 @@ def main() -> None:
             stage_fallback(src, out)
         else:
             env = dict(os.environ, JAX_PLATFORMS="cpu", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
-            subprocess.run([args.flax_python, os.path.abspath(__file__), "--stage", "flax", "--src", src,
-                            "--out", out], check=True, env=env)
+            subprocess.run(
+                [args.flax_python, os.path.abspath(__file__), "--stage", "flax", "--src", src, "--out", out],
+                check=True,
+                env=env,
+            )
         for name in os.listdir(src):
             if name.startswith("tokenizer") or name == "special_tokens_map.json":
                 shutil.copy(os.path.join(src, name), out)

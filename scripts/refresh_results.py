@@ -7,6 +7,7 @@ Trains the embedded default (``python run_train.py``, i.e. configs/demo.py) in a
 ``<!-- results:demo:begin -->`` and ``<!-- results:demo:end -->`` markers with what they printed and how long
 each took. The block names the commit it was measured at; with uncommitted changes that is ``COMMIT+dirty``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,9 @@ def _run(args: list[str]) -> tuple[str, float]:
 
 def _commit() -> str:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+    )
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
@@ -56,21 +58,43 @@ def block(workdir: str) -> str:
     shutil.rmtree(workdir, ignore_errors=True)
     _, train_s = _run(["run_train.py", f"--workdir={workdir}", "--config.compile_cache_dir=off"])
     eval_out, eval_s = _run(["run_eval.py", f"--workdir={workdir}"])
-    interp, _ = _run(["run_eval.py", f"--workdir={workdir}", "--mode=interpolate",
-                      f"--text={INTERPOLATE[0]}", f"--text={INTERPOLATE[1]}"])
+    interp, _ = _run(
+        [
+            "run_eval.py",
+            f"--workdir={workdir}",
+            "--mode=interpolate",
+            f"--text={INTERPOLATE[0]}",
+            f"--text={INTERPOLATE[1]}",
+        ]
+    )
     load = os.getloadavg()[0]
-    busy = f" The machine was shared during the run (load average {load:.1f}): times are upper bounds." \
-        if load > 1.5 * (os.cpu_count() or 1) else ""
-    stamp = (f"Measured at commit `{_commit()}` on {datetime.date.today().isoformat()}, {os.cpu_count()}-core "
-             f"{platform.machine()} CPU, by `python scripts/refresh_results.py`.{busy}")
-    lines = [stamp, "",
-             f"`python run_train.py` (compile cache off): **{train_s:.0f} s** end to end. Then "
-             f"`python run_eval.py --workdir=runs/demo` (K = 500, {eval_s:.0f} s) prints:", "",
-             "```", _table(eval_out), "```", "",
-             "(`mi` is bounded by log N for N held-out examples: log 500 = 6.2146.)",
-             f'`python run_eval.py --workdir=runs/demo --mode=interpolate --text="{INTERPOLATE[0]}" '
-             f'--text="{INTERPOLATE[1]}"`:', "",
-             "```", "\n".join(line for line in interp.splitlines() if line[:4].replace(".", "").isdigit()), "```"]
+    busy = (
+        f" The machine was shared during the run (load average {load:.1f}): times are upper bounds."
+        if load > 1.5 * (os.cpu_count() or 1)
+        else ""
+    )
+    stamp = (
+        f"Measured at commit `{_commit()}` on {datetime.date.today().isoformat()}, {os.cpu_count()}-core "
+        f"{platform.machine()} CPU, by `python scripts/refresh_results.py`.{busy}"
+    )
+    lines = [
+        stamp,
+        "",
+        f"`python run_train.py` (compile cache off): **{train_s:.0f} s** end to end. Then "
+        f"`python run_eval.py --workdir=runs/demo` (K = 500, {eval_s:.0f} s) prints:",
+        "",
+        "```",
+        _table(eval_out),
+        "```",
+        "",
+        "(`mi` is bounded by log N for N held-out examples: log 500 = 6.2146.)",
+        f'`python run_eval.py --workdir=runs/demo --mode=interpolate --text="{INTERPOLATE[0]}" '
+        f'--text="{INTERPOLATE[1]}"`:',
+        "",
+        "```",
+        "\n".join(line for line in interp.splitlines() if line[:4].replace(".", "").isdigit()),
+        "```",
+    ]
     return "\n".join(lines)
 
 

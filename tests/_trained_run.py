@@ -3,6 +3,7 @@
 Each of those files defines a session-scoped fixture that calls :func:`trained_run`; the run itself is cached
 here at module level, so a pytest session that collects all three files trains ``configs/tiny.py`` once.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,7 @@ import tiny  # noqa: E402  (configs/tiny.py)
 from flax_textvae.configuration import with_overrides  # noqa: E402
 
 # 60 steps (20 of phase 1): enough for a non-trivial posterior, a few seconds on CPU.
-TRAIN_OVERRIDES = {"train_steps": 60, "phase1.steps": 20, "eval_every": 0, "checkpoint_every": 30,
-                   "log_every": 10}
+TRAIN_OVERRIDES = {"train_steps": 60, "phase1.steps": 20, "eval_every": 0, "checkpoint_every": 30, "log_every": 10}
 
 _CACHE: dict = {}
 

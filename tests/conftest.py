@@ -1,4 +1,5 @@
 """Shared pytest setup: offline hub, CPU JAX, and paths to the optional shared data."""
+
 import os
 import pathlib
 

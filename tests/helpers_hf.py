@@ -11,6 +11,7 @@ Functions:
   * `make_tiny_t5(folder, v1_1=False, tie=None, vocab_words=None, **overrides)` -> torch T5ForConditionalGeneration.
   * `padded_batch(rng, lengths, vocab_size, pad_id, low=...)` -> (ids [B, L] int32, mask [B, L] int32).
 """
+
 from __future__ import annotations
 
 import os
@@ -56,21 +57,20 @@ def make_word_tokenizer(folder: str | os.PathLike, vocab_words: Sequence[str], f
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if family == "bart":
         tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-            special_tokens=[("<s>", 0), ("</s>", 2)])
-        specials = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                        mask_token="<mask>")
+            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+        )
+        specials = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
     else:
         tok.post_processor = processors.TemplateProcessing(
-            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+        )
         specials = dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
     fast.save_pretrained(str(folder))
     return fast
 
 
-def make_tiny_bart(folder: str | os.PathLike, vocab_words: Sequence[str] | None = None, seed: int = 0,
-                   **overrides):
+def make_tiny_bart(folder: str | os.PathLike, vocab_words: Sequence[str] | None = None, seed: int = 0, **overrides):
     """Saves a tiny random BartForConditionalGeneration (safetensors) + word tokenizer into `folder`.
 
     Args:
@@ -88,11 +88,25 @@ def make_tiny_bart(folder: str | os.PathLike, vocab_words: Sequence[str] | None 
 
     words = list(vocab_words) if vocab_words is not None else word_vocab(59)
     tokenizer = make_word_tokenizer(folder, words, "bart")
-    kw = dict(vocab_size=len(tokenizer), d_model=16, encoder_layers=2, decoder_layers=2,
-              encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-              decoder_ffn_dim=32, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
-              eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2,
-              dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)
+    kw = dict(
+        vocab_size=len(tokenizer),
+        d_model=16,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=2,
+        dropout=0.1,
+        attention_dropout=0.1,
+        activation_dropout=0.1,
+    )
     kw.update(overrides)
     torch.manual_seed(seed)
     model = BartForConditionalGeneration(BartConfig(**kw)).eval()
@@ -110,8 +124,14 @@ def make_tiny_bart(folder: str | os.PathLike, vocab_words: Sequence[str] | None 
     return model
 
 
-def make_tiny_t5(folder: str | os.PathLike, v1_1: bool = False, tie: bool | None = None,
-                 vocab_words: Sequence[str] | None = None, seed: int = 0, **overrides):
+def make_tiny_t5(
+    folder: str | os.PathLike,
+    v1_1: bool = False,
+    tie: bool | None = None,
+    vocab_words: Sequence[str] | None = None,
+    seed: int = 0,
+    **overrides,
+):
     """Saves a tiny random T5ForConditionalGeneration (safetensors) + word tokenizer into `folder`.
 
     Args:
@@ -130,11 +150,23 @@ def make_tiny_t5(folder: str | os.PathLike, v1_1: bool = False, tie: bool | None
 
     words = list(vocab_words) if vocab_words is not None else word_vocab(61)
     tokenizer = make_word_tokenizer(folder, words, "t5")
-    kw = dict(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2,
-              num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-              dropout_rate=0.1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-              feed_forward_proj="gated-gelu" if v1_1 else "relu",
-              tie_word_embeddings=(not v1_1) if tie is None else tie)
+    kw = dict(
+        vocab_size=len(tokenizer),
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.1,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        feed_forward_proj="gated-gelu" if v1_1 else "relu",
+        tie_word_embeddings=(not v1_1) if tie is None else tie,
+    )
     kw.update(overrides)
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(T5Config(**kw)).eval()
@@ -142,8 +174,14 @@ def make_tiny_t5(folder: str | os.PathLike, v1_1: bool = False, tie: bool | None
     return model
 
 
-def padded_batch(rng: np.random.Generator, lengths: Sequence[int], vocab_size: int, pad_id: int,
-                 low: int = 4, max_len: int | None = None):
+def padded_batch(
+    rng: np.random.Generator,
+    lengths: Sequence[int],
+    vocab_size: int,
+    pad_id: int,
+    low: int = 4,
+    max_len: int | None = None,
+):
     """Random right-padded id batch.
 
     Args:

@@ -12,6 +12,7 @@ Run by the tests (never imported by pytest), because the device count must be fi
   process feeds its own rows of each global batch; after the steps it writes ``DIR/multi_<i>.npz`` (its
   addressable copy of the replicated parameters) and prints a JSON digest line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,10 @@ def _parse() -> argparse.Namespace:
 ARGS = _parse()
 # Before JAX is imported: the fake device count, CPU only. Backend optimisation level 0 compiles about twice
 # as fast (the steps are tiny); every layout is compiled with the same flags.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                           f" --xla_force_host_platform_device_count={ARGS.devices}").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    f" --xla_force_host_platform_device_count={ARGS.devices}"
+).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -65,9 +68,14 @@ def make_config(steps: int, **overrides):
     # Backbone dropout masks come from one 'dropout' key per step for the whole (per-device) batch, so under
     # pmap each device draws masks for its own slice from the same key: they legitimately differ from the
     # 1-device run. Switch it off; everything else random (denoising, word dropout, z) is keyed per example.
-    base = {"phase1.steps": 0, "train_steps": steps,
-            "data.num_buckets": 1,  # one static shape: each layout compiles its step once
-            "denoise.delete_rate": 0.3, "denoise.word_dropout": 0.1, "model.scratch.dropout": 0.0}
+    base = {
+        "phase1.steps": 0,
+        "train_steps": steps,
+        "data.num_buckets": 1,  # one static shape: each layout compiles its step once
+        "denoise.delete_rate": 0.3,
+        "denoise.word_dropout": 0.1,
+        "model.scratch.dropout": 0.0,
+    }
     return with_overrides(tiny.get_config(), **{**base, **overrides})
 
 
@@ -90,8 +98,12 @@ def train_layout(config, run, init_params, batches, *, report_sharding: bool = F
             if any(axis is not None for axis in x.sharding.spec):
                 sharded.append("after: " + jax.tree_util.keystr(path))
     # Replicated arrays: this process's own copy; sharded ones (fsdp) gathered from every process.
-    host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if x.is_fully_replicated
-                        else np.asarray(multihost_utils.process_allgather(x, tiled=True)), params)
+    host = jax.tree.map(
+        lambda x: np.asarray(x.addressable_data(0))
+        if x.is_fully_replicated
+        else np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+        params,
+    )
     return host, sharded
 
 
@@ -125,8 +137,9 @@ def single(args) -> None:
     result, timings, base, sharded = {}, {}, None, []
     for name, over in layouts.items():
         t0 = time.time()
-        params, sh = train_layout(make_config(args.steps, **over), run, init_params, batches,
-                                  report_sharding=name == "mesh_data2_fsdp2")
+        params, sh = train_layout(
+            make_config(args.steps, **over), run, init_params, batches, report_sharding=name == "mesh_data2_fsdp2"
+        )
         timings[name] = round(time.time() - t0, 2)
         sharded += sh
         if base is None:
@@ -134,18 +147,30 @@ def single(args) -> None:
             np.savez(os.path.join(args.out, "baseline.npz"), **flat(params))
         result[name] = max_diff(params, base)
     moved = max_diff(base, init_params)
-    out = {"max_diff": result, "fsdp_sharded": sharded, "moved": moved, "timings_s": timings,
-           "devices": jax.device_count(), "digest": digest(base)}
+    out = {
+        "max_diff": result,
+        "fsdp_sharded": sharded,
+        "moved": moved,
+        "timings_s": timings,
+        "devices": jax.device_count(),
+        "digest": digest(base),
+    }
     with open(os.path.join(args.out, "single.json"), "w") as f:
         json.dump(out, f, indent=1)
     print(json.dumps({k: out[k] for k in ("max_diff", "moved", "timings_s")}), flush=True)
 
 
 def multi(args) -> None:
-    config = make_config(args.steps, **{
-        "parallel.mode": args.mode, "parallel.fsdp": args.fsdp,
-        "parallel.coordinator_address": f"127.0.0.1:{args.port}",
-        "parallel.num_processes": args.num_processes, "parallel.process_id": args.process_id})
+    config = make_config(
+        args.steps,
+        **{
+            "parallel.mode": args.mode,
+            "parallel.fsdp": args.fsdp,
+            "parallel.coordinator_address": f"127.0.0.1:{args.port}",
+            "parallel.num_processes": args.num_processes,
+            "parallel.process_id": args.process_id,
+        },
+    )
     parallel.initialize_distributed(config.parallel)
     assert jax.process_count() == args.num_processes and jax.process_index() == args.process_id
     assert jax.device_count() == args.devices * args.num_processes, jax.devices()

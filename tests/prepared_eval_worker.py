@@ -10,6 +10,7 @@ eval batch (``GrainEvalIterator`` with shard_index = process index, shard_count 
 ``OUT/eval_<i>.json``: the ``index`` of every real row it read (example_weight 1) and ``evaluate_split``'s
 metrics over those rows. Process 0 also evaluates the whole split alone (the single-process values).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,27 +41,43 @@ def main() -> None:
     p.add_argument("--port", type=int, default=0)
     args = p.parse_args()
     spec = f"prepared:{args.prepared}"
-    config = with_overrides(tiny.get_config(), **{
-        "data.train": spec, "data.eval": spec, "parallel.coordinator_address": f"127.0.0.1:{args.port}",
-        "parallel.num_processes": args.num_processes, "parallel.process_id": args.process_id})
+    config = with_overrides(
+        tiny.get_config(),
+        **{
+            "data.train": spec,
+            "data.eval": spec,
+            "parallel.coordinator_address": f"127.0.0.1:{args.port}",
+            "parallel.num_processes": args.num_processes,
+            "parallel.process_id": args.process_id,
+        },
+    )
     parallel.initialize_distributed(config.parallel)
     assert jax.process_count() == args.num_processes and jax.process_index() == args.process_id
     workdir = os.path.join(args.out, f"workdir{args.process_id}")  # one each: no shared files
     run = builders.build_run(config, workdir)
     params = jax.device_get(run.init_params(jax.random.key(config.seed)))
-    layout = dict(batch_size=config.batch_size, max_length=config.data.max_length,
-                  num_buckets=config.data.num_buckets, pad_id=run.pad_id, decoder_start_id=run.prompt[0],
-                  bos_id=run.prompt[1] if len(run.prompt) > 1 else None)
-    mine = data.GrainEvalIterator(data.PreparedSource(spec), shard_index=jax.process_index(),
-                                  shard_count=jax.process_count(), **layout)
+    layout = dict(
+        batch_size=config.batch_size,
+        max_length=config.data.max_length,
+        num_buckets=config.data.num_buckets,
+        pad_id=run.pad_id,
+        decoder_start_id=run.prompt[0],
+        bos_id=run.prompt[1] if len(run.prompt) > 1 else None,
+    )
+    mine = data.GrainEvalIterator(
+        data.PreparedSource(spec), shard_index=jax.process_index(), shard_count=jax.process_count(), **layout
+    )
     seen = []
     for batch in mine:
         assert batch["input_ids"].shape[0] == config.batch_size // jax.process_count()
         real = batch["example_weight"] > 0
         assert np.all(batch["example_weight"][real] == 1) and np.all(batch["index"][real] >= 0)
         seen += batch["index"][real].tolist()
-    out = {"process": args.process_id, "indices": seen,
-           "shard": evaluate.evaluate_split(run, params, lambda: iter(mine), mi_au=False, name="shard")}
+    out = {
+        "process": args.process_id,
+        "indices": seen,
+        "shard": evaluate.evaluate_split(run, params, lambda: iter(mine), mi_au=False, name="shard"),
+    }
     if args.process_id == 0:
         out["whole"] = evaluate.evaluate_split(run, params, run.eval_batches, mi_au=False, name="whole")
     with open(os.path.join(args.out, f"eval_{args.process_id}.json"), "w") as f:

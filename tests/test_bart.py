@@ -1,4 +1,5 @@
 """BART backbone: parity with HF PyTorch, cache decoding, injection hooks, the torch name table, bf16."""
+
 import helpers_hf
 import jax
 import jax.numpy as jnp
@@ -58,9 +59,12 @@ def _batch(vocab, pad, seed=0):
 
 def _torch_logits(model, ids, mask, dec, dmask):
     with torch.no_grad():
-        out = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
-                    decoder_input_ids=torch.from_numpy(dec).long(),
-                    decoder_attention_mask=torch.from_numpy(dmask).long())
+        out = model(
+            input_ids=torch.from_numpy(ids).long(),
+            attention_mask=torch.from_numpy(mask).long(),
+            decoder_input_ids=torch.from_numpy(dec).long(),
+            decoder_attention_mask=torch.from_numpy(dmask).long(),
+        )
     return out.logits.numpy()
 
 
@@ -71,28 +75,33 @@ def test_logits_match_torch(tiny_barts, variant):
     ids, mask, dec, dmask = _batch(pre.config.vocab_size, pre.config.pad_token_id)
     logits = _forward(pre)(pre.params, ids, mask, dec, dmask)
     assert logits.dtype == jnp.float32 and logits.shape == dec.shape + (pre.config.vocab_size,)
-    np.testing.assert_allclose(np.asarray(logits), _torch_logits(torch_model, ids, mask, dec, dmask),
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(logits), _torch_logits(torch_model, ids, mask, dec, dmask), atol=1e-4, rtol=0)
     if variant != "base":
         return
     # encode == torch encoder states at real positions
     hidden = jax.jit(lambda p, i, m: pre.module.apply({"params": p}, i, m, method=pre.module.encode))(
-        pre.params, ids, mask)
+        pre.params, ids, mask
+    )
     with torch.no_grad():
-        ref = torch_model.model.encoder(input_ids=torch.from_numpy(ids).long(),
-                                        attention_mask=torch.from_numpy(mask).long()).last_hidden_state.numpy()
+        ref = torch_model.model.encoder(
+            input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()
+        ).last_hidden_state.numpy()
     np.testing.assert_allclose(np.asarray(hidden) * mask[..., None], ref * mask[..., None], atol=1e-4)
 
 
 def test_parameter_layout_and_properties(tiny_barts, base):
     pre, _ = base
     flat = flatten_dict(pre.params)
-    for path in [("model", "shared", "embedding"), ("model", "encoder", "embed_positions", "embedding"),
-                 ("model", "encoder", "layers", "0", "self_attn", "q_proj", "kernel"),
-                 ("model", "encoder", "layernorm_embedding", "scale"),
-                 ("model", "decoder", "layers", "1", "encoder_attn", "out_proj", "bias"),
-                 ("model", "decoder", "layers", "1", "encoder_attn_layer_norm", "bias"),
-                 ("model", "decoder", "layers", "0", "fc1", "kernel"), ("final_logits_bias",)]:
+    for path in [
+        ("model", "shared", "embedding"),
+        ("model", "encoder", "embed_positions", "embedding"),
+        ("model", "encoder", "layers", "0", "self_attn", "q_proj", "kernel"),
+        ("model", "encoder", "layernorm_embedding", "scale"),
+        ("model", "decoder", "layers", "1", "encoder_attn", "out_proj", "bias"),
+        ("model", "decoder", "layers", "1", "encoder_attn_layer_norm", "bias"),
+        ("model", "decoder", "layers", "0", "fc1", "kernel"),
+        ("final_logits_bias",),
+    ]:
         assert path in flat, path
     assert flat[("final_logits_bias",)].shape == (1, pre.config.vocab_size)
     assert not any(k[0] == "lm_head" for k in flat)
@@ -120,8 +129,17 @@ def test_cached_greedy_decoding_equals_full_recompute(base):
 
     @jax.jit
     def step(cache, tok):
-        logits, state = module.apply({"params": params, "cache": cache}, tok, None, memory, mask, decode=True,
-                                     mutable=["cache"], method=module.decode, **kw)
+        logits, state = module.apply(
+            {"params": params, "cache": cache},
+            tok,
+            None,
+            memory,
+            mask,
+            decode=True,
+            mutable=["cache"],
+            method=module.decode,
+            **kw,
+        )
         return logits[:, -1], state["cache"]
 
     cache = init_cache(module, batch, steps)
@@ -176,8 +194,9 @@ def test_injection_hooks_are_per_example(base):
     # prefix_mask 0 for example 0 == no prefix at all for example 0
     no_prefix = decode(params, dec, dmask, memory, memory_mask, embed_offset=offset)
     p_mask = np.array([[0, 0], [1, 1], [1, 0]], np.int32)
-    masked_prefix = decode(params, dec, dmask, memory, memory_mask, prefix_states=prefix, prefix_mask=p_mask,
-                           embed_offset=offset)
+    masked_prefix = decode(
+        params, dec, dmask, memory, memory_mask, prefix_states=prefix, prefix_mask=p_mask, embed_offset=offset
+    )
     np.testing.assert_allclose(np.asarray(masked_prefix[0]), np.asarray(no_prefix[0]), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(masked_prefix[1]), np.asarray(ref[1]))
     # [B, T, D] offset equal to the broadcast [B, D] one gives the same logits
@@ -195,14 +214,18 @@ def test_injection_hooks_are_per_example(base):
 def test_dropout_needs_rng_and_changes_logits(tiny_barts):
     pre = load_pretrained(tiny_barts["untied"][0])  # the smallest variant: dropout compiles slowly on CPU
     ids, mask, dec, dmask = _batch(pre.config.vocab_size, pre.config.pad_token_id)
-    train = jax.jit(lambda p, rng: pre.module.apply({"params": p}, ids, mask, dec, dmask, deterministic=False,
-                                                    rngs={"dropout": rng}))
+    train = jax.jit(
+        lambda p, rng: pre.module.apply(
+            {"params": p}, ids, mask, dec, dmask, deterministic=False, rngs={"dropout": rng}
+        )
+    )
     a = train(pre.params, jax.random.key(0, impl="rbg"))
     b = train(pre.params, jax.random.key(1, impl="rbg"))
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
     with pytest.raises(Exception, match="dropout"):
-        jax.eval_shape(lambda p: pre.module.apply({"params": p}, ids, mask, dec, dmask, deterministic=False),
-                       pre.params)
+        jax.eval_shape(
+            lambda p: pre.module.apply({"params": p}, ids, mask, dec, dmask, deterministic=False), pre.params
+        )
 
 
 def _state_dict(torch_model):
@@ -214,8 +237,14 @@ def test_tied_layouts_both_load(base):
     sd = _state_dict(torch_model)
     shared = sd["model.shared.weight"]
     once = {k: v for k, v in sd.items() if not k.endswith("embed_tokens.weight") and k != "lm_head.weight"}
-    dup = dict(once, **{"model.encoder.embed_tokens.weight": shared, "model.decoder.embed_tokens.weight": shared,
-                        "lm_head.weight": shared})
+    dup = dict(
+        once,
+        **{
+            "model.encoder.embed_tokens.weight": shared,
+            "model.decoder.embed_tokens.weight": shared,
+            "lm_head.weight": shared,
+        },
+    )
     alias_only = {k: v for k, v in dup.items() if k != "model.shared.weight"}
     ref = flatten_dict(pre.params)
     for layout in (once, dup, alias_only):
@@ -235,8 +264,15 @@ def test_mapping_errors_list_every_bad_key(base):
     with pytest.raises(ValueError) as err:
         bart.params_from_torch(sd, pre.config)
     msg = str(err.value)
-    for name in ("model.decoder.layers.1.fc2.bias", "final_logits_bias", "model.encoder.some_extra.weight",
-                 "model.encoder.layers.0.self_attn.q_proj.weight", "missing", "unexpected", "shape mismatch"):
+    for name in (
+        "model.decoder.layers.1.fc2.bias",
+        "final_logits_bias",
+        "model.encoder.some_extra.weight",
+        "model.encoder.layers.0.self_attn.q_proj.weight",
+        "missing",
+        "unexpected",
+        "shape mismatch",
+    ):
         assert name in msg, msg
 
 
@@ -247,7 +283,8 @@ def test_bfloat16_compute_close_to_float32(tiny_barts, base):
     ids, mask, dec, dmask = _batch(pre.config.vocab_size, pre.config.pad_token_id)
     l32 = np.asarray(_forward(pre)(pre.params, ids, mask, dec, dmask))
     l16 = _forward(pre16)(pre16.params, ids, mask, dec, dmask)
-    hidden = jax.eval_shape(lambda p: pre16.module.apply({"params": p}, ids, mask, method=pre16.module.encode),
-                            pre16.params)
+    hidden = jax.eval_shape(
+        lambda p: pre16.module.apply({"params": p}, ids, mask, method=pre16.module.encode), pre16.params
+    )
     assert l16.dtype == jnp.float32 and hidden.dtype == jnp.bfloat16
     assert np.abs(np.asarray(l16) - l32).max() < 0.05 * np.abs(l32).max() + 0.05

@@ -1,4 +1,5 @@
 """Tests of benchmarks/lengths.py and a tiny smoke run of benchmarks/torch_baseline.py."""
+
 import importlib
 import json
 import pathlib
@@ -64,15 +65,17 @@ def test_padding_and_batches(bench):
     np.testing.assert_array_equal(tokens[np.arange(3), lengths - 1], [1, 1, 1])
     assert (tokens[mask == 0] == 0).all() and (tokens[mask == 1] != 0).all()
 
-    b = bench.make_batch(lengths, vocab_size=50, pad_id=1, eos_id=2, decoder_start_id=2,
-                         rng=np.random.default_rng(0), pad=8)
+    b = bench.make_batch(
+        lengths, vocab_size=50, pad_id=1, eos_id=2, decoder_start_id=2, rng=np.random.default_rng(0), pad=8
+    )
     assert b["input_ids"].shape == (3, 8) == b["decoder_input_ids"].shape
     np.testing.assert_array_equal(b["decoder_input_ids"][:, 0], [2, 2, 2])
     np.testing.assert_array_equal(b["decoder_input_ids"][:, 1:], b["labels"][:, :-1])
     np.testing.assert_array_equal(b["label_weights"].sum(1), lengths)
     assert b["label_weights"].dtype == np.float32 and b["example_weight"].shape == (3,)
-    again = bench.make_batch(lengths, vocab_size=50, pad_id=1, eos_id=2, decoder_start_id=2,
-                             rng=np.random.default_rng(0), pad=8)
+    again = bench.make_batch(
+        lengths, vocab_size=50, pad_id=1, eos_id=2, decoder_start_id=2, rng=np.random.default_rng(0), pad=8
+    )
     np.testing.assert_array_equal(b["input_ids"], again["input_ids"])
 
 

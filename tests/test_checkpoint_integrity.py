@@ -1,4 +1,5 @@
 """Checkpoint checksums, falling back past broken steps, and run_eval.py's refusals and --output_dir."""
+
 from __future__ import annotations
 
 import json
@@ -48,15 +49,21 @@ def _flip_bytes(workdir: str, step: int) -> None:
     with open(path, "r+b") as f:
         data = bytearray(f.read())
         mid = len(data) // 2
-        data[mid:mid + 8] = bytes(b ^ 0xFF for b in data[mid:mid + 8])
+        data[mid : mid + 8] = bytes(b ^ 0xFF for b in data[mid : mid + 8])
         f.seek(0)
         f.write(data)
 
 
 def _run_eval(workdir: str, *flags: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, os.path.join(REPO, "run_eval.py"), f"--workdir={workdir}", *flags],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "run_eval.py"), f"--workdir={workdir}", *flags],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_each_step_has_checksums_of_its_files(tiny_run):

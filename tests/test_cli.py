@@ -2,6 +2,7 @@
 
 Each subprocess pays a JAX start-up and compile (a few seconds each on 2 cores).
 """
+
 import json
 import os
 import re
@@ -26,8 +27,14 @@ def tiny_run(tmp_path_factory):
 def run_eval(workdir, *flags, timeout=300):
     """Runs run_eval.py; returns (stdout, stderr); fails the test on a non-zero exit."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run([sys.executable, os.path.join(REPO, "run_eval.py"), f"--workdir={workdir}", *flags],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, os.path.join(REPO, "run_eval.py"), f"--workdir={workdir}", *flags],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
     return p.stdout, p.stderr
 
@@ -42,8 +49,9 @@ def test_metrics_prints_the_table_and_writes_the_json(tiny_run):
     assert result["iw_samples"] == 4 and result["num_examples"] == 64
     # synthetic:64:1 through the BART-layout word tokenizer: n words -> n + 2 tokens
     assert result["max_length"] == config.data.max_length
-    assert result["num_truncated"] == sum(len(t.split()) + 2 > config.data.max_length
-                                          for t in synthetic_sentences(64, seed=1))
+    assert result["num_truncated"] == sum(
+        len(t.split()) + 2 > config.data.max_length for t in synthetic_sentences(64, seed=1)
+    )
     for key in evaluate.RESULT_KEYS:
         assert any(line.split()[:1] == [key] for line in out.splitlines()), (key, out)
     assert f"{result['rec']:.4f}" in out
@@ -71,8 +79,7 @@ def test_sample_prints_num_sentences(tiny_run, tmp_path):
 
 def test_interpolate_between_two_texts(tiny_run):
     _, workdir = tiny_run
-    out, _ = run_eval(workdir, "--mode=interpolate", "--text=a dog barks", "--text=the old man slept",
-                      "--steps=4")
+    out, _ = run_eval(workdir, "--mode=interpolate", "--text=a dog barks", "--text=the old man slept", "--steps=4")
     lines = out.splitlines()
     assert len(lines) == 4
     assert lines[0].startswith("0.00") and lines[-1].startswith("1.00")
@@ -108,8 +115,9 @@ def run_cli(script, *flags, timeout=120):
     """Runs run_train.py / run_eval.py (or ``-c CODE``) from the repository root; returns the process."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     args = ["-c", script] if "\n" in script else [script]
-    return subprocess.run([sys.executable, *args, *flags], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args, *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_user_error(p, *needles):
@@ -170,10 +178,25 @@ def test_the_default_config_takes_overrides():
 
 def test_a_bad_config_lists_every_problem_before_writing(tmp_path):
     workdir = tmp_path / "run"
-    p = run_cli("run_train.py", "--config=configs/tiny.py", f"--workdir={workdir}", "--config.vae.pooling=avg",
-                "--config.batch_size=0", "--config.loss.kind=kl", "--config.phase1.steps=50")
-    assert_user_error(p, "4 problems", "vae.pooling='avg'", "--config.vae.pooling=", "batch_size=0",
-                      "loss.kind='kl'", "phase1.steps=50 with train_steps=20", "--config.train_steps=")
+    p = run_cli(
+        "run_train.py",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        "--config.vae.pooling=avg",
+        "--config.batch_size=0",
+        "--config.loss.kind=kl",
+        "--config.phase1.steps=50",
+    )
+    assert_user_error(
+        p,
+        "4 problems",
+        "vae.pooling='avg'",
+        "--config.vae.pooling=",
+        "batch_size=0",
+        "loss.kind='kl'",
+        "phase1.steps=50 with train_steps=20",
+        "--config.train_steps=",
+    )
     assert not workdir.exists()
 
 
@@ -181,28 +204,45 @@ def test_missing_and_binary_data_files_are_short_errors(tmp_path):
     binary = tmp_path / "valid.txt"
     binary.write_bytes(b"\x00\x01\x02" * 100)
     missing = tmp_path / "train.txt"
-    p = run_cli("run_train.py", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
-                f"--config.data.train={missing}", f"--config.data.eval={binary}")
-    assert_user_error(p, f"data.train='{missing}': no such file", f"data.eval='{binary}'", "binary",
-                      "give the path of a UTF-8 text file")
+    p = run_cli(
+        "run_train.py",
+        "--config=configs/tiny.py",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.data.train={missing}",
+        f"--config.data.eval={binary}",
+    )
+    assert_user_error(
+        p,
+        f"data.train='{missing}': no such file",
+        f"data.eval='{binary}'",
+        "binary",
+        "give the path of a UTF-8 text file",
+    )
 
 
 def test_a_missing_model_folder_is_a_short_error(tmp_path):
     folder = tmp_path / "no_model"
-    p = run_cli("run_train.py", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
-                f"--config.model.name_or_path={folder}")
+    p = run_cli(
+        "run_train.py",
+        "--config=configs/tiny.py",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.model.name_or_path={folder}",
+    )
     assert_user_error(p, f"model.name_or_path='{folder}'", "config.json", "hub id")
 
 
 def test_an_uncached_hub_id_offline_is_a_short_error(tmp_path):
-    p = run_cli("run_train.py", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
-                "--config.model.name_or_path=no-such-org/no-such-model")
+    p = run_cli(
+        "run_train.py",
+        "--config=configs/tiny.py",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.model.name_or_path=no-such-org/no-such-model",
+    )
     assert_user_error(p, "'no-such-org/no-such-model'", "local folder")
 
 
 def test_verbose_shows_the_traceback():
-    p = run_cli("run_train.py", "--config=configs/tiny.py", "--config.vae.pooling=avg", "--print_config",
-                "--verbose")
+    p = run_cli("run_train.py", "--config=configs/tiny.py", "--config.vae.pooling=avg", "--print_config", "--verbose")
     assert p.returncode != 0 and "Traceback" in p.stderr and "ConfigError" in p.stderr
 
 
@@ -227,8 +267,9 @@ cli.run(main)
 """
 
 
-@pytest.mark.parametrize("error,code", [("RuntimeError('an unknown bug')", 1),
-                                        ("FileNotFoundError('x.txt is missing; make it')", 2)])
+@pytest.mark.parametrize(
+    "error,code", [("RuntimeError('an unknown bug')", 1), ("FileNotFoundError('x.txt is missing; make it')", 2)]
+)
 def test_bugs_keep_their_traceback_and_user_errors_do_not(error, code):
     p = run_cli(BUG_SCRIPT.format(error))
     assert p.returncode == code, p.stderr

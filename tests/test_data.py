@@ -1,4 +1,5 @@
 """Tests for flax_textvae.data: sources, the TFDS builder, synthetic text, length bucketing and the batch plans."""
+
 import json
 import pathlib
 
@@ -82,12 +83,15 @@ def test_tfds_spec_not_built_says_what_to_run(tmp_path, monkeypatch):
         read_examples(spec, data_dir=str(empty))
     msg = str(info.value)
     assert isinstance(info.value, ValueError) and repr(spec) in msg and f"data_dir {empty}" in msg
-    assert (f"python -m flax_textvae.data.textvae_corpora --config=ptb --manual_dir=DIR --data_dir={empty}\n"
-            in msg) and "DIR/ptb/train.txt, valid.txt and test.txt" in msg
+    assert (
+        f"python -m flax_textvae.data.textvae_corpora --config=ptb --manual_dir=DIR --data_dir={empty}\n" in msg
+    ) and "DIR/ptb/train.txt, valid.txt and test.txt" in msg
     assert msg.endswith("--config.data.train=PATH --config.data.eval=PATH")
     # a data dir that does not exist, and another corpus config
-    with pytest.raises(DatasetNotBuiltError, match=r"(?s)'tfds:text_vae_corpora/yelp'.*--config=yelp .*--data_dir="
-                       + str(tmp_path / "nowhere")):
+    with pytest.raises(
+        DatasetNotBuiltError,
+        match=r"(?s)'tfds:text_vae_corpora/yelp'.*--config=yelp .*--data_dir=" + str(tmp_path / "nowhere"),
+    ):
         read_examples("tfds:text_vae_corpora/yelp", data_dir=str(tmp_path / "nowhere"))
     # no data_dir and no TFDS_DATA_DIR: TFDS's default directory is searched and named (tfds itself would
     # fail here with a KeyError on empty splits)
@@ -133,7 +137,9 @@ def test_parse_line_strips_the_label_of_labelled_corpora():
 
     assert parse_line("3\tthe food was great .\n", labelled=True) == {"text": "the food was great .", "label": 3}
     assert parse_line("\ufeff0\t  why is the sky blue ?  \r\n", labelled=True) == {
-        "text": "why is the sky blue ?", "label": 0}
+        "text": "why is the sky blue ?",
+        "label": 0,
+    }
     assert parse_line("10\ta\tb", labelled=True) == {"text": "a\tb", "label": 10}  # only the first tab
     assert parse_line("no label here", labelled=True) == {"text": "no label here", "label": NO_LABEL}
     assert parse_line("x\tnot a label", labelled=True) == {"text": "x\tnot a label", "label": NO_LABEL}
@@ -162,7 +168,8 @@ def test_tfds_builder_labelled_corpus_text_has_no_label(tmp_path, config):
     records = [source[i] for i in range(len(source))]
     assert [int(r["label"]) for r in records] == [y for y, _ in rows["test"]]
     assert [r["text"].decode() if isinstance(r["text"], bytes) else r["text"] for r in records] == [
-        t for _, t in rows["test"]]
+        t for _, t in rows["test"]
+    ]
 
 
 # --------------------------------------------------------------------------------------------- synthetic
@@ -358,8 +365,11 @@ def test_constructors_take_examples_sources_or_a_batcher():
     ex = _examples(np.random.default_rng(5).integers(3, 30, size=30))
     kw = {"batch_size": 8, "pad_id": 1, "bos_id": 0, "num_buckets": 4, "max_length": 32}
     batcher = Batcher(ex, decoder_start_token_id=2, **kw)
-    streams = [GrainTrainIterator(ex, seed=2, decoder_start_id=2, **kw), batcher.train_iterator(seed=2),
-               GrainTrainIterator(ArraySource(ex), seed=2, decoder_start_token_id=2, num_threads=0, **kw)]
+    streams = [
+        GrainTrainIterator(ex, seed=2, decoder_start_id=2, **kw),
+        batcher.train_iterator(seed=2),
+        GrainTrainIterator(ArraySource(ex), seed=2, decoder_start_token_id=2, num_threads=0, **kw),
+    ]
     for _ in range(5):
         a, *others = [next(it) for it in streams]
         for b in others:
@@ -411,9 +421,10 @@ def test_training_batches_follow_the_documented_plan(seed, remainder, shards):
         assert len(plan) == 3 * it.steps_per_epoch
         rows_per_host = 8 // shards
         for k, rows in plan:
-            mine = rows[shard * rows_per_host:(shard + 1) * rows_per_host]
-            want = collate([ex[i] for i in mine], pad_id=1, decoder_start_token_id=2, bos_id=0,
-                           seq_len=full.boundaries[k])
+            mine = rows[shard * rows_per_host : (shard + 1) * rows_per_host]
+            want = collate(
+                [ex[i] for i in mine], pad_id=1, decoder_start_token_id=2, bos_id=0, seq_len=full.boundaries[k]
+            )
             del want["index"]
             got = next(it)
             assert got.keys() == want.keys() and all(np.array_equal(got[key], want[key]) for key in want)
@@ -426,7 +437,7 @@ def test_eval_batches_follow_the_documented_order():
     b = _batcher(ex)
     bucket_of = [next(k for k, x in enumerate(b.boundaries) if len(e) <= x) for e in ex]
     order = sorted(range(45), key=lambda i: bucket_of[i])  # stable: example order within a bucket
-    rows = [order[i:i + 8] for i in range(0, 45, 8)]
+    rows = [order[i : i + 8] for i in range(0, 45, 8)]
     got = [x["index"].tolist() for x in b.eval_iterator()]
     assert got == rows[:-1] + [rows[-1] + [-1] * (8 - len(rows[-1]))]
     shapes = [x["input_ids"].shape[1] for x in b.eval_iterator()]

@@ -1,5 +1,6 @@
 """flax_textvae.decoding on a hand-made bigram model, and through ``inference.decode_from_z`` on tiny random
 from-scratch BART / T5 VAEs (CPU, a few compiles)."""
+
 import ast
 import importlib.util
 import inspect
@@ -21,11 +22,25 @@ LATENT = 4
 def _bart_config():
     from transformers import BartConfig
 
-    return BartConfig(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
-                      decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-                      max_position_embeddings=32, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-                      decoder_start_token_id=EOS, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-                      init_std=0.3)
+    return BartConfig(
+        vocab_size=V,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=32,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        decoder_start_token_id=EOS,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        init_std=0.3,
+    )
 
 
 def _make_vae(config, injection, eos, eos_bias=2.5, seed=0):
@@ -54,7 +69,7 @@ def _greedy_no_cache(vae, params, z, prompt, eos, pad, max_length):
     """Greedy by recomputing the whole (growing) prefix each step, no cache; pad after EOS."""
     width = len(prompt) - 1 + max_length
     ids = np.full((z.shape[0], width), pad, np.int32)
-    ids[:, :len(prompt)] = prompt
+    ids[:, : len(prompt)] = prompt
     apply = jax.jit(lambda p, zz, x: vae.apply({"params": p}, zz, x, method=TextVAE.decode))
     out = np.full((z.shape[0], max_length), pad, np.int32)
     done = np.zeros(z.shape[0], bool)
@@ -74,7 +89,7 @@ def _assert_padded_after_eos(tokens, eos, pad):
     for row in tokens:
         hits = np.flatnonzero(row == eos)
         if hits.size:
-            assert np.all(row[hits[0] + 1:] == pad), row
+            assert np.all(row[hits[0] + 1 :] == pad), row
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +109,9 @@ def test_init_vae_cache_is_backbone_cache_under_backbone(bart_memory):
 def test_greedy_cached_equals_recomputed(injection, bart_memory):
     vae, params = bart_memory if injection == ("memory",) else _make_vae(_bart_config(), injection, EOS)
     z = _z()
-    got, scores = inference.decode_from_z(vae, params, z, prompt=BART_PROMPT, eos_id=EOS, pad_id=PAD,
-                                          max_length=MAX_LEN, return_scores=True)
+    got, scores = inference.decode_from_z(
+        vae, params, z, prompt=BART_PROMPT, eos_id=EOS, pad_id=PAD, max_length=MAX_LEN, return_scores=True
+    )
     want = _greedy_no_cache(vae, params, z, BART_PROMPT, EOS, PAD, MAX_LEN)
     assert got.shape == (6, MAX_LEN) and got.dtype == np.int32
     np.testing.assert_array_equal(got, want)
@@ -136,8 +152,9 @@ def test_beam_scores_at_least_greedy(bart_memory):
     z = _z()
     kw = dict(prompt=BART_PROMPT, eos_id=EOS, pad_id=PAD, max_length=MAX_LEN)
     greedy = inference.decode_from_z(vae, params, z, **kw)
-    beam, beam_scores = inference.decode_from_z(vae, params, z, method="beam", beam_size=3, length_penalty=0.0,
-                                                return_scores=True, **kw)
+    beam, beam_scores = inference.decode_from_z(
+        vae, params, z, method="beam", beam_size=3, length_penalty=0.0, return_scores=True, **kw
+    )
     _assert_padded_after_eos(beam, EOS, PAD)
     lp_greedy = inference.sequence_log_probs(vae, params, z, greedy, prompt=BART_PROMPT, eos_id=EOS)
     lp_beam = inference.sequence_log_probs(vae, params, z, beam, prompt=BART_PROMPT, eos_id=EOS)
@@ -150,13 +167,24 @@ def test_beam_is_exact_when_it_covers_the_vocabulary(bart_memory):
     """max_length 2 and beam_size V: every 1-token prefix survives, so beam search is exhaustive."""
     vae, params = bart_memory
     z = _z(3, seed=5)
-    tokens, scores = inference.decode_from_z(vae, params, z, prompt=BART_PROMPT, eos_id=EOS, pad_id=PAD,
-                                             max_length=2, method="beam", beam_size=V, length_penalty=0.0,
-                                             return_scores=True)
+    tokens, scores = inference.decode_from_z(
+        vae,
+        params,
+        z,
+        prompt=BART_PROMPT,
+        eos_id=EOS,
+        pad_id=PAD,
+        max_length=2,
+        method="beam",
+        beam_size=V,
+        length_penalty=0.0,
+        return_scores=True,
+    )
     # all (t1, t2) continuations at once: rows b * V + t1 feed [prompt, t1]
     n = z.shape[0]
-    ids = np.concatenate([np.tile(np.asarray(BART_PROMPT, np.int32), (n * V, 1)),
-                          np.tile(np.arange(V, dtype=np.int32), n)[:, None]], 1)
+    ids = np.concatenate(
+        [np.tile(np.asarray(BART_PROMPT, np.int32), (n * V, 1)), np.tile(np.arange(V, dtype=np.int32), n)[:, None]], 1
+    )
     apply = jax.jit(lambda p, zz, x: vae.apply({"params": p}, zz, x, method=TextVAE.decode))
     logits = apply(params, jnp.asarray(np.repeat(z, V, 0)), jnp.asarray(ids))
     logp = np.asarray(jax.nn.log_softmax(logits, -1)).reshape(n, V, len(BART_PROMPT) + 1, V)
@@ -175,8 +203,9 @@ def test_sampling_top_k_one_equals_greedy(bart_memory):
     z = _z()
     kw = dict(prompt=BART_PROMPT, eos_id=EOS, pad_id=PAD, max_length=MAX_LEN)
     greedy = inference.decode_from_z(vae, params, z, **kw)
-    sampled = inference.decode_from_z(vae, params, z, method="sample", rng=jax.random.PRNGKey(3), top_k=1,
-                                      temperature=2.0, **kw)
+    sampled = inference.decode_from_z(
+        vae, params, z, method="sample", rng=jax.random.PRNGKey(3), top_k=1, temperature=2.0, **kw
+    )
     np.testing.assert_array_equal(sampled, greedy)
 
 
@@ -224,10 +253,22 @@ def test_bad_arguments(bart_memory):
 def test_t5_greedy_and_beam():
     from transformers import T5Config
 
-    config = T5Config(vocab_size=V, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=2,
-                      num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                      dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                      initializer_factor=8.0)
+    config = T5Config(
+        vocab_size=V,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_decoder_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        initializer_factor=8.0,
+    )
     vae, params = _make_vae(config, ("memory", "embedding"), eos=1)
     z = _z()
     kw = dict(prompt=(0,), eos_id=1, pad_id=0, max_length=MAX_LEN)
@@ -280,19 +321,30 @@ TOY_KW = dict(prompt=(TOY_START,), eos_id=TOY_EOS, pad_id=TOY_PAD, max_length=2)
 
 def test_core_greedy_and_beam_over_a_hand_made_bigram():
     model, table, bias = _Bigram(), _toy_table(), _toy_bias()
-    greedy, g_scores = decoding.decode(model.tokens_to_logits, table, _toy_cache(2), bias, return_scores=True,
-                                       **TOY_KW)
+    greedy, g_scores = decoding.decode(model.tokens_to_logits, table, _toy_cache(2), bias, return_scores=True, **TOY_KW)
     np.testing.assert_array_equal(greedy, [[TOY_A, TOY_EOS], [TOY_B, TOY_EOS]])
     np.testing.assert_allclose(g_scores[0], np.log(0.6 * 0.25), rtol=1e-4)
-    beam, b_scores = decoding.decode(model.tokens_to_logits, table, _toy_cache(2), bias, method="beam",
-                                     beam_size=2, length_penalty=0.0, return_scores=True, **TOY_KW)
+    beam, b_scores = decoding.decode(
+        model.tokens_to_logits,
+        table,
+        _toy_cache(2),
+        bias,
+        method="beam",
+        beam_size=2,
+        length_penalty=0.0,
+        return_scores=True,
+        **TOY_KW,
+    )
     np.testing.assert_array_equal(beam, [[TOY_B, TOY_EOS], [TOY_B, TOY_EOS]])
     np.testing.assert_allclose(b_scores[0], np.log(0.4), rtol=1e-4)
-    scored = decoding.sequence_log_probs(model.sequence_logits, table, beam, bias, prompt=(TOY_START,),
-                                         eos_id=TOY_EOS)
+    scored = decoding.sequence_log_probs(model.sequence_logits, table, beam, bias, prompt=(TOY_START,), eos_id=TOY_EOS)
     np.testing.assert_allclose(b_scores, scored, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(g_scores, decoding.sequence_log_probs(
-        model.sequence_logits, table, greedy, bias, prompt=(TOY_START,), eos_id=TOY_EOS), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        g_scores,
+        decoding.sequence_log_probs(model.sequence_logits, table, greedy, bias, prompt=(TOY_START,), eos_id=TOY_EOS),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_core_compiled_programs_are_keyed_on_the_owner_of_the_logits_function():
@@ -311,8 +363,7 @@ def test_core_rejects_cache_and_inputs_with_different_rows():
     with pytest.raises(ValueError, match="rows first"):
         decoding.decode(model.tokens_to_logits, _toy_table(), _toy_cache(3), _toy_bias(), **TOY_KW)
     with pytest.raises(ValueError, match="prompt"):
-        decoding.decode(model.tokens_to_logits, _toy_table(), _toy_cache(2), _toy_bias(),
-                        **dict(TOY_KW, prompt=()))
+        decoding.decode(model.tokens_to_logits, _toy_table(), _toy_cache(2), _toy_bias(), **dict(TOY_KW, prompt=()))
 
 
 def test_decoding_imports_no_package_module():

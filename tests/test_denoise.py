@@ -1,4 +1,5 @@
 """Tests for flax_textvae.denoise: invariants of deletion / masking / word dropout and their mean rates."""
+
 import functools
 
 import jax
@@ -21,8 +22,8 @@ def _batch(batch=64, length=16, seed=0):
     for b in range(batch):
         n = r.randint(0, length - 1)  # content tokens; row length n + 2 <= length
         row = [BOS] + list(r.permutation(np.arange(10, 100))[:n]) + [EOS]
-        ids[b, :len(row)] = row
-        mask[b, :len(row)] = 1
+        ids[b, : len(row)] = row
+        mask[b, : len(row)] = 1
     return ids, mask
 
 
@@ -127,8 +128,9 @@ def test_word_dropout_invariants_and_rate():
     m = jnp.array([[1, 1, 0, 0, 0]] * 3)
     part = np.asarray(fn(jax.random.PRNGKey(0), jnp.full((3, 5), 50, jnp.int32), 1.0, mask=m))
     np.testing.assert_array_equal(part, [[50, UNK, 50, 50, 50]] * 3)
-    np.testing.assert_array_equal(np.asarray(dropout(jax.random.PRNGKey(1), dec_in, 0.0, unk_id=UNK,
-                                                     special_ids=SPECIAL)), dec_in)
+    np.testing.assert_array_equal(
+        np.asarray(dropout(jax.random.PRNGKey(1), dec_in, 0.0, unk_id=UNK, special_ids=SPECIAL)), dec_in
+    )
 
 
 def test_denoise_deterministic_given_rng_and_traced_rate():
@@ -147,8 +149,10 @@ def test_denoise_deterministic_given_rng_and_traced_rate():
 
 # ------------------------------------------------------------------ <unk> is an ordinary token in real runs
 # every third word is a literal <unk> (as in PTB), which the word tokenizer encodes as unk_token_id
-UNK_TEXTS = [" ".join("<unk>" if (i + j) % 3 == 0 else w for j, w in enumerate(s.split()))
-             for i, s in enumerate(synthetic_sentences(96, seed=5))]
+UNK_TEXTS = [
+    " ".join("<unk>" if (i + j) % 3 == 0 else w for j, w in enumerate(s.split()))
+    for i, s in enumerate(synthetic_sentences(96, seed=5))
+]
 
 
 @pytest.fixture(scope="module", params=["bart", "t5"])
@@ -162,8 +166,9 @@ def word_run(request, tmp_path_factory):
     config = tiny_config(**{"model.scratch.family": request.param, "data.train": "synthetic:128"})
     run = builders.build_run(config, str(tmp_path_factory.mktemp(f"unk_{request.param}")), with_eval=False)
     ids, _ = data_lib.encode_texts(run.tokenizer, UNK_TEXTS, run.max_length)
-    batch = data_lib.collate(ids, pad_id=run.pad_id, decoder_start_id=run.prompt[0],
-                             bos_id=run.prompt[1] if len(run.prompt) > 1 else None)
+    batch = data_lib.collate(
+        ids, pad_id=run.pad_id, decoder_start_id=run.prompt[0], bos_id=run.prompt[1] if len(run.prompt) > 1 else None
+    )
     return request.param, run, {k: np.asarray(v) for k, v in batch.items()}
 
 
@@ -182,8 +187,9 @@ def test_run_protected_ids_are_bos_eos_pad_mask_not_unk(word_run):
 def _noisy(run, batch, **rates):
     from flax_textvae import step
 
-    cfg = step.StepConfig(special_ids=run.special_ids, pad_id=run.pad_id, mask_id=run.mask_id,
-                          unk_id=run.unk_id, **rates)
+    cfg = step.StepConfig(
+        special_ids=run.special_ids, pad_id=run.pad_id, mask_id=run.mask_id, unk_id=run.unk_id, **rates
+    )
     keys = step.per_example_keys(jax.random.key(0), jnp.arange(batch["input_ids"].shape[0]))
     out = step.noisy_inputs({k: jnp.asarray(v) for k, v in batch.items()}, keys, cfg)
     return tuple(np.asarray(x) for x in out)
@@ -240,8 +246,7 @@ def test_word_dropout_replaces_unk_and_keeps_specials(word_run):
     # the run's protected set with a replacement id other than <unk>, so that replacing an <unk> shows
     repl = run.vocab_size - 1
     fn = jax.jit(denoise.word_dropout, static_argnames=("special_ids", "unk_id"))
-    got = np.asarray(fn(jax.random.PRNGKey(0), dec_in, 1.0, unk_id=repl, special_ids=run.special_ids,
-                        mask=dec_mask))
+    got = np.asarray(fn(jax.random.PRNGKey(0), dec_in, 1.0, unk_id=repl, special_ids=run.special_ids, mask=dec_mask))
     expected = np.where(keep | (dec_mask == 0), dec_in, repl)
     np.testing.assert_array_equal(got, expected)
     assert (got[dec_in == run.unk_id] == repl).all() and (dec_in == run.unk_id).sum() > 300

@@ -1,4 +1,5 @@
 """The backbones' 16-bit dropout: the keep rate and the expectation are those of nn.Dropout."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

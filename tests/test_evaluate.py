@@ -1,4 +1,5 @@
 """evaluate(config, workdir): the docs/metrics.md JSON on a real (tiny) trained run, deterministic, batch-size free."""
+
 import json
 import math
 import os

@@ -1,5 +1,6 @@
 """python -m flax_textvae.export: a trained run -> a self-contained folder that transformers and
 flax_textvae.load read without the workdir (tiny BART and T5 v1.1 runs trained from local checkpoints)."""
+
 import json
 import os
 import shutil
@@ -29,8 +30,9 @@ TEXTS = read_examples(EVAL_SPEC)[0][:3]
 
 
 def _export_cli(*args):
-    return subprocess.run([sys.executable, "-m", "flax_textvae.export", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "flax_textvae.export", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module", params=["bart", "t5"])
@@ -45,9 +47,19 @@ def exported_run(request, tmp_path_factory):
         helpers_hf.make_tiny_bart(folder, vocab_words=synthetic_vocabulary())
     else:
         helpers_hf.make_tiny_t5(folder, v1_1=True, vocab_words=synthetic_vocabulary())
-    config = tiny_config(**{"model.name_or_path": folder, "train_steps": 4, "phase1.steps": 2, "eval_every": 0,
-                            "checkpoint_every": 4, "log_every": 2, "data.train": "synthetic:64",
-                            "data.eval": EVAL_SPEC, "vae.injection": "memory,cross_attention"})
+    config = tiny_config(
+        **{
+            "model.name_or_path": folder,
+            "train_steps": 4,
+            "phase1.steps": 2,
+            "eval_every": 0,
+            "checkpoint_every": 4,
+            "log_every": 2,
+            "data.train": "synthetic:64",
+            "data.eval": EVAL_SPEC,
+            "vae.injection": "memory,cross_attention",
+        }
+    )
     workdir = str(root / "run")
     train.train_and_evaluate(config, workdir)
     out = {"family": family, "config": config}
@@ -80,8 +92,14 @@ def test_cli_export_exits_0(exported_run):
 
 def test_folder_layout(exported_run):
     d = exported_run["dir"]
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "vae.safetensors", "vae_config.json",
-                 "README.md"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "vae.safetensors",
+        "vae_config.json",
+        "README.md",
+    ):
         assert os.path.isfile(os.path.join(d, name)), name
     with open(os.path.join(d, "vae_config.json")) as f:
         record = json.load(f)
@@ -107,12 +125,20 @@ def test_transformers_loads_the_backbone_with_equal_logits(exported_run):
     pad = pre.config.pad_token_id
     ids, mask = helpers_hf.padded_batch(rng, [7, 3, 5], pre.config.vocab_size, pad)
     dec, dmask = helpers_hf.padded_batch(rng, [4, 6, 2], pre.config.vocab_size, pad)
-    logits = pre.module.apply({"params": pre.params}, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask),
-                              decoder_input_ids=jnp.asarray(dec), decoder_attention_mask=jnp.asarray(dmask))
+    logits = pre.module.apply(
+        {"params": pre.params},
+        input_ids=jnp.asarray(ids),
+        attention_mask=jnp.asarray(mask),
+        decoder_input_ids=jnp.asarray(dec),
+        decoder_attention_mask=jnp.asarray(dmask),
+    )
     with torch.no_grad():
-        want = torch_model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
-                           decoder_input_ids=torch.from_numpy(dec).long(),
-                           decoder_attention_mask=torch.from_numpy(dmask).long()).logits.numpy()
+        want = torch_model(
+            input_ids=torch.from_numpy(ids).long(),
+            attention_mask=torch.from_numpy(mask).long(),
+            decoder_input_ids=torch.from_numpy(dec).long(),
+            decoder_attention_mask=torch.from_numpy(dmask).long(),
+        ).logits.numpy()
     np.testing.assert_allclose(np.asarray(logits), want, atol=1e-4, rtol=0)
 
 

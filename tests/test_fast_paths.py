@@ -3,6 +3,7 @@
 Chunked cross-entropy (alone and inside the training step), the dot_product attention implementation,
 per-layer rematerialisation, the compilation cache and the device suite.
 """
+
 import json
 import os
 import subprocess
@@ -56,8 +57,9 @@ def test_chunked_token_nll_equals_token_nll_in_value_and_gradient(layout, vocab,
     scale = 0.7
 
     def chunked(h, w, b):
-        return losses.chunked_token_nll(h, w, targets, weights, bias=b, scale=scale, head_layout=layout,
-                                        chunk_size=chunk)
+        return losses.chunked_token_nll(
+            h, w, targets, weights, bias=b, scale=scale, head_layout=layout, chunk_size=chunk
+        )
 
     def full(h, w, b):
         return _full(h, w, b, targets, weights, scale, layout)
@@ -94,11 +96,13 @@ def test_chunked_token_nll_in_bfloat16_accumulates_in_float32():
     got = losses.chunked_token_nll(hidden, embedding, targets, weights, bias=bias, chunk_size=128)
     assert got.dtype == jnp.float32
     # Reference: the same bf16 operands, float32 logits (what the models' LM heads compute).
-    logits = jnp.einsum("btd,vd->btv", hidden, embedding.astype(jnp.bfloat16),
-                        preferred_element_type=jnp.float32) + bias
+    logits = (
+        jnp.einsum("btd,vd->btv", hidden, embedding.astype(jnp.bfloat16), preferred_element_type=jnp.float32) + bias
+    )
     _assert_close(got, losses.token_nll(logits, targets, weights), rtol=1e-4)
-    g = jax.grad(lambda h, w: jnp.sum(losses.chunked_token_nll(h, w, targets, weights, chunk_size=128)),
-                 argnums=(0, 1))(hidden, embedding)
+    g = jax.grad(
+        lambda h, w: jnp.sum(losses.chunked_token_nll(h, w, targets, weights, chunk_size=128)), argnums=(0, 1)
+    )(hidden, embedding)
     assert g[0].dtype == jnp.bfloat16 and g[1].dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(g[0], np.float32))) and np.all(np.isfinite(g[1]))
 
@@ -142,8 +146,7 @@ def _tree_close(got, want, rtol):
     scale = max(float(np.max(np.abs(np.asarray(w, np.float32)), initial=0.0)) for w in want)
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.dtype == w.dtype
-        np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64), rtol=rtol,
-                                   atol=rtol * scale)
+        np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64), rtol=rtol, atol=rtol * scale)
 
 
 _MHA_CASES = {
@@ -151,15 +154,38 @@ _MHA_CASES = {
     "bart_self_padding": (dict(scale_query=True), lambda a: dict(mask=a["key_mask"])),
     "bart_causal_padding": (dict(scale_query=True), lambda a: dict(mask=a["key_mask"], causal=True)),
     "bart_cross": (dict(scale_query=True), lambda a: dict(kv=a["memory"], mask=a["memory_mask"])),
-    "bart_hidden_slots": (dict(scale_query=True), lambda a: dict(
-        mask=a["key_mask"], causal=True, slots=attn_lib.LatentSlots(states=a["slot_states"], mask=a["slot_mask"]))),
-    "t5_relative_causal": (dict(scale_query=False, use_bias=False, relative_bias=attn_lib.RelativePositionBias(
-        8, 16, bidirectional=False, init_std=1.0)), lambda a: dict(mask=a["key_mask"], causal=True)),
-    "t5_relative_bidirectional": (dict(scale_query=False, use_bias=False, relative_bias=attn_lib.RelativePositionBias(
-        8, 16, bidirectional=True, init_std=1.0)), lambda a: dict(mask=a["key_mask"])),
-    "t5_head_kv_slots": (dict(scale_query=False, use_bias=False, relative_bias=attn_lib.RelativePositionBias(
-        8, 16, bidirectional=False, init_std=1.0)), lambda a: dict(
-        mask=a["key_mask"], causal=True, slots=attn_lib.LatentSlots(kv=a["slot_kv"], mask=a["slot_mask"]))),
+    "bart_hidden_slots": (
+        dict(scale_query=True),
+        lambda a: dict(
+            mask=a["key_mask"], causal=True, slots=attn_lib.LatentSlots(states=a["slot_states"], mask=a["slot_mask"])
+        ),
+    ),
+    "t5_relative_causal": (
+        dict(
+            scale_query=False,
+            use_bias=False,
+            relative_bias=attn_lib.RelativePositionBias(8, 16, bidirectional=False, init_std=1.0),
+        ),
+        lambda a: dict(mask=a["key_mask"], causal=True),
+    ),
+    "t5_relative_bidirectional": (
+        dict(
+            scale_query=False,
+            use_bias=False,
+            relative_bias=attn_lib.RelativePositionBias(8, 16, bidirectional=True, init_std=1.0),
+        ),
+        lambda a: dict(mask=a["key_mask"]),
+    ),
+    "t5_head_kv_slots": (
+        dict(
+            scale_query=False,
+            use_bias=False,
+            relative_bias=attn_lib.RelativePositionBias(8, 16, bidirectional=False, init_std=1.0),
+        ),
+        lambda a: dict(
+            mask=a["key_mask"], causal=True, slots=attn_lib.LatentSlots(kv=a["slot_kv"], mask=a["slot_mask"])
+        ),
+    ),
 }
 
 
@@ -167,11 +193,15 @@ def _mha_inputs(dtype):
     """B=3, Q=K=6, M=4, D=16, H=4: padded keys (row 2 fully padded), 2 slots (one hidden for row 1)."""
     r = np.random.RandomState(0)
     key_mask = np.array([[1] * 6, [1] * 3 + [0] * 3, [0] * 6], np.int32)
-    return {"x": jnp.asarray(r.randn(3, 6, 16), dtype), "memory": jnp.asarray(r.randn(3, 4, 16), dtype),
-            "key_mask": attn_lib.padding_mask(key_mask),
-            "memory_mask": attn_lib.padding_mask(np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])),
-            "slot_states": jnp.asarray(r.randn(3, 2, 16), dtype), "slot_kv": jnp.asarray(r.randn(3, 2, 4, 4), dtype),
-            "slot_mask": jnp.asarray([[1, 1], [1, 0], [1, 1]], jnp.int32)}
+    return {
+        "x": jnp.asarray(r.randn(3, 6, 16), dtype),
+        "memory": jnp.asarray(r.randn(3, 4, 16), dtype),
+        "key_mask": attn_lib.padding_mask(key_mask),
+        "memory_mask": attn_lib.padding_mask(np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])),
+        "slot_states": jnp.asarray(r.randn(3, 2, 16), dtype),
+        "slot_kv": jnp.asarray(r.randn(3, 2, 4, 4), dtype),
+        "slot_mask": jnp.asarray([[1, 1], [1, 0], [1, 1]], jnp.int32),
+    }
 
 
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
@@ -187,16 +217,21 @@ def test_dot_product_attention_equals_explicit(case, dtype, rtol):
     a = _mha_inputs(dtype)
     kw = call_kw(a)
     kv = kw.pop("kv", None)
-    make = lambda impl: attn_lib.MultiHeadAttention(num_heads=4, head_dim=4, out_features=16, dtype=dtype,
-                                                    attention=impl, **module_kw)
+    make = lambda impl: attn_lib.MultiHeadAttention(
+        num_heads=4, head_dim=4, out_features=16, dtype=dtype, attention=impl, **module_kw
+    )
     params = make("explicit").init(jax.random.key(0), a["x"], kv, **kw)["params"]
 
     def loss(impl, p, x):
         out, _ = make(impl).apply({"params": p}, x, kv, **kw)
         return jnp.sum(jnp.sin(out.astype(jnp.float32)) * jnp.asarray([1.0, 1.0, 0.0])[:, None, None]), out
 
-    results = {impl: jax.jit(jax.value_and_grad(lambda p, x, i=impl: loss(i, p, x), argnums=(0, 1), has_aux=True))(
-        params, a["x"]) for impl in attn_lib.ATTENTION_IMPLEMENTATIONS}
+    results = {
+        impl: jax.jit(jax.value_and_grad(lambda p, x, i=impl: loss(i, p, x), argnums=(0, 1), has_aux=True))(
+            params, a["x"]
+        )
+        for impl in attn_lib.ATTENTION_IMPLEMENTATIONS
+    }
     (_, out_ref), grads_ref = results["explicit"]
     (_, out_dot), grads_dot = results["dot_product"]
     assert out_dot.dtype == dtype
@@ -207,11 +242,21 @@ def test_dot_product_attention_equals_explicit(case, dtype, rtol):
 def test_dot_product_attention_with_dropout_is_the_explicit_path():
     """Attention dropout drawn: both settings give the same numbers (dot_product falls back)."""
     a = _mha_inputs(jnp.float32)
-    make = lambda impl: attn_lib.MultiHeadAttention(num_heads=4, head_dim=4, out_features=16, dropout_rate=0.3,
-                                                    attention=impl)
+    make = lambda impl: attn_lib.MultiHeadAttention(
+        num_heads=4, head_dim=4, out_features=16, dropout_rate=0.3, attention=impl
+    )
     params = make("explicit").init(jax.random.key(0), a["x"], mask=a["key_mask"])["params"]
-    outs = [make(impl).apply({"params": params}, a["x"], mask=a["key_mask"], causal=True, deterministic=False,
-                             rngs={"dropout": jax.random.key(5)})[0] for impl in ("explicit", "dot_product")]
+    outs = [
+        make(impl).apply(
+            {"params": params},
+            a["x"],
+            mask=a["key_mask"],
+            causal=True,
+            deterministic=False,
+            rngs={"dropout": jax.random.key(5)},
+        )[0]
+        for impl in ("explicit", "dot_product")
+    ]
     np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(outs[1]))
     with pytest.raises(ValueError, match="attention implementation"):
         make("flash").apply({"params": params}, a["x"])
@@ -219,19 +264,43 @@ def test_dot_product_attention_with_dropout_is_the_explicit_path():
 
 def _tiny_bart(**kw):
     return transformers.BartConfig(
-        vocab_size=70, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=40,
-        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, dropout=0.1,
-        attention_dropout=0.1, **kw)
+        vocab_size=70,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=40,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        dropout=0.1,
+        attention_dropout=0.1,
+        **kw,
+    )
 
 
 def _tiny_t5(separate_head=False):
     """v1.0 (relu, tied head rescaled by d_model**-0.5) or v1.1 (gated-gelu, separate lm_head)."""
     config = transformers.T5Config(
-        vocab_size=70, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-        relative_attention_max_distance=16, feed_forward_proj="gated-gelu" if separate_head else "relu",
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.1,
-        tie_word_embeddings=not separate_head)
+        vocab_size=70,
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu" if separate_head else "relu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        dropout_rate=0.1,
+        tie_word_embeddings=not separate_head,
+    )
     config.scale_decoder_outputs = not separate_head  # where transformers 5 keeps the flag (see t5.py)
     assert t5.separate_head(config) == separate_head
     return config
@@ -263,9 +332,13 @@ def test_backbones_equal_under_both_attention_implementations(family):
     params = ref.init(jax.random.key(0), ids, mask, dec, dec_mask)["params"]
     r = np.random.RandomState(1)
     layers, heads, head_dim = ref.num_decoder_layers, ref.num_decoder_heads, ref.decoder_head_dim
-    slots = {"prefix_states": dict(prefix_states=jnp.asarray(r.randn(3, layers, 2, 16), jnp.float32),
-                                   prefix_mask=jnp.asarray([[1, 1], [0, 1], [0, 0]])),
-             "prefix_kv": dict(prefix_kv=jnp.asarray(r.randn(3, layers, 1, heads, head_dim), jnp.float32))}
+    slots = {
+        "prefix_states": dict(
+            prefix_states=jnp.asarray(r.randn(3, layers, 2, 16), jnp.float32),
+            prefix_mask=jnp.asarray([[1, 1], [0, 1], [0, 0]]),
+        ),
+        "prefix_kv": dict(prefix_kv=jnp.asarray(r.randn(3, layers, 1, heads, head_dim), jnp.float32)),
+    }
     memory = jnp.asarray(r.randn(3, 4, 16), jnp.float32)
     memory_mask = jnp.asarray([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
 
@@ -275,11 +348,22 @@ def test_backbones_equal_under_both_attention_implementations(family):
         for name, kw in slots.items():
             out[name] = m.apply({"params": params}, dec, dec_mask, memory, memory_mask, method=m.decode, **kw)
         # cached decoding with head-space slots (the cache continues after the P slot positions)
-        step = jax.jit(lambda c, tok: m.apply({"params": params, "cache": c}, tok, None, memory, memory_mask,
-                                              decode=True, mutable=["cache"], method=m.decode, **slots["prefix_kv"]))
+        step = jax.jit(
+            lambda c, tok: m.apply(
+                {"params": params, "cache": c},
+                tok,
+                None,
+                memory,
+                memory_mask,
+                decode=True,
+                mutable=["cache"],
+                method=m.decode,
+                **slots["prefix_kv"],
+            )
+        )
         cache, steps = init_cache(m, 3, dec.shape[1]), []
         for i in range(dec.shape[1]):
-            logits, state = step(cache, dec[:, i:i + 1])
+            logits, state = step(cache, dec[:, i : i + 1])
             cache = state["cache"]
             steps.append(logits[:, 0])
         out["cached"] = jnp.stack(steps, 1)
@@ -287,8 +371,9 @@ def test_backbones_equal_under_both_attention_implementations(family):
 
     want, got = outputs("explicit"), outputs("dot_product")
     _tree_close(got, want, 2e-5)
-    full_kv = cls(config, attention="explicit").apply({"params": params}, dec, None, memory, memory_mask,
-                                                      method=ref.decode, **slots["prefix_kv"])
+    full_kv = cls(config, attention="explicit").apply(
+        {"params": params}, dec, None, memory, memory_mask, method=ref.decode, **slots["prefix_kv"]
+    )
     _assert_close(got["cached"], full_kv, rtol=2e-5)
 
 
@@ -298,9 +383,15 @@ def _vae_problem(family, **module_kw):
     vae = TextVAE(cls(config, **module_kw), latent_size=8, injection=("memory",), memory_style="hidden")
     ids, mask, dec, dec_mask = _seq_batch(seed=3)
     labels = jnp.asarray(np.random.RandomState(4).randint(3, 70, dec.shape), jnp.int32)
-    batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec, "decoder_attention_mask": dec_mask,
-             "labels": labels, "label_weights": dec_mask.astype(jnp.float32),
-             "example_weight": jnp.asarray([1.0, 1.0, 0.0])}  # a filler row
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "decoder_input_ids": dec,
+        "decoder_attention_mask": dec_mask,
+        "labels": labels,
+        "label_weights": dec_mask.astype(jnp.float32),
+        "example_weight": jnp.asarray([1.0, 1.0, 0.0]),
+    }  # a filler row
     params = vae.init({"params": jax.random.key(0)}, ids, mask, dec, sample=False)["params"]
     return vae, params, batch
 
@@ -309,8 +400,19 @@ def _step_fn(vae, batch, **step_kw):
     """The jitted value-and-gradient of the training objective (free bits, word dropout, backbone dropout)."""
     cfg = step_lib.StepConfig(kind="free_bits", free_bits=0.1, word_dropout=0.2, special_ids=(0, 1, 2), **step_kw)
     fn = jax.value_and_grad(step_lib.loss_and_metrics, has_aux=True)
-    return jax.jit(lambda p: fn(p, batch, jax.random.key(1), jax.random.key(2), jnp.arange(3), model=vae, cfg=cfg,
-                                kl_weight=0.7, kl_target=0.0))
+    return jax.jit(
+        lambda p: fn(
+            p,
+            batch,
+            jax.random.key(1),
+            jax.random.key(2),
+            jnp.arange(3),
+            model=vae,
+            cfg=cfg,
+            kl_weight=0.7,
+            kl_target=0.0,
+        )
+    )
 
 
 def _step_loss_and_grads(vae, params, batch, **step_kw):
@@ -361,8 +463,11 @@ def test_remat_gives_the_same_step_gradients(family):
     _assert_close(loss, loss_ref, rtol=1e-5)
     _tree_close(grads, grads_ref, 1e-5)
     config = vae.backbone.config
-    layers = (config.encoder_layers + config.decoder_layers if family == "bart"
-              else config.num_layers + config.num_decoder_layers)
+    layers = (
+        config.encoder_layers + config.decoder_layers
+        if family == "bart"
+        else config.num_layers + config.num_decoder_layers
+    )
     assert fn.lower(params).as_text().count("optimization_barrier") == layers
     assert _step_fn(vae, batch).lower(params).as_text().count("optimization_barrier") == 0
 
@@ -422,8 +527,14 @@ print(json.dumps({"folder": folder, "enabled": compile_cache.is_enabled(),
 
 
 def _cache_child(*args, env=None):
-    out = subprocess.run([sys.executable, "-c", _CACHE_CHILD, *args], capture_output=True, text=True, timeout=120,
-                         cwd=REPO, env=dict(os.environ, **(env or {})))
+    out = subprocess.run(
+        [sys.executable, "-c", _CACHE_CHILD, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=dict(os.environ, **(env or {})),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -452,17 +563,27 @@ def test_compile_cache_env_variable_and_off(tmp_path):
 
 # ---------------------------------------------------------------------------------- device suite
 def test_device_suite_refuses_to_run_without_an_accelerator(tmp_path):
-    out = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "device_suite.sh"), f"--out-dir={tmp_path}"],
-                         capture_output=True, text=True, timeout=120, cwd=REPO,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    out = subprocess.run(
+        ["bash", os.path.join(REPO, "benchmarks", "device_suite.sh"), f"--out-dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert out.returncode == 2
     assert "no accelerator" in out.stderr and "--smoke" in out.stderr
     assert not any(tmp_path.iterdir()), "nothing is written before the check"
 
 
 def test_device_suite_smoke_run_writes_json_with_figures(tmp_path):
-    out = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "device_suite.sh"), "--smoke",
-                          f"--out-dir={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    out = subprocess.run(
+        ["bash", os.path.join(REPO, "benchmarks", "device_suite.sh"), "--smoke", f"--out-dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     files = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     env = files.pop("environment")

@@ -4,6 +4,7 @@ The heartbeat (``Progress.working``) prints a "still ..." line every few seconds
 evaluation runs. The end-to-end test makes three compiles artificially slow (a ``sitecustomize`` module on
 ``PYTHONPATH`` wraps JAX's compile entry point) and times every console line of a tiny training run.
 """
+
 import os
 import re
 import subprocess
@@ -109,13 +110,29 @@ def _timed_lines(cmd, cwd, env, timeout):
 @pytest.mark.slow
 def test_run_train_is_never_silent_for_more_than_10_s(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-               PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               # the training step, the evaluation's posterior pass and the greedy decoding for BLEU
-               SLOW_COMPILE_PATTERN="jit_train_step|jit_stats|jit_run", SLOW_COMPILE_S=str(SLOW_S))
-    cmd = [sys.executable, os.path.join(REPO, "run_train.py"), f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
-           "--config.train_steps=6", "--config.phase1.steps=3", "--config.log_every=3", "--config.eval_every=0",
-           "--config.checkpoint_every=3", "--config.data.num_buckets=1", "--config.data.eval=synthetic:32:1"]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+        PYTHONUNBUFFERED="1",
+        JAX_PLATFORMS="cpu",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        # the training step, the evaluation's posterior pass and the greedy decoding for BLEU
+        SLOW_COMPILE_PATTERN="jit_train_step|jit_stats|jit_run",
+        SLOW_COMPILE_S=str(SLOW_S),
+    )
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "run_train.py"),
+        f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
+        "--config.train_steps=6",
+        "--config.phase1.steps=3",
+        "--config.log_every=3",
+        "--config.eval_every=0",
+        "--config.checkpoint_every=3",
+        "--config.data.num_buckets=1",
+        "--config.data.eval=synthetic:32:1",
+    ]
     code, lines, total = _timed_lines(cmd, tmp_path, env, timeout=400)  # workdir: runs/tiny under tmp_path
     text = "\n".join(f"{t:6.1f}  {line}" for t, line in lines)
     assert code == 0, text
@@ -127,7 +144,10 @@ def test_run_train_is_never_silent_for_more_than_10_s(tmp_path):
     worst = max(range(len(gaps)), key=gaps.__getitem__)
     assert gaps[worst] <= MAX_SILENCE_S, f"{gaps[worst]:.1f} s of silence after line {worst}:\n{text}"
     said = [line for _, line in lines]
-    for stage in ("compiling the phase-1 step for batch shape [16, 32]", "evaluating at step 3",
-                  "running the final evaluation"):
+    for stage in (
+        "compiling the phase-1 step for batch shape [16, 32]",
+        "evaluating at step 3",
+        "running the final evaluation",
+    ):
         assert any(re.fullmatch(rf"  still {re.escape(stage)}: \d+ s", line) for line in said), (stage, text)
     assert any(line.strip().startswith("Reconstructions") for line in said), text

@@ -12,6 +12,7 @@ huggingface_hub reads HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE when it is importe
 subprocess with its environment set: first online (the server up), then with HF_HUB_OFFLINE=1 and the
 server stopped, then online but with the server gone (unreachable hub, cache found via HF_HUB_CACHE).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -115,11 +116,15 @@ class FakeHub:
     def gets(self, repo: str) -> Counter:
         """How often each file of `repo` was downloaded (GET on its resolve URL)."""
         prefix = f"/{repo}/resolve/"
-        return Counter(path[len(prefix):].split("/", 1)[1] for method, path in self.requests
-                       if method == "GET" and path.startswith(prefix))
+        return Counter(
+            path[len(prefix) :].split("/", 1)[1]
+            for method, path in self.requests
+            if method == "GET" and path.startswith(prefix)
+        )
 
-    def _reply(self, handler, status: int, body: bytes = b"", headers: dict | None = None,
-               send_body: bool = True) -> None:
+    def _reply(
+        self, handler, status: int, body: bytes = b"", headers: dict | None = None, send_body: bool = True
+    ) -> None:
         handler.send_response(status)
         for key, value in (headers or {}).items():
             handler.send_header(key, value)
@@ -152,23 +157,37 @@ class FakeHub:
         if revision not in ("main", commit):
             return self._not_found(handler, "RevisionNotFound", send_body)
         if api and api.group(2) == "revision":
-            return self._json(handler, {"id": repo, "sha": commit, "private": False,
-                                        "siblings": [{"rfilename": name} for name in sorted(files)]}, send_body)
+            return self._json(
+                handler,
+                {
+                    "id": repo,
+                    "sha": commit,
+                    "private": False,
+                    "siblings": [{"rfilename": name} for name in sorted(files)],
+                },
+                send_body,
+            )
         if api:
             tree = []
             for name in sorted(files):
                 entry = {"type": "file", "path": name, "size": len(files[name]), "oid": _git_blob_sha1(files[name])}
                 if name.endswith(LFS_SUFFIXES):
-                    entry["lfs"] = {"oid": hashlib.sha256(files[name]).hexdigest(), "size": len(files[name]),
-                                    "pointerSize": 134}
+                    entry["lfs"] = {
+                        "oid": hashlib.sha256(files[name]).hexdigest(),
+                        "size": len(files[name]),
+                        "pointerSize": 134,
+                    }
                 tree.append(entry)
             return self._json(handler, tree, send_body)
         name = resolve.group(3)
         if name not in files:
             return self._not_found(handler, "EntryNotFound", send_body, commit=commit)
         data = files[name]
-        headers = {"Content-Type": "application/octet-stream", "X-Repo-Commit": commit,
-                   "ETag": f'"{_git_blob_sha1(data)}"'}
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "X-Repo-Commit": commit,
+            "ETag": f'"{_git_blob_sha1(data)}"',
+        }
         if name.endswith(LFS_SUFFIXES):
             headers["X-Linked-Etag"] = f'"{hashlib.sha256(data).hexdigest()}"'
             headers["X-Linked-Size"] = str(len(data))
@@ -181,14 +200,30 @@ def _read_folder(folder: pathlib.Path) -> dict[str, bytes]:
 
 def _run_loads(ids: list[str], out: pathlib.Path, **env_overrides: str) -> dict:
     out.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "HF_ENDPOINT")}
-    env.update(JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", NO_PROXY="127.0.0.1,localhost",
-               no_proxy="127.0.0.1,localhost", HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_DISABLE_IMPLICIT_TOKEN="1", PYTHONPATH=str(REPO))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "HF_ENDPOINT")
+    }
+    env.update(
+        JAX_PLATFORMS="cpu",
+        TOKENIZERS_PARALLELISM="false",
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_IMPLICIT_TOKEN="1",
+        PYTHONPATH=str(REPO),
+    )
     env.update(env_overrides)
-    proc = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(out), *ids], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_SCRIPT, str(out), *ids],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     for record in results.values():
@@ -234,8 +269,12 @@ def hub_runs(tmp_path_factory):
 
     served = {repo: _read_folder(folder) for repo, folder in local.items()}
     # files a repo holds that the loader does not need; none of them may be requested
-    decoys = {"README.md": b"# tiny\n", "pytorch_model.bin": os.urandom(256),
-              "onnx/model.safetensors": os.urandom(256), "flax_model.msgpack": os.urandom(256)}
+    decoys = {
+        "README.md": b"# tiny\n",
+        "pytorch_model.bin": os.urandom(256),
+        "onnx/model.safetensors": os.urandom(256),
+        "flax_model.msgpack": os.urandom(256),
+    }
     for repo in ("tiny-org/bart-single", "tiny-org/bart-sharded"):
         served[repo].update(decoys)
     served["tiny-org/bart-flax"]["pytorch_model.bin"] = os.urandom(256)
@@ -245,19 +284,46 @@ def hub_runs(tmp_path_factory):
     hf_home = tmp / "hf_home"
     hub = FakeHub(served).start()
     try:
-        online = _run_loads(ids + [UNKNOWN_ID], tmp / "online", HF_ENDPOINT=hub.endpoint, HF_HOME=str(hf_home),
-                            HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0")
+        online = _run_loads(
+            ids + [UNKNOWN_ID],
+            tmp / "online",
+            HF_ENDPOINT=hub.endpoint,
+            HF_HOME=str(hf_home),
+            HF_HUB_OFFLINE="0",
+            TRANSFORMERS_OFFLINE="0",
+        )
     finally:
         hub.stop()
     online_requests = list(hub.requests)
-    offline = _run_loads(ids + [UNKNOWN_ID], tmp / "offline", HF_ENDPOINT=hub.endpoint, HF_HOME=str(hf_home),
-                         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="0")
+    offline = _run_loads(
+        ids + [UNKNOWN_ID],
+        tmp / "offline",
+        HF_ENDPOINT=hub.endpoint,
+        HF_HOME=str(hf_home),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="0",
+    )
     # the hub is gone but not declared offline; the cache is named through HF_HUB_CACHE, not HF_HOME
-    unreachable = _run_loads(["tiny-org/bart-single", UNKNOWN_ID], tmp / "unreachable", HF_ENDPOINT=hub.endpoint,
-                             HF_HOME=str(tmp / "empty_home"), HF_HUB_CACHE=str(hf_home / "hub"),
-                             HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0")
-    return dict(local=local, needed=needed, served=served, hub=hub, hf_home=hf_home,
-                online_requests=online_requests, online=online, offline=offline, unreachable=unreachable)
+    unreachable = _run_loads(
+        ["tiny-org/bart-single", UNKNOWN_ID],
+        tmp / "unreachable",
+        HF_ENDPOINT=hub.endpoint,
+        HF_HOME=str(tmp / "empty_home"),
+        HF_HUB_CACHE=str(hf_home / "hub"),
+        HF_HUB_OFFLINE="0",
+        TRANSFORMERS_OFFLINE="0",
+    )
+    return dict(
+        local=local,
+        needed=needed,
+        served=served,
+        hub=hub,
+        hf_home=hf_home,
+        online_requests=online_requests,
+        online=online,
+        offline=offline,
+        unreachable=unreachable,
+    )
 
 
 def _assert_same_params(got: dict, want_params) -> None:
@@ -279,19 +345,24 @@ def test_online_download_matches_local_folder_and_fetches_only_needed_files(hub_
         assert record["tokens"] == ref.tokenizer("w0 w1 w2")["input_ids"]
         assert record["model_type"] == "bart"
         # the snapshot lives in the standard cache layout under HF_HOME/hub
-        snapshot = pathlib.Path(hub_runs["hf_home"], "hub", "models--" + repo.replace("/", "--"), "snapshots",
-                                hub.commits[repo])
+        snapshot = pathlib.Path(
+            hub_runs["hf_home"], "hub", "models--" + repo.replace("/", "--"), "snapshots", hub.commits[repo]
+        )
         assert pathlib.Path(record["path"]) == snapshot
         assert set(_read_folder(snapshot)) == hub_runs["needed"][repo]
         assert _read_folder(snapshot) == {n: hub_runs["served"][repo][n] for n in hub_runs["needed"][repo]}
         # every needed file was downloaded exactly once; nothing else (decoys, other weights) was requested
         assert hub.gets(repo) == Counter({name: 1 for name in hub_runs["needed"][repo]}), repo
-        requested = {path.split("/resolve/", 1)[1].split("/", 1)[1] for _, path in hub_runs["online_requests"]
-                     if path.startswith(f"/{repo}/resolve/")}
+        requested = {
+            path.split("/resolve/", 1)[1].split("/", 1)[1]
+            for _, path in hub_runs["online_requests"]
+            if path.startswith(f"/{repo}/resolve/")
+        }
         assert requested == hub_runs["needed"][repo], repo
         assert ("GET", f"/api/models/{repo}/revision/main") in hub_runs["online_requests"]
     assert {"tokenizer.json", "config.json", "model.safetensors.index.json"} <= hub_runs["needed"][
-        "tiny-org/bart-sharded"]
+        "tiny-org/bart-sharded"
+    ]
     assert sum(name.endswith(".safetensors") for name in hub_runs["needed"]["tiny-org/bart-sharded"]) >= 2
     assert "flax_model.msgpack" in hub_runs["needed"]["tiny-org/bart-flax"]
     # only hub endpoints were called (no request outside the API / resolve routes)

@@ -1,4 +1,5 @@
 """flax_textvae.load(workdir) (alias TextVAE.load): the text-level inference API on a real (tiny) trained run."""
+
 import warnings
 
 import numpy as np

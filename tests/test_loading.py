@@ -1,4 +1,5 @@
 """Checkpoint loading: HF Flax msgpack fixture, sharded safetensors, errors, offline hub ids."""
+
 import json
 import os
 import pathlib
@@ -61,9 +62,12 @@ def test_sharded_safetensors_and_bf16_weights(tmp_path):
     ids, mask = helpers_hf.padded_batch(rng, [5, 2], 64, 1)
     dec, dmask = helpers_hf.padded_batch(rng, [3, 4], 64, 1)
     with torch.no_grad():
-        ref = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
-                    decoder_input_ids=torch.from_numpy(dec).long(),
-                    decoder_attention_mask=torch.from_numpy(dmask).long()).logits.numpy()
+        ref = model(
+            input_ids=torch.from_numpy(ids).long(),
+            attention_mask=torch.from_numpy(mask).long(),
+            decoder_input_ids=torch.from_numpy(dec).long(),
+            decoder_attention_mask=torch.from_numpy(dmask).long(),
+        ).logits.numpy()
     np.testing.assert_allclose(_logits(pre, ids, mask, dec, dmask), ref, atol=1e-4, rtol=0)
     # a bfloat16 checkpoint loads as float32 params
     half = tmp_path / "bf16"

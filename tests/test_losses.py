@@ -1,4 +1,5 @@
 """Numeric tests for flax_textvae.losses, each against an independent numpy computation."""
+
 import functools
 
 import jax
@@ -37,7 +38,7 @@ def _np_nll(logits, targets, weights):
 
 def _np_kl(mean, logvar):
     m, lv = mean.astype(np.float64), logvar.astype(np.float64)
-    return 0.5 * (m ** 2 + np.exp(lv) - 1.0 - lv)
+    return 0.5 * (m**2 + np.exp(lv) - 1.0 - lv)
 
 
 def test_gaussian_kl_zero_at_standard_normal():
@@ -55,7 +56,7 @@ def test_gaussian_kl_matches_monte_carlo():
     std = np.exp(0.5 * logvar)
     z = mean + std * r.randn(n, 4)
     log_q = -0.5 * ((z - mean) / std) ** 2 - np.log(std)  # the 0.5 log 2pi terms cancel
-    log_p = -0.5 * z ** 2
+    log_p = -0.5 * z**2
     samples = log_q - log_p
     est, se = samples.mean(0), samples.std(0) / np.sqrt(n)
     assert np.all(np.abs(est - closed) < 5 * se + 1e-6), (est, closed, se)
@@ -140,17 +141,31 @@ def test_kl_constraint_value_and_gradient_sign():
     g_high = np.asarray(jax.grad(fn)(kl_high, 5.0, 2.0))
     np.testing.assert_allclose(g_low, [-1.0, -1.0])  # beta / B, negative: increasing KL lowers the loss
     np.testing.assert_allclose(g_high, [1.0, 1.0])
+
     # Through the posterior parameters: |mean| grows when KL < C, shrinks when KL > C.
     def via_mean(m, target):
         kl = jnp.sum(losses.gaussian_kl(m, jnp.zeros_like(m)), -1)
         return losses.kl_constraint(kl, target)
+
     m = jnp.array([[1.0, -1.0]])
     assert np.all(np.sign(np.asarray(jax.grad(via_mean)(m, 10.0))) == -np.sign(np.asarray(m)))
     assert np.all(np.sign(np.asarray(jax.grad(via_mean)(m, 0.1))) == np.sign(np.asarray(m)))
 
 
-def _np_vae_loss(kind, logits, targets, weights, mean, logvar, *, weight=1.0, threshold=0.0,
-                 free_bits_mode="per_example", target=0.0, beta=1.0):
+def _np_vae_loss(
+    kind,
+    logits,
+    targets,
+    weights,
+    mean,
+    logvar,
+    *,
+    weight=1.0,
+    threshold=0.0,
+    free_bits_mode="per_example",
+    target=0.0,
+    beta=1.0,
+):
     nll = _np_nll(logits, targets, weights)
     kl_d = _np_kl(mean, logvar)
     kl = kl_d.sum(-1)
@@ -180,8 +195,9 @@ def test_vae_loss_matches_hand_computation(case):
     logits, targets, weights, mean, logvar = _hand_batch()
     fn = jax.jit(functools.partial(losses.vae_loss, **case))
     loss, aux = fn(logits, targets, weights, mean, logvar)
-    e_loss, e_rec, e_kl, e_term, e_tokens = _np_vae_loss(case["kind"], logits, targets, weights, mean,
-                                                         logvar, **{k: v for k, v in case.items() if k != "kind"})
+    e_loss, e_rec, e_kl, e_term, e_tokens = _np_vae_loss(
+        case["kind"], logits, targets, weights, mean, logvar, **{k: v for k, v in case.items() if k != "kind"}
+    )
     np.testing.assert_allclose(float(loss), e_loss, rtol=1e-5)
     np.testing.assert_allclose(float(aux["loss"]), e_loss, rtol=1e-5)
     np.testing.assert_allclose(float(aux["rec"]), e_rec, rtol=1e-5)
@@ -252,8 +268,9 @@ def test_vae_loss_traced_schedule_values():
 
     @jax.jit
     def f(w, c):
-        return losses.vae_loss(logits, targets, weights, mean, logvar, kind="elbo", weight=w)[0], \
-            losses.vae_loss(logits, targets, weights, mean, logvar, kind="constraint", target=c)[0]
+        return losses.vae_loss(logits, targets, weights, mean, logvar, kind="elbo", weight=w)[0], losses.vae_loss(
+            logits, targets, weights, mean, logvar, kind="constraint", target=c
+        )[0]
 
     a, _ = f(jnp.float32(0.25), jnp.float32(1.0))
     e = _np_vae_loss("elbo", logits, targets, weights, mean, logvar, weight=0.25)[0]
@@ -296,10 +313,12 @@ def test_vae_loss_from_chunked_nll_equals_vae_loss_of_the_logits(case):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     # Two filler rows: NaN hidden states, targets -100, weights 1, example_weight 0.
     pad = lambda x, v: np.concatenate([x, np.full((2,) + x.shape[1:], v, x.dtype)], 0)
-    fill = dict(tg=pad(targets, -100), wt=pad(weights, 1.0), lv=pad(logvar, np.inf),
-                ew=np.array([1, 1, 1, 0, 0], np.float32))
-    (got_f, aux_f), g_f = jax.value_and_grad(lambda h, w, m: chunked(h, w, m, **fill), argnums=(0, 1, 2),
-                                             has_aux=True)(pad(hidden, np.nan), head, pad(mean, 1e20))
+    fill = dict(
+        tg=pad(targets, -100), wt=pad(weights, 1.0), lv=pad(logvar, np.inf), ew=np.array([1, 1, 1, 0, 0], np.float32)
+    )
+    (got_f, aux_f), g_f = jax.value_and_grad(lambda h, w, m: chunked(h, w, m, **fill), argnums=(0, 1, 2), has_aux=True)(
+        pad(hidden, np.nan), head, pad(mean, 1e20)
+    )
     np.testing.assert_allclose(float(got_f), float(ref), rtol=1e-5)
     for key in ref_aux:
         np.testing.assert_allclose(float(aux_f[key]), float(ref_aux[key]), rtol=1e-5, err_msg=key)

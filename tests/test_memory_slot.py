@@ -5,6 +5,7 @@ encoder states: exactly what a PyTorch BART / T5 decoder computes when handed ``
 ...)``. For T5 the slot is relative position 0 and the tokens 1..T; for BART the tokens' learned positions
 start at 1. Checked on a right-padded batch, teacher-forced and with the KV cache, and through the VAE.
 """
+
 import os
 import sys
 
@@ -43,14 +44,16 @@ def _hf_logits(model, family: str, ids: np.ndarray, mask: np.ndarray, slot: np.n
     full_mask = torch.tensor(np.concatenate([np.ones((ids.shape[0], 1), np.int64), mask], axis=1))
     with torch.no_grad():
         if family == "bart":
-            h = model.model.decoder(input_ids=ids_t, attention_mask=full_mask, past_key_values=cache,
-                                    use_cache=True).last_hidden_state
+            h = model.model.decoder(
+                input_ids=ids_t, attention_mask=full_mask, past_key_values=cache, use_cache=True
+            ).last_hidden_state
             logits = model.lm_head(h) + model.final_logits_bias
         else:
-            h = model.decoder(input_ids=ids_t, attention_mask=full_mask, past_key_values=cache,
-                              use_cache=True).last_hidden_state
+            h = model.decoder(
+                input_ids=ids_t, attention_mask=full_mask, past_key_values=cache, use_cache=True
+            ).last_hidden_state
             if model.config.scale_decoder_outputs:
-                h = h * model.config.d_model ** -0.5
+                h = h * model.config.d_model**-0.5
             logits = model.lm_head(h)
     return logits.numpy()
 
@@ -65,11 +68,11 @@ def checkpoint(request, tmp_path_factory):
 
 def _batch(pre, rng):
     lengths = [7, 4, 1]
-    ids, mask = helpers_hf.padded_batch(rng, lengths, pre.module.vocab_size, pre.module.pad_token_id,
-                                        max_len=8)
+    ids, mask = helpers_hf.padded_batch(rng, lengths, pre.module.vocab_size, pre.module.pad_token_id, max_len=8)
     m = pre.module
-    slot = rng.normal(0.0, 1.0, (m.num_decoder_layers, len(lengths), m.num_decoder_heads, 1,
-                                 m.decoder_head_dim)).astype(np.float32)
+    slot = rng.normal(
+        0.0, 1.0, (m.num_decoder_layers, len(lengths), m.num_decoder_heads, 1, m.decoder_head_dim)
+    ).astype(np.float32)
     return ids, mask, slot
 
 
@@ -78,13 +81,21 @@ def test_head_kv_slot_matches_hugging_face_past_key_values(checkpoint):
     ids, mask, slot = _batch(pre, np.random.default_rng(0))
     want = _hf_logits(torch_model, family, ids, mask, slot)
     prefix_kv = jnp.asarray(np.transpose(slot, (1, 0, 3, 2, 4)))  # -> [B, L, 1, H, Dh]
-    got = pre.module.apply({"params": pre.params}, jnp.asarray(ids), jnp.asarray(mask), None, None,
-                           prefix_kv=prefix_kv, method=pre.module.decode)
+    got = pre.module.apply(
+        {"params": pre.params},
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        None,
+        None,
+        prefix_kv=prefix_kv,
+        method=pre.module.decode,
+    )
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=1e-4, rtol=1e-4)
     # The slot matters: without it the logits differ.
-    plain = pre.module.apply({"params": pre.params}, jnp.asarray(ids), jnp.asarray(mask), None, None,
-                             method=pre.module.decode)
+    plain = pre.module.apply(
+        {"params": pre.params}, jnp.asarray(ids), jnp.asarray(mask), None, None, method=pre.module.decode
+    )
     assert np.abs(np.asarray(plain)[real] - want[real]).max() > 1e-2
 
 
@@ -97,8 +108,17 @@ def test_head_kv_slot_with_the_kv_cache_equals_the_full_pass(checkpoint):
     cache = models.init_cache(m, ids.shape[0], ids.shape[1])
     steps = []
     for t in range(ids.shape[1]):
-        logits, mut = m.apply({"params": pre.params, "cache": cache}, jnp.asarray(ids[:, t:t + 1]), None, None,
-                              None, prefix_kv=prefix_kv, decode=True, mutable=["cache"], method=m.decode)
+        logits, mut = m.apply(
+            {"params": pre.params, "cache": cache},
+            jnp.asarray(ids[:, t : t + 1]),
+            None,
+            None,
+            None,
+            prefix_kv=prefix_kv,
+            decode=True,
+            mutable=["cache"],
+            method=m.decode,
+        )
         cache = mut["cache"]
         steps.append(np.asarray(logits)[:, 0])
     np.testing.assert_allclose(np.stack(steps, 1), np.asarray(full), atol=1e-4, rtol=1e-4)
@@ -111,8 +131,7 @@ def test_vae_head_kv_projects_z_without_bias_and_decodes_with_the_cache(checkpoi
     params = vae.init(jax.random.key(0), ids, jnp.ones_like(ids), ids, sample=False)["params"]
     assert set(params["to_memory"]) == {"kernel"}  # bias-free, as in the released recipe
     m = pre.module
-    assert params["to_memory"]["kernel"].shape == (4, m.num_decoder_layers * m.num_decoder_heads
-                                                   * m.decoder_head_dim)
+    assert params["to_memory"]["kernel"].shape == (4, m.num_decoder_layers * m.num_decoder_heads * m.decoder_head_dim)
     params = dict(params, backbone=pre.params)
     z = jax.random.normal(jax.random.key(1), (3, 4))
     # Two latents differing in one row change only that row's logits: rows never mix.
@@ -123,8 +142,9 @@ def test_vae_head_kv_projects_z_without_bias_and_decodes_with_the_cache(checkpoi
     assert diff[1] > 1e-4 and diff[0] == 0 and diff[2] == 0
     start = m.decoder_start_token_id
     prompt = (start,)
-    greedy = inference.decode_from_z(vae, params, z, prompt=prompt, eos_id=m.eos_token_id, pad_id=m.pad_token_id,
-                                     max_length=5, method="greedy")
+    greedy = inference.decode_from_z(
+        vae, params, z, prompt=prompt, eos_id=m.eos_token_id, pad_id=m.pad_token_id, max_length=5, method="greedy"
+    )
     # Teacher-forcing the greedy output reproduces its argmax at every step (cache == full pass).
     seq = np.asarray(greedy)
     inputs = np.concatenate([np.full((3, 1), start), seq[:, :-1]], axis=1)

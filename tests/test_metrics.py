@@ -4,6 +4,7 @@ The IW tests use a linear-Gaussian model p(z) = N(0, I), p(x|z) = N(Wz + b, sigm
 p(x) = N(b, W W^T + sigma^2 I) and posterior are known in closed form. W has orthogonal columns, so the
 exact posterior is diagonal and can be used as q.
 """
+
 import math
 
 import jax
@@ -23,13 +24,16 @@ def linear_gaussian():
     w = q_cols * np.array([2.0, 1.0, 0.5])  # orthogonal columns -> W^T W diagonal
     b = rng.normal(size=DX)
     x = rng.normal(size=(B, DZ)) @ w.T + b + SIGMA * rng.normal(size=(B, DX))
-    cov = w @ w.T + SIGMA ** 2 * np.eye(DX)
+    cov = w @ w.T + SIGMA**2 * np.eye(DX)
     diff = x - b
-    log_px = -0.5 * (DX * math.log(2 * math.pi) + np.linalg.slogdet(cov)[1]
-                     + np.einsum("bi,ij,bj->b", diff, np.linalg.inv(cov), diff))
-    post_cov = np.linalg.inv(np.eye(DZ) + w.T @ w / SIGMA ** 2)
+    log_px = -0.5 * (
+        DX * math.log(2 * math.pi)
+        + np.linalg.slogdet(cov)[1]
+        + np.einsum("bi,ij,bj->b", diff, np.linalg.inv(cov), diff)
+    )
+    post_cov = np.linalg.inv(np.eye(DZ) + w.T @ w / SIGMA**2)
     assert np.abs(post_cov - np.diag(np.diag(post_cov))).max() < 1e-12
-    post_mean = diff @ w @ post_cov / SIGMA ** 2
+    post_mean = diff @ w @ post_cov / SIGMA**2
     post_logvar = np.repeat(np.log(np.diag(post_cov))[None], B, axis=0)
 
     w32, b32, x32 = (jnp.asarray(a, jnp.float32) for a in (w, b, x))
@@ -38,8 +42,12 @@ def linear_gaussian():
         mean = jnp.einsum("bkd,xd->bkx", z, w32) + b32
         return M.log_normal_diag(x32[:, None, :], mean, jnp.float32(2 * math.log(SIGMA)))
 
-    return dict(log_px=log_px, mean=jnp.asarray(post_mean, jnp.float32),
-                logvar=jnp.asarray(post_logvar, jnp.float32), log_px_given_z=log_px_given_z)
+    return dict(
+        log_px=log_px,
+        mean=jnp.asarray(post_mean, jnp.float32),
+        logvar=jnp.asarray(post_logvar, jnp.float32),
+        log_px_given_z=log_px_given_z,
+    )
 
 
 def _iw(lg, mean, logvar, k, seed):
@@ -52,8 +60,9 @@ def test_log_densities_match_scipy_formula():
     z, m, lv = rng.normal(size=(3, 4, 5))
     want = np.sum(-0.5 * np.log(2 * np.pi) - 0.5 * lv - 0.5 * (z - m) ** 2 / np.exp(lv), -1)
     np.testing.assert_allclose(M.log_normal_diag(z, m, lv), want, rtol=1e-5)
-    np.testing.assert_allclose(M.log_standard_normal(z),
-                               M.log_normal_diag(z, np.zeros_like(z), np.zeros_like(z)), rtol=1e-6)
+    np.testing.assert_allclose(
+        M.log_standard_normal(z), M.log_normal_diag(z, np.zeros_like(z), np.zeros_like(z)), rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("k", [1, 7, 200])
@@ -107,7 +116,7 @@ def test_nll_below_neg_elbo(linear_gaussian):
     nll = -_iw(lg, q_mean, q_logvar, 500, seed=5)
     z1 = M.sample_diag_gaussian(jax.random.PRNGKey(6), q_mean, q_logvar, 1)
     rec = -np.asarray(lg["log_px_given_z"](z1))[:, 0]
-    kl = np.asarray(0.5 * jnp.sum(jnp.exp(q_logvar) + q_mean ** 2 - 1.0 - q_logvar, -1))
+    kl = np.asarray(0.5 * jnp.sum(jnp.exp(q_logvar) + q_mean**2 - 1.0 - q_logvar, -1))
     assert nll.mean() <= (rec + kl).mean()
     assert nll.mean() >= -lg["log_px"].mean() - 0.02  # IW is a lower bound on log p(x), up to noise
 
@@ -139,9 +148,11 @@ def test_mutual_information_chunk_invariance():
     vals = [M.mutual_information(means, logvars, z, chunk=c) for c in (7, 100, 256, 1000, 5000)]
     assert len(set(vals)) == 1, vals  # row grouping does not change any per-row value
     # Degenerate row blocks / other column blocking only reorder float32 additions.
-    others = [M.mutual_information(means, logvars, z, chunk=1),
-              M.mutual_information(means, logvars, z, column_chunk=7),
-              M.mutual_information(means, logvars, z, column_chunk=5000)]
+    others = [
+        M.mutual_information(means, logvars, z, chunk=1),
+        M.mutual_information(means, logvars, z, column_chunk=7),
+        M.mutual_information(means, logvars, z, column_chunk=5000),
+    ]
     np.testing.assert_allclose(others, vals[0], rtol=0, atol=1e-6)
 
 
@@ -159,22 +170,22 @@ def test_active_units():
     rng = np.random.default_rng(5)
     n = 500
     means = np.zeros((n, 6), np.float32)
-    means[:, 0] = 3.0                                      # constant -> inactive
-    means[:, 1] = rng.normal(0, 1.0, n)                    # active
-    means[:, 2] = rng.normal(0, 0.01, n)                   # var ~1e-4 -> inactive
-    means[:, 3] = 5.0 + rng.normal(0, 0.5, n)              # active despite an offset
+    means[:, 0] = 3.0  # constant -> inactive
+    means[:, 1] = rng.normal(0, 1.0, n)  # active
+    means[:, 2] = rng.normal(0, 0.01, n)  # var ~1e-4 -> inactive
+    means[:, 3] = 5.0 + rng.normal(0, 0.5, n)  # active despite an offset
     means[:, 4] = np.where(np.arange(n) % 2 == 0, 0.19, 0.0)  # var 0.0090 -> inactive
     means[:, 5] = np.where(np.arange(n) % 2 == 0, 0.21, 0.0)  # var 0.0110 -> active
     assert M.active_units(means) == 3
     assert M.active_units(means, threshold=1e-5) == 5
-    assert M.posterior_mean_variance(means)[4] == pytest.approx(0.19 ** 2 / 4, rel=1e-5)
+    assert M.posterior_mean_variance(means)[4] == pytest.approx(0.19**2 / 4, rel=1e-5)
     # Population variance (ddof=0): 10 values alternating 0 / 0.1995 have var 0.00995 (ddof=1: 0.01106).
     small = np.where(np.arange(10) % 2 == 0, 0.1995, 0.0)[:, None]
     assert M.active_units(small) == 0
 
     acc = M.ActiveUnitsAccumulator()
     for start in range(0, n, 64):
-        batch = means[start:start + 64]
+        batch = means[start : start + 64]
         filler = np.concatenate([batch, np.full((3, 6), 1e3, np.float32)])  # padded rows
         acc.update(filler, mask=np.arange(len(filler)) < len(batch))
     assert acc.n == n
@@ -191,13 +202,24 @@ def test_perplexity_and_summarize():
     tokens = rng.integers(5, 20, n)
     out = M.summarize(rec, kl, nll, tokens, mi=1.5, au=np.int64(7), bleu=12.0, iw_samples=500)
     assert tuple(out) == M.SUMMARY_KEYS
-    assert set(out) == {"rec", "kl", "neg_elbo", "nll", "ppl", "ppl_elbo", "mi", "au", "bleu",
-                        "num_examples", "num_tokens", "iw_samples"}
+    assert set(out) == {
+        "rec",
+        "kl",
+        "neg_elbo",
+        "nll",
+        "ppl",
+        "ppl_elbo",
+        "mi",
+        "au",
+        "bleu",
+        "num_examples",
+        "num_tokens",
+        "iw_samples",
+    }
     assert all(type(v) in (float, int) for v in out.values())
     assert out["num_examples"] == n and out["num_tokens"] == int(tokens.sum())
     assert out["ppl"] == pytest.approx(math.exp(out["nll"] * out["num_examples"] / out["num_tokens"]))
-    assert out["ppl_elbo"] == pytest.approx(
-        math.exp(out["neg_elbo"] * out["num_examples"] / out["num_tokens"]))
+    assert out["ppl_elbo"] == pytest.approx(math.exp(out["neg_elbo"] * out["num_examples"] / out["num_tokens"]))
     assert out["neg_elbo"] == pytest.approx(out["rec"] + out["kl"])
     assert out["nll"] <= out["neg_elbo"]
     assert M.perplexity(0.0, 5) == 1.0

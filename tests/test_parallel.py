@@ -4,6 +4,7 @@ devices, and two processes joined by ``jax.distributed``.
 The device count is fixed when JAX starts, so the training runs in subprocesses (tests/parallel_worker.py)
 with ``--xla_force_host_platform_device_count``; this file only starts them and compares what they write.
 """
+
 import json
 import os
 import socket
@@ -96,12 +97,27 @@ def test_two_processes_train_together_and_match_one_process(single, tmp_path, mo
     procs = []
     try:
         for i in range(2):
-            procs.append(_start(tmp_path, "multi", "--mode", mode, "--devices", str(devices), "--process_id",
-                                str(i), "--num_processes", "2", "--port", port))
+            procs.append(
+                _start(
+                    tmp_path,
+                    "multi",
+                    "--mode",
+                    mode,
+                    "--devices",
+                    str(devices),
+                    "--process_id",
+                    str(i),
+                    "--num_processes",
+                    "2",
+                    "--port",
+                    port,
+                )
+            )
     finally:
         outs = _finish(procs)
-    digests = [json.loads(line[len("DIGEST "):]) for out in outs for line in out.splitlines()
-               if line.startswith("DIGEST ")]
+    digests = [
+        json.loads(line[len("DIGEST ") :]) for out in outs for line in out.splitlines() if line.startswith("DIGEST ")
+    ]
     assert [d["process"] for d in digests] == [0, 1], outs
     np.testing.assert_allclose(digests[0]["digest"], digests[1]["digest"], rtol=0, atol=1e-4)
     params = [_load(tmp_path / f"multi_{i}.npz") for i in range(2)]

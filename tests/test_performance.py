@@ -1,4 +1,5 @@
 """Performance properties: one compile per bucket shape, bf16 training, gradient accumulation, the benchmark."""
+
 import json
 import os
 import subprocess
@@ -50,8 +51,14 @@ def test_bfloat16_training_reduces_the_loss(tmp_path):
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     params = {}
     for accum in (1, 4):
-        config = tiny_config(**{"phase1.steps": 0, "optimizer.grad_accum_steps": accum,
-                                "denoise.delete_rate": 0.3, "loss.kl_schedule.kind": "constant"})
+        config = tiny_config(
+            **{
+                "phase1.steps": 0,
+                "optimizer.grad_accum_steps": accum,
+                "denoise.delete_rate": 0.3,
+                "loss.kl_schedule.kind": "constant",
+            }
+        )
         run = builders.build_run(config, str(tmp_path / str(accum)))
         runner, state = _runner(config, run, 2, 3)
         for _ in range(3):
@@ -62,9 +69,22 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
 
 
 def test_throughput_benchmark_prints_json(tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "train_throughput.py"), "--arch=tiny",
-                          "--batch=8", "--steps=6", "--num-buckets=2", "--json"], cwd=REPO, capture_output=True,
-                         text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "benchmarks", "train_throughput.py"),
+            "--arch=tiny",
+            "--batch=8",
+            "--steps=6",
+            "--num-buckets=2",
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("examples_per_s", "real_tokens_per_s", "padding_fraction", "compile_s", "peak_memory_mb"):

@@ -1,5 +1,6 @@
 """flax_textvae.plots: PNGs are written and optional keys may be absent; the figures mark phases where they
 begin, draw eval rows as markers, keep each phase's loss apart, and count active units as the metric au does."""
+
 import json
 import math
 import os
@@ -34,13 +35,29 @@ def _full_rows():
     rows = []
     for step in range(0, 200, 5):
         phase = 1 if step < 80 else 2
-        rows.append(dict(step=step, phase=phase, loss=50 - 0.1 * step, rec=48 - 0.1 * step,
-                         kl=0.0 if phase == 1 else 2 + 0.02 * step,
-                         kl_weight=0.0 if phase == 1 else min(1.0, (step - 80) / 60),
-                         kl_target=min(5.0, 0.05 * step)))
+        rows.append(
+            dict(
+                step=step,
+                phase=phase,
+                loss=50 - 0.1 * step,
+                rec=48 - 0.1 * step,
+                kl=0.0 if phase == 1 else 2 + 0.02 * step,
+                kl_weight=0.0 if phase == 1 else min(1.0, (step - 80) / 60),
+                kl_target=min(5.0, 0.05 * step),
+            )
+        )
         if step % 50 == 0:
-            rows.append(dict(step=step, phase=phase, split="eval", loss=52 - 0.1 * step,
-                             rec=50 - 0.1 * step, kl=1.0 + 0.01 * step, au=min(32, step // 10)))
+            rows.append(
+                dict(
+                    step=step,
+                    phase=phase,
+                    split="eval",
+                    loss=52 - 0.1 * step,
+                    rec=50 - 0.1 * step,
+                    kl=1.0 + 0.01 * step,
+                    au=min(32, step // 10),
+                )
+            )
     return rows
 
 
@@ -58,12 +75,15 @@ def test_training_curves_minimal_keys(tmp_path):
     _assert_png(plots.plot_training_curves(src, tmp_path / "curves.png"))
 
 
-@pytest.mark.parametrize("rows", [
-    [],                                                                   # empty file
-    [dict(step=0, phase=1, loss=1.0, rec=1.0, kl=0.0)],                   # single row
-    [dict(step=10, split="eval", au=3), dict(step=20, split="eval", au=5)],  # eval rows only
-    [dict(step=s, phase=1 + (s >= 5), loss=1.0, rec=1.0, kl=0.5, kl_target=0.1 * s) for s in range(10)],
-])
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [],  # empty file
+        [dict(step=0, phase=1, loss=1.0, rec=1.0, kl=0.0)],  # single row
+        [dict(step=10, split="eval", au=3), dict(step=20, split="eval", au=5)],  # eval rows only
+        [dict(step=s, phase=1 + (s >= 5), loss=1.0, rec=1.0, kl=0.5, kl_target=0.1 * s) for s in range(10)],
+    ],
+)
 def test_training_curves_optional_keys_do_not_crash(tmp_path, rows):
     src = _write_jsonl(tmp_path / "metrics.jsonl", rows)
     _assert_png(plots.plot_training_curves(src, tmp_path / "curves.png"), min_bytes=1_000)
@@ -82,16 +102,30 @@ def _two_phase_rows(last_phase1=500, first_phase2=550, end=1000, every=50):
         phase = 1 if step <= last_phase1 else 2
         rec = 80.0 - 0.02 * step
         kl_term = 0.0 if phase == 1 else 24.0
-        rows.append(dict(step=step, phase=phase, loss=rec + kl_term, rec=rec, kl_term=kl_term,
-                         kl=3000.0 if phase == 1 else 16.0, kl_weight=0.0 if phase == 1 else 1.0))
+        rows.append(
+            dict(
+                step=step,
+                phase=phase,
+                loss=rec + kl_term,
+                rec=rec,
+                kl_term=kl_term,
+                kl=3000.0 if phase == 1 else 16.0,
+                kl_weight=0.0 if phase == 1 else 1.0,
+            )
+        )
     for step in (last_phase1, end):
         rows.append(dict(step=step, phase=1 if step <= last_phase1 else 2, split="eval", rec=70.0, kl=10.0, au=12))
     return rows
 
 
 def _vertical_lines(ax):
-    return sorted({ln.get_xdata()[0] for ln in ax.get_lines()
-                   if len(ln.get_xdata()) == 2 and ln.get_xdata()[0] == ln.get_xdata()[1]})
+    return sorted(
+        {
+            ln.get_xdata()[0]
+            for ln in ax.get_lines()
+            if len(ln.get_xdata()) == 2 and ln.get_xdata()[0] == ln.get_xdata()[1]
+        }
+    )
 
 
 def test_the_phase_marker_sits_where_phase_2_begins_not_at_its_first_row():
@@ -157,11 +191,14 @@ def test_an_unpenalised_phase_1_kl_gets_a_log_axis():
     assert kl_ax.get_yscale() == "linear"
 
 
-@pytest.mark.parametrize("kl", [
-    np.concatenate([np.linspace(2.0, 0.05, 12), np.full(20, 1e-4)]),
-    np.random.default_rng(0).exponential(0.5, size=(16, 128)),  # [N, D] is averaged first
-    np.zeros(1),
-])
+@pytest.mark.parametrize(
+    "kl",
+    [
+        np.concatenate([np.linspace(2.0, 0.05, 12), np.full(20, 1e-4)]),
+        np.random.default_rng(0).exponential(0.5, size=(16, 128)),  # [N, D] is averaged first
+        np.zeros(1),
+    ],
+)
 def test_kl_per_dim(tmp_path, kl):
     _assert_png(plots.plot_kl_per_dim(kl, tmp_path / "kl.png"))
 
@@ -183,7 +220,7 @@ def _counted(fig, what):
 
 def test_kl_figure_counts_active_units_by_the_rule_of_the_metric_au():
     means, logvar = _posteriors()
-    kl = 0.5 * (np.exp(logvar) + means ** 2 - 1 - logvar)
+    kl = 0.5 * (np.exp(logvar) + means**2 - 1 - logvar)
     au = metrics.active_units(means)
     assert au == 10 and int(np.sum(kl.mean(0) > 0.01)) == 20  # the two rules disagree on this data
     fig = plots.kl_per_dim_figure(kl, mean_variance=metrics.posterior_mean_variance(means))
@@ -201,7 +238,7 @@ def test_kl_figure_counts_active_units_by_the_rule_of_the_metric_au():
 
 def test_kl_figure_legend_is_outside_the_bars():
     means, logvar = _posteriors()
-    kl = 0.5 * (np.exp(logvar) + means ** 2 - 1 - logvar)
+    kl = 0.5 * (np.exp(logvar) + means**2 - 1 - logvar)
     for var in (metrics.posterior_mean_variance(means), None):
         fig = plots.kl_per_dim_figure(kl, mean_variance=var)
         fig.canvas.draw()
@@ -214,7 +251,7 @@ def test_kl_figure_legend_is_outside_the_bars():
 
 def test_kl_figure_without_variances_says_what_it_counts():
     means, logvar = _posteriors()
-    kl = 0.5 * (np.exp(logvar) + means ** 2 - 1 - logvar)
+    kl = 0.5 * (np.exp(logvar) + means**2 - 1 - logvar)
     fig = plots.kl_per_dim_figure(kl)
     assert _counted(fig, "dims with mean KL > 0.01 nats") == (20, 32)
     assert "active" not in fig.get_suptitle()
@@ -245,8 +282,11 @@ def test_run_eval_plot_counts_the_active_units_of_the_final_evaluation(tiny_run,
     monkeypatch.setattr(plots, "plot_kl_per_dim", kl_spy)
     monkeypatch.setattr(plots, "plot_training_curves", curves_spy)
     assert cli._plot(workdir, str(tmp_path)) == 0
-    final = [r for r in plots.read_metrics_jsonl(os.path.join(workdir, "metrics.jsonl"))
-             if r.get("split") == "eval" and r["step"] == config.train_steps]
+    final = [
+        r
+        for r in plots.read_metrics_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        if r.get("split") == "eval" and r["step"] == config.train_steps
+    ]
     assert len(final) == 1
     # the newest checkpoint on the eval split, as the final evaluation scored it
     assert plots.active_count(seen["kl"]["mean_variance"]) == final[0]["au"]
@@ -255,8 +295,9 @@ def test_run_eval_plot_counts_the_active_units_of_the_final_evaluation(tiny_run,
 
 
 def test_read_metrics_jsonl_skips_bad_lines(tmp_path):
-    src = _write_jsonl(tmp_path / "m.jsonl", [dict(step=1, loss=2.0)],
-                       extra_lines=["", "not json", "[1, 2]", '{"no_step": 1}'])
+    src = _write_jsonl(
+        tmp_path / "m.jsonl", [dict(step=1, loss=2.0)], extra_lines=["", "not json", "[1, 2]", '{"no_step": 1}']
+    )
     rows = plots.read_metrics_jsonl(src)
     assert rows == [dict(step=1, loss=2.0)]
     assert math.isfinite(rows[0]["loss"])

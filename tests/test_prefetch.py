@@ -1,4 +1,5 @@
 """flax_textvae.prefetch: the batches and checkpoint positions of the plain iterator, batches placed ahead."""
+
 import time
 
 import jax
@@ -29,8 +30,9 @@ class _Tokens:
 
 def _iterator(seed=0):
     """The training iterator of the library over `_Tokens`: 10 batches of 4 per epoch, 3 batch shapes."""
-    return data.GrainTrainIterator(_Tokens(), seed=seed, batch_size=4, pad_id=0, decoder_start_id=1, max_length=16,
-                                   num_buckets=3)
+    return data.GrainTrainIterator(
+        _Tokens(), seed=seed, batch_size=4, pad_id=0, decoder_start_id=1, max_length=16, num_buckets=3
+    )
 
 
 def _same(a, b):

@@ -1,5 +1,6 @@
 """Prepared (pre-tokenized ArrayRecord) data sets, TFDS and text-file sources through the grain pipeline and
 ``input_pipeline.make_pipeline``: same batches from every source, exact resume, eval coverage."""
+
 import itertools
 import json
 import pathlib
@@ -30,11 +31,13 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("prepared")
     lines = _corpus()
     text = root / "train.txt"
-    text.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines[:30]).encode() + b"\n\xff\xfe bad\n"
-                     + "\n".join(lines[30:]).encode() + b"\n")
+    text.write_bytes(
+        b"\xef\xbb\xbf" + "\n".join(lines[:30]).encode() + b"\n\xff\xfe bad\n" + "\n".join(lines[30:]).encode() + b"\n"
+    )
     tok = data.train_word_tokenizer(lines, root / "tok", family="bart", vocab_size=128)
-    index = data.prepare_dataset(str(text), str(root / "tok"), MAX_LEN, str(root / "prep"), num_workers=2,
-                                 lines_per_shard=150, progress=False)
+    index = data.prepare_dataset(
+        str(text), str(root / "tok"), MAX_LEN, str(root / "prep"), num_workers=2, lines_per_shard=150, progress=False
+    )
     texts, _ = data.read_examples(str(text))
     ids, stats = data.encode_texts(tok, texts, MAX_LEN)
     return root, text, tok, index, ids, stats
@@ -106,22 +109,37 @@ def test_interrupted_prepare_leaves_no_dataset(corpus, tmp_path, monkeypatch):
 def test_cli_and_user_errors(corpus, tmp_path, capsys):
     root, text, _, _, ids, _ = corpus
     out = tmp_path / "cli"
-    assert prep.main([f"--input={text}", f"--tokenizer={root / 'tok'}", f"--max_length={MAX_LEN}",
-                      f"--output={out}", "--num_workers=0"]) == 0
+    assert (
+        prep.main(
+            [
+                f"--input={text}",
+                f"--tokenizer={root / 'tok'}",
+                f"--max_length={MAX_LEN}",
+                f"--output={out}",
+                "--num_workers=0",
+            ]
+        )
+        == 0
+    )
     assert len(data.PreparedSource(f"prepared:{out}")) == len(ids)
     assert f"prepared {len(ids)} examples" in capsys.readouterr().err
-    assert prep.main([f"--input={tmp_path / 'nope*.txt'}", f"--tokenizer={root / 'tok'}", "--max_length=8",
-                      f"--output={out}"]) == 2
+    assert (
+        prep.main(
+            [f"--input={tmp_path / 'nope*.txt'}", f"--tokenizer={root / 'tok'}", "--max_length=8", f"--output={out}"]
+        )
+        == 2
+    )
     assert "matches nothing" in capsys.readouterr().err
 
 
 def test_column_and_int32_ids(tmp_path):
     words = [f"w{i}" for i in range(70000)]
-    lines = [f"{i}\t" + " ".join(words[i * 700:(i + 1) * 700]) for i in range(100)]
+    lines = [f"{i}\t" + " ".join(words[i * 700 : (i + 1) * 700]) for i in range(100)]
     (tmp_path / "big.tsv").write_text("\n".join(lines) + "\n")
     tok = data.train_word_tokenizer([" ".join(words)], tmp_path / "tok", family="t5", vocab_size=70003)
-    index = data.prepare_dataset(str(tmp_path / "big.tsv"), str(tmp_path / "tok"), 1024, str(tmp_path / "p"),
-                                 column=1, num_workers=0)
+    index = data.prepare_dataset(
+        str(tmp_path / "big.tsv"), str(tmp_path / "tok"), 1024, str(tmp_path / "p"), column=1, num_workers=0
+    )
     texts, _ = data.read_examples(str(tmp_path / "big.tsv"), column=1)
     ids, _ = data.encode_texts(tok, texts, 1024)
     src = data.PreparedSource(tmp_path / "p")
@@ -135,8 +153,11 @@ def test_fingerprint_survives_save_and_load_and_tells_tokenizers_apart(corpus, t
     tok("a b c", truncation=True, max_length=2)  # call-time settings do not change the fingerprint
     tok.save_pretrained(tmp_path / "copy")
     saved = root / "prep" / "tokenizer"
-    assert data.tokenizer_fingerprint(AutoTokenizer.from_pretrained(tmp_path / "copy")) == \
-        data.tokenizer_fingerprint(tok) == data.tokenizer_fingerprint(AutoTokenizer.from_pretrained(saved))
+    assert (
+        data.tokenizer_fingerprint(AutoTokenizer.from_pretrained(tmp_path / "copy"))
+        == data.tokenizer_fingerprint(tok)
+        == data.tokenizer_fingerprint(AutoTokenizer.from_pretrained(saved))
+    )
     other = data.train_word_tokenizer(data.synthetic_sentences(50, 9), tmp_path / "other", vocab_size=64)
     assert data.tokenizer_fingerprint(other) != data.tokenizer_fingerprint(tok)
 
@@ -180,22 +201,45 @@ def three_sources(corpus, tmp_path_factory):
         (manual / f"{split}.txt").write_text("\n".join(lines) + "\n")
     prepare("ptb", base / "manual", base / "tfds")
     for split in ("train", "valid"):
-        data.prepare_dataset(str(manual / f"{split}.txt"), str(root / "tok"), MAX_LEN, str(base / f"p_{split}"),
-                             num_workers=0, progress=False)
-    specs = {"text": tuple(str(manual / f"{s}.txt") for s in ("train", "valid")),
-             "tfds": tuple(f"tfds:text_vae_corpora/ptb:{s}" for s in ("train", "valid")),
-             "prepared": tuple(f"prepared:{base / f'p_{s}'}" for s in ("train", "valid"))}
+        data.prepare_dataset(
+            str(manual / f"{split}.txt"),
+            str(root / "tok"),
+            MAX_LEN,
+            str(base / f"p_{split}"),
+            num_workers=0,
+            progress=False,
+        )
+    specs = {
+        "text": tuple(str(manual / f"{s}.txt") for s in ("train", "valid")),
+        "tfds": tuple(f"tfds:text_vae_corpora/ptb:{s}" for s in ("train", "valid")),
+        "prepared": tuple(f"prepared:{base / f'p_{s}'}" for s in ("train", "valid")),
+    }
     return specs, base / "tfds"
 
 
 def _pipeline(specs, tfds_dir, tok, process_index=0, process_count=1, **overrides):
     from flax_textvae import input_pipeline
 
-    config = _tiny(**{"data.train": specs[0], "data.eval": specs[1], "data.max_length": MAX_LEN,
-                      "data.num_buckets": 3, "data.tfds_data_dir": str(tfds_dir), "batch_size": 16, "seed": 5,
-                      **overrides})
-    return input_pipeline.make_pipeline(config, tok, prompt=(2, 0), tokenizer_name=str(tok.name_or_path),
-                                        process_index=process_index, process_count=process_count)
+    config = _tiny(
+        **{
+            "data.train": specs[0],
+            "data.eval": specs[1],
+            "data.max_length": MAX_LEN,
+            "data.num_buckets": 3,
+            "data.tfds_data_dir": str(tfds_dir),
+            "batch_size": 16,
+            "seed": 5,
+            **overrides,
+        }
+    )
+    return input_pipeline.make_pipeline(
+        config,
+        tok,
+        prompt=(2, 0),
+        tokenizer_name=str(tok.name_or_path),
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 def test_text_tfds_and_prepared_sources_give_the_same_batches(corpus, three_sources, capsys):
@@ -215,8 +259,11 @@ def test_text_tfds_and_prepared_sources_give_the_same_batches(corpus, three_sour
     assert isinstance(pipes["prepared"][(0, 1)].eval.source, data.PreparedSource)
     steps = text.train_iter.steps_per_epoch
     assert steps == -(-len(ids) // 16) and text.train_iter.num_shapes <= 4
-    train = {(kind, lay): [next(p.train_iter) for _ in range(3 * steps)]  # three epochs
-             for kind, by_lay in pipes.items() for lay, p in by_lay.items()}
+    train = {
+        (kind, lay): [next(p.train_iter) for _ in range(3 * steps)]  # three epochs
+        for kind, by_lay in pipes.items()
+        for lay, p in by_lay.items()
+    }
     for (kind, lay), stream in train.items():
         assert all(_equal(a, b) for a, b in zip(stream, train["text", lay], strict=True)), (kind, lay)
         assert pipes[kind][lay].train_iter.get_state() == {"epoch": 2, "position": steps}
@@ -239,8 +286,9 @@ def test_text_tfds_and_prepared_sources_give_the_same_batches(corpus, three_sour
         assert sorted(i for b in first[0] for i in b["index"].tolist() if i >= 0) == list(range(40))
     assert list(pipes["tfds"][(0, 1)].eval_texts[:150]) == list(text.eval_texts) and len(text.eval_texts) == 150
     assert pipes["tfds"][(0, 1)].eval_texts[-1] == text.eval_texts[149]
-    decoded = tok.batch_decode([x.tolist() for x in text.eval.source.__getitems__(range(150))],
-                               skip_special_tokens=True)
+    decoded = tok.batch_decode(
+        [x.tolist() for x in text.eval.source.__getitems__(range(150))], skip_special_tokens=True
+    )
     assert list(pipes["prepared"][(0, 1)].eval_texts[:150]) == [t.strip() for t in decoded]
     for kind in specs:
         assert pipes[kind][(0, 1)].eval_stats["truncated"] == text.eval_stats["truncated"] > 0
@@ -253,21 +301,40 @@ def test_make_pipeline_without_training_or_eval(corpus, three_sources):
     tok = corpus[2]
     from flax_textvae import input_pipeline
 
-    fields = {"data.train": specs["tfds"][0], "data.eval": specs["tfds"][1], "data.max_length": MAX_LEN,
-              "data.tfds_data_dir": str(tfds_dir)}
+    fields = {
+        "data.train": specs["tfds"][0],
+        "data.eval": specs["tfds"][1],
+        "data.max_length": MAX_LEN,
+        "data.tfds_data_dir": str(tfds_dir),
+    }
     with pytest.raises(ValueError, match="data.column=1 only applies to text files"):
-        input_pipeline.make_pipeline(_tiny(**fields, **{"data.column": 1}), tok, prompt=(2, 0),
-                                     tokenizer_name="tok", process_index=0, process_count=1)
+        input_pipeline.make_pipeline(
+            _tiny(**fields, **{"data.column": 1}),
+            tok,
+            prompt=(2, 0),
+            tokenizer_name="tok",
+            process_index=0,
+            process_count=1,
+        )
     config = _tiny(**fields)
-    eval_only = input_pipeline.make_pipeline(config, tok, prompt=(2, 0), tokenizer_name="tok", process_index=0,
-                                             process_count=1, train=False, eval_spec=specs["text"][1],
-                                             eval_batch_size=48)
+    eval_only = input_pipeline.make_pipeline(
+        config,
+        tok,
+        prompt=(2, 0),
+        tokenizer_name="tok",
+        process_index=0,
+        process_count=1,
+        train=False,
+        eval_spec=specs["text"][1],
+        eval_batch_size=48,
+    )
     assert eval_only.train_iter is None and eval_only.eval_spec == specs["text"][1]
     batches = list(eval_only.eval_batches())
     assert all(b["input_ids"].shape[0] == 48 for b in batches)
     assert sum(b["example_weight"].sum() for b in batches) == 150
-    none = input_pipeline.make_pipeline(config, tok, prompt=(2, 0), tokenizer_name="tok", process_index=0,
-                                        process_count=1, train=False, with_eval=False)
+    none = input_pipeline.make_pipeline(
+        config, tok, prompt=(2, 0), tokenizer_name="tok", process_index=0, process_count=1, train=False, with_eval=False
+    )
     assert none.eval_batches is None and none.eval_spec == "" and list(none.eval_texts) == []
     with pytest.raises(ValueError, match="no eval split"):
         none.eval_subset(10)
@@ -319,7 +386,7 @@ def test_eval_covers_every_example_once_also_sharded(corpus):
             real = b["index"] >= 0
             assert np.array_equal(real, b["example_weight"] > 0) and not b["label_weights"][~real].any()
             for row, i in zip(b["input_ids"][real], b["index"][real]):
-                assert np.array_equal(row[:len(ids[i])], ids[i])
+                assert np.array_equal(row[: len(ids[i])], ids[i])
             seen += b["index"][real].tolist()
     assert sorted(seen) == list(range(len(ids)))
 
@@ -341,13 +408,15 @@ def test_build_run_reads_prepared_specs(corpus, tmp_path):
     from flax_textvae import builders, validation
 
     root, text, _, _, _, _ = corpus
-    by_text = builders.build_run(_tiny(**{"data.train": str(text), "data.eval": str(text), "data.max_length": MAX_LEN}),
-                                 str(tmp_path / "a"))
+    by_text = builders.build_run(
+        _tiny(**{"data.train": str(text), "data.eval": str(text), "data.max_length": MAX_LEN}), str(tmp_path / "a")
+    )
     # prepared with the tokenizer the text run trained (the same vocabulary, so the same fingerprint)
     data.prepare_dataset(str(text), str(tmp_path / "a" / "model"), MAX_LEN, str(tmp_path / "p"), num_workers=0)
     spec = f"prepared:{tmp_path / 'p'}"
-    by_prep = builders.build_run(_tiny(**{"data.train": spec, "data.eval": spec, "data.max_length": MAX_LEN}),
-                                 str(tmp_path / "b"))
+    by_prep = builders.build_run(
+        _tiny(**{"data.train": spec, "data.eval": spec, "data.max_length": MAX_LEN}), str(tmp_path / "b")
+    )
     assert isinstance(by_prep.train_iter, GrainTrainIterator)
     assert all(_equal(next(by_prep.train_iter), next(by_text.train_iter)) for _ in range(5))
     assert all(_equal(a, b) for a, b in zip(by_prep.eval_batches(), by_text.eval_batches()))
@@ -372,10 +441,12 @@ def test_build_run_reads_tfds_specs_through_their_token_source(three_sources, tm
 
     specs, tfds_dir = three_sources
     common = {"data.max_length": MAX_LEN, "data.tfds_data_dir": str(tfds_dir)}
-    by_text = builders.build_run(_tiny(**{"data.train": specs["text"][0], "data.eval": specs["text"][1], **common}),
-                                 str(tmp_path / "a"))
-    by_tfds = builders.build_run(_tiny(**{"data.train": specs["tfds"][0], "data.eval": specs["tfds"][1], **common}),
-                                 str(tmp_path / "b"))
+    by_text = builders.build_run(
+        _tiny(**{"data.train": specs["text"][0], "data.eval": specs["text"][1], **common}), str(tmp_path / "a")
+    )
+    by_tfds = builders.build_run(
+        _tiny(**{"data.train": specs["tfds"][0], "data.eval": specs["tfds"][1], **common}), str(tmp_path / "b")
+    )
     assert isinstance(by_tfds.train_iter.batcher.source, data.TfdsTokenSource)  # not read into memory
     assert isinstance(by_tfds.data.eval.source, data.TfdsTokenSource) and by_tfds.eval_spec == specs["tfds"][1]
     # the word tokenizer of a from-scratch model is trained on the same texts either way

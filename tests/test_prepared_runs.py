@@ -1,5 +1,6 @@
 """Runs on a prepared (``prepared:DIR``) data set: exact resume after SIGKILL, and evaluation split over two
 processes covering every example once."""
+
 import json
 import os
 import signal
@@ -25,14 +26,21 @@ def prepared(tmp_path_factory):
     lines = data.synthetic_sentences(300, 7)
     (root / "train.txt").write_text("\n".join(lines) + "\n")
     data.train_word_tokenizer(lines, root / "tok", family="bart", vocab_size=256)
-    index = data.prepare_dataset(str(root / "train.txt"), str(root / "tok"), MAX_LEN, str(root / "prep"),
-                                 num_workers=0, lines_per_shard=100)
+    index = data.prepare_dataset(
+        str(root / "train.txt"), str(root / "tok"), MAX_LEN, str(root / "prep"), num_workers=0, lines_per_shard=100
+    )
     return root / "prep", index["num_examples"]
 
 
-FLAGS = ("--config.train_steps=120", "--config.phase1.steps=40", "--config.checkpoint_every=20",
-         "--config.eval_every=0", "--config.log_every=20", "--config.denoise.delete_rate=0.3",
-         "--config.model.scratch.dropout=0.1")
+FLAGS = (
+    "--config.train_steps=120",
+    "--config.phase1.steps=40",
+    "--config.checkpoint_every=20",
+    "--config.eval_every=0",
+    "--config.log_every=20",
+    "--config.denoise.delete_rate=0.3",
+    "--config.model.scratch.dropout=0.1",
+)
 
 
 def test_sigkill_then_resume_on_prepared_data_matches_an_uninterrupted_run(prepared, tmp_path):
@@ -66,10 +74,23 @@ def test_two_processes_evaluate_every_prepared_example_once(prepared, tmp_path):
     procs = []
     try:
         for i in range(2):
-            cmd = [sys.executable, WORKER, "--prepared", str(prep), "--out", str(tmp_path), "--process_id", str(i),
-                   "--num_processes", "2", "--port", port]
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True))
+            cmd = [
+                sys.executable,
+                WORKER,
+                "--prepared",
+                str(prep),
+                "--out",
+                str(tmp_path),
+                "--process_id",
+                str(i),
+                "--num_processes",
+                "2",
+                "--port",
+                port,
+            ]
+            procs.append(
+                subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            )
     finally:
         _finish(procs)
     res = [json.loads((tmp_path / f"eval_{i}.json").read_text()) for i in range(2)]

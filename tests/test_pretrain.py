@@ -1,6 +1,7 @@
 """Pretraining by text infilling (flax_textvae.pretrain): the corruption's properties, a tiny from-scratch run
 whose held-out denoising loss falls, its Hugging Face export (transformers computes our logits), finetuning
 that export into a VAE with configs/bart_vae.py, the command line's user errors, and resume after SIGTERM."""
+
 import importlib.util
 import json
 import math
@@ -34,8 +35,9 @@ SPECIALS = (BOS, PAD, EOS, MASK)
 FIRST_WORD = 10
 
 # One compile per input shape; the rate and the span mean are traced.
-INFILL = jax.jit(lambda key, ids, mask, rate, lam: denoise.text_infilling(key, ids, mask, rate, lam, SPECIALS,
-                                                                          MASK, PAD))
+INFILL = jax.jit(
+    lambda key, ids, mask, rate, lam: denoise.text_infilling(key, ids, mask, rate, lam, SPECIALS, MASK, PAD)
+)
 
 
 # ------------------------------------------------------------------------------------------ the corruption
@@ -45,7 +47,7 @@ def numbered(lengths, width):
     mask = np.zeros((len(lengths), width), np.int32)
     for b, n in enumerate(lengths):
         ids[b, 0], ids[b, n - 1] = BOS, EOS
-        ids[b, 1:n - 1] = np.arange(FIRST_WORD, FIRST_WORD + n - 2)
+        ids[b, 1 : n - 1] = np.arange(FIRST_WORD, FIRST_WORD + n - 2)
         mask[b, :n] = 1
     return ids, mask
 
@@ -105,12 +107,17 @@ def test_special_tokens_are_never_masked_and_the_rest_keeps_its_order():
     width, rows = 48, []
     for _ in range(256):
         a, b = rng.integers(0, 20, size=2)
-        rows.append([BOS] + list(range(FIRST_WORD, FIRST_WORD + a)) + [EOS, EOS]
-                    + list(range(FIRST_WORD + a, FIRST_WORD + a + b)) + [EOS])
+        rows.append(
+            [BOS]
+            + list(range(FIRST_WORD, FIRST_WORD + a))
+            + [EOS, EOS]
+            + list(range(FIRST_WORD + a, FIRST_WORD + a + b))
+            + [EOS]
+        )
     ids = np.full((len(rows), width), PAD, np.int32)
     mask = np.zeros_like(ids)
     for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
     out, out_mask = map(np.asarray, INFILL(jax.random.key(4), ids, mask, 0.5, 2.0))
     masked_some = 0
     for r, o, om in zip(rows, out, out_mask):
@@ -164,11 +171,25 @@ def load_config_file(path=CONFIG_FILE):
     return module.get_config()
 
 
-TINY = {"model.scratch.d_model": 32, "model.scratch.num_heads": 2, "model.scratch.ffn_dim": 64,
-        "model.scratch.num_layers": 1, "model.scratch.dropout": 0.1, "data.train": "synthetic:512",
-        "data.eval": "synthetic:64:1", "data.max_length": 32, "data.num_buckets": 1, "data.eval_max_examples": 0,
-        "batch_size": 16, "train_steps": 200, "log_every": 50, "eval_every": 100, "checkpoint_every": 100,
-        "optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 5}
+TINY = {
+    "model.scratch.d_model": 32,
+    "model.scratch.num_heads": 2,
+    "model.scratch.ffn_dim": 64,
+    "model.scratch.num_layers": 1,
+    "model.scratch.dropout": 0.1,
+    "data.train": "synthetic:512",
+    "data.eval": "synthetic:64:1",
+    "data.max_length": 32,
+    "data.num_buckets": 1,
+    "data.eval_max_examples": 0,
+    "batch_size": 16,
+    "train_steps": 200,
+    "log_every": 50,
+    "eval_every": 100,
+    "checkpoint_every": 100,
+    "optimizer.learning_rate": 3e-3,
+    "optimizer.warmup_steps": 5,
+}
 
 
 def tiny_config(**overrides):
@@ -237,9 +258,12 @@ def test_the_export_loads_in_transformers_with_equal_logits(pretrained):
     dec, dmask = helpers_hf.padded_batch(rng, [6, 8, 3], pre.config.vocab_size, pad)
     ours = pre.module.apply({"params": pretrained["params"]}, ids, mask, dec, dmask)
     with torch.no_grad():
-        theirs = torch_model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
-                             decoder_input_ids=torch.from_numpy(dec).long(),
-                             decoder_attention_mask=torch.from_numpy(dmask).long()).logits.numpy()
+        theirs = torch_model(
+            input_ids=torch.from_numpy(ids).long(),
+            attention_mask=torch.from_numpy(mask).long(),
+            decoder_input_ids=torch.from_numpy(dec).long(),
+            decoder_attention_mask=torch.from_numpy(dmask).long(),
+        ).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
 
 
@@ -249,11 +273,24 @@ def test_the_export_finetunes_into_a_vae_with_the_bart_vae_config(pretrained, tm
     export = pretrained["result"]["export"]
     sys.path.insert(0, os.path.join(REPO, "configs"))
     bart_vae = importlib.import_module("bart_vae")
-    config = with_overrides(bart_vae.get_config(), **{
-        "model.name_or_path": export, "data.train": str(tmp_path / "train.txt"),
-        "data.eval": str(tmp_path / "valid.txt"), "data.max_length": 32, "data.num_buckets": 1, "batch_size": 8,
-        "train_steps": 6, "phase1.steps": 2, "eval_every": 0, "checkpoint_every": 6, "log_every": 2,
-        "optimizer.warmup_steps": 1, "loss.kl_schedule.steps": 2})
+    config = with_overrides(
+        bart_vae.get_config(),
+        **{
+            "model.name_or_path": export,
+            "data.train": str(tmp_path / "train.txt"),
+            "data.eval": str(tmp_path / "valid.txt"),
+            "data.max_length": 32,
+            "data.num_buckets": 1,
+            "batch_size": 8,
+            "train_steps": 6,
+            "phase1.steps": 2,
+            "eval_every": 0,
+            "checkpoint_every": 6,
+            "log_every": 2,
+            "optimizer.warmup_steps": 1,
+            "loss.kl_schedule.steps": 2,
+        },
+    )
     workdir = str(tmp_path / "vae")
     result = train.train_and_evaluate(config, workdir)
     for key in ("rec", "kl", "neg_elbo", "ppl_elbo", "au", "bleu"):
@@ -274,15 +311,25 @@ def test_the_export_finetunes_into_a_vae_with_the_bart_vae_config(pretrained, tm
 # ------------------------------------------------------------------------------------------ command line
 def run_cli(*flags, timeout=120):
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "flax_textvae.pretrain", *flags], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flax_textvae.pretrain", *flags],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-@pytest.mark.parametrize("flags,needle", [
-    (["--config=configs/no_such_config.py"], "no_such_config.py"),
-    (["--config.pretrain.mask_rat=0.3"], "mask_rat"),
-    (["--config.pretrain.mask_rate=1.5"], "pretrain.mask_rate=1.5"),
-], ids=["missing-config", "unknown-field", "bad-value"])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--config=configs/no_such_config.py"], "no_such_config.py"),
+        (["--config.pretrain.mask_rat=0.3"], "mask_rat"),
+        (["--config.pretrain.mask_rate=1.5"], "pretrain.mask_rate=1.5"),
+    ],
+    ids=["missing-config", "unknown-field", "bad-value"],
+)
 def test_user_errors_exit_2_without_a_traceback(tmp_path, flags, needle):
     workdir = tmp_path / "run"
     p = run_cli(*flags, f"--workdir={workdir}")
@@ -293,8 +340,9 @@ def test_user_errors_exit_2_without_a_traceback(tmp_path, flags, needle):
 
 
 # ------------------------------------------------------------------------------------------ resume
-def test_sigterm_then_a_rerun_resumes_and_ends_where_an_uninterrupted_run_does(pretrained, tmp_path, monkeypatch,
-                                                                              capsys):
+def test_sigterm_then_a_rerun_resumes_and_ends_where_an_uninterrupted_run_does(
+    pretrained, tmp_path, monkeypatch, capsys
+):
     workdir = str(tmp_path / "run")
     write = MetricsLog.write
 
@@ -318,8 +366,9 @@ def test_sigterm_then_a_rerun_resumes_and_ends_where_an_uninterrupted_run_does(p
     assert [r["step"] for r in eval_rows] == [0, 100, 200]
     params, _ = checkpoints.load_params(workdir)
     for k, v in flatten_dict(pretrained["params"], sep="/").items():
-        np.testing.assert_allclose(np.asarray(flatten_dict(params, sep="/")[k]), np.asarray(v), rtol=0, atol=1e-6,
-                                   err_msg=k)
+        np.testing.assert_allclose(
+            np.asarray(flatten_dict(params, sep="/")[k]), np.asarray(v), rtol=0, atol=1e-6, err_msg=k
+        )
     assert result["eval"]["loss"] == pytest.approx(pretrained["result"]["eval"]["loss"], abs=1e-5)
 
     # A rerun of the finished run trains nothing: it re-evaluates and writes the export where it is asked to.
@@ -359,11 +408,22 @@ def test_the_shipped_config_is_a_small_bart_on_the_ted_talks(shared_data, tmp_pa
 def test_the_command_line_survives_sigterm_and_finishes_on_a_rerun(tmp_path):
     workdir, export = tmp_path / "run", tmp_path / "bart-small"
     tiny = [f"--config.{k}={v}" for k, v in TINY.items() if k not in ("train_steps", "checkpoint_every")]
-    flags = [f"--workdir={workdir}", f"--export={export}", "--config.train_steps=3000",
-             "--config.checkpoint_every=100000", *tiny]
+    flags = [
+        f"--workdir={workdir}",
+        f"--export={export}",
+        "--config.train_steps=3000",
+        "--config.checkpoint_every=100000",
+        *tiny,
+    ]
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.Popen([sys.executable, "-m", "flax_textvae.pretrain", *flags], cwd=REPO, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "flax_textvae.pretrain", *flags],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     log = workdir / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:

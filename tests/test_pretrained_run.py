@@ -1,5 +1,6 @@
 """The pretrained path end to end: a local Hugging Face checkpoint folder -> two-phase training -> evaluation
 and TextVAE.load, for a tiny BART and a tiny T5 v1.1 saved by transformers + torch."""
+
 import os
 import sys
 
@@ -25,8 +26,17 @@ def test_train_from_a_local_checkpoint_then_evaluate_and_load(tmp_path, family):
         helpers_hf.make_tiny_t5(folder, v1_1=True, vocab_words=words)
     pre = models.load_pretrained(folder)
     workdir = str(tmp_path / "run")
-    config = tiny_config(**{"model.name_or_path": folder, "train_steps": 8, "phase1.steps": 4, "eval_every": 4,
-                            "checkpoint_every": 4, "log_every": 4, "vae.injection": "memory,cross_attention"})
+    config = tiny_config(
+        **{
+            "model.name_or_path": folder,
+            "train_steps": 8,
+            "phase1.steps": 4,
+            "eval_every": 4,
+            "checkpoint_every": 4,
+            "log_every": 4,
+            "vae.injection": "memory,cross_attention",
+        }
+    )
 
     run = builders.build_run(config, workdir)
     params = run.init_params(jax.random.key(0))

@@ -1,5 +1,6 @@
 """The README is true: its layout matches the tree, its examples use words the demo model knows, its commands
 name files that exist, and its results block comes from scripts/refresh_results.py at a named commit."""
+
 import ast
 import os
 import re
@@ -29,8 +30,12 @@ def _section(title: str) -> str:
 def test_layout_section_names_every_module_and_only_existing_ones():
     layout = _section("Layout")
     named = set(re.findall(r"`((?:flax_textvae/)?[\w/]+\.py)`", layout))
-    package = {os.path.relpath(os.path.join(d, f), REPO) for d, _, fs in os.walk(os.path.join(REPO, "flax_textvae"))
-               for f in fs if f.endswith(".py") and f != "__init__.py"}
+    package = {
+        os.path.relpath(os.path.join(d, f), REPO)
+        for d, _, fs in os.walk(os.path.join(REPO, "flax_textvae"))
+        for f in fs
+        if f.endswith(".py") and f != "__init__.py"
+    }
     full = {n if n.startswith("flax_textvae/") else None for n in named} - {None}
     assert full, "the layout section lists modules by their path"
     assert not full - package, f"README names modules that do not exist: {sorted(full - package)}"
@@ -132,8 +137,22 @@ def test_results_block_is_stamped_with_a_commit_of_this_repository():
 def test_results_block_matches_a_fresh_run_of_the_refresh_script(tmp_path):
     commit, inner = _stamped_block()
     # Files added since the stamp cannot change the demo unless a changed file imports them.
-    changed = subprocess.run(["git", "diff", "--quiet", "--diff-filter=a", commit, "HEAD", "--", "flax_textvae",
-                              "configs", "run_train.py", "run_eval.py"], cwd=REPO)
+    changed = subprocess.run(
+        [
+            "git",
+            "diff",
+            "--quiet",
+            "--diff-filter=a",
+            commit,
+            "HEAD",
+            "--",
+            "flax_textvae",
+            "configs",
+            "run_train.py",
+            "run_eval.py",
+        ],
+        cwd=REPO,
+    )
     if changed.returncode:
         pytest.skip(f"the code changed since {commit}: run scripts/refresh_results.py to refresh the block")
     fresh = refresh_results.block(str(tmp_path / "demo"))

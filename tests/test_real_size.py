@@ -5,6 +5,7 @@ and a checkpoint round trip.
 Slow (about a minute per architecture on 2 CPU cores): ``pytest -m slow tests/test_real_size.py``; ``.ci/run``
 runs it.
 """
+
 import functools
 import os
 import sys
@@ -34,19 +35,66 @@ pytestmark = pytest.mark.slow
 
 # Sizes of the public config.json of each checkpoint (weights are random: no hub here).
 ARCHS = {
-    "bart-base": ("bart", bart_vae, dict(
-        vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
-        decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024,
-        activation_function="gelu", pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-        forced_eos_token_id=2, scale_embedding=False)),
-    "t5-small": ("t5", t5_vae, dict(
-        vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8,
-        relative_attention_num_buckets=32, feed_forward_proj="relu", pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0, tie_word_embeddings=True)),
-    "t5-v1_1-small": ("t5", park_lee_t5, dict(
-        vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6,
-        relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0, tie_word_embeddings=False)),
+    "bart-base": (
+        "bart",
+        bart_vae,
+        dict(
+            vocab_size=50265,
+            d_model=768,
+            encoder_layers=6,
+            decoder_layers=6,
+            encoder_attention_heads=12,
+            decoder_attention_heads=12,
+            encoder_ffn_dim=3072,
+            decoder_ffn_dim=3072,
+            max_position_embeddings=1024,
+            activation_function="gelu",
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=2,
+            scale_embedding=False,
+        ),
+    ),
+    "t5-small": (
+        "t5",
+        t5_vae,
+        dict(
+            vocab_size=32128,
+            d_model=512,
+            d_kv=64,
+            d_ff=2048,
+            num_layers=6,
+            num_decoder_layers=6,
+            num_heads=8,
+            relative_attention_num_buckets=32,
+            feed_forward_proj="relu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "t5-v1_1-small": (
+        "t5",
+        park_lee_t5,
+        dict(
+            vocab_size=32128,
+            d_model=512,
+            d_kv=64,
+            d_ff=1024,
+            num_layers=8,
+            num_decoder_layers=8,
+            num_heads=6,
+            relative_attention_num_buckets=32,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 
@@ -82,10 +130,20 @@ def test_real_size_architecture_loads_steps_and_round_trips(arch, tmp_path):
     assert sum(x.size for x in leaves) == n_torch
     assert pre.module.d_model == sizes["d_model"] and pre.module.vocab_size == sizes["vocab_size"]
 
-    config = with_overrides(config_module.get_config(), **{
-        "model.name_or_path": folder, "data.train": "synthetic:32", "data.eval": "synthetic:8:1",
-        "data.max_length": 16, "data.num_buckets": 1, "batch_size": 4, "train_steps": 2, "phase1.steps": 0,
-        "optimizer.warmup_steps": 0})
+    config = with_overrides(
+        config_module.get_config(),
+        **{
+            "model.name_or_path": folder,
+            "data.train": "synthetic:32",
+            "data.eval": "synthetic:8:1",
+            "data.max_length": 16,
+            "data.num_buckets": 1,
+            "batch_size": 4,
+            "train_steps": 2,
+            "phase1.steps": 0,
+            "optimizer.warmup_steps": 0,
+        },
+    )
     workdir = str(tmp_path / "run")
     run = builders.build_run(config, workdir, with_eval=False)
     params = run.init_params(jax.random.key(0))
@@ -94,15 +152,28 @@ def test_real_size_architecture_loads_steps_and_round_trips(arch, tmp_path):
 
     frozen = run.unused_param_patterns()
     tx, lr = make_optimizer(config.optimizer, config.train_steps, params, frozen)
-    cfg = StepConfig(kind=config.loss.kind, free_bits=config.loss.free_bits,
-                     free_bits_mode=config.loss.free_bits_mode, beta=config.loss.beta,
-                     delete_rate=config.denoise.delete_rate, special_ids=run.special_ids, pad_id=run.pad_id,
-                     mask_id=run.mask_id, unk_id=run.unk_id, frozen=frozen)
+    cfg = StepConfig(
+        kind=config.loss.kind,
+        free_bits=config.loss.free_bits,
+        free_bits_mode=config.loss.free_bits_mode,
+        beta=config.loss.beta,
+        delete_rate=config.denoise.delete_rate,
+        special_ids=run.special_ids,
+        pad_id=run.pad_id,
+        mask_id=run.mask_id,
+        unk_id=run.unk_id,
+        frozen=frozen,
+    )
     wfn, tfn = kl_fns(config.loss, 2)
-    step = jax.jit(functools.partial(train_step, model=run.model, tx=tx, cfg=cfg, kl_weight_fn=wfn,
-                                     kl_target_fn=tfn, lr_fn=lr))
-    state = TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params),
-                       rng=jnp.array(jax.random.key_data(jax.random.key(1))))
+    step = jax.jit(
+        functools.partial(train_step, model=run.model, tx=tx, cfg=cfg, kl_weight_fn=wfn, kl_target_fn=tfn, lr_fn=lr)
+    )
+    state = TrainState(
+        step=jnp.asarray(0, jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jnp.array(jax.random.key_data(jax.random.key(1))),
+    )
     batch = {k: jnp.asarray(v) for k, v in next(run.train_iter).items()}
     new, metrics = step(state, batch)
     metrics = jax.device_get(metrics)

@@ -1,4 +1,5 @@
 """Tests for flax_textvae.schedules: values at key steps, jit, vmap-style array steps, optax composition."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,8 +28,9 @@ def test_constant():
 
 def test_linear_warmup_then_hold():
     s = schedules.linear(0.0, 1.0, steps=100, begin=20)
-    np.testing.assert_allclose(_values(s, [0, 20, 45, 70, 120, 121, 10_000]),
-                               [0.0, 0.0, 0.25, 0.5, 1.0, 1.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(
+        _values(s, [0, 20, 45, 70, 120, 121, 10_000]), [0.0, 0.0, 0.25, 0.5, 1.0, 1.0, 1.0], atol=1e-6
+    )
     down = schedules.linear(2.0, 0.5, steps=10)
     np.testing.assert_allclose(_values(down, [0, 5, 10, 50]), [2.0, 1.25, 0.5, 0.5], atol=1e-6)
     jump = schedules.linear(0.0, 1.0, steps=0, begin=7)
@@ -41,12 +43,14 @@ def test_cyclical_fu_et_al():
     # 4 cycles over 400 steps, ramp for half of each cycle (Fu et al. 2019 defaults).
     s = schedules.cyclical(1.0, total_steps=400, num_cycles=4, ratio_increase=0.5)
     steps = [0, 25, 50, 75, 99, 100, 125, 150, 399, 400, 1000]
-    np.testing.assert_allclose(_values(s, steps),
-                               [0.0, 0.5, 1.0, 1.0, 1.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(_values(s, steps), [0.0, 0.5, 1.0, 1.0, 1.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0], atol=1e-6)
     # Period form cycles for ever; ratio_zero holds min_value first.
     s = schedules.cyclical(2.0, period=100, ratio_increase=0.25, ratio_zero=0.25, min_value=0.5)
-    np.testing.assert_allclose(_values(s, [0, 10, 25, 37, 50, 99, 1000, 1050]),
-                               [0.5, 0.5, 0.5, 0.5 + 1.5 * 12 / 25, 2.0, 2.0, 0.5, 2.0], atol=1e-5)
+    np.testing.assert_allclose(
+        _values(s, [0, 10, 25, 37, 50, 99, 1000, 1050]),
+        [0.5, 0.5, 0.5, 0.5 + 1.5 * 12 / 25, 2.0, 2.0, 0.5, 2.0],
+        atol=1e-5,
+    )
     with pytest.raises(ValueError):
         schedules.cyclical(1.0)
     with pytest.raises(ValueError):
@@ -56,8 +60,7 @@ def test_cyclical_fu_et_al():
 def test_sigmoid():
     s = schedules.sigmoid(max_value=2.0, midpoint=1000, steepness=0.01)
     v = _values(s, [0, 1000, 2000, 10_000])
-    np.testing.assert_allclose(v, 2.0 / (1.0 + np.exp(-0.01 * (np.array([0, 1000, 2000, 10_000]) - 1000))),
-                               rtol=1e-5)
+    np.testing.assert_allclose(v, 2.0 / (1.0 + np.exp(-0.01 * (np.array([0, 1000, 2000, 10_000]) - 1000))), rtol=1e-5)
     assert v[1] == pytest.approx(1.0) and v[-1] == pytest.approx(2.0)
 
 
@@ -68,8 +71,9 @@ def test_capacity_ramp():
 
 def test_join_schedules_phase1_zero_then_anneal():
     # Phase 1 (KL weight 0) for 50 steps, then a cyclical anneal restarting its own clock.
-    joined = optax.join_schedules([schedules.constant(0.0),
-                                   schedules.cyclical(1.0, period=20, ratio_increase=0.5)], [50])
+    joined = optax.join_schedules(
+        [schedules.constant(0.0), schedules.cyclical(1.0, period=20, ratio_increase=0.5)], [50]
+    )
     steps = [0, 49, 50, 55, 60, 69, 70, 75]
     expected = [0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 0.0, 0.5]
     np.testing.assert_allclose(_values(joined, steps), expected, atol=1e-6)
@@ -78,8 +82,16 @@ def test_join_schedules_phase1_zero_then_anneal():
 def test_from_config_dict_and_configdict():
     s = schedules.from_config({"kind": "linear", "start": 0.0, "end": 1.0, "steps": 10})
     assert float(s(5)) == pytest.approx(0.5)
-    cfg = ml_collections.ConfigDict({"kind": "cyclical", "max_value": 1.0, "period": None,
-                                     "total_steps": 40, "num_cycles": 2, "ratio_increase": 0.5})
+    cfg = ml_collections.ConfigDict(
+        {
+            "kind": "cyclical",
+            "max_value": 1.0,
+            "period": None,
+            "total_steps": 40,
+            "num_cycles": 2,
+            "ratio_increase": 0.5,
+        }
+    )
     s = schedules.from_config(cfg)
     np.testing.assert_allclose([float(s(t)) for t in (0, 5, 10, 20)], [0.0, 0.5, 1.0, 0.0], atol=1e-6)
     assert float(schedules.from_config({"kind": "constant", "value": 0.2})(7)) == pytest.approx(0.2)

@@ -10,6 +10,7 @@ editing this test.
 The default run covers every config once and every family at least once; the rest of the cross product is
 marked slow (``.ci/run`` runs it).
 """
+
 import glob
 import importlib.util
 import json
@@ -32,10 +33,21 @@ import helpers_hf  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("bart", "t5", "t5_v1_1")
-SMALL = {"data.train": "synthetic:96", "data.eval": "synthetic:16:1", "data.max_length": 24,
-         "data.num_buckets": 2, "data.eval_max_examples": 0, "batch_size": 8, "train_steps": 6,
-         "phase1.steps": 3, "eval_every": 3, "checkpoint_every": 3, "log_every": 3, "keep_checkpoints": 2,
-         "optimizer.warmup_steps": 1}
+SMALL = {
+    "data.train": "synthetic:96",
+    "data.eval": "synthetic:16:1",
+    "data.max_length": 24,
+    "data.num_buckets": 2,
+    "data.eval_max_examples": 0,
+    "batch_size": 8,
+    "train_steps": 6,
+    "phase1.steps": 3,
+    "eval_every": 3,
+    "checkpoint_every": 3,
+    "log_every": 3,
+    "keep_checkpoints": 2,
+    "optimizer.warmup_steps": 1,
+}
 
 
 def _load_config_module(path):
@@ -91,8 +103,9 @@ def checkpoints_by_family(tmp_path_factory):
 @pytest.mark.parametrize("name,family", _cases())
 def test_shipped_config_trains_evaluates_and_reloads(name, family, checkpoints_by_family, tmp_path):
     folder = checkpoints_by_family(family)
-    config = with_overrides(_load_config_module(os.path.join(REPO, "configs", f"{name}.py")),
-                            **{"model.name_or_path": folder, **SMALL})
+    config = with_overrides(
+        _load_config_module(os.path.join(REPO, "configs", f"{name}.py")), **{"model.name_or_path": folder, **SMALL}
+    )
     workdir = str(tmp_path / "run")
     result = train.train_and_evaluate(config, workdir)
     assert result["num_examples"] == 16 and np.isfinite(result["neg_elbo"]) and result["kl"] > 0
@@ -111,8 +124,14 @@ def test_shipped_config_trains_evaluates_and_reloads(name, family, checkpoints_b
     assert any(not np.array_equal(trained[k], original[k]) for k in original)  # phase 2 trained the rest
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run([sys.executable, os.path.join(REPO, "run_eval.py"), f"--workdir={workdir}",
-                        "--iw_samples=4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, os.path.join(REPO, "run_eval.py"), f"--workdir={workdir}", "--iw_samples=4"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     with open(os.path.join(workdir, "eval", "synthetic.json")) as f:
         ev = json.load(f)

@@ -5,6 +5,7 @@ The default run trains a subset of each smoke study's cells (one single-phase an
 Park & Lee, two targets for Prokhorov) to stay near two minutes on 2 CPU cores; the slow test runs every
 cell of both smoke studies through the command line.
 """
+
 import csv
 import dataclasses
 import json
@@ -96,8 +97,9 @@ def test_rerun_skips_every_finished_cell(finished):
     again = study.run_study(spec, workdir, cells=STUDIES[spec.name.replace("_smoke", "")], log=lines.append)
     assert time.time() - t0 < 30
     assert all(r["skipped"] for r in again)
-    assert [{k: v for k, v in r.items() if k != "skipped"} for r in again] == \
-        [{k: v for k, v in r.items() if k != "skipped"} for r in rows]
+    assert [{k: v for k, v in r.items() if k != "skipped"} for r in again] == [
+        {k: v for k, v in r.items() if k != "skipped"} for r in rows
+    ]
     assert sum("skipped" in line for line in lines) == len(rows)
     assert _snapshot(workdir) == before
 
@@ -115,14 +117,19 @@ def test_changed_evaluation_re_evaluates_without_training(finished):
 
 def _cli(*args, timeout=120):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "flax_textvae.study", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flax_textvae.study", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_bad_override_key_exits_2_with_one_message(tmp_path):
     workdir = tmp_path / "w"
-    out = _cli(f"--study={study_file('prokhorov')}", f"--workdir={workdir}", "--smoke",
-               "--override=loss.kindd=elbo")
+    out = _cli(f"--study={study_file('prokhorov')}", f"--workdir={workdir}", "--smoke", "--override=loss.kindd=elbo")
     assert out.returncode == 2, out.stderr
     assert "loss.kindd" in out.stderr and "did you mean 'loss.kind'?" in out.stderr
     assert "Traceback" not in out.stderr
@@ -135,7 +142,8 @@ def test_bad_cell_key_and_missing_file_are_user_errors(tmp_path):
         "from flax_textvae.study import Study\n"
         "def get_study(smoke):\n"
         f"    return Study(config={os.path.join(REPO, 'configs', 'tiny.py')!r}, eval_data='synthetic:16:1',\n"
-        "                 iw_samples=2, cells=[('a', {'vae.latent_sise': 4}), ('b', {'loss.kind': 'free_bits'})])\n")
+        "                 iw_samples=2, cells=[('a', {'vae.latent_sise': 4}), ('b', {'loss.kind': 'free_bits'})])\n"
+    )
     with pytest.raises(validation.ConfigError) as err:
         study.cell_configs(study.load_study(str(path)))
     assert len(err.value.problems) == 1 and "cell 'a'" in err.value.problems[0]

@@ -1,4 +1,5 @@
 """T5 backbone: parameter mapping, parity with PyTorch, cache decoding, per-example injection, bf16."""
+
 import json
 import os
 
@@ -49,8 +50,7 @@ def tiny_v11(tmp_path_factory):
     path = os.path.join(folder, "model.safetensors")
     state = load_file(path)
     if "lm_head.weight" not in state:
-        state["lm_head.weight"] = np.random.default_rng(0).normal(size=state["shared.weight"].shape).astype(
-            np.float32)
+        state["lm_head.weight"] = np.random.default_rng(0).normal(size=state["shared.weight"].shape).astype(np.float32)
         save_file(state, path, metadata={"format": "pt"})
     cfg_path = os.path.join(folder, "config.json")
     with open(cfg_path) as f:
@@ -77,9 +77,12 @@ def _batch(config, seed=0):
 
 def _torch_logits(model, ids, mask, dec, dec_mask):
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                    decoder_input_ids=torch.tensor(dec, dtype=torch.long),
-                    decoder_attention_mask=torch.tensor(dec_mask))
+        out = model(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            decoder_input_ids=torch.tensor(dec, dtype=torch.long),
+            decoder_attention_mask=torch.tensor(dec_mask),
+        )
     return out.logits.numpy(), out.encoder_last_hidden_state.numpy()
 
 
@@ -98,7 +101,8 @@ def test_bucket_table_matches_torch():
     for buckets, dist in ((8, 16), (32, 128), (16, 40)):
         for bidirectional in (True, False):
             want = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(
-                torch.tensor(rel), bidirectional=bidirectional, num_buckets=buckets, max_distance=dist).numpy()
+                torch.tensor(rel), bidirectional=bidirectional, num_buckets=buckets, max_distance=dist
+            ).numpy()
             got = np.asarray(t5.relative_position_bucket(jnp.asarray(rel), bidirectional, buckets, dist))
             np.testing.assert_array_equal(got, want)
 
@@ -116,15 +120,18 @@ def test_param_tree_is_hf_flax_layout(tiny):
     assert ("decoder/block/0/layer/2/DenseReluDense/wi_0/kernel" in names) == gated
     assert ("encoder/block/0/layer/1/DenseReluDense/wi/kernel" in names) == (not gated)
     assert ("lm_head/kernel" in names) == gated
-    np.testing.assert_array_equal(tiny.params["encoder"]["block"]["0"]["layer"]["0"]["SelfAttention"]["q"]["kernel"],
-                                  tiny.state["encoder.block.0.layer.0.SelfAttention.q.weight"].T)
+    np.testing.assert_array_equal(
+        tiny.params["encoder"]["block"]["0"]["layer"]["0"]["SelfAttention"]["q"]["kernel"],
+        tiny.state["encoder.block.0.layer.0.SelfAttention.q.weight"].T,
+    )
 
 
 def test_mapping_accepts_duplicated_tied_keys(tiny_v10):
     state = dict(tiny_v10.state)
     shared = state.pop("shared.weight")
-    state.update({"encoder.embed_tokens.weight": shared, "decoder.embed_tokens.weight": shared,
-                  "lm_head.weight": shared})
+    state.update(
+        {"encoder.embed_tokens.weight": shared, "decoder.embed_tokens.weight": shared, "lm_head.weight": shared}
+    )
     params = t5.params_from_torch(state, tiny_v10.config)
     assert _shapes(params) == _shapes(tiny_v10.params) and "lm_head" not in params
     np.testing.assert_array_equal(params["shared"]["embedding"], shared)
@@ -146,8 +153,13 @@ def test_mapping_errors_list_every_bad_key(tiny_v10):
     with pytest.raises(ValueError) as err:
         t5.params_from_torch(state, tiny_v10.config)
     msg = str(err.value)
-    for key in ("decoder.block.1.layer.2.DenseReluDense.wo.weight", "encoder.final_layer_norm.weight",
-                "encoder.block.0.layer.0.SelfAttention.k.weight", "decoder.extra.weight", "lm_head.weight"):
+    for key in (
+        "decoder.block.1.layer.2.DenseReluDense.wo.weight",
+        "encoder.final_layer_norm.weight",
+        "encoder.block.0.layer.0.SelfAttention.k.weight",
+        "decoder.extra.weight",
+        "lm_head.weight",
+    ):
         assert key in msg
 
 
@@ -169,8 +181,14 @@ def test_load_pretrained_matches_torch(tiny):
     assert isinstance(loaded.module, t5.T5ForConditionalGeneration)
     ids, mask, dec, dec_mask = _batch(tiny.config, seed=3)
     want, _ = _torch_logits(tiny.torch_model, ids, mask, dec, dec_mask)
-    got = _run(loaded.module, {"params": loaded.params}, input_ids=ids, attention_mask=mask,
-                              decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+    got = _run(
+        loaded.module,
+        {"params": loaded.params},
+        input_ids=ids,
+        attention_mask=mask,
+        decoder_input_ids=dec,
+        decoder_attention_mask=dec_mask,
+    )
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
 
 
@@ -197,8 +215,19 @@ def test_cached_greedy_decoding_equals_full_recompute(tiny):
     b, steps = memory.shape[0], 9
     kw = dict(prefix_states=prefix, prefix_mask=jnp.array([[1, 1], [1, 0], [0, 0]]), embed_offset=offset)
     cache_mask = jnp.ones((b, steps), jnp.int32)  # decode=True: key mask over the cache slots
-    step = jax.jit(lambda c, tok: m.apply({"params": p, "cache": c}, tok, cache_mask, memory, mem_mask,
-                                          decode=True, mutable=["cache"], method=m.decode, **kw))
+    step = jax.jit(
+        lambda c, tok: m.apply(
+            {"params": p, "cache": c},
+            tok,
+            cache_mask,
+            memory,
+            mem_mask,
+            decode=True,
+            mutable=["cache"],
+            method=m.decode,
+            **kw,
+        )
+    )
     cache = init_cache(m, b, steps)
     toks, cached = jnp.full((b, 1), m.decoder_start_token_id, jnp.int32), []
     for _ in range(steps):
@@ -218,19 +247,34 @@ def test_changing_one_example_changes_only_its_logits(tiny_v10):
     _, _, dec, dec_mask = _batch(tiny_v10.config)
 
     def run(mem, pre, off):
-        return np.asarray(_run(m, {"params": p}, dec, dec_mask, mem, mem_mask, prefix_states=pre,
-                                  embed_offset=off, method=m.decode))
+        return np.asarray(
+            _run(m, {"params": p}, dec, dec_mask, mem, mem_mask, prefix_states=pre, embed_offset=off, method=m.decode)
+        )
 
     base = run(memory, prefix, offset)
-    variants = [(memory.at[1].add(1.0), prefix, offset), (memory, prefix.at[1].add(1.0), offset),
-                (memory, prefix, offset.at[1].add(1.0))]
+    variants = [
+        (memory.at[1].add(1.0), prefix, offset),
+        (memory, prefix.at[1].add(1.0), offset),
+        (memory, prefix, offset.at[1].add(1.0)),
+    ]
     for args in variants:
         out = run(*args)
         np.testing.assert_array_equal(out[[0, 2]], base[[0, 2]])
         assert np.abs(out[1] - base[1]).max() > 1e-4
     # [B, T, D] offsets and decoding without any cross-attention memory also work per example
-    no_mem = np.asarray(_run(m, {"params": p}, dec, dec_mask, None, None, prefix_states=prefix,
-                                embed_offset=jnp.broadcast_to(offset[:, None], dec.shape + (16,)), method=m.decode))
+    no_mem = np.asarray(
+        _run(
+            m,
+            {"params": p},
+            dec,
+            dec_mask,
+            None,
+            None,
+            prefix_states=prefix,
+            embed_offset=jnp.broadcast_to(offset[:, None], dec.shape + (16,)),
+            method=m.decode,
+        )
+    )
     assert np.isfinite(no_mem).all() and np.abs(no_mem - base).max() > 1e-4
 
 
@@ -239,8 +283,17 @@ def test_fully_masked_prefix_equals_no_prefix(tiny_v11):
     memory, mem_mask, prefix, _ = _inputs(tiny_v11)
     _, _, dec, dec_mask = _batch(tiny_v11.config)
     plain = _run(m, {"params": p}, dec, dec_mask, memory, mem_mask, method=m.decode)
-    masked = _run(m, {"params": p}, dec, dec_mask, memory, mem_mask, prefix_states=prefix,
-                     prefix_mask=jnp.zeros((3, 2), jnp.int32), method=m.decode)
+    masked = _run(
+        m,
+        {"params": p},
+        dec,
+        dec_mask,
+        memory,
+        mem_mask,
+        prefix_states=prefix,
+        prefix_mask=jnp.zeros((3, 2), jnp.int32),
+        method=m.decode,
+    )
     np.testing.assert_allclose(np.asarray(masked), np.asarray(plain), atol=2e-5)
 
 
@@ -248,8 +301,9 @@ def test_fully_masked_prefix_equals_no_prefix(tiny_v11):
 def test_dropout_only_when_not_deterministic(tiny_v10):
     m, p = tiny_v10.module, tiny_v10.params
     ids, mask, dec, dec_mask = _batch(tiny_v10.config)
-    train = jax.jit(lambda rng: m.apply({"params": p}, ids, mask, dec, dec_mask, deterministic=False,
-                                        rngs={"dropout": rng}))
+    train = jax.jit(
+        lambda rng: m.apply({"params": p}, ids, mask, dec, dec_mask, deterministic=False, rngs={"dropout": rng})
+    )
     a = train(jax.random.key(1, impl="rbg"))  # rbg: much faster to compile than threefry on CPU
     b = _run(m, {"params": p}, ids, mask, dec, dec_mask)
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
@@ -273,8 +327,18 @@ def test_bfloat16_cached_step(tiny_v11):
     memory, mem_mask, prefix, offset = _inputs(tiny_v11)
     dec = _batch(tiny_v11.config)[2]
     kw = dict(prefix_states=prefix, embed_offset=offset)
-    step, _ = _run(m16, {"params": tiny_v11.params, "cache": init_cache(m16, 3, 4)}, dec[:, :1], None,
-                        memory, mem_mask, decode=True, mutable=["cache"], method=m16.decode, **kw)
+    step, _ = _run(
+        m16,
+        {"params": tiny_v11.params, "cache": init_cache(m16, 3, 4)},
+        dec[:, :1],
+        None,
+        memory,
+        mem_mask,
+        decode=True,
+        mutable=["cache"],
+        method=m16.decode,
+        **kw,
+    )
     full = _run(m16, {"params": tiny_v11.params}, dec[:, :4], None, memory, mem_mask, method=m16.decode, **kw)
     assert step.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(full[:, 0]), atol=0.05)

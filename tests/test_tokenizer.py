@@ -1,4 +1,5 @@
 """Tests for flax_textvae.data.tokenize: offline word tokenizers and encode_texts."""
+
 import numpy as np
 import pytest
 

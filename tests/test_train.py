@@ -1,4 +1,5 @@
 """Training: the loss goes down, phase 1 freezes the decoder, NaN stops the run, resume is exact, SIGTERM saves."""
+
 import json
 import os
 import signal
@@ -34,8 +35,7 @@ def _runner(config, run, phase, end):
 
 def fit_fixed_batch(tmp_path, steps, **overrides):
     """(losses, final state) of ``steps`` phase-2 steps on one batch, constant learning rate."""
-    config = tiny_config(**{"phase1.steps": 0, "optimizer.warmup_steps": 0, "optimizer.decay": "constant",
-                            **overrides})
+    config = tiny_config(**{"phase1.steps": 0, "optimizer.warmup_steps": 0, "optimizer.decay": "constant", **overrides})
     run = builders.build_run(config, str(tmp_path))
     runner, state = _runner(config, run, 2, steps)
     batch = runner.batch(next(run.train_iter))
@@ -82,8 +82,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     from flax_textvae import step as step_lib
 
     bad_from = 7
-    monkeypatch.setattr(step_lib, "kl_weight_schedule",
-                        lambda cfg: (lambda s: jnp.where(s >= bad_from, jnp.nan, 1.0)))
+    monkeypatch.setattr(step_lib, "kl_weight_schedule", lambda cfg: (lambda s: jnp.where(s >= bad_from, jnp.nan, 1.0)))
     config = tiny_config(**{"phase1.steps": 0, "checkpoint_every": 3, "log_every": 5, "train_steps": 12})
     with pytest.raises(train.NonFiniteLossError, match=f"step {bad_from}") as err:
         train.train_and_evaluate(config, str(tmp_path))
@@ -96,16 +95,28 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
 
 
 def _cli(workdir, *overrides, **popen):
-    cmd = [sys.executable, os.path.join(REPO, "run_train.py"), f"--config={REPO}/configs/tiny.py",
-           f"--workdir={workdir}", *overrides]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "run_train.py"),
+        f"--config={REPO}/configs/tiny.py",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **popen)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
 
 
-RESUME_FLAGS = ("--config.train_steps=300", "--config.phase1.steps=100", "--config.checkpoint_every=20",
-                "--config.eval_every=0", "--config.log_every=20", "--config.denoise.delete_rate=0.3",
-                "--config.model.scratch.dropout=0.1")
+RESUME_FLAGS = (
+    "--config.train_steps=300",
+    "--config.phase1.steps=100",
+    "--config.checkpoint_every=20",
+    "--config.eval_every=0",
+    "--config.log_every=20",
+    "--config.denoise.delete_rate=0.3",
+    "--config.model.scratch.dropout=0.1",
+)
 
 
 def _wait_for_checkpoint(workdir, proc, min_step, timeout=240):
@@ -159,9 +170,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert steps[-1] > first, (steps, out)
 
 
-@pytest.mark.parametrize("overrides", [{"parallel.mode": "pmap"}, {"optimizer.grad_accum_steps": 2},
-                                       {"parallel.mode": "pmap", "loss.kind": "free_bits",
-                                        "loss.free_bits_mode": "batch"}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"parallel.mode": "pmap"},
+        {"optimizer.grad_accum_steps": 2},
+        {"parallel.mode": "pmap", "loss.kind": "free_bits", "loss.free_bits_mode": "batch"},
+    ],
+)
 def test_objectives_of_the_whole_batch_refuse_per_shard_modes(tmp_path, overrides):
     """beta * |KL - C| and batch free bits need the global batch mean: pmap / accumulation would be wrong."""
     config = tiny_config(**{"phase1.steps": 0, "loss.kind": "constraint", **overrides})
@@ -172,8 +188,14 @@ def test_objectives_of_the_whole_batch_refuse_per_shard_modes(tmp_path, override
 
 def test_prefetching_trains_to_the_same_parameters_and_checkpoints_the_same_positions(tmp_path):
     # Both phases (the iterator is handed from phase 1 to phase 2), checkpoints mid-phase.
-    base = {"train_steps": 24, "phase1.steps": 10, "checkpoint_every": 6, "log_every": 6, "eval_every": 0,
-            "keep_checkpoints": 10}
+    base = {
+        "train_steps": 24,
+        "phase1.steps": 10,
+        "checkpoint_every": 6,
+        "log_every": 6,
+        "eval_every": 0,
+        "keep_checkpoints": 10,
+    }
     plain, ahead = str(tmp_path / "plain"), str(tmp_path / "ahead")
     train.train_and_evaluate(tiny_config(**base, **{"data.prefetch": 0}), plain)
     train.train_and_evaluate(tiny_config(**base, **{"data.prefetch": 3}), ahead)

@@ -1,4 +1,5 @@
 """TextVAE: masked pooling, the batch-mixing bug (docs/method.md, defect 2) cannot happen, encode / decode alone."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,14 +14,35 @@ INJECTIONS = [("memory",), ("cross_attention",), ("embedding",), ("memory", "cro
 
 def _backbone(family):
     if family == "bart":
-        cfg = transformers.BartConfig(vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=2,
-                                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                                      decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=1,
-                                      bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+        cfg = transformers.BartConfig(
+            vocab_size=40,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=32,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+        )
     else:
-        cfg = transformers.T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=2,
-                                    num_heads=2, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-                                    decoder_start_token_id=0)
+        cfg = transformers.T5Config(
+            vocab_size=40,
+            d_model=16,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_decoder_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
     return models.build_module(cfg)
 
 

@@ -1,4 +1,5 @@
 """validation.validate(config): every bad field refused with its name, value and fix; all problems at once."""
+
 import copy
 import glob
 import importlib
@@ -46,22 +47,54 @@ def test_base_config_is_valid_and_config_error_is_a_value_error():
 
 
 BAD = [
-    ("vae.latent_size", 0), ("vae.pooling", "avg"), ("vae.injection", "memroy"), ("vae.injection", ""),
-    ("vae.injection", "memory,foo"), ("vae.num_memory_slots", 0),
-    ("loss.kind", "kl"), ("loss.free_bits", -0.5), ("loss.free_bits_mode", "global"), ("loss.beta", -1.0),
-    ("loss.kl_schedule.kind", "exp"), ("loss.kl_schedule.ratio_increase", 0.0),
-    ("loss.kl_schedule.steepness", 0.0), ("loss.target_ramp_steps", -1),
-    ("optimizer.decay", "step"), ("optimizer.learning_rate", 0.0), ("optimizer.learning_rate", math.nan),
-    ("optimizer.grad_accum_steps", 0), ("optimizer.b1", 1.0), ("optimizer.warmup_steps", -1),
-    ("model.dtype", "float16"), ("model.name_or_path", ""), ("model.scratch.family", "gpt2"),
-    ("model.scratch.num_layers", 0), ("model.scratch.dropout", 1.0), ("model.scratch.vocab_size", 3),
-    ("parallel.mode", "dp"), ("parallel.fsdp", 0),
-    ("checkpoint_every", 0), ("log_every", 0), ("eval_every", -1), ("keep_checkpoints", 0), ("seed", -1),
-    ("batch_size", 0), ("batch_size", "16"), ("batch_size", 16.0), ("batch_size", True), ("train_steps", 0),
-    ("phase1.steps", -1), ("phase1.frozen", ("([unclosed",)),
-    ("data.max_length", 1), ("data.num_buckets", 0), ("data.column", -2), ("data.eval_max_examples", -1),
+    ("vae.latent_size", 0),
+    ("vae.pooling", "avg"),
+    ("vae.injection", "memroy"),
+    ("vae.injection", ""),
+    ("vae.injection", "memory,foo"),
+    ("vae.num_memory_slots", 0),
+    ("loss.kind", "kl"),
+    ("loss.free_bits", -0.5),
+    ("loss.free_bits_mode", "global"),
+    ("loss.beta", -1.0),
+    ("loss.kl_schedule.kind", "exp"),
+    ("loss.kl_schedule.ratio_increase", 0.0),
+    ("loss.kl_schedule.steepness", 0.0),
+    ("loss.target_ramp_steps", -1),
+    ("optimizer.decay", "step"),
+    ("optimizer.learning_rate", 0.0),
+    ("optimizer.learning_rate", math.nan),
+    ("optimizer.grad_accum_steps", 0),
+    ("optimizer.b1", 1.0),
+    ("optimizer.warmup_steps", -1),
+    ("model.dtype", "float16"),
+    ("model.name_or_path", ""),
+    ("model.scratch.family", "gpt2"),
+    ("model.scratch.num_layers", 0),
+    ("model.scratch.dropout", 1.0),
+    ("model.scratch.vocab_size", 3),
+    ("parallel.mode", "dp"),
+    ("parallel.fsdp", 0),
+    ("checkpoint_every", 0),
+    ("log_every", 0),
+    ("eval_every", -1),
+    ("keep_checkpoints", 0),
+    ("seed", -1),
+    ("batch_size", 0),
+    ("batch_size", "16"),
+    ("batch_size", 16.0),
+    ("batch_size", True),
+    ("train_steps", 0),
+    ("phase1.steps", -1),
+    ("phase1.frozen", ("([unclosed",)),
+    ("data.max_length", 1),
+    ("data.num_buckets", 0),
+    ("data.column", -2),
+    ("data.eval_max_examples", -1),
     ("data.train", ""),
-    ("denoise.delete_rate", 1.0), ("denoise.mask_rate", -0.1), ("denoise.word_dropout", 1.5),
+    ("denoise.delete_rate", 1.0),
+    ("denoise.mask_rate", -0.1),
+    ("denoise.word_dropout", 1.5),
 ]
 
 
@@ -85,15 +118,18 @@ def test_enum_fix_suggests_the_closest_name():
     assert "'mean', 'max', 'first'" in problems[0]
 
 
-@pytest.mark.parametrize("overrides,named", [
-    ({"train_steps": 10, "phase1.steps": 10}, "phase1.steps=10 with train_steps=10"),
-    ({"train_steps": 5, "phase1.steps": 10}, "phase1.steps=10 with train_steps=5"),
-    ({"model.scratch.d_model": 30, "model.scratch.num_heads": 4}, "divisible by num_heads"),
-    ({"optimizer.grad_accum_steps": 3}, "batch_size=16 with optimizer.grad_accum_steps=3"),
-    ({"phase1.steps": 0, "loss.kind": "constraint", "parallel.mode": "pmap"}, "whole batch"),
-    ({"loss.kind": "free_bits", "loss.free_bits_mode": "batch", "optimizer.grad_accum_steps": 2}, "whole batch"),
-    ({"loss.kl_schedule.kind": "cyclical", "loss.kl_schedule.steps": 0}, "cycle length"),
-])
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        ({"train_steps": 10, "phase1.steps": 10}, "phase1.steps=10 with train_steps=10"),
+        ({"train_steps": 5, "phase1.steps": 10}, "phase1.steps=10 with train_steps=5"),
+        ({"model.scratch.d_model": 30, "model.scratch.num_heads": 4}, "divisible by num_heads"),
+        ({"optimizer.grad_accum_steps": 3}, "batch_size=16 with optimizer.grad_accum_steps=3"),
+        ({"phase1.steps": 0, "loss.kind": "constraint", "parallel.mode": "pmap"}, "whole batch"),
+        ({"loss.kind": "free_bits", "loss.free_bits_mode": "batch", "optimizer.grad_accum_steps": 2}, "whole batch"),
+        ({"loss.kl_schedule.kind": "cyclical", "loss.kl_schedule.steps": 0}, "cycle length"),
+    ],
+)
 def test_combinations_of_fields_are_checked(overrides, named):
     config = tiny_dict()
     for field, value in overrides.items():
@@ -105,8 +141,14 @@ def test_combinations_of_fields_are_checked(overrides, named):
 
 def test_several_bad_values_are_reported_together():
     config = tiny_dict()
-    bad = {"vae.latent_size": 0, "vae.pooling": "avg", "loss.kind": "kl", "batch_size": -4,
-           "denoise.delete_rate": 2.0, "parallel.mode": "dp"}
+    bad = {
+        "vae.latent_size": 0,
+        "vae.pooling": "avg",
+        "loss.kind": "kl",
+        "batch_size": -4,
+        "denoise.delete_rate": 2.0,
+        "parallel.mode": "dp",
+    }
     for field, value in bad.items():
         put(config, field, value)
     problems, message = problems_of(config)
@@ -185,14 +227,17 @@ def test_good_text_files_pass_even_with_a_few_undecodable_lines(tmp_path):
     assert validation.check_data_spec(_file(tmp_path, "few_bad.txt", b"\n".join(lines)), "data.train") == []
 
 
-@pytest.mark.parametrize("make,expected", [
-    (lambda p: str(p / "nope.txt"), "no such file"),
-    (lambda p: str(p), "is a directory"),
-    (lambda p: _file(p, "empty.txt", b""), "is empty"),
-    (lambda p: _file(p, "blank.txt", b"\n  \n\t\n"), "is empty"),
-    (lambda p: _file(p, "nul.bin", b"abc\x00\x01\x02\nmore\n"), "NUL bytes"),
-    (lambda p: _file(p, "latin1.txt", b"\n".join([b"caf\xe9 cr\xe8me"] * 20)), "not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (lambda p: str(p / "nope.txt"), "no such file"),
+        (lambda p: str(p), "is a directory"),
+        (lambda p: _file(p, "empty.txt", b""), "is empty"),
+        (lambda p: _file(p, "blank.txt", b"\n  \n\t\n"), "is empty"),
+        (lambda p: _file(p, "nul.bin", b"abc\x00\x01\x02\nmore\n"), "NUL bytes"),
+        (lambda p: _file(p, "latin1.txt", b"\n".join([b"caf\xe9 cr\xe8me"] * 20)), "not valid UTF-8"),
+    ],
+)
 def test_bad_data_files_are_refused(tmp_path, make, expected):
     path = make(tmp_path)
     problems = validation.check_data_spec(path, "data.eval")

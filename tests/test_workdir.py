@@ -1,5 +1,6 @@
 """The run directory: one writer, first starts start clean, refused resumes change nothing, metrics.jsonl
 holds one row per logged step across kills, and SIGTERM reports the checkpoint actually on disk."""
+
 import json
 import os
 import random
@@ -40,8 +41,14 @@ def env(tmp_path_factory):
     """The environment of the training subprocesses: offline, CPU, one persistent XLA compilation cache
     (a restart then skips most of its compile time)."""
     cache = str(tmp_path_factory.mktemp("xla_cache"))
-    return dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=cache,
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        HF_HUB_OFFLINE="1",
+        JAX_COMPILATION_CACHE_DIR=cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +56,13 @@ def cli(env):
     """Starts ``run_train.py --config=configs/tiny.py --workdir=W [flags]``; returns the Popen."""
 
     def start(workdir, *extra, **popen):
-        cmd = [sys.executable, os.path.join(REPO, "run_train.py"), f"--config={REPO}/configs/tiny.py",
-               f"--workdir={workdir}", *extra]
+        cmd = [
+            sys.executable,
+            os.path.join(REPO, "run_train.py"),
+            f"--config={REPO}/configs/tiny.py",
+            f"--workdir={workdir}",
+            *extra,
+        ]
         popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
         return subprocess.Popen(cmd, cwd=REPO, env=env, text=True, **popen)
 
@@ -148,8 +160,7 @@ def test_a_second_training_process_exits_2_and_the_first_finishes(tmp_path, cli)
 
 def _corpus(path, words, n=64, seed=0):
     rng = random.Random(seed)
-    path.write_text("".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + "\n"
-                            for _ in range(n)))
+    path.write_text("".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + "\n" for _ in range(n)))
     return str(path)
 
 
@@ -216,8 +227,10 @@ def test_a_refused_resume_changes_nothing_and_an_allowed_one_is_recorded(tmp_pat
     assert rundir.checkpoint_steps(workdir)[-1] == 15
     with open(os.path.join(workdir, rundir.CHANGES_NAME)) as f:
         changes = [json.loads(line) for line in f]
-    assert changes == [{"step": 10, "field": "eval_every", "old": 0, "new": 15},
-                       {"step": 10, "field": "train_steps", "old": 10, "new": 15}]
+    assert changes == [
+        {"step": 10, "field": "eval_every", "old": 0, "new": 15},
+        {"step": 10, "field": "train_steps", "old": 10, "new": 15},
+    ]
     saved = inference.load_config(workdir)
     assert saved.train_steps == 15 and saved.eval_every == 15 and saved.vae.latent_size == 8
     assert logged_steps(workdir) == ([5, 10, 15], [10, 15])
@@ -228,9 +241,9 @@ def test_a_changed_data_file_or_shorter_run_is_refused_before_anything_is_read(t
     config = tiny_config(**SHORT, **{"data.train": data})
     rundir.record_start(config, str(tmp_path))
     assert rundir.resume_changes(config, str(tmp_path)) == []
-    assert rundir.resume_changes(tiny_config(**SHORT, **{"data.train": data, "parallel.num_devices": 1,
-                                                         "keep_checkpoints": 3}), str(tmp_path)) == [
-        rundir.Change("keep_checkpoints", 2, 3), rundir.Change("parallel.num_devices", 0, 1)]
+    assert rundir.resume_changes(
+        tiny_config(**SHORT, **{"data.train": data, "parallel.num_devices": 1, "keep_checkpoints": 3}), str(tmp_path)
+    ) == [rundir.Change("keep_checkpoints", 2, 3), rundir.Change("parallel.num_devices", 0, 1)]
     with pytest.raises(ConfigError, match=r"train_steps: 10 in the saved run -> 5 now"):
         rundir.resume_changes(tiny_config(**{**SHORT, "train_steps": 5, "data.train": data}), str(tmp_path))
     with open(data, "a") as f:
@@ -267,8 +280,14 @@ def test_metrics_hold_one_row_per_logged_step_across_random_kills(tmp_path, cli)
     """
     workdir = str(tmp_path / "run")
     total, log_every, eval_every, phase1 = 150, 5, 20, 30
-    cfg = {"phase1.steps": phase1, "train_steps": total, "log_every": log_every, "checkpoint_every": 7,
-           "eval_every": eval_every, "keep_checkpoints": 2}
+    cfg = {
+        "phase1.steps": phase1,
+        "train_steps": total,
+        "log_every": log_every,
+        "checkpoint_every": 7,
+        "eval_every": eval_every,
+        "keep_checkpoints": 2,
+    }
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     kills, t0, progress = 0, time.time(), []
@@ -352,8 +371,14 @@ print("RESULT", train.train_and_evaluate(config, sys.argv[1]))
 
 def test_sigterm_during_an_evaluation_saves_that_step_and_names_it(tmp_path, env):
     workdir = str(tmp_path / "run")
-    p = subprocess.run([sys.executable, "-c", SIGTERM_DURING_EVAL, workdir, REPO], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", SIGTERM_DURING_EVAL, workdir, REPO],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, (p.stdout, p.stderr)
     # The evaluation at step 7 is off the checkpoint cadence (5, 10, ...): SIGTERM saves step 7 itself.
     assert rundir.checkpoint_steps(workdir) == [5, 7]

@@ -34,6 +34,7 @@ latent 8, 24 steps, 48 held-out sentences, iw_samples 4: about 15 s per cell, un
 cells once the compile cache is warm (compiling dominates). With ``--model`` the from-scratch sizes and
 learning rate are not applied (the base config's learning rate 5e-5 is), the step counts are.
 """
+
 import pathlib
 
 from flax_textvae.study import Study, text_files_or_synthetic
@@ -43,8 +44,9 @@ PTB = REPO / ".." / "shared" / "data" / "ptb"
 
 
 def get_study(smoke: bool) -> Study:
-    train, held_out, notes = text_files_or_synthetic(PTB / "valid.txt", PTB / "test.txt",
-                                                     ("synthetic:20000", "synthetic:1000:1"))
+    train, held_out, notes = text_files_or_synthetic(
+        PTB / "valid.txt", PTB / "test.txt", ("synthetic:20000", "synthetic:1000:1")
+    )
     steps, phase1, ramp = (24, 8, 8) if smoke else (600, 150, 250)
     overrides = {
         "model.name_or_path": "scratch",
@@ -74,8 +76,13 @@ def get_study(smoke: bool) -> Study:
     }
     elbo = {"loss.kind": "elbo", "loss.free_bits": 0.0, "denoise.delete_rate": 0.0}
     annealed = {**elbo, "loss.kl_schedule.kind": "linear"}
-    thresh = lambda lam, p=0.0: {**annealed, "phase1.steps": phase1, "loss.kind": "free_bits",
-                                 "loss.free_bits": lam, "denoise.delete_rate": p}
+    thresh = lambda lam, p=0.0: {
+        **annealed,
+        "phase1.steps": phase1,
+        "loss.kind": "free_bits",
+        "loss.free_bits": lam,
+        "denoise.delete_rate": p,
+    }
     cells = [
         ("vanilla", {**elbo, "phase1.steps": 0, "loss.kl_schedule.kind": "constant"}),
         ("anneal", {**annealed, "phase1.steps": 0}),
@@ -85,7 +92,15 @@ def get_study(smoke: bool) -> Study:
         ("thresh_3_del_0.15", thresh(3.0, 0.15)),
         ("thresh_3_del_0.4", thresh(3.0, 0.4)),
     ]
-    return Study(name="park_lee" + ("_smoke" if smoke else ""), config=str(REPO / "configs" / "bart_vae.py"),
-                 overrides=overrides, scratch_overrides=scratch, eval_data=held_out,
-                 eval_max_examples=48 if smoke else 1000, iw_samples=4 if smoke else 10,
-                 monitor_max_examples=48 if smoke else 500, cells=cells, notes=notes)
+    return Study(
+        name="park_lee" + ("_smoke" if smoke else ""),
+        config=str(REPO / "configs" / "bart_vae.py"),
+        overrides=overrides,
+        scratch_overrides=scratch,
+        eval_data=held_out,
+        eval_max_examples=48 if smoke else 1000,
+        iw_samples=4 if smoke else 10,
+        monitor_max_examples=48 if smoke else 500,
+        cells=cells,
+        notes=notes,
+    )

@@ -22,6 +22,7 @@ layer, latent 8, 24 steps, 48 held-out sentences, iw_samples 4: under a minute f
 compile cache is warm (compiling dominates). With ``--model`` the from-scratch sizes and learning rate are
 not applied (the base config's learning rate 5e-5 is), the step counts are.
 """
+
 import pathlib
 
 from flax_textvae.study import Study, text_files_or_synthetic
@@ -32,8 +33,9 @@ TARGETS = (3.0, 15.0, 50.0, 100.0)
 
 
 def get_study(smoke: bool) -> Study:
-    train, held_out, notes = text_files_or_synthetic(PTB / "valid.txt", PTB / "test.txt",
-                                                     ("synthetic:20000", "synthetic:1000:1"))
+    train, held_out, notes = text_files_or_synthetic(
+        PTB / "valid.txt", PTB / "test.txt", ("synthetic:20000", "synthetic:1000:1")
+    )
     steps, phase1, ramp = (24, 8, 8) if smoke else (1000, 200, 400)
     overrides = {
         "model.name_or_path": "scratch",
@@ -62,7 +64,15 @@ def get_study(smoke: bool) -> Study:
         "optimizer.learning_rate": 3e-3 if smoke else 2e-3,
     }
     cells = [(f"C_{c:g}", {"loss.target": c}) for c in TARGETS]
-    return Study(name="prokhorov" + ("_smoke" if smoke else ""), config=str(REPO / "configs" / "kl_constraint.py"),
-                 overrides=overrides, scratch_overrides=scratch, eval_data=held_out,
-                 eval_max_examples=48 if smoke else 1000, iw_samples=4 if smoke else 10,
-                 monitor_max_examples=48 if smoke else 500, cells=cells, notes=notes)
+    return Study(
+        name="prokhorov" + ("_smoke" if smoke else ""),
+        config=str(REPO / "configs" / "kl_constraint.py"),
+        overrides=overrides,
+        scratch_overrides=scratch,
+        eval_data=held_out,
+        eval_max_examples=48 if smoke else 1000,
+        iw_samples=4 if smoke else 10,
+        monitor_max_examples=48 if smoke else 500,
+        cells=cells,
+        notes=notes,
+    )

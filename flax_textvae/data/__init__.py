@@ -10,6 +10,7 @@ No TensorFlow is needed at run time (tensorflow_datasets reads array_record file
 ``prepare_dataset``, ``TextVaeCorpora`` (the TFDS builder) and ``prepare_text_vae_corpora`` are loaded on first
 use: their modules also run with ``python -m``.
 """
+
 from flax_textvae.data.batching import Batch, bucket_index, collate, make_buckets, padding_fraction, round_up
 from flax_textvae.data.grain_pipeline import (
     ArraySource,
@@ -30,11 +31,32 @@ from flax_textvae.data.synthetic import synthetic_sentences, synthetic_vocabular
 from flax_textvae.data.tokenize import encode_texts, train_word_tokenizer
 
 __all__ = [
-    "Batch", "DatasetNotBuiltError", "bucket_index", "collate", "make_buckets", "padding_fraction", "round_up",
-    "parse_tfds_spec", "read_examples", "synthetic_sentences", "synthetic_vocabulary",
-    "encode_texts", "train_word_tokenizer", "TextVaeCorpora", "prepare_text_vae_corpora",
-    "PREPARED_PREFIX", "DecodedTexts", "PreparedSource", "is_prepared_spec", "tokenizer_fingerprint",
-    "ArraySource", "Batcher", "GrainTrainIterator", "GrainEvalIterator", "TfdsTokenSource", "prepare_dataset",
+    "Batch",
+    "DatasetNotBuiltError",
+    "bucket_index",
+    "collate",
+    "make_buckets",
+    "padding_fraction",
+    "round_up",
+    "parse_tfds_spec",
+    "read_examples",
+    "synthetic_sentences",
+    "synthetic_vocabulary",
+    "encode_texts",
+    "train_word_tokenizer",
+    "TextVaeCorpora",
+    "prepare_text_vae_corpora",
+    "PREPARED_PREFIX",
+    "DecodedTexts",
+    "PreparedSource",
+    "is_prepared_spec",
+    "tokenizer_fingerprint",
+    "ArraySource",
+    "Batcher",
+    "GrainTrainIterator",
+    "GrainEvalIterator",
+    "TfdsTokenSource",
+    "prepare_dataset",
 ]
 
 
@@ -44,11 +66,14 @@ def __getattr__(name: str):
     # TFDS builder twice).
     if name == "prepare_dataset":
         from flax_textvae.data.prepare import prepare_dataset
+
         return prepare_dataset
     if name == "TextVaeCorpora":
         from flax_textvae.data.textvae_corpora import TextVaeCorpora
+
         return TextVaeCorpora
     if name == "prepare_text_vae_corpora":
         from flax_textvae.data.textvae_corpora import prepare
+
         return prepare
     raise AttributeError(f"module 'flax_textvae.data' has no attribute {name!r}")

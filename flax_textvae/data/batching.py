@@ -22,6 +22,7 @@ Filler rows (eval only, to keep the final batch at the static batch size) copy t
 ids/attention mask of the batch's first example, so the model sees a well-formed row, but have
 ``example_weight`` 0, ``label_weights`` 0 and ``index`` -1.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -36,8 +37,14 @@ def round_up(x: int, multiple: int) -> int:
     return -(-int(x) // multiple) * multiple
 
 
-def make_buckets(lengths: Sequence[int] | np.ndarray, max_length: int, num_buckets: int = 8, *,
-                 boundaries: Sequence[int] | None = None, multiple: int = 4) -> list[int]:
+def make_buckets(
+    lengths: Sequence[int] | np.ndarray,
+    max_length: int,
+    num_buckets: int = 8,
+    *,
+    boundaries: Sequence[int] | None = None,
+    multiple: int = 4,
+) -> list[int]:
     """Chooses bucket boundaries (sequence lengths) that minimize padding for these lengths.
 
     At most ``num_buckets`` boundaries hold examples; they are multiples of ``multiple`` (or
@@ -134,9 +141,15 @@ def start_id(decoder_start_token_id: int | None, decoder_start_id: int | None) -
     return int(start)
 
 
-def collate(examples: Sequence[np.ndarray], *, pad_id: int, decoder_start_token_id: int | None = None,
-            decoder_start_id: int | None = None, bos_id: int | None = None,
-            seq_len: int | None = None) -> Batch:
+def collate(
+    examples: Sequence[np.ndarray],
+    *,
+    pad_id: int,
+    decoder_start_token_id: int | None = None,
+    decoder_start_id: int | None = None,
+    bos_id: int | None = None,
+    seq_len: int | None = None,
+) -> Batch:
     """One batch of exactly these examples, in order, padded to ``seq_len`` (default: the longest).
 
     The batch format of the module docstring: ``index`` is ``arange(N)`` and every ``example_weight`` is 1
@@ -152,11 +165,13 @@ def collate(examples: Sequence[np.ndarray], *, pad_id: int, decoder_start_token_
         raise ValueError(f"example {int(np.argmin(lens))} is empty; every example needs >= 1 token")
     if lens.max() > seq_len:
         i = int(np.argmax(lens))
-        raise ValueError(f"example {i} has {lens[i]} tokens > max_length={seq_len}; "
-                         "truncate with encode_texts(..., max_length) first")
+        raise ValueError(
+            f"example {i} has {lens[i]} tokens > max_length={seq_len}; "
+            "truncate with encode_texts(..., max_length) first"
+        )
     ids = np.full((len(lens), seq_len), pad_id, dtype=np.int32)
     for r, x in enumerate(examples):
-        ids[r, :lens[r]] = x
+        ids[r, : lens[r]] = x
     mask = np.arange(seq_len)[None, :] < lens[:, None]
     weights = mask.astype(np.float32)
     if bos_id is not None:
@@ -164,6 +179,12 @@ def collate(examples: Sequence[np.ndarray], *, pad_id: int, decoder_start_token_
     dec = np.empty_like(ids)
     dec[:, 0] = start
     dec[:, 1:] = ids[:, :-1]
-    return {"input_ids": ids, "attention_mask": mask.astype(np.int32), "labels": ids.copy(),
-            "label_weights": weights, "decoder_input_ids": dec,
-            "example_weight": np.ones(len(lens), np.float32), "index": np.arange(len(lens), dtype=np.int32)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask.astype(np.int32),
+        "labels": ids.copy(),
+        "label_weights": weights,
+        "decoder_input_ids": dec,
+        "example_weight": np.ones(len(lens), np.float32),
+        "index": np.arange(len(lens), dtype=np.int32),
+    }

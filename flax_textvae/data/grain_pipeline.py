@@ -22,6 +22,7 @@ prefetched by threads and, optionally, by worker processes (``num_workers``; eac
 :class:`GrainEvalIterator` yields every example exactly once, bucket by bucket in example order, a
 bucket's rest moving on as in training; only the last batch is completed with filler rows.
 """
+
 from __future__ import annotations
 
 import os
@@ -89,10 +90,23 @@ class Batcher:
       num_examples: use only the first ``num_examples`` examples (None: all).
     """
 
-    def __init__(self, source: Any, *, batch_size: int, pad_id: int, decoder_start_token_id: int | None = None,
-                 decoder_start_id: int | None = None, bos_id: int | None = None, max_length: int | None = None,
-                 num_buckets: int = 8, boundaries: Sequence[int] | None = None, multiple: int = 4,
-                 shard_index: int = 0, shard_count: int = 1, num_examples: int | None = None):
+    def __init__(
+        self,
+        source: Any,
+        *,
+        batch_size: int,
+        pad_id: int,
+        decoder_start_token_id: int | None = None,
+        decoder_start_id: int | None = None,
+        bos_id: int | None = None,
+        max_length: int | None = None,
+        num_buckets: int = 8,
+        boundaries: Sequence[int] | None = None,
+        multiple: int = 4,
+        shard_index: int = 0,
+        shard_count: int = 1,
+        num_examples: int | None = None,
+    ):
         self.decoder_start_token_id = start_id(decoder_start_token_id, decoder_start_id)
         self.source = source if is_token_source(source) else ArraySource(source)
         lengths = np.asarray(self.source.lengths)
@@ -106,8 +120,10 @@ class Batcher:
             raise ValueError(f"example {int(np.argmin(lengths))} is empty; every example needs >= 1 token")
         max_length = round_up(longest, multiple) if max_length is None else int(max_length)
         if longest > max_length:
-            raise ValueError(f"example {int(np.argmax(lengths))} has {longest} tokens > max_length={max_length}; "
-                             "truncate with encode_texts(..., max_length) first")
+            raise ValueError(
+                f"example {int(np.argmax(lengths))} has {longest} tokens > max_length={max_length}; "
+                "truncate with encode_texts(..., max_length) first"
+            )
         if batch_size < 1 or shard_count < 1 or batch_size % shard_count:
             raise ValueError(f"batch_size={batch_size} must be a positive multiple of shard_count={shard_count}")
         if not 0 <= shard_index < shard_count:
@@ -141,12 +157,17 @@ class Batcher:
             ``index`` (and no filler).
         """
         b = self.host_batch_size
-        mine = rows[self.shard_index * b:(self.shard_index + 1) * b]
+        mine = rows[self.shard_index * b : (self.shard_index + 1) * b]
         real = mine >= 0
         src = np.where(real, mine, rows[0])
         examples = self.source.__getitems__(src.tolist())
-        batch = collate(examples, pad_id=self.pad_id, decoder_start_token_id=self.decoder_start_token_id,
-                        bos_id=self.bos_id, seq_len=self.boundaries[bucket])
+        batch = collate(
+            examples,
+            pad_id=self.pad_id,
+            decoder_start_token_id=self.decoder_start_token_id,
+            bos_id=self.bos_id,
+            seq_len=self.boundaries[bucket],
+        )
         if not with_index:
             del batch["index"]
             return batch
@@ -180,8 +201,9 @@ class _Plan:
     filler-padded) last batch, if any.
     """
 
-    def __init__(self, seq: np.ndarray, bucket_of: np.ndarray, batch_size: int, tail: np.ndarray | None,
-                 order: np.ndarray | None):
+    def __init__(
+        self, seq: np.ndarray, bucket_of: np.ndarray, batch_size: int, tail: np.ndarray | None, order: np.ndarray | None
+    ):
         self.seq, self.bucket_of, self.batch_size = seq, bucket_of, batch_size
         self.num_full = len(seq) // batch_size
         self.tail = tail
@@ -196,7 +218,7 @@ class _Plan:
         j = int(self.order[position]) if self.order is not None else position
         if j >= self.num_full:
             return self.tail_bucket, self.tail
-        rows = self.seq[j * self.batch_size:(j + 1) * self.batch_size].astype(np.int64)
+        rows = self.seq[j * self.batch_size : (j + 1) * self.batch_size].astype(np.int64)
         return int(self.bucket_of[rows[-1]]), rows
 
 
@@ -215,7 +237,7 @@ def train_plan(bucket_of: np.ndarray, batch_size: int, seed: int, epoch: int, re
     rest = len(seq) % batch_size
     tail = None
     if rest and remainder == "reuse":  # complete the last partial batch with the epoch's first examples
-        tail = np.concatenate([seq[len(seq) - rest:], np.resize(perm, batch_size - rest)]).astype(np.int64)
+        tail = np.concatenate([seq[len(seq) - rest :], np.resize(perm, batch_size - rest)]).astype(np.int64)
     del perm
     order = rng.permutation(len(seq) // batch_size + (tail is not None))
     return _Plan(seq, bucket_of, batch_size, tail, order)
@@ -227,7 +249,7 @@ def eval_plan(bucket_of: np.ndarray, batch_size: int) -> _Plan:
     rest = len(seq) % batch_size
     tail = None
     if rest:
-        tail = np.concatenate([seq[len(seq) - rest:], np.full(batch_size - rest, -1)]).astype(np.int64)
+        tail = np.concatenate([seq[len(seq) - rest :], np.full(batch_size - rest, -1)]).astype(np.int64)
     return _Plan(seq, bucket_of, batch_size, tail, None)
 
 
@@ -244,8 +266,9 @@ class _TrainBatches:
             if epoch not in self._plans:
                 for old in [e for e in self._plans if e < epoch - 1]:  # keep the previous epoch for prefetch
                     del self._plans[old]
-                self._plans[epoch] = train_plan(self.batcher.bucket_of, self.batcher.batch_size, self.seed, epoch,
-                                                self.remainder)
+                self._plans[epoch] = train_plan(
+                    self.batcher.bucket_of, self.batcher.batch_size, self.seed, epoch, self.remainder
+                )
             return self._plans[epoch]
 
     def __call__(self, step: int) -> Batch:
@@ -254,8 +277,12 @@ class _TrainBatches:
         return self.batcher.make_batch(rows, bucket, with_index=False)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"batcher": self.batcher, "seed": self.seed, "remainder": self.remainder,
-                "steps_per_epoch": self.steps_per_epoch}
+        return {
+            "batcher": self.batcher,
+            "seed": self.seed,
+            "remainder": self.remainder,
+            "steps_per_epoch": self.steps_per_epoch,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -284,8 +311,17 @@ class GrainTrainIterator:
         ``shard_index``, ``shard_count``, ``num_examples``).
     """
 
-    def __init__(self, source: Any, *, seed: int = 0, remainder: str = "reuse", num_threads: int = DEFAULT_THREADS,
-                 prefetch: int = DEFAULT_PREFETCH, num_workers: int = 0, **layout_kw: Any):
+    def __init__(
+        self,
+        source: Any,
+        *,
+        seed: int = 0,
+        remainder: str = "reuse",
+        num_threads: int = DEFAULT_THREADS,
+        prefetch: int = DEFAULT_PREFETCH,
+        num_workers: int = 0,
+        **layout_kw: Any,
+    ):
         if remainder not in ("reuse", "drop"):
             raise ValueError(f"remainder must be 'reuse' or 'drop', got {remainder!r}")
         if seed < 0:
@@ -344,8 +380,10 @@ class GrainTrainIterator:
         if epoch < 0 or position < 0:
             raise ValueError(f"bad iterator state {state}")
         if position > self._steps:
-            raise ValueError(f"state position {position} > {self._steps} batches per epoch; "
-                             "was the state saved with other data or batch size?")
+            raise ValueError(
+                f"state position {position} > {self._steps} batches per epoch; "
+                "was the state saved with other data or batch size?"
+            )
         self.close()
         self._step = epoch * self._steps + position
 
@@ -379,8 +417,9 @@ class GrainEvalIterator:
       **layout_kw: the ``Batcher`` arguments, ``num_examples`` (only the first ones) included.
     """
 
-    def __init__(self, source: Any, *, num_threads: int = DEFAULT_THREADS, prefetch: int = DEFAULT_PREFETCH,
-                 **layout_kw: Any):
+    def __init__(
+        self, source: Any, *, num_threads: int = DEFAULT_THREADS, prefetch: int = DEFAULT_PREFETCH, **layout_kw: Any
+    ):
         self.batcher = _batcher(source, layout_kw)
         self.boundaries = self.batcher.boundaries
         self._plan = eval_plan(self.batcher.bucket_of, self.batcher.batch_size)
@@ -418,8 +457,15 @@ class TfdsTokenSource:
       texts: the examples' texts, read on access (``texts[i]``, slices).
     """
 
-    def __init__(self, spec: str, tokenizer: Any, max_length: int, *, data_dir: str | os.PathLike | None = None,
-                 text_field: str | None = None):
+    def __init__(
+        self,
+        spec: str,
+        tokenizer: Any,
+        max_length: int,
+        *,
+        data_dir: str | os.PathLike | None = None,
+        text_field: str | None = None,
+    ):
         self.spec, self.tokenizer, self.max_length = spec, tokenizer, int(max_length)
         self._source, self.field = sources.open_tfds(spec, data_dir=data_dir, text_field=text_field)
         n = len(self._source)
@@ -428,19 +474,28 @@ class TfdsTokenSource:
         truncated = longest = 0
         for start in range(0, n, _TFDS_CHUNK):
             got = self._source.__getitems__(list(range(start, min(n, start + _TFDS_CHUNK))))
-            texts = [(start + k, sources.record_text(r, self.field, where=f"{spec}:{start + k}", stats=stats))
-                     for k, r in enumerate(got)]
+            texts = [
+                (start + k, sources.record_text(r, self.field, where=f"{spec}:{start + k}", stats=stats))
+                for k, r in enumerate(got)
+            ]
             kept = [(k, t) for k, t in texts if t is not None]
             ids, cut, top = encode_ids(tokenizer, [t for _, t in kept], self.max_length)
             truncated, longest = truncated + cut, max(longest, top)
             records.append(np.array([k for k, _ in kept], dtype=np.int64))
             lengths.append(np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids)))
         self._records = np.concatenate(records + [np.zeros(0, np.int64)]).astype(np.int32 if n < 2**31 else np.int64)
-        self.lengths = np.concatenate(lengths + [np.zeros(0, np.int32)]).astype(np.uint16 if max_length < 2**16
-                                                                               else np.int32)
+        self.lengths = np.concatenate(lengths + [np.zeros(0, np.int32)]).astype(
+            np.uint16 if max_length < 2**16 else np.int32
+        )
         tokens = int(self.lengths.sum(dtype=np.int64))
-        stats.update(lines_read=n, examples=len(self.lengths), truncated=truncated, tokens=tokens,
-                     max_length_seen=longest, mean_length=tokens / max(len(self.lengths), 1))
+        stats.update(
+            lines_read=n,
+            examples=len(self.lengths),
+            truncated=truncated,
+            tokens=tokens,
+            max_length_seen=longest,
+            mean_length=tokens / max(len(self.lengths), 1),
+        )
         self.stats = stats
         sources.warn_undecodable(spec, stats)
         self.texts = _TfdsTexts(self)

@@ -16,6 +16,7 @@ Re-running with the same input bytes (SHA-256), tokenizer (``tokenizer_fingerpri
 complete (``index.json`` last), so an interrupted run never leaves a folder that looks prepared; its
 temporary folder is removed by the next run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,9 @@ _MAX_LOCATIONS = 20
 _worker: dict[str, Any] = {}  # per-process state of the shard workers (tokenizer, settings)
 
 
-def clean_lines(blob: bytes, *, where: str, first_line: int, column: int | None, on_decode_error: str,
-                stats: dict[str, Any]) -> list[str]:
+def clean_lines(
+    blob: bytes, *, where: str, first_line: int, column: int | None, on_decode_error: str, stats: dict[str, Any]
+) -> list[str]:
     """The examples of a block of raw lines, by the rules of ``read_examples`` for text files.
 
     Args:
@@ -75,8 +77,10 @@ def clean_lines(blob: bytes, *, where: str, first_line: int, column: int | None,
         if column is not None:
             fields = line.split("\t") if line.strip() else [""] * (column + 1)
             if column >= len(fields):
-                raise ValueError(f"{where}:{lineno}: has {len(fields)} tab-separated column(s), column={column} "
-                                 "asked for; fix the line or choose another column")
+                raise ValueError(
+                    f"{where}:{lineno}: has {len(fields)} tab-separated column(s), column={column} "
+                    "asked for; fix the line or choose another column"
+                )
             line = fields[column]
         line = line.strip()
         if line:
@@ -95,8 +99,14 @@ def _write_shard(task: tuple[int, str, int, bytes]) -> dict[str, Any]:
     """Cleans, tokenizes and writes one shard; returns its lengths and statistics."""
     shard, where, first_line, blob = task
     stats = {"lines_read": 0, "empty_skipped": 0, "undecodable_skipped": 0, "undecodable_locations": []}
-    texts = clean_lines(blob, where=where, first_line=first_line, column=_worker["column"],
-                        on_decode_error=_worker["on_decode_error"], stats=stats)
+    texts = clean_lines(
+        blob,
+        where=where,
+        first_line=first_line,
+        column=_worker["column"],
+        on_decode_error=_worker["on_decode_error"],
+        stats=stats,
+    )
     ids, truncated, longest = encode_ids(_worker["tokenizer"], texts, _worker["max_length"])
     name = f"shard-{shard:05d}.array_record"
     if ids:
@@ -116,8 +126,9 @@ def resolve_inputs(inputs: str | Sequence[str]) -> list[str]:
     for item in (os.path.expanduser(s.strip()) for s in items if s.strip()):
         matched = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
         if not matched or not all(os.path.isfile(m) for m in matched):
-            raise FileNotFoundError(f"--input {item!r}: no such file" + (" (the glob matches nothing)"
-                                                                         if glob.has_magic(item) else ""))
+            raise FileNotFoundError(
+                f"--input {item!r}: no such file" + (" (the glob matches nothing)" if glob.has_magic(item) else "")
+            )
         files += matched
     if not files:
         raise FileNotFoundError("no input files given")
@@ -138,8 +149,9 @@ class _Progress:
         self.last, dt = now, max(now - self.t0, 1e-9)
         frac = done_bytes / self.total
         eta = dt * (1 - frac) / frac if frac > 0 else float("nan")
-        msg = (f"prepare: {lines:,} lines ({100 * frac:.1f}%), {lines / dt:,.0f} lines/s, "
-               + (f"done in {dt:.0f}s" if final else f"ETA {eta:.0f}s"))
+        msg = f"prepare: {lines:,} lines ({100 * frac:.1f}%), {lines / dt:,.0f} lines/s, " + (
+            f"done in {dt:.0f}s" if final else f"ETA {eta:.0f}s"
+        )
         sys.stderr.write(("\r" + msg + " " * 8) if self.tty else msg + "\n")
         if final and self.tty:
             sys.stderr.write("\n")
@@ -186,18 +198,31 @@ def _up_to_date(output: str, recipe: dict[str, Any]) -> dict[str, Any] | None:
         old = fmt.read_index(output)
     except (OSError, ValueError):
         if os.listdir(output):
-            raise FileExistsError(f"--output {output!r} exists and is not a prepared data set; "
-                                  "choose another folder or remove it") from None
+            raise FileExistsError(
+                f"--output {output!r} exists and is not a prepared data set; choose another folder or remove it"
+            ) from None
         return None
-    same = {"tokenizer_hash": old["tokenizer"]["hash"], "max_length": old["max_length"], "column": old["column"],
-            "sha256": [s["sha256"] for s in old["sources"]]} == recipe
+    same = {
+        "tokenizer_hash": old["tokenizer"]["hash"],
+        "max_length": old["max_length"],
+        "column": old["column"],
+        "sha256": [s["sha256"] for s in old["sources"]],
+    } == recipe
     return old if same else None
 
 
-def prepare_dataset(inputs: str | Sequence[str], tokenizer: str, max_length: int, output: str, *,
-                    column: int | None = None, num_workers: int | None = None,
-                    lines_per_shard: int = DEFAULT_LINES_PER_SHARD, on_decode_error: str = "skip",
-                    progress: bool = True) -> dict[str, Any]:
+def prepare_dataset(
+    inputs: str | Sequence[str],
+    tokenizer: str,
+    max_length: int,
+    output: str,
+    *,
+    column: int | None = None,
+    num_workers: int | None = None,
+    lines_per_shard: int = DEFAULT_LINES_PER_SHARD,
+    on_decode_error: str = "skip",
+    progress: bool = True,
+) -> dict[str, Any]:
     """Tokenizes text files into a prepared data set at ``output`` (a no-op when it is up to date).
 
     Args:
@@ -219,10 +244,13 @@ def prepare_dataset(inputs: str | Sequence[str], tokenizer: str, max_length: int
     output = os.path.abspath(os.path.expanduser(output))
     files = resolve_inputs(inputs)
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    sources = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "sha256": fmt.file_sha256(p)}
-               for p in files]
-    recipe = {"tokenizer_hash": fmt.tokenizer_fingerprint(tok), "max_length": int(max_length), "column": column,
-              "sha256": [s["sha256"] for s in sources]}
+    sources = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "sha256": fmt.file_sha256(p)} for p in files]
+    recipe = {
+        "tokenizer_hash": fmt.tokenizer_fingerprint(tok),
+        "max_length": int(max_length),
+        "column": column,
+        "sha256": [s["sha256"] for s in sources],
+    }
     old = _up_to_date(output, recipe)
     if old is not None:
         if progress:
@@ -233,8 +261,9 @@ def prepare_dataset(inputs: str | Sequence[str], tokenizer: str, max_length: int
     os.makedirs(tmp)
     t0 = time.time()
     try:
-        index = _write_all(files, sources, tok, tokenizer, recipe, tmp, num_workers, lines_per_shard,
-                           on_decode_error, progress)
+        index = _write_all(
+            files, sources, tok, tokenizer, recipe, tmp, num_workers, lines_per_shard, on_decode_error, progress
+        )
         index["seconds"] = round(time.time() - t0, 2)
         fmt.write_json_atomic(os.path.join(tmp, fmt.INDEX_NAME), index)
         old_dir = f"{output}.old-{os.getpid()}"
@@ -261,16 +290,24 @@ def _tasks(files: Sequence[str], lines_per_shard: int):
                 shard, first = shard + 1, first + len(lines)
 
 
-def _write_all(files, sources, tok, tokenizer_name, recipe, tmp, num_workers, lines_per_shard,
-               on_decode_error, progress) -> dict[str, Any]:
+def _write_all(
+    files, sources, tok, tokenizer_name, recipe, tmp, num_workers, lines_per_shard, on_decode_error, progress
+) -> dict[str, Any]:
     tok_folder = os.path.join(tmp, fmt.TOKENIZER_DIR)
     tok.save_pretrained(tok_folder)  # the workers tokenize with this copy; it must be the same tokenizer
     if fmt.tokenizer_fingerprint(AutoTokenizer.from_pretrained(tok_folder)) != recipe["tokenizer_hash"]:
-        raise ValueError(f"tokenizer {tokenizer_name!r} changes when saved and loaded again "
-                         "(save_pretrained / from_pretrained), so runs could not check prepared ids against it")
+        raise ValueError(
+            f"tokenizer {tokenizer_name!r} changes when saved and loaded again "
+            "(save_pretrained / from_pretrained), so runs could not check prepared ids against it"
+        )
     dtype = "<u2" if len(tok) <= 1 << 16 else "<i4"
-    settings = {"folder": tmp, "column": recipe["column"], "max_length": recipe["max_length"],
-                "on_decode_error": on_decode_error, "dtype": dtype}
+    settings = {
+        "folder": tmp,
+        "column": recipe["column"],
+        "max_length": recipe["max_length"],
+        "on_decode_error": on_decode_error,
+        "dtype": dtype,
+    }
     workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
     bar = _Progress(sum(s["bytes"] for s in sources), progress)
     results, done_bytes, done_lines = [], 0, 0
@@ -300,30 +337,49 @@ def _write_all(files, sources, tok, tokenizer_name, recipe, tmp, num_workers, li
     bar.update(done_bytes, done_lines, final=True)
     lengths = np.concatenate([r["lengths"] for r in results] + [np.zeros(0, np.uint16)])
     np.save(os.path.join(tmp, fmt.LENGTHS_NAME), lengths)
-    stats = {k: int(sum(r[k] for r in results)) for k in ("lines_read", "empty_skipped", "undecodable_skipped",
-                                                          "truncated")}
+    stats = {
+        k: int(sum(r[k] for r in results)) for k in ("lines_read", "empty_skipped", "undecodable_skipped", "truncated")
+    }
     stats["undecodable_locations"] = [x for r in results for x in r["undecodable_locations"]][:_MAX_LOCATIONS]
     stats["tokens"] = int(lengths.sum(dtype=np.int64))
     stats["max_length_seen"] = int(max([r["longest"] for r in results] + [0]))
     stats["mean_length"] = stats["tokens"] / max(len(lengths), 1)
     if stats["undecodable_skipped"] and progress:
-        print(f"prepare: skipped {stats['undecodable_skipped']} line(s) that are not valid UTF-8: "
-              + ", ".join(stats["undecodable_locations"][:5]), file=sys.stderr)
-    return {"format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION, "num_examples": int(len(lengths)),
-            "dtype": dtype, "lengths_file": fmt.LENGTHS_NAME,
-            "shards": [{"file": r["file"], "num_examples": int(len(r["lengths"]))} for r in results
-                       if len(r["lengths"])],
-            "tokenizer": {"name": str(tokenizer_name), "hash": recipe["tokenizer_hash"], "vocab_size": len(tok),
-                          "folder": fmt.TOKENIZER_DIR},
-            "max_length": recipe["max_length"], "column": recipe["column"], "sources": list(sources),
-            "stats": stats, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        print(
+            f"prepare: skipped {stats['undecodable_skipped']} line(s) that are not valid UTF-8: "
+            + ", ".join(stats["undecodable_locations"][:5]),
+            file=sys.stderr,
+        )
+    return {
+        "format": fmt.FORMAT,
+        "format_version": fmt.FORMAT_VERSION,
+        "num_examples": int(len(lengths)),
+        "dtype": dtype,
+        "lengths_file": fmt.LENGTHS_NAME,
+        "shards": [{"file": r["file"], "num_examples": int(len(r["lengths"]))} for r in results if len(r["lengths"])],
+        "tokenizer": {
+            "name": str(tokenizer_name),
+            "hash": recipe["tokenizer_hash"],
+            "vocab_size": len(tok),
+            "folder": fmt.TOKENIZER_DIR,
+        },
+        "max_length": recipe["max_length"],
+        "column": recipe["column"],
+        "sources": list(sources),
+        "stats": stats,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 on a user error)."""
     p = argparse.ArgumentParser(prog="python -m flax_textvae.data.prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True, action="append",
-                   help="text file or glob, one example per line (repeat or separate with commas)")
+    p.add_argument(
+        "--input",
+        required=True,
+        action="append",
+        help="text file or glob, one example per line (repeat or separate with commas)",
+    )
     p.add_argument("--column", type=int, default=-1, help="0-based tab-separated column (-1: the whole line)")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder or hub id (the model's)")
     p.add_argument("--max_length", type=int, required=True, help="tokens per example incl. specials")
@@ -333,19 +389,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--on_decode_error", choices=("skip", "raise"), default="skip")
     args = p.parse_args(argv)
     try:
-        index = prepare_dataset([s for item in args.input for s in item.split(",")], args.tokenizer,
-                                args.max_length, args.output, column=None if args.column < 0 else args.column,
-                                num_workers=args.num_workers, lines_per_shard=args.lines_per_shard,
-                                on_decode_error=args.on_decode_error)
+        index = prepare_dataset(
+            [s for item in args.input for s in item.split(",")],
+            args.tokenizer,
+            args.max_length,
+            args.output,
+            column=None if args.column < 0 else args.column,
+            num_workers=args.num_workers,
+            lines_per_shard=args.lines_per_shard,
+            on_decode_error=args.on_decode_error,
+        )
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not index.get("up_to_date"):
         s = index["stats"]
-        print(f"prepared {index['num_examples']:,} examples in {len(index['shards'])} shard(s) at {args.output} "
-              f"({s['empty_skipped']} empty, {s['undecodable_skipped']} undecodable lines skipped, "
-              f"{s['truncated']} truncated to {index['max_length']}, mean {s['mean_length']:.1f} tokens) "
-              f"in {index['seconds']:.0f}s", file=sys.stderr)
+        print(
+            f"prepared {index['num_examples']:,} examples in {len(index['shards'])} shard(s) at {args.output} "
+            f"({s['empty_skipped']} empty, {s['undecodable_skipped']} undecodable lines skipped, "
+            f"{s['truncated']} truncated to {index['max_length']}, mean {s['mean_length']:.1f} tokens) "
+            f"in {index['seconds']:.0f}s",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -24,6 +24,7 @@ folder and renames it into place when everything is written).
 :class:`PreparedSource` reads it with random access (grain's ``RandomAccessDataSource`` protocol:
 ``len``, ``[i]``, ``__getitems__``), one shared ArrayRecord reader per shard.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,7 +55,7 @@ def is_prepared_spec(spec: Any) -> bool:
 def prepared_dir(spec: str | os.PathLike) -> str:
     """The folder of ``'prepared:DIR'`` (a bare path is returned as is), user home expanded."""
     s = os.fspath(spec)
-    return os.path.expanduser(s[len(PREPARED_PREFIX):] if s.startswith(PREPARED_PREFIX) else s)
+    return os.path.expanduser(s[len(PREPARED_PREFIX) :] if s.startswith(PREPARED_PREFIX) else s)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -79,8 +80,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         state.pop("padding", None)
     else:
         vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
-        state = {"class": type(tokenizer).__name__, "vocab": vocab,
-                 "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}}
+        state = {
+            "class": type(tokenizer).__name__,
+            "vocab": vocab,
+            "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        }
     blob = json.dumps(state, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -118,7 +122,7 @@ def encode_ids(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[l
         longest = max(longest, len(ids))
         if len(ids) > max_length:
             truncated += 1
-            seqs[i] = ids[:max_length - 1] + [eos_id] if eos_id is not None and ids[-1] == eos_id else ids[:max_length]
+            seqs[i] = ids[: max_length - 1] + [eos_id] if eos_id is not None and ids[-1] == eos_id else ids[:max_length]
     return seqs, truncated, longest
 
 
@@ -147,29 +151,33 @@ def read_index(folder: str | os.PathLike) -> dict[str, Any]:
     """
     folder = prepared_dir(folder)
     path = os.path.join(folder, INDEX_NAME)
-    how = ("prepare it with: python -m flax_textvae.data.prepare --input=FILE --tokenizer=TOKENIZER "
-           f"--max_length=N --output={folder}")
+    how = (
+        "prepare it with: python -m flax_textvae.data.prepare --input=FILE --tokenizer=TOKENIZER "
+        f"--max_length=N --output={folder}"
+    )
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"prepared data set {folder!r} does not exist; {how}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder!r} has no {INDEX_NAME}: it is not a (completely) prepared data set; "
-                                f"{how}")
+        raise FileNotFoundError(f"{folder!r} has no {INDEX_NAME}: it is not a (completely) prepared data set; {how}")
     try:
         with open(path) as f:
             index = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: unreadable index ({err}); prepare the data set again") from err
     if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format {index.get('format')!r} version {index.get('format_version')!r}, "
-                         f"expected {FORMAT!r} version {FORMAT_VERSION}; prepare the data set again")
+        raise ValueError(
+            f"{path}: format {index.get('format')!r} version {index.get('format_version')!r}, "
+            f"expected {FORMAT!r} version {FORMAT_VERSION}; prepare the data set again"
+        )
     for name in [index["lengths_file"]] + [s["file"] for s in index["shards"]]:
         if not os.path.isfile(os.path.join(folder, name)):
             raise FileNotFoundError(f"{folder!r}: {name} listed in {INDEX_NAME} is missing; prepare it again")
     return index
 
 
-def compatibility_problems(index: dict[str, Any], tokenizer: Any, max_length: int, *, spec: str,
-                           tokenizer_name: str) -> list[str]:
+def compatibility_problems(
+    index: dict[str, Any], tokenizer: Any, max_length: int, *, spec: str, tokenizer_name: str
+) -> list[str]:
     """Why a prepared data set cannot feed a run with this tokenizer and ``max_length`` ([] if it can).
 
     The ids must come from the same tokenizer (same :func:`tokenizer_fingerprint`), and the examples must
@@ -190,15 +198,19 @@ def compatibility_problems(index: dict[str, Any], tokenizer: Any, max_length: in
     tok = index["tokenizer"]
     mine = tokenizer_fingerprint(tokenizer)
     if tok["hash"] != mine:
-        problems.append(f"{spec!r} was prepared with tokenizer {tok['name']!r} ({tok['hash'][:19]}...), but the "
-                        f"model's tokenizer is {tokenizer_name!r} ({mine[:19]}...); prepare it again with "
-                        f"--tokenizer={tokenizer_name}")
+        problems.append(
+            f"{spec!r} was prepared with tokenizer {tok['name']!r} ({tok['hash'][:19]}...), but the "
+            f"model's tokenizer is {tokenizer_name!r} ({mine[:19]}...); prepare it again with "
+            f"--tokenizer={tokenizer_name}"
+        )
     prepared_max, stats = int(index["max_length"]), index["stats"]
     fits = stats["truncated"] == 0 and stats["max_length_seen"] <= max_length
     if prepared_max != max_length and not fits:
-        problems.append(f"{spec!r} was prepared with max_length={prepared_max} ({stats['truncated']} examples "
-                        f"truncated, longest {stats['max_length_seen']} tokens), but data.max_length={max_length}; "
-                        f"set data.max_length={prepared_max} or prepare it again with --max_length={max_length}")
+        problems.append(
+            f"{spec!r} was prepared with max_length={prepared_max} ({stats['truncated']} examples "
+            f"truncated, longest {stats['max_length_seen']} tokens), but data.max_length={max_length}; "
+            f"set data.max_length={prepared_max} or prepare it again with --max_length={max_length}"
+        )
     return problems
 
 
@@ -248,8 +260,9 @@ class PreparedSource:
         if self._readers[shard] is None:
             with self._open_lock:
                 if self._readers[shard] is None:
-                    self._readers[shard] = ArrayRecordReader(self._paths[shard], READER_OPTIONS,
-                                                             file_reader_buffer_size=_READER_BUFFER)
+                    self._readers[shard] = ArrayRecordReader(
+                        self._paths[shard], READER_OPTIONS, file_reader_buffer_size=_READER_BUFFER
+                    )
         return self._readers[shard]
 
     def __getitem__(self, key: int) -> np.ndarray:
@@ -271,8 +284,7 @@ class PreparedSource:
         return out
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()
-                if k not in ("_readers", "_locks", "_open_lock", "_lengths")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_readers", "_locks", "_open_lock", "_lengths")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _lengths=None)
@@ -302,8 +314,7 @@ class DecodedTexts(Sequence[str]):
         if isinstance(i, slice):
             keys = list(range(len(self))[i])
             ids = self.source.__getitems__(keys) if keys else []
-            return [t.strip() for t in self.tokenizer.batch_decode([x.tolist() for x in ids],
-                                                                   skip_special_tokens=True)]
+            return [t.strip() for t in self.tokenizer.batch_decode([x.tolist() for x in ids], skip_special_tokens=True)]
         if i < 0:
             i += len(self)
         return self.tokenizer.decode(self.source[i].tolist(), skip_special_tokens=True).strip()

@@ -24,6 +24,7 @@ Bad input is handled as follows (the behaviour is part of the API):
   (first 20) and reported in ONE ``UnicodeWarning`` per file; with ``on_decode_error='raise'`` the first
   such line raises ``ValueError`` naming ``file:line``.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,13 +49,18 @@ class DatasetNotBuiltError(ValueError):
 
 def new_stats() -> dict[str, Any]:
     """The counters ``read_examples`` returns, all zero."""
-    return {"lines_read": 0, "empty_skipped": 0, "undecodable_skipped": 0, "undecodable_locations": [],
-            "examples": 0}
+    return {"lines_read": 0, "empty_skipped": 0, "undecodable_skipped": 0, "undecodable_locations": [], "examples": 0}
 
 
-def read_examples(spec: str | os.PathLike, *, column: int | None = None, max_examples: int | None = None,
-                  data_dir: str | os.PathLike | None = None, text_field: str | None = None,
-                  on_decode_error: str = "skip") -> tuple[list[str], dict[str, Any]]:
+def read_examples(
+    spec: str | os.PathLike,
+    *,
+    column: int | None = None,
+    max_examples: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    text_field: str | None = None,
+    on_decode_error: str = "skip",
+) -> tuple[list[str], dict[str, Any]]:
     """Reads text examples from a text file or a TFDS array_record data set.
 
     Args:
@@ -86,12 +92,18 @@ def read_examples(spec: str | os.PathLike, *, column: int | None = None, max_exa
         return _read_synthetic(spec_str, max_examples=max_examples)
     if spec_str.startswith(TFDS_PREFIX):
         if column is not None:
-            raise ValueError(f"column={column} only applies to text files, not to {spec_str!r}; "
-                             "use text_field= to pick the TFDS feature")
-        return _read_tfds(spec_str, max_examples=max_examples, data_dir=data_dir, text_field=text_field,
-                          on_decode_error=on_decode_error)
-    return _read_text_file(spec_str, column=column, max_examples=max_examples,
-                           on_decode_error=on_decode_error)
+            raise ValueError(
+                f"column={column} only applies to text files, not to {spec_str!r}; "
+                "use text_field= to pick the TFDS feature"
+            )
+        return _read_tfds(
+            spec_str,
+            max_examples=max_examples,
+            data_dir=data_dir,
+            text_field=text_field,
+            on_decode_error=on_decode_error,
+        )
+    return _read_text_file(spec_str, column=column, max_examples=max_examples, on_decode_error=on_decode_error)
 
 
 def _accept(text: str, stats: dict[str, Any], texts: list[str]) -> None:
@@ -104,8 +116,10 @@ def _accept(text: str, stats: dict[str, Any], texts: list[str]) -> None:
 
 def _undecodable(where: str, err: UnicodeDecodeError, stats: dict[str, Any], on_decode_error: str) -> None:
     if on_decode_error == "raise":
-        raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start}); fix or remove the "
-                         "line, or pass on_decode_error='skip' to skip such lines") from err
+        raise ValueError(
+            f"{where}: not valid UTF-8 ({err.reason} at byte {err.start}); fix or remove the "
+            "line, or pass on_decode_error='skip' to skip such lines"
+        ) from err
     stats["undecodable_skipped"] += 1
     if len(stats["undecodable_locations"]) < _MAX_LOCATIONS:
         stats["undecodable_locations"].append(where)
@@ -117,16 +131,20 @@ def warn_undecodable(source: str, stats: dict[str, Any]) -> None:
     if n:
         shown = ", ".join(stats["undecodable_locations"][:5])
         more = f" and {n - 5} more" if n > 5 else ""
-        warnings.warn(f"{source}: skipped {n} line(s) that are not valid UTF-8: {shown}{more}",
-                      UnicodeWarning, stacklevel=3)
+        warnings.warn(
+            f"{source}: skipped {n} line(s) that are not valid UTF-8: {shown}{more}", UnicodeWarning, stacklevel=3
+        )
 
 
-def _read_text_file(path: str, *, column: int | None, max_examples: int | None,
-                    on_decode_error: str) -> tuple[list[str], dict[str, Any]]:
+def _read_text_file(
+    path: str, *, column: int | None, max_examples: int | None, on_decode_error: str
+) -> tuple[list[str], dict[str, Any]]:
     p = pathlib.Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"text file {str(p)!r} does not exist (resolved: {p.resolve()}); give a path "
-                                "to a UTF-8 file with one example per line, or 'tfds:NAME[/CONFIG][:SPLIT]'")
+        raise FileNotFoundError(
+            f"text file {str(p)!r} does not exist (resolved: {p.resolve()}); give a path "
+            "to a UTF-8 file with one example per line, or 'tfds:NAME[/CONFIG][:SPLIT]'"
+        )
     if p.is_dir():
         raise ValueError(f"{str(p)!r} is a directory; give a text file with one example per line")
     if column is not None and column < 0:
@@ -151,8 +169,10 @@ def _read_text_file(path: str, *, column: int | None, max_examples: int | None,
                 if not line.strip():
                     fields = [""] * (column + 1)  # an empty line is empty, not malformed
                 if column >= len(fields):
-                    raise ValueError(f"{p}:{lineno}: has {len(fields)} tab-separated column(s), column={column} "
-                                     "asked for; fix the line or choose another column")
+                    raise ValueError(
+                        f"{p}:{lineno}: has {len(fields)} tab-separated column(s), column={column} "
+                        "asked for; fix the line or choose another column"
+                    )
                 line = fields[column]
             _accept(line, stats, texts)
     stats["examples"] = len(texts)
@@ -161,7 +181,7 @@ def _read_text_file(path: str, *, column: int | None, max_examples: int | None,
 
 
 def _read_synthetic(spec: str, *, max_examples: int | None) -> tuple[list[str], dict[str, Any]]:
-    parts = spec[len(SYNTHETIC_PREFIX):].split(":")
+    parts = spec[len(SYNTHETIC_PREFIX) :].split(":")
     try:
         if not 1 <= len(parts) <= 2:
             raise ValueError
@@ -169,8 +189,10 @@ def _read_synthetic(spec: str, *, max_examples: int | None) -> tuple[list[str], 
         if n < 0 or seed < 0:
             raise ValueError
     except ValueError:
-        raise ValueError(f"bad synthetic spec {spec!r}; expected 'synthetic:N[:SEED]' with integers >= 0, "
-                         "e.g. 'synthetic:20000' or 'synthetic:500:1'") from None
+        raise ValueError(
+            f"bad synthetic spec {spec!r}; expected 'synthetic:N[:SEED]' with integers >= 0, "
+            "e.g. 'synthetic:20000' or 'synthetic:500:1'"
+        ) from None
     texts = synthetic_sentences(n if max_examples is None else min(n, max_examples), seed)
     stats = new_stats()
     stats["lines_read"] = stats["examples"] = len(texts)
@@ -179,12 +201,13 @@ def _read_synthetic(spec: str, *, max_examples: int | None) -> tuple[list[str], 
 
 def parse_tfds_spec(spec: str) -> tuple[str, str]:
     """Splits ``'tfds:NAME[/CONFIG][:SPLIT]'`` into (``'NAME[/CONFIG]'``, split); split defaults to 'train'."""
-    body = spec[len(TFDS_PREFIX):] if spec.startswith(TFDS_PREFIX) else spec
+    body = spec[len(TFDS_PREFIX) :] if spec.startswith(TFDS_PREFIX) else spec
     name, _, split = body.partition(":")
     name, split = name.strip(), (split.strip() or "train")
     if not name or name.count("/") > 1 or ":" in split:
-        raise ValueError(f"bad TFDS spec {spec!r}; expected 'tfds:NAME[/CONFIG][:SPLIT]', "
-                         "e.g. 'tfds:text_vae_corpora/ptb:valid'")
+        raise ValueError(
+            f"bad TFDS spec {spec!r}; expected 'tfds:NAME[/CONFIG][:SPLIT]', e.g. 'tfds:text_vae_corpora/ptb:valid'"
+        )
     return name, split
 
 
@@ -193,13 +216,17 @@ def _prepare_hint(name: str, data_dir: str | None) -> str:
     base = name.split("/")[0]
     if base == "text_vae_corpora":
         config = name.split("/")[1] if "/" in name else "ptb"
-        return (f"prepare it with: python -m flax_textvae.data.textvae_corpora --config={config} "
-                f"--manual_dir=DIR_WITH_{config}/{{train,valid,test}}.txt --data_dir={where} "
-                "(array_record format; see flax_textvae/data/textvae_corpora.py)")
-    return (f"prepare it in the array_record format (random access, no TensorFlow at run time), e.g. "
-            f"tfds.builder('{name}', data_dir='{where}', file_format='array_record').download_and_prepare() "
-            f"or, where TensorFlow is installed, `tfds build {base} --file_format=array_record "
-            f"--data_dir={where}`; then pass data_dir= or set TFDS_DATA_DIR")
+        return (
+            f"prepare it with: python -m flax_textvae.data.textvae_corpora --config={config} "
+            f"--manual_dir=DIR_WITH_{config}/{{train,valid,test}}.txt --data_dir={where} "
+            "(array_record format; see flax_textvae/data/textvae_corpora.py)"
+        )
+    return (
+        f"prepare it in the array_record format (random access, no TensorFlow at run time), e.g. "
+        f"tfds.builder('{name}', data_dir='{where}', file_format='array_record').download_and_prepare() "
+        f"or, where TensorFlow is installed, `tfds build {base} --file_format=array_record "
+        f"--data_dir={where}`; then pass data_dir= or set TFDS_DATA_DIR"
+    )
 
 
 def _not_built_message(spec: str, name: str, data_dir: str, builder: Any) -> str:
@@ -213,15 +240,19 @@ def _not_built_message(spec: str, name: str, data_dir: str, builder: Any) -> str
     found = f" (found only version(s) {', '.join(other)} there: rebuild it)" if other else ""
     if name.split("/")[0] == "text_vae_corpora":
         config = name.split("/")[1] if "/" in name else "ptb"
-        build = (f"build it with:\n    python -m flax_textvae.data.textvae_corpora --config={config} "
-                 f"--manual_dir=DIR --data_dir={data_dir}\n  where DIR/{config}/train.txt, valid.txt and test.txt "
-                 "hold the corpus, one sentence per line (flax_textvae.data.textvae_corpora.prepare does the same "
-                 "from Python)")
+        build = (
+            f"build it with:\n    python -m flax_textvae.data.textvae_corpora --config={config} "
+            f"--manual_dir=DIR --data_dir={data_dir}\n  where DIR/{config}/train.txt, valid.txt and test.txt "
+            "hold the corpus, one sentence per line (flax_textvae.data.textvae_corpora.prepare does the same "
+            "from Python)"
+        )
     else:
         build = _prepare_hint(name, data_dir)
-    return (f"{spec!r}: TFDS data set {name!r} (version {getattr(builder, 'version', '?')}) is not built in "
-            f"data_dir {data_dir}{found}; {build};\n  or train on text files (one example per line) instead: "
-            "--config.data.train=PATH --config.data.eval=PATH")
+    return (
+        f"{spec!r}: TFDS data set {name!r} (version {getattr(builder, 'version', '?')}) is not built in "
+        f"data_dir {data_dir}{found}; {build};\n  or train on text files (one example per line) instead: "
+        "--config.data.train=PATH --config.data.eval=PATH"
+    )
 
 
 def record_value(record: Any, field: str) -> Any:
@@ -232,8 +263,9 @@ def record_value(record: Any, field: str) -> Any:
     return value
 
 
-def open_tfds(spec: str, *, data_dir: str | os.PathLike | None = None,
-              text_field: str | None = None) -> tuple[Any, str]:
+def open_tfds(
+    spec: str, *, data_dir: str | os.PathLike | None = None, text_field: str | None = None
+) -> tuple[Any, str]:
     """Opens a ``tfds:`` spec's split with ``tfds.data_source`` (random access, nothing downloaded).
 
     Returns:
@@ -260,14 +292,18 @@ def open_tfds(spec: str, *, data_dir: str | os.PathLike | None = None,
     except DatasetNotBuiltError:
         raise
     except tfds.core.registered.DatasetNotFoundError as err:
-        raise ValueError(f"{spec!r}: TFDS data set {name!r} is not known and not prepared in {where}; "
-                         f"{_prepare_hint(name, data_dir)}") from err
+        raise ValueError(
+            f"{spec!r}: TFDS data set {name!r} is not known and not prepared in {where}; "
+            f"{_prepare_hint(name, data_dir)}"
+        ) from err
     except KeyError as err:  # tfds: "`splits` is empty", i.e. the data set has not been generated
         raise DatasetNotBuiltError(_not_built_message(spec, name, resolved, builder)) from err
     except (AssertionError, NotImplementedError, FileNotFoundError) as err:
-        raise ValueError(f"{spec!r}: TFDS data set {name!r} is not prepared as array_record in {where} "
-                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-                         f"{_prepare_hint(name, data_dir)}") from err
+        raise ValueError(
+            f"{spec!r}: TFDS data set {name!r} is not prepared as array_record in {where} "
+            f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+            f"{_prepare_hint(name, data_dir)}"
+        ) from err
     except ValueError as err:
         if "split" in str(err).lower():
             raise ValueError(f"{spec!r}: {err}") from err
@@ -282,16 +318,19 @@ def _text_field(source: Any, spec: str, text_field: str | None) -> str:
     if text_field is None:
         field = next((k for k in DEFAULT_TEXT_FIELDS if k in keys), None)
         if field is None and keys:
-            raise ValueError(f"{spec!r}: none of the default text fields {DEFAULT_TEXT_FIELDS} among the "
-                             f"features {list(keys)}; pass text_field=")
+            raise ValueError(
+                f"{spec!r}: none of the default text fields {DEFAULT_TEXT_FIELDS} among the "
+                f"features {list(keys)}; pass text_field="
+            )
         return field or DEFAULT_TEXT_FIELDS[0]
     if keys and text_field not in keys:
         raise ValueError(f"{spec!r}: text_field {text_field!r} not among the features {list(keys)}")
     return text_field
 
 
-def record_text(record: Any, field: str, *, where: str = "", stats: dict[str, Any] | None = None,
-                on_decode_error: str = "skip") -> str | None:
+def record_text(
+    record: Any, field: str, *, where: str = "", stats: dict[str, Any] | None = None, on_decode_error: str = "skip"
+) -> str | None:
     """The stripped text of a TFDS record; None for an empty or (with 'skip') undecodable one.
 
     Args:
@@ -315,8 +354,14 @@ def record_text(record: Any, field: str, *, where: str = "", stats: dict[str, An
     return value or None
 
 
-def _read_tfds(spec: str, *, max_examples: int | None, data_dir: str | os.PathLike | None,
-               text_field: str | None, on_decode_error: str) -> tuple[list[str], dict[str, Any]]:
+def _read_tfds(
+    spec: str,
+    *,
+    max_examples: int | None,
+    data_dir: str | os.PathLike | None,
+    text_field: str | None,
+    on_decode_error: str,
+) -> tuple[list[str], dict[str, Any]]:
     source, field = open_tfds(spec, data_dir=data_dir, text_field=text_field)
     stats = new_stats()
     texts: list[str] = []
@@ -329,8 +374,9 @@ def _read_tfds(spec: str, *, max_examples: int | None, data_dir: str | os.PathLi
             if max_examples is not None and len(texts) >= max_examples:
                 break
             stats["lines_read"] += 1
-            text = record_text(record, field, where=f"{spec}:{start + offset}", stats=stats,
-                               on_decode_error=on_decode_error)
+            text = record_text(
+                record, field, where=f"{spec}:{start + offset}", stats=stats, on_decode_error=on_decode_error
+            )
             if text is not None:
                 texts.append(text)
     stats["examples"] = len(texts)

@@ -5,6 +5,7 @@ objects, adjectives, adverbs, prepositional phrases, relative clauses and clause
 from 4 to 30 words (mean about 15, a spread like PTB's bulk), and the vocabulary is about 120 words, so a
 word-level tokenizer with ``vocab_size=128`` covers it. The output is a pure function of ``(n, seed)``.
 """
+
 from __future__ import annotations
 
 import random
@@ -14,12 +15,58 @@ MAX_WORDS = 30
 
 _DET_SG = ("the", "a", "this", "every", "one")
 _DET_PL = ("the", "some", "many", "these", "two", "few")
-_NOUNS = ("dog", "cat", "bird", "man", "woman", "child", "teacher", "doctor", "farmer", "student",
-          "company", "city", "house", "river", "car", "book", "letter", "market", "garden", "road")
-_ADJS = ("big", "small", "old", "young", "red", "green", "happy", "quiet", "strange", "busy", "tired",
-         "new", "bright", "dark")
-_VERBS_T = ("saw", "liked", "found", "followed", "helped", "watched", "bought", "sold", "visited", "called",
-            "built", "painted")
+_NOUNS = (
+    "dog",
+    "cat",
+    "bird",
+    "man",
+    "woman",
+    "child",
+    "teacher",
+    "doctor",
+    "farmer",
+    "student",
+    "company",
+    "city",
+    "house",
+    "river",
+    "car",
+    "book",
+    "letter",
+    "market",
+    "garden",
+    "road",
+)
+_ADJS = (
+    "big",
+    "small",
+    "old",
+    "young",
+    "red",
+    "green",
+    "happy",
+    "quiet",
+    "strange",
+    "busy",
+    "tired",
+    "new",
+    "bright",
+    "dark",
+)
+_VERBS_T = (
+    "saw",
+    "liked",
+    "found",
+    "followed",
+    "helped",
+    "watched",
+    "bought",
+    "sold",
+    "visited",
+    "called",
+    "built",
+    "painted",
+)
 _VERBS_I = ("slept", "laughed", "arrived", "left", "waited", "worked", "smiled", "ran", "stayed", "fell")
 _ADVS = ("quickly", "slowly", "often", "rarely", "again", "today", "yesterday", "quietly")
 _PREPS = ("near", "in", "on", "behind", "under", "with", "beside", "across")

@@ -33,6 +33,7 @@ The ``tfds build`` command line imports TensorFlow, so it works only where Tenso
 Then read it with ``read_examples('tfds:text_vae_corpora/ptb:valid', data_dir=...)`` (or set
 ``TFDS_DATA_DIR``), or in a config ``data.train = 'tfds:text_vae_corpora/ptb:train'``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,7 +68,8 @@ class TextVaeCorpora(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n, description=_DESCRIPTIONS[n]) for n in CONFIG_NAMES]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Put the corpus files at {manual_dir}/{config}/{train,valid,test}.txt (one example per line, UTF-8), "
-        f"config one of {CONFIG_NAMES}.")
+        f"config one of {CONFIG_NAMES}."
+    )
 
     def _info(self) -> tfds.core.DatasetInfo:
         # DatasetInfo built directly (not dataset_info_from_configs, which wants a metadata folder next
@@ -148,8 +150,7 @@ def prepare(config: str, manual_dir: str | os.PathLike, data_dir: str | os.PathL
         raise ValueError(f"unknown config {config!r}; choose one of {CONFIG_NAMES}")
     data_dir = os.fspath(data_dir) if data_dir is not None else os.environ.get("TFDS_DATA_DIR") or None
     builder = TextVaeCorpora(config=config, data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
     return os.fspath(builder.data_dir)
 
 
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--manual_dir", required=True)
     parser.add_argument("--data_dir", default=None)
     args = parser.parse_args(argv)
-    for config in (CONFIG_NAMES if args.config == "all" else (args.config,)):
+    for config in CONFIG_NAMES if args.config == "all" else (args.config,):
         print(f"prepared text_vae_corpora/{config} at {prepare(config, args.manual_dir, args.data_dir)}")
 
 

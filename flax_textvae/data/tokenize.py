@@ -8,6 +8,7 @@ T5, saved as a Hugging Face tokenizer folder, for from-scratch models and tests 
 Note: a literal ``<unk>`` in the text (as in PTB) is the tokenizer's unknown token, so it is encoded as
 ``unk_token_id`` and, like every special token, dropped by ``decode(..., skip_special_tokens=True)``.
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,25 +47,31 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple
     truncated = 0
     longest = 0
     for start in range(0, len(texts), _ENCODE_CHUNK):
-        chunk = texts[start:start + _ENCODE_CHUNK]
+        chunk = texts[start : start + _ENCODE_CHUNK]
         encoded = tokenizer(chunk, add_special_tokens=True)["input_ids"]
         for ids in encoded:
             longest = max(longest, len(ids))
             if len(ids) > max_length:
                 truncated += 1
                 if eos_id is not None and ids[-1] == eos_id:
-                    ids = list(ids[:max_length - 1]) + [eos_id]
+                    ids = list(ids[: max_length - 1]) + [eos_id]
                 else:
                     ids = ids[:max_length]
             out.append(np.asarray(ids, dtype=np.int32))
     tokens = int(sum(len(x) for x in out))
-    stats = {"examples": len(out), "truncated": truncated, "tokens": tokens, "max_length_seen": longest,
-             "mean_length": tokens / max(len(out), 1)}
+    stats = {
+        "examples": len(out),
+        "truncated": truncated,
+        "tokens": tokens,
+        "max_length_seen": longest,
+        "mean_length": tokens / max(len(out), 1),
+    }
     return out, stats
 
 
-def train_word_tokenizer(texts: Sequence[str], folder: str | os.PathLike, *, family: str = "bart",
-                         vocab_size: int = 30000, min_freq: int = 1) -> Any:
+def train_word_tokenizer(
+    texts: Sequence[str], folder: str | os.PathLike, *, family: str = "bart", vocab_size: int = 30000, min_freq: int = 1
+) -> Any:
     """Trains a whitespace word-level tokenizer offline, saves it to ``folder`` and loads it back.
 
     Special-token layouts (ids fixed; ``families.get(family).tokenizer_layout``):
@@ -98,7 +105,7 @@ def train_word_tokenizer(texts: Sequence[str], folder: str | os.PathLike, *, fam
         counts.update(text.split())
     words = [w for w, c in counts.most_common() if c >= min_freq and w not in specials]  # stable on ties
     vocab = {s: i for i, s in enumerate(specials)}
-    for w in words[:vocab_size - len(specials)]:
+    for w in words[: vocab_size - len(specials)]:
         vocab[w] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=layout.special_tokens["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -106,9 +113,11 @@ def train_word_tokenizer(texts: Sequence[str], folder: str | os.PathLike, *, fam
     ids = {s: i for i, s in enumerate(specials)}
     used = [s for s in specials if s in layout.single or s in layout.pair]
     tok.post_processor = processors.TemplateProcessing(
-        single=layout.single, pair=layout.pair, special_tokens=[(s, ids[s]) for s in used])
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1024, padding_side="right",
-                                      **layout.special_tokens)
+        single=layout.single, pair=layout.pair, special_tokens=[(s, ids[s]) for s in used]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=1024, padding_side="right", **layout.special_tokens
+    )
     os.makedirs(folder, exist_ok=True)
     wrapped.save_pretrained(os.fspath(folder))
     return AutoTokenizer.from_pretrained(os.fspath(folder))

@@ -4,17 +4,27 @@
 attention / KV-cache implementation both share; `bart` and `t5` the family stacks; `loading` the
 checkpoint reader.
 """
+
 from flax_textvae.models import families
 from flax_textvae.models.common import init_cache
 from flax_textvae.models.loading import (
-                                         FOLDER_CONTENTS,
-                                         Pretrained,
-                                         build_module,
-                                         init_params,
-                                         load_params,
-                                         load_pretrained,
-                                         param_shapes,
+    FOLDER_CONTENTS,
+    Pretrained,
+    build_module,
+    init_params,
+    load_params,
+    load_pretrained,
+    param_shapes,
 )
 
-__all__ = ["Pretrained", "load_pretrained", "build_module", "init_params", "init_cache", "load_params",
-           "param_shapes", "FOLDER_CONTENTS", "families"]
+__all__ = [
+    "Pretrained",
+    "load_pretrained",
+    "build_module",
+    "init_params",
+    "init_cache",
+    "load_params",
+    "param_shapes",
+    "FOLDER_CONTENTS",
+    "families",
+]

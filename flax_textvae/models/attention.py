@@ -35,6 +35,7 @@ Relative positions (T5):
   * `RelativePositionBias(num_buckets, max_distance, bidirectional, init_std)`: the option that gives a
       `MultiHeadAttention` its own bias table (`relative_attention_bias/embedding` [buckets, H]).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,9 +55,19 @@ Array = jax.Array
 Dtype = Any
 
 __all__ = [
-    "padding_mask", "causal_mask", "combine_masks", "mask_to_bias", "cache_position", "LatentSlots",
-    "CrossMemory", "RelativePositionBias", "relative_position_bucket", "MultiHeadAttention",
-    "ATTENTION_IMPLEMENTATIONS", "DEFAULT_ATTENTION", "check_attention",
+    "padding_mask",
+    "causal_mask",
+    "combine_masks",
+    "mask_to_bias",
+    "cache_position",
+    "LatentSlots",
+    "CrossMemory",
+    "RelativePositionBias",
+    "relative_position_bucket",
+    "MultiHeadAttention",
+    "ATTENTION_IMPLEMENTATIONS",
+    "DEFAULT_ATTENTION",
+    "check_attention",
 ]
 
 ATTENTION_IMPLEMENTATIONS = ("explicit", "dot_product")
@@ -117,6 +128,7 @@ class LatentSlots:
         projection: a length-P cache prefix at positions 0..P-1, the tokens at P, P+1, ...; or None.
       mask: [B, P] {0,1} visibility of the slots, or None (all visible).
     """
+
     states: Optional[Array] = None
     kv: Optional[Array] = None
     mask: Optional[Array] = None
@@ -133,25 +145,32 @@ class LatentSlots:
 
     def layer(self, index: int) -> "LatentSlots":
         """The slots of decoder layer `index` (layer axis removed)."""
-        return LatentSlots(states=None if self.states is None else self.states[:, index],
-                           kv=None if self.kv is None else self.kv[:, index], mask=self.mask)
+        return LatentSlots(
+            states=None if self.states is None else self.states[:, index],
+            kv=None if self.kv is None else self.kv[:, index],
+            mask=self.mask,
+        )
 
     def astype(self, dtype: Dtype) -> "LatentSlots":
         """The slots cast to the compute dtype `dtype` (the mask unchanged)."""
-        return LatentSlots(states=None if self.states is None else self.states.astype(dtype),
-                           kv=None if self.kv is None else self.kv.astype(dtype), mask=self.mask)
+        return LatentSlots(
+            states=None if self.states is None else self.states.astype(dtype),
+            kv=None if self.kv is None else self.kv.astype(dtype),
+            mask=self.mask,
+        )
 
     def check(self, num_layers: int, d_model: int, num_heads: int, head_dim: int) -> "LatentSlots":
         """Returns self after checking the stack-level shapes; raises ValueError naming the bad argument."""
         if self.states is not None and self.kv is not None:
             raise ValueError("pass either prefix_states (hidden space) or prefix_kv (head space), not both")
-        if self.states is not None and (self.states.ndim != 4 or self.states.shape[1] != num_layers
-                                        or self.states.shape[3] != d_model):
+        if self.states is not None and (
+            self.states.ndim != 4 or self.states.shape[1] != num_layers or self.states.shape[3] != d_model
+        ):
             raise ValueError(f"prefix_states must be [B, {num_layers}, P, {d_model}], got {self.states.shape}")
-        if self.kv is not None and (self.kv.ndim != 5 or self.kv.shape[1] != num_layers
-                                    or self.kv.shape[3:] != (num_heads, head_dim)):
-            raise ValueError(f"prefix_kv must be [B, {num_layers}, P, {num_heads}, {head_dim}], "
-                             f"got {self.kv.shape}")
+        if self.kv is not None and (
+            self.kv.ndim != 5 or self.kv.shape[1] != num_layers or self.kv.shape[3:] != (num_heads, head_dim)
+        ):
+            raise ValueError(f"prefix_kv must be [B, {num_layers}, P, {num_heads}, {head_dim}], got {self.kv.shape}")
         return self
 
 
@@ -163,6 +182,7 @@ class CrossMemory:
       states: [B, M, D] memory states (in the compute dtype).
       mask: [B, M] {0,1} key padding, or None (all visible).
     """
+
     states: Array
     mask: Optional[Array] = None
 
@@ -191,8 +211,9 @@ def _bucket_table(bidirectional: bool, num_buckets: int, max_distance: int) -> n
     return (out + np.where(rel < max_exact, rel, large)).astype(np.int32)
 
 
-def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
-                             max_distance: int) -> Array:
+def relative_position_bucket(
+    relative_position: Array, bidirectional: bool, num_buckets: int, max_distance: int
+) -> Array:
     """T5's bucketing of relative positions (memory_position - query_position).
 
     Args:
@@ -218,15 +239,24 @@ class RelativePositionBias:
       bidirectional: True in an encoder, False in a causal decoder.
       init_std: standard deviation of the table's normal initialisation.
     """
+
     num_buckets: int
     max_distance: int
     bidirectional: bool
     init_std: float
 
 
-def _prepend_slots(key: Array, value: Array, mask: Optional[Array], bias: Optional[Array], slot_key: Array,
-                   slot_value: Array, slot_mask: Optional[Array], q_len: int,
-                   bias_has_slots: bool) -> tuple[Array, Array, Optional[Array], Optional[Array]]:
+def _prepend_slots(
+    key: Array,
+    value: Array,
+    mask: Optional[Array],
+    bias: Optional[Array],
+    slot_key: Array,
+    slot_value: Array,
+    slot_mask: Optional[Array],
+    q_len: int,
+    bias_has_slots: bool,
+) -> tuple[Array, Array, Optional[Array], Optional[Array]]:
     """Puts P slots before the K keys / values [B, K, H, Dh]; extends the mask and the bias to P + K keys.
 
     The slots are visible to every query except where `slot_mask` [B, P] is 0. A bias [.., Q, K] gets bias 0
@@ -236,8 +266,11 @@ def _prepend_slots(key: Array, value: Array, mask: Optional[Array], bias: Option
     key = jnp.concatenate([slot_key.astype(key.dtype), key], axis=1)
     value = jnp.concatenate([slot_value.astype(value.dtype), value], axis=1)
     num_keys = key.shape[1] - num_slots
-    p_mask = (jnp.ones((batch, 1, q_len, num_slots), bool) if slot_mask is None else
-              jnp.broadcast_to(padding_mask(slot_mask), (batch, 1, q_len, num_slots)))
+    p_mask = (
+        jnp.ones((batch, 1, q_len, num_slots), bool)
+        if slot_mask is None
+        else jnp.broadcast_to(padding_mask(slot_mask), (batch, 1, q_len, num_slots))
+    )
     if mask is not None:
         mask = jnp.concatenate([p_mask, jnp.broadcast_to(mask, (batch, 1, q_len, num_keys))], axis=-1)
     elif slot_mask is not None:
@@ -297,6 +330,7 @@ class MultiHeadAttention(nn.Module):
       dtype: compute dtype; param_dtype: parameter dtype.
       attention: 'explicit' or 'dot_product' (`ATTENTION_IMPLEMENTATIONS`).
     """
+
     num_heads: int
     head_dim: int
     out_features: int
@@ -313,8 +347,14 @@ class MultiHeadAttention(nn.Module):
     attention: str = DEFAULT_ATTENTION
 
     def _dense(self, features: int, name: str, init: Optional[Callable]) -> nn.Dense:
-        return nn.Dense(features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=init or self.kernel_init, name=name)
+        return nn.Dense(
+            features,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=init or self.kernel_init,
+            name=name,
+        )
 
     def _split(self, x: Array) -> Array:
         return x.reshape(x.shape[:2] + (self.num_heads, self.head_dim))
@@ -331,30 +371,39 @@ class MultiHeadAttention(nn.Module):
         start = cache_position(self, key.shape[1])
         if not cached:
             return key, value, start, False
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                                        (0, start, 0, 0))
+        cached_key.value = jax.lax.dynamic_update_slice(
+            cached_key.value, key.astype(cached_key.value.dtype), (0, start, 0, 0)
+        )
         cached_value.value = jax.lax.dynamic_update_slice(
-            cached_value.value, value.astype(cached_value.value.dtype), (0, start, 0, 0))
+            cached_value.value, value.astype(cached_value.value.dtype), (0, start, 0, 0)
+        )
         return cached_key.value, cached_value.value, start, True
 
     def _relative_position_bias(self, q_pos: Array, k_pos: Array) -> Array:
         """Bias [1, H, Q, K] float32 for query positions [Q] and key positions [K] from this layer's table."""
         rb = self.relative_bias
-        table = nn.Embed(rb.num_buckets, self.num_heads, param_dtype=jnp.float32,
-                         embedding_init=nn.initializers.normal(rb.init_std), name="relative_attention_bias")
-        buckets = relative_position_bucket(k_pos[None, :] - q_pos[:, None], rb.bidirectional, rb.num_buckets,
-                                           rb.max_distance)
+        table = nn.Embed(
+            rb.num_buckets,
+            self.num_heads,
+            param_dtype=jnp.float32,
+            embedding_init=nn.initializers.normal(rb.init_std),
+            name="relative_attention_bias",
+        )
+        buckets = relative_position_bucket(
+            k_pos[None, :] - q_pos[:, None], rb.bidirectional, rb.num_buckets, rb.max_distance
+        )
         return jnp.transpose(table(buckets), (2, 0, 1))[None].astype(jnp.float32)
 
-    def _attend(self, query: Array, key: Array, value: Array, mask: Optional[Array], bias: Optional[Array],
-                deterministic: bool) -> Array:
+    def _attend(
+        self, query: Array, key: Array, value: Array, mask: Optional[Array], bias: Optional[Array], deterministic: bool
+    ) -> Array:
         """softmax(q k^T [/ sqrt(Dh)] + bias + mask) v in float32 scores; [B, Q, H * Dh] in `dtype`."""
         if check_attention(self.attention) == "dot_product" and (deterministic or self.dropout_rate == 0.0):
-            out = jax.nn.dot_product_attention(query, key.astype(query.dtype), value.astype(query.dtype), bias=bias,
-                                               mask=mask, scale=self._scale)
+            out = jax.nn.dot_product_attention(
+                query, key.astype(query.dtype), value.astype(query.dtype), bias=bias, mask=mask, scale=self._scale
+            )
             return out.astype(self.dtype).reshape(out.shape[:2] + (self.num_heads * self.head_dim,))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key.astype(query.dtype),
-                            preferred_element_type=jnp.float32)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key.astype(query.dtype), preferred_element_type=jnp.float32)
         if self.scale_query:
             scores = scores / math.sqrt(self.head_dim)
         if bias is not None:
@@ -372,10 +421,18 @@ class MultiHeadAttention(nn.Module):
         return 1.0 / math.sqrt(self.head_dim) if self.scale_query else 1.0
 
     @nn.compact
-    def __call__(self, x: Array, kv: Optional[Array] = None, *, mask: Optional[Array] = None,
-                 causal: bool = False, position_bias: Optional[Array] = None,
-                 slots: Optional[LatentSlots] = None, decode: bool = False,
-                 deterministic: bool = True) -> tuple[Array, Optional[Array]]:
+    def __call__(
+        self,
+        x: Array,
+        kv: Optional[Array] = None,
+        *,
+        mask: Optional[Array] = None,
+        causal: bool = False,
+        position_bias: Optional[Array] = None,
+        slots: Optional[LatentSlots] = None,
+        decode: bool = False,
+        deterministic: bool = True,
+    ) -> tuple[Array, Optional[Array]]:
         """Attends from x to kv (or to x itself), see the class docstring.
 
         Args:
@@ -409,15 +466,16 @@ class MultiHeadAttention(nn.Module):
         slots = LatentSlots() if slots is None else slots
         if position_bias is None and self.relative_bias is not None:
             p = slots.num_positioned
-            position_bias = self._relative_position_bias(p + start + jnp.arange(q_len),
-                                                         jnp.arange(p + key.shape[1]))
+            position_bias = self._relative_position_bias(p + start + jnp.arange(q_len), jnp.arange(p + key.shape[1]))
         bias = None if position_bias is None else position_bias.astype(jnp.float32)
         if slots.states is not None:
             slot_key, slot_value = self._split(k_proj(slots.states)), self._split(v_proj(slots.states))
-            key, value, mask, bias = _prepend_slots(key, value, mask, bias, slot_key, slot_value, slots.mask,
-                                                    q_len, bias_has_slots=False)
+            key, value, mask, bias = _prepend_slots(
+                key, value, mask, bias, slot_key, slot_value, slots.mask, q_len, bias_has_slots=False
+            )
         elif slots.kv is not None:
-            key, value, mask, bias = _prepend_slots(key, value, mask, bias, slots.kv, slots.kv, slots.mask,
-                                                    q_len, bias_has_slots=True)
+            key, value, mask, bias = _prepend_slots(
+                key, value, mask, bias, slots.kv, slots.kv, slots.mask, q_len, bias_has_slots=True
+            )
         out = self._attend(query, key, value, mask, bias, deterministic)
         return self._dense(self.out_features, o_name, self.o_kernel_init)(out), position_bias

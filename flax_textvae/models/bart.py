@@ -22,6 +22,7 @@ Public API:
 
 Not implemented (training-time only in HF): LayerDrop (encoder_layerdrop / decoder_layerdrop).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,10 +67,18 @@ def _init(config) -> Any:
 
 
 def _attention(config, num_heads: int, dtype: Dtype, attention: str, name: str) -> MultiHeadAttention:
-    return MultiHeadAttention(num_heads=num_heads, head_dim=config.d_model // num_heads,
-                              out_features=config.d_model, use_bias=True, scale_query=True,
-                              dropout_rate=config.attention_dropout, kernel_init=_init(config), dtype=dtype,
-                              attention=attention, name=name)
+    return MultiHeadAttention(
+        num_heads=num_heads,
+        head_dim=config.d_model // num_heads,
+        out_features=config.d_model,
+        use_bias=True,
+        scale_query=True,
+        dropout_rate=config.attention_dropout,
+        kernel_init=_init(config),
+        dtype=dtype,
+        attention=attention,
+        name=name,
+    )
 
 
 def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
@@ -89,6 +98,7 @@ class BartEncoderLayer(nn.Module):
 
     Arguments are positional (``deterministic`` is argument 3) so `nn.remat` can keep it static.
     """
+
     config: Any
     dtype: Dtype = jnp.float32
     attention: str = DEFAULT_ATTENTION
@@ -98,7 +108,8 @@ class BartEncoderLayer(nn.Module):
         cfg = self.config
         drop = Dropout(cfg.dropout)
         h, _ = _attention(cfg, cfg.encoder_attention_heads, self.dtype, self.attention, "self_attn")(
-            x, mask=mask, deterministic=deterministic)
+            x, mask=mask, deterministic=deterministic
+        )
         x = _layer_norm(self.dtype, "self_attn_layer_norm")(x + drop(h, deterministic=deterministic))
         h = _feed_forward(cfg, cfg.encoder_ffn_dim, self.dtype, x, deterministic)
         return _layer_norm(self.dtype, "final_layer_norm")(x + drop(h, deterministic=deterministic))
@@ -110,21 +121,31 @@ class BartDecoderLayer(nn.Module):
     Arguments are positional (``deterministic`` and ``decode`` are arguments 5 and 6) so `nn.remat` can keep
     them static.
     """
+
     config: Any
     dtype: Dtype = jnp.float32
     attention: str = DEFAULT_ATTENTION
 
     @nn.compact
-    def __call__(self, x: Array, self_mask: Optional[Array], memory: Optional[CrossMemory],
-                 slots: LatentSlots, deterministic: bool, decode: bool) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        self_mask: Optional[Array],
+        memory: Optional[CrossMemory],
+        slots: LatentSlots,
+        deterministic: bool,
+        decode: bool,
+    ) -> Array:
         cfg = self.config
         drop = Dropout(cfg.dropout)
         h, _ = _attention(cfg, cfg.decoder_attention_heads, self.dtype, self.attention, "self_attn")(
-            x, mask=self_mask, causal=True, slots=slots, decode=decode, deterministic=deterministic)
+            x, mask=self_mask, causal=True, slots=slots, decode=decode, deterministic=deterministic
+        )
         x = _layer_norm(self.dtype, "self_attn_layer_norm")(x + drop(h, deterministic=deterministic))
         if memory is not None:
             h, _ = _attention(cfg, cfg.decoder_attention_heads, self.dtype, self.attention, "encoder_attn")(
-                x, memory.states, mask=memory.key_mask, deterministic=deterministic)
+                x, memory.states, mask=memory.key_mask, deterministic=deterministic
+            )
             x = _layer_norm(self.dtype, "encoder_attn_layer_norm")(x + drop(h, deterministic=deterministic))
         h = _feed_forward(cfg, cfg.decoder_ffn_dim, self.dtype, x, deterministic)
         return _layer_norm(self.dtype, "final_layer_norm")(x + drop(h, deterministic=deterministic))
@@ -135,6 +156,7 @@ class _EncoderLayers(nn.Module):
 
     With ``remat`` each layer's activations are recomputed in the backward pass instead of kept.
     """
+
     config: Any
     dtype: Dtype = jnp.float32
     attention: str = DEFAULT_ATTENTION
@@ -153,19 +175,29 @@ class _DecoderLayers(nn.Module):
 
     With ``remat`` (and not ``decode``) each layer's activations are recomputed in the backward pass.
     """
+
     config: Any
     dtype: Dtype = jnp.float32
     attention: str = DEFAULT_ATTENTION
     remat: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, *, self_mask: Optional[Array], memory: Optional[CrossMemory],
-                 slots: LatentSlots, deterministic: bool, decode: bool) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        *,
+        self_mask: Optional[Array],
+        memory: Optional[CrossMemory],
+        slots: LatentSlots,
+        deterministic: bool,
+        decode: bool,
+    ) -> Array:
         remat = self.remat and not decode
         layer = nn.remat(BartDecoderLayer, static_argnums=(5, 6)) if remat else BartDecoderLayer
         for i in range(self.config.decoder_layers):
             x = layer(self.config, self.dtype, self.attention, name=str(i))(
-                x, self_mask, memory, slots.layer(i), deterministic, decode)
+                x, self_mask, memory, slots.layer(i), deterministic, decode
+            )
         return x
 
 
@@ -184,8 +216,13 @@ def _positions_and_norm(module: nn.Module, x: Array, start: Any, deterministic: 
     """Adds learned positions (start + t + 2), layernorm_embedding, dropout."""
     cfg = module.config
     positions = start + jnp.arange(x.shape[1]) + POSITION_OFFSET
-    pos_table = nn.Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.d_model, dtype=module.dtype,
-                         embedding_init=_init(cfg), name="embed_positions")
+    pos_table = nn.Embed(
+        cfg.max_position_embeddings + POSITION_OFFSET,
+        cfg.d_model,
+        dtype=module.dtype,
+        embedding_init=_init(cfg),
+        name="embed_positions",
+    )
     x = x + pos_table(positions)[None].astype(module.dtype)
     x = _layer_norm(module.dtype, "layernorm_embedding")(x)
     return Dropout(cfg.dropout)(x, deterministic=deterministic)
@@ -193,6 +230,7 @@ def _positions_and_norm(module: nn.Module, x: Array, start: Any, deterministic: 
 
 class BartEncoder(nn.Module):
     """Embeddings + encoder layers; ids [B, S] -> hidden [B, S, D]."""
+
     config: Any
     embed_tokens: nn.Embed
     dtype: Dtype = jnp.float32
@@ -210,6 +248,7 @@ class BartEncoder(nn.Module):
 
 class BartDecoder(nn.Module):
     """Embeddings + decoder layers; ids [B, T] -> hidden [B, T, D] (see BartForConditionalGeneration.decode)."""
+
     config: Any
     embed_tokens: nn.Embed
     dtype: Dtype = jnp.float32
@@ -217,19 +256,30 @@ class BartDecoder(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, ids: Array, mask: Optional[Array], *, memory: Optional[CrossMemory], slots: LatentSlots,
-                 embed_offset: Optional[Array], deterministic: bool = True, decode: bool = False) -> Array:
+    def __call__(
+        self,
+        ids: Array,
+        mask: Optional[Array],
+        *,
+        memory: Optional[CrossMemory],
+        slots: LatentSlots,
+        embed_offset: Optional[Array],
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
         x = _embed(self, self.embed_tokens, ids, embed_offset)
         start = cache_position(self, ids.shape[1]) if decode else 0
         # Head-space slots stand where a length-P cache would: the tokens take positions P, P+1, ...
         x = _positions_and_norm(self, x, start + slots.num_positioned, deterministic)
         self_mask = None if mask is None else padding_mask(mask)
         return _DecoderLayers(self.config, self.dtype, self.attention, self.remat, name="layers")(
-            x, self_mask=self_mask, memory=memory, slots=slots, deterministic=deterministic, decode=decode)
+            x, self_mask=self_mask, memory=memory, slots=slots, deterministic=deterministic, decode=decode
+        )
 
 
 class BartModel(nn.Module):
     """The 'model' scope: shared embedding, encoder, decoder."""
+
     config: Any
     dtype: Dtype = jnp.float32
     attention: str = DEFAULT_ATTENTION
@@ -256,6 +306,7 @@ class BartForConditionalGeneration(Seq2SeqProperties, nn.Module):
       remat: recompute each encoder / decoder layer's activations in the backward pass (less memory, more
         compute); no effect on values or gradients.
     """
+
     config: Any
     dtype: Dtype = jnp.float32
     attention: str = DEFAULT_ATTENTION
@@ -277,8 +328,7 @@ class BartForConditionalGeneration(Seq2SeqProperties, nn.Module):
         return bool(getattr(self.config, "tie_word_embeddings", True))
 
     # ------------------------------------------------------------------ methods
-    def encode(self, input_ids: Array, attention_mask: Optional[Array] = None, *,
-               deterministic: bool = True) -> Array:
+    def encode(self, input_ids: Array, attention_mask: Optional[Array] = None, *, deterministic: bool = True) -> Array:
         """Encoder hidden states [B, S, D] (compute dtype) for ids [B, S] and mask [B, S] {0,1}."""
         return self.model.encoder(input_ids, attention_mask, deterministic=deterministic)
 
@@ -291,11 +341,20 @@ class BartForConditionalGeneration(Seq2SeqProperties, nn.Module):
             logits = self.lm_head(hidden)
         return logits.astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32)
 
-    def decode(self, decoder_input_ids: Array, decoder_attention_mask: Optional[Array] = None,
-               memory: Optional[Array] = None, memory_mask: Optional[Array] = None, *,
-               prefix_states: Optional[Array] = None, prefix_mask: Optional[Array] = None,
-               prefix_kv: Optional[Array] = None, embed_offset: Optional[Array] = None,
-               deterministic: bool = True, decode: bool = False) -> Array:
+    def decode(
+        self,
+        decoder_input_ids: Array,
+        decoder_attention_mask: Optional[Array] = None,
+        memory: Optional[Array] = None,
+        memory_mask: Optional[Array] = None,
+        *,
+        prefix_states: Optional[Array] = None,
+        prefix_mask: Optional[Array] = None,
+        prefix_kv: Optional[Array] = None,
+        embed_offset: Optional[Array] = None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
         """Decoder logits.
 
         Args:
@@ -318,26 +377,52 @@ class BartForConditionalGeneration(Seq2SeqProperties, nn.Module):
         Returns:
           float32 logits [B, T, V].
         """
-        return self.lm_logits(self.decode_hidden(
-            decoder_input_ids, decoder_attention_mask, memory, memory_mask, prefix_states=prefix_states,
-            prefix_mask=prefix_mask, prefix_kv=prefix_kv, embed_offset=embed_offset, deterministic=deterministic,
-            decode=decode))
+        return self.lm_logits(
+            self.decode_hidden(
+                decoder_input_ids,
+                decoder_attention_mask,
+                memory,
+                memory_mask,
+                prefix_states=prefix_states,
+                prefix_mask=prefix_mask,
+                prefix_kv=prefix_kv,
+                embed_offset=embed_offset,
+                deterministic=deterministic,
+                decode=decode,
+            )
+        )
 
-    def decode_hidden(self, decoder_input_ids: Array, decoder_attention_mask: Optional[Array] = None,
-                      memory: Optional[Array] = None, memory_mask: Optional[Array] = None, *,
-                      prefix_states: Optional[Array] = None, prefix_mask: Optional[Array] = None,
-                      prefix_kv: Optional[Array] = None, embed_offset: Optional[Array] = None,
-                      deterministic: bool = True, decode: bool = False) -> Array:
+    def decode_hidden(
+        self,
+        decoder_input_ids: Array,
+        decoder_attention_mask: Optional[Array] = None,
+        memory: Optional[Array] = None,
+        memory_mask: Optional[Array] = None,
+        *,
+        prefix_states: Optional[Array] = None,
+        prefix_mask: Optional[Array] = None,
+        prefix_kv: Optional[Array] = None,
+        embed_offset: Optional[Array] = None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
         """The decoder's final hidden states [B, T, D] (compute dtype), what `decode` feeds to `lm_logits`.
 
         Arguments as `decode`.
         """
         slots = LatentSlots(states=prefix_states, kv=prefix_kv, mask=prefix_mask).check(
-            self.num_decoder_layers, self.d_model, self.num_decoder_heads, self.decoder_head_dim)
+            self.num_decoder_layers, self.d_model, self.num_decoder_heads, self.decoder_head_dim
+        )
         cross = None if memory is None else CrossMemory(memory.astype(self.dtype), memory_mask)
-        return self.model.decoder(decoder_input_ids, decoder_attention_mask, memory=cross,
-                                  slots=slots.astype(self.dtype), embed_offset=embed_offset,
-                                  deterministic=deterministic, decode=decode)
+        return self.model.decoder(
+            decoder_input_ids,
+            decoder_attention_mask,
+            memory=cross,
+            slots=slots.astype(self.dtype),
+            embed_offset=embed_offset,
+            deterministic=deterministic,
+            decode=decode,
+        )
 
     def lm_head_weights(self) -> LMHeadWeights:
         """The head `lm_logits` applies: the shared embedding [V, D] or lm_head kernel [D, V], final_logits_bias."""
@@ -346,14 +431,22 @@ class BartForConditionalGeneration(Seq2SeqProperties, nn.Module):
             return LMHeadWeights(head=self.model.shared.embedding, bias=bias, layout="vd")
         return LMHeadWeights(head=self.lm_head.variables["params"]["kernel"], bias=bias, layout="dv")
 
-    def __call__(self, input_ids: Array, attention_mask: Optional[Array], decoder_input_ids: Array,
-                 decoder_attention_mask: Optional[Array] = None, *, deterministic: bool = True) -> Array:
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Optional[Array],
+        decoder_input_ids: Array,
+        decoder_attention_mask: Optional[Array] = None,
+        *,
+        deterministic: bool = True,
+    ) -> Array:
         """Full seq2seq forward: float32 logits [B, T, V] (== HF BartForConditionalGeneration logits)."""
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         memory = self.encode(input_ids, attention_mask, deterministic=deterministic)
-        return self.decode(decoder_input_ids, decoder_attention_mask, memory, attention_mask,
-                           deterministic=deterministic)
+        return self.decode(
+            decoder_input_ids, decoder_attention_mask, memory, attention_mask, deterministic=deterministic
+        )
 
 
 # ---------------------------------------------------------------------------------- PyTorch -> Flax
@@ -369,8 +462,10 @@ def torch_name_table(config) -> list[tuple[str, tuple[str, ...], bool, tuple[int
       params_from_torch).
     """
     d, v = config.d_model, config.vocab_size
-    table = [("model.shared.weight", ("model", "shared", "embedding"), False, (v, d)),
-             ("final_logits_bias", ("final_logits_bias",), False, (1, v))]
+    table = [
+        ("model.shared.weight", ("model", "shared", "embedding"), False, (v, d)),
+        ("final_logits_bias", ("final_logits_bias",), False, (1, v)),
+    ]
     if not getattr(config, "tie_word_embeddings", True):
         table.append(("lm_head.weight", ("lm_head", "kernel"), True, (v, d)))
 
@@ -382,12 +477,20 @@ def torch_name_table(config) -> list[tuple[str, tuple[str, ...], bool, tuple[int
         table.append((f"{tname}.weight", fpath + ("scale",), False, (d,)))
         table.append((f"{tname}.bias", fpath + ("bias",), False, (d,)))
 
-    stacks = (("encoder", config.encoder_layers, config.encoder_ffn_dim, ("self_attn",)),
-              ("decoder", config.decoder_layers, config.decoder_ffn_dim, ("self_attn", "encoder_attn")))
+    stacks = (
+        ("encoder", config.encoder_layers, config.encoder_ffn_dim, ("self_attn",)),
+        ("decoder", config.decoder_layers, config.decoder_ffn_dim, ("self_attn", "encoder_attn")),
+    )
     for stack, n_layers, ffn, attns in stacks:
         t0, f0 = f"model.{stack}", ("model", stack)
-        table.append((f"{t0}.embed_positions.weight", f0 + ("embed_positions", "embedding"), False,
-                      (config.max_position_embeddings + POSITION_OFFSET, d)))
+        table.append(
+            (
+                f"{t0}.embed_positions.weight",
+                f0 + ("embed_positions", "embedding"),
+                False,
+                (config.max_position_embeddings + POSITION_OFFSET, d),
+            )
+        )
         norm(f"{t0}.layernorm_embedding", f0 + ("layernorm_embedding",))
         for i in range(n_layers):
             tl, fl = f"{t0}.layers.{i}", f0 + ("layers", str(i))
@@ -435,16 +538,20 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
             used.add(alias)
             if tuple(np.shape(sd[alias])) != (v, d):
                 mismatched.append(f"{alias}: got {tuple(np.shape(sd[alias]))}, expected {(v, d)}")
-            elif (not tied and "model.shared.weight" in sd
-                  and not np.array_equal(np.asarray(sd[alias]), np.asarray(sd["model.shared.weight"]))):
+            elif (
+                not tied
+                and "model.shared.weight" in sd
+                and not np.array_equal(np.asarray(sd[alias]), np.asarray(sd["model.shared.weight"]))
+            ):
                 # transformers 5 unties encoder/decoder input embeddings too when tie_word_embeddings=False;
                 # this model (like the HF Flax layout) has one input embedding, so they must agree.
-                mismatched.append(f"{alias}: differs from model.shared.weight (separate encoder/decoder "
-                                  "input embeddings are not supported)")
+                mismatched.append(
+                    f"{alias}: differs from model.shared.weight (separate encoder/decoder "
+                    "input embeddings are not supported)"
+                )
     unexpected = sorted(set(sd) - used)
     if missing or unexpected or mismatched:
-        raise ValueError(mismatch_report("BART PyTorch state dict does not match the config", missing,
-                                         unexpected, mismatched))
+        raise ValueError(
+            mismatch_report("BART PyTorch state dict does not match the config", missing, unexpected, mismatched)
+        )
     return params
-
-

@@ -26,6 +26,7 @@ Properties:
   * `Seq2SeqProperties`: d_model, decoder layers / heads / head size, vocabulary and special ids of a
       family module, read from its transformers config.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -39,8 +40,17 @@ import numpy as np
 Array = jax.Array
 Dtype = Any
 
-__all__ = ["get_activation", "Dropout", "LMHead", "LMHeadWeights", "tied_logits", "init_cache", "apply_name_table",
-           "mismatch_report", "Seq2SeqProperties"]
+__all__ = [
+    "get_activation",
+    "Dropout",
+    "LMHead",
+    "LMHeadWeights",
+    "tied_logits",
+    "init_cache",
+    "apply_name_table",
+    "mismatch_report",
+    "Seq2SeqProperties",
+]
 
 
 # ----------------------------------------------------------------------------------------- activations
@@ -99,8 +109,7 @@ def init_cache(module: nn.Module, batch_size: int, max_length: int) -> Any:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def mismatch_report(title: str, missing: Sequence[str], unexpected: Sequence[str],
-                    mismatched: Sequence[str]) -> str:
+def mismatch_report(title: str, missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str]) -> str:
     """Multi-line message listing every missing / unexpected / shape-mismatched tensor name."""
     lines = [f"{title}:"]
     for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
@@ -222,6 +231,7 @@ class LMHead(nn.Module):
       kernel_init: initializer of the kernel.
       dtype: compute dtype of the matmul.
     """
+
     vocab_size: int
     kernel_init: Callable
     dtype: Dtype = jnp.float32
@@ -258,6 +268,7 @@ class LMHeadWeights:
       layout: ``'vd'`` or ``'dv'`` (static).
       scale: multiplier of the hidden states before the head, applied in the compute dtype (static).
     """
+
     head: Array
     bias: Optional[Array] = None
     layout: str = flax.struct.field(pytree_node=False, default="vd")

@@ -14,6 +14,7 @@ Public:
   * `get(model_type) -> Family` (ValueError naming the supported types for any other).
   * `frozen_decoder_patterns(prefix='backbone/')`: the union over families of the decoder-side regexes.
 """
+
 from __future__ import annotations
 
 import collections
@@ -41,6 +42,7 @@ class TokenizerLayout:
       pair: post-processor template of a pair of sequences.
       roles: ``(tokenizer keyword, token)`` pairs, e.g. ``('bos_token', '<s>')``.
     """
+
     specials: tuple[str, ...]
     single: str
     pair: str
@@ -72,6 +74,7 @@ class Family:
       build_scratch_config: ``(scratch_cfg, tokenizer, max_length, shared_kwargs) -> config``; use
         `scratch_config`, which checks the sizes and fills ``shared_kwargs``.
     """
+
     model_type: str
     module_class: type
     params_from_torch: Callable[[Mapping[str, Any], Any], dict]
@@ -104,27 +107,45 @@ class Family:
         s = scratch_cfg
         if s.d_model % s.num_heads:
             raise ValueError(f"model.scratch.d_model={s.d_model} must be divisible by num_heads={s.num_heads}")
-        shared = dict(vocab_size=len(tokenizer), d_model=s.d_model, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id)
+        shared = dict(
+            vocab_size=len(tokenizer),
+            d_model=s.d_model,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         return self.build_scratch_config(s, tokenizer, max_length, shared)
 
 
 # ------------------------------------------------------------------------------------------------- BART
 def _bart_scratch(s, tokenizer, max_length: int, shared: dict):
     return transformers.BartConfig(
-        **shared, encoder_layers=s.num_layers, decoder_layers=s.num_layers,
-        encoder_attention_heads=s.num_heads, decoder_attention_heads=s.num_heads,
-        encoder_ffn_dim=s.ffn_dim, decoder_ffn_dim=s.ffn_dim, max_position_embeddings=max_length + 8,
-        dropout=s.dropout, attention_dropout=0.0, activation_dropout=0.0, bos_token_id=tokenizer.bos_token_id,
-        decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=tokenizer.bos_token_id,
-        scale_embedding=False, tie_word_embeddings=True)
+        **shared,
+        encoder_layers=s.num_layers,
+        decoder_layers=s.num_layers,
+        encoder_attention_heads=s.num_heads,
+        decoder_attention_heads=s.num_heads,
+        encoder_ffn_dim=s.ffn_dim,
+        decoder_ffn_dim=s.ffn_dim,
+        max_position_embeddings=max_length + 8,
+        dropout=s.dropout,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+        forced_bos_token_id=tokenizer.bos_token_id,
+        scale_embedding=False,
+        tie_word_embeddings=True,
+    )
 
 
 def _bart_export_table(config) -> tuple[list, list]:
     """An untied BART keeps its one input embedding also under the encoder's / decoder's embed_tokens."""
     tied = bool(getattr(config, "tie_word_embeddings", True))
-    aliases = [] if tied else [(f"model.{stack}.embed_tokens.weight", "model.shared.weight")
-                               for stack in ("encoder", "decoder")]
+    aliases = (
+        []
+        if tied
+        else [(f"model.{stack}.embed_tokens.weight", "model.shared.weight") for stack in ("encoder", "decoder")]
+    )
     return bart.torch_name_table(config), aliases
 
 
@@ -140,10 +161,17 @@ BART = Family(
     export_table=_bart_export_table,
     decoder_params=("model/decoder/", "model/shared/", "final_logits_bias", "lm_head/"),
     tokenizer_layout=TokenizerLayout(
-        specials=("<s>", "<pad>", "</s>", "<unk>", "<mask>"), single="<s> $A </s>",
+        specials=("<s>", "<pad>", "</s>", "<unk>", "<mask>"),
+        single="<s> $A </s>",
         pair="<s> $A </s> </s> $B </s>",
-        roles=(("bos_token", "<s>"), ("pad_token", "<pad>"), ("eos_token", "</s>"), ("unk_token", "<unk>"),
-               ("mask_token", "<mask>"))),
+        roles=(
+            ("bos_token", "<s>"),
+            ("pad_token", "<pad>"),
+            ("eos_token", "</s>"),
+            ("unk_token", "<unk>"),
+            ("mask_token", "<mask>"),
+        ),
+    ),
     max_decode_positions=_bart_positions,
     build_scratch_config=_bart_scratch,
 )
@@ -153,9 +181,17 @@ BART = Family(
 def _t5_scratch(s, tokenizer, max_length: int, shared: dict):
     del max_length  # relative positions: any length
     return transformers.T5Config(
-        **shared, d_kv=s.d_model // s.num_heads, d_ff=s.ffn_dim, num_layers=s.num_layers,
-        num_decoder_layers=s.num_layers, num_heads=s.num_heads, dropout_rate=s.dropout,
-        feed_forward_proj="relu", decoder_start_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+        **shared,
+        d_kv=s.d_model // s.num_heads,
+        d_ff=s.ffn_dim,
+        num_layers=s.num_layers,
+        num_decoder_layers=s.num_layers,
+        num_heads=s.num_heads,
+        dropout_rate=s.dropout,
+        feed_forward_proj="relu",
+        decoder_start_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
 
 
 def _t5_export_table(config) -> tuple[list, list]:
@@ -179,8 +215,11 @@ T5 = Family(
     export_table=_t5_export_table,
     decoder_params=("decoder/", "shared/", "lm_head/"),
     tokenizer_layout=TokenizerLayout(
-        specials=("<pad>", "</s>", "<unk>"), single="$A </s>", pair="$A </s> $B </s>",
-        roles=(("pad_token", "<pad>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))),
+        specials=("<pad>", "</s>", "<unk>"),
+        single="$A </s>",
+        pair="$A </s> $B </s>",
+        roles=(("pad_token", "<pad>"), ("eos_token", "</s>"), ("unk_token", "<unk>")),
+    ),
     max_decode_positions=_no_position_limit,
     build_scratch_config=_t5_scratch,
 )

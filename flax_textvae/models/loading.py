@@ -14,6 +14,7 @@ Public API:
   * `param_shapes(module) -> pytree of jax.ShapeDtypeStruct` (no computation)
   * `load_params(folder, config, module) -> params`
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,23 +39,40 @@ from flax_textvae.models.common import mismatch_report
 
 Dtype = Any
 
-__all__ = ["Pretrained", "load_pretrained", "build_module", "init_params", "param_shapes", "load_params",
-           "FOLDER_CONTENTS"]
+__all__ = [
+    "Pretrained",
+    "load_pretrained",
+    "build_module",
+    "init_params",
+    "param_shapes",
+    "load_params",
+    "FOLDER_CONTENTS",
+]
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 SAFETENSORS_SHARD_PATTERN = "model-*-of-*.safetensors"  # the shard names `save_pretrained` writes
 MSGPACK_NAME = "flax_model.msgpack"
-TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                      "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
-                      "generation_config.json"]
+TOKENIZER_PATTERNS = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "generation_config.json",
+]
 _MODEL_TYPES = " or ".join(repr(t) for t in families.FAMILIES)
 FOLDER_CONTENTS = (
     f"a local checkpoint folder must contain: config.json (model_type {_MODEL_TYPES}); weights as "
     "model.safetensors (or model.safetensors.index.json + its shards) or flax_model.msgpack; and the "
     "tokenizer files (tokenizer.json + tokenizer_config.json, or vocab.json + merges.txt, or spiece.model). "
-    "Such a folder is what `save_pretrained` of a transformers model and its tokenizer writes.")
+    "Such a folder is what `save_pretrained` of a transformers model and its tokenizer writes."
+)
 
 
 @dataclasses.dataclass
@@ -68,6 +86,7 @@ class Pretrained:
       tokenizer: the transformers tokenizer of the checkpoint.
       path: the local folder it was read from.
     """
+
     module: nn.Module
     params: Any
     config: Any
@@ -113,11 +132,13 @@ def check_params(params: Any, expected: Any, source: str = "params") -> Any:
     want = flatten_dict(expected, sep="/")
     missing = sorted(set(want) - set(got))
     unexpected = sorted(set(got) - set(want))
-    mismatched = [f"{k}: got {tuple(np.shape(got[k]))}, expected {tuple(want[k].shape)}"
-                  for k in sorted(set(got) & set(want)) if tuple(np.shape(got[k])) != tuple(want[k].shape)]
+    mismatched = [
+        f"{k}: got {tuple(np.shape(got[k]))}, expected {tuple(want[k].shape)}"
+        for k in sorted(set(got) & set(want))
+        if tuple(np.shape(got[k])) != tuple(want[k].shape)
+    ]
     if missing or unexpected or mismatched:
-        raise ValueError(mismatch_report(f"{source} does not match the model", missing, unexpected,
-                                         mismatched))
+        raise ValueError(mismatch_report(f"{source} does not match the model", missing, unexpected, mismatched))
     return unflatten_dict({k: jnp.asarray(np.asarray(v, np.float32)) for k, v in got.items()}, sep="/")
 
 
@@ -155,8 +176,10 @@ def load_params(folder: str, config, module: nn.Module) -> Any:
         if set(params) == {"params"}:
             params = params["params"]
         return check_params(params, param_shapes(module), source=f"{msgpack}")
-    raise FileNotFoundError(f"no weights in {folder}: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} "
-                            f"or {MSGPACK_NAME}; {FOLDER_CONTENTS}")
+    raise FileNotFoundError(
+        f"no weights in {folder}: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} "
+        f"or {MSGPACK_NAME}; {FOLDER_CONTENTS}"
+    )
 
 
 def _offline() -> bool:
@@ -225,16 +248,22 @@ def resolve_folder(name_or_path: str) -> str:
         missing = _missing_shards(folder)
         if missing:  # an index naming shards other than model-0000x-of-0000y.safetensors
             folder = snapshot_download(path, allow_patterns=patterns + missing, local_files_only=offline)
-        elif not (os.path.isfile(os.path.join(folder, SAFETENSORS_NAME))
-                  or os.path.isfile(os.path.join(folder, SAFETENSORS_INDEX_NAME))):
+        elif not (
+            os.path.isfile(os.path.join(folder, SAFETENSORS_NAME))
+            or os.path.isfile(os.path.join(folder, SAFETENSORS_INDEX_NAME))
+        ):
             folder = snapshot_download(path, allow_patterns=patterns + [MSGPACK_NAME], local_files_only=offline)
     except Exception as err:  # offline, unreachable, unknown repo, gated, ...
-        why = (f"HF_HUB_OFFLINE is set and it is not (completely) in the local hub cache ({_short_cause(err)})"
-               if offline else f"the hub could not be reached or has no such model ({_short_cause(err)})")
+        why = (
+            f"HF_HUB_OFFLINE is set and it is not (completely) in the local hub cache ({_short_cause(err)})"
+            if offline
+            else f"the hub could not be reached or has no such model ({_short_cause(err)})"
+        )
         # `from None`: the message carries the cause; the chained httpx / huggingface_hub tracebacks
         # would only bury it.
-        raise OSError(f"cannot load hub id {name_or_path!r}: {why}. Pass a local folder instead; "
-                      f"{FOLDER_CONTENTS}") from None
+        raise OSError(
+            f"cannot load hub id {name_or_path!r}: {why}. Pass a local folder instead; {FOLDER_CONTENTS}"
+        ) from None
     return folder
 
 

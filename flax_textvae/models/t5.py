@@ -21,6 +21,7 @@ saved flag as `config.scale_decoder_outputs` (transformers 4 configs: `tie_word_
 a separate `lm_head` and no rescale. The module follows the flag; `params_from_torch` copies `shared` into
 `lm_head` when a flag-False checkpoint stores no lm_head.weight (transformers 5 ties T5 heads on save).
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,8 +57,14 @@ from flax_textvae.models.common import (
 Array = jax.Array
 _normal = jax.nn.initializers.normal
 
-__all__ = ["T5ForConditionalGeneration", "params_from_torch", "torch_name_table", "relative_position_bucket",
-           "separate_head", "init_cache"]
+__all__ = [
+    "T5ForConditionalGeneration",
+    "params_from_torch",
+    "torch_name_table",
+    "relative_position_bucket",
+    "separate_head",
+    "init_cache",
+]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -77,19 +84,39 @@ def separate_head(config) -> bool:
 def _attention(config, owns_bias: bool, causal: bool, dtype: Any, attention: str, name: str) -> MultiHeadAttention:
     """T5 attention: no biases, no query scaling, T5's initializers; the bias table where `owns_bias`."""
     c, f = config, config.initializer_factor
-    bias = (RelativePositionBias(c.relative_attention_num_buckets, c.relative_attention_max_distance,
-                                 bidirectional=not causal, init_std=f * c.d_model ** -0.5) if owns_bias else None)
-    return MultiHeadAttention(num_heads=c.num_heads, head_dim=c.d_kv, out_features=c.d_model, use_bias=False,
-                              scale_query=False, names=("q", "k", "v", "o"), dropout_rate=c.dropout_rate,
-                              kernel_init=_normal(f * c.d_model ** -0.5),
-                              q_kernel_init=_normal(f * (c.d_model * c.d_kv) ** -0.5),
-                              o_kernel_init=_normal(f * (c.num_heads * c.d_kv) ** -0.5), relative_bias=bias,
-                              dtype=dtype, param_dtype=jnp.float32, attention=attention, name=name)
+    bias = (
+        RelativePositionBias(
+            c.relative_attention_num_buckets,
+            c.relative_attention_max_distance,
+            bidirectional=not causal,
+            init_std=f * c.d_model**-0.5,
+        )
+        if owns_bias
+        else None
+    )
+    return MultiHeadAttention(
+        num_heads=c.num_heads,
+        head_dim=c.d_kv,
+        out_features=c.d_model,
+        use_bias=False,
+        scale_query=False,
+        names=("q", "k", "v", "o"),
+        dropout_rate=c.dropout_rate,
+        kernel_init=_normal(f * c.d_model**-0.5),
+        q_kernel_init=_normal(f * (c.d_model * c.d_kv) ** -0.5),
+        o_kernel_init=_normal(f * (c.num_heads * c.d_kv) ** -0.5),
+        relative_bias=bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        attention=attention,
+        name=name,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- layers
 class T5LayerNorm(nn.Module):
     """RMS norm without mean subtraction or bias; always computed in float32, returned in `dtype`."""
+
     hidden_size: int
     eps: float = 1e-6
     dtype: Any = jnp.float32
@@ -104,6 +131,7 @@ class T5LayerNorm(nn.Module):
 
 class T5DenseReluDense(nn.Module):
     """Feed-forward: wo(dropout(act(wi x))) or, gated (v1.1), wo(dropout(act(wi_0 x) * wi_1 x))."""
+
     config: Any
     dtype: Any = jnp.float32
 
@@ -112,18 +140,19 @@ class T5DenseReluDense(nn.Module):
         c = self.config
         gated, act = _ffn_kind(c)
         dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
-        wi_init = _normal(c.initializer_factor * c.d_model ** -0.5)
+        wi_init = _normal(c.initializer_factor * c.d_model**-0.5)
         if gated:
             h = get_activation(act)(dense(c.d_ff, kernel_init=wi_init, name="wi_0")(x))
             h = h * dense(c.d_ff, kernel_init=wi_init, name="wi_1")(x)
         else:
             h = get_activation(act)(dense(c.d_ff, kernel_init=wi_init, name="wi")(x))
         h = Dropout(c.dropout_rate)(h, deterministic=deterministic)
-        return dense(c.d_model, kernel_init=_normal(c.initializer_factor * c.d_ff ** -0.5), name="wo")(h)
+        return dense(c.d_model, kernel_init=_normal(c.initializer_factor * c.d_ff**-0.5), name="wo")(h)
 
 
 class _AttentionSubLayer(nn.Module):
     """layer/<j>: layer_norm + `kind` (SelfAttention or EncDecAttention), no residual."""
+
     config: Any
     kind: str
     owns_bias: bool
@@ -132,18 +161,35 @@ class _AttentionSubLayer(nn.Module):
     attention: str = DEFAULT_ATTENTION
 
     @nn.compact
-    def __call__(self, h: Array, kv: Array | None = None, *, mask: Array | None, position_bias: Array | None = None,
-                 slots: LatentSlots | None = None, deterministic: bool,
-                 decode: bool = False) -> tuple[Array, Array | None]:
+    def __call__(
+        self,
+        h: Array,
+        kv: Array | None = None,
+        *,
+        mask: Array | None,
+        position_bias: Array | None = None,
+        slots: LatentSlots | None = None,
+        deterministic: bool,
+        decode: bool = False,
+    ) -> tuple[Array, Array | None]:
         c = self.config
         x = T5LayerNorm(c.d_model, c.layer_norm_epsilon, self.dtype, name="layer_norm")(h)
         attn = _attention(c, self.owns_bias, self.causal, self.dtype, self.attention, self.kind)
-        return attn(x, kv, mask=mask, causal=self.causal, position_bias=position_bias, slots=slots,
-                    decode=decode, deterministic=deterministic)
+        return attn(
+            x,
+            kv,
+            mask=mask,
+            causal=self.causal,
+            position_bias=position_bias,
+            slots=slots,
+            decode=decode,
+            deterministic=deterministic,
+        )
 
 
 class _FeedForwardSubLayer(nn.Module):
     """layer/<j>: layer_norm + DenseReluDense, no residual."""
+
     config: Any
     dtype: Any
 
@@ -160,6 +206,7 @@ class T5Block(nn.Module):
     Arguments are positional (``deterministic`` and ``decode`` are arguments 6 and 7) so `nn.remat` can keep
     them static.
     """
+
     config: Any
     owns_bias: bool = False
     causal: bool = False
@@ -167,18 +214,26 @@ class T5Block(nn.Module):
     attention: str = DEFAULT_ATTENTION
 
     @nn.compact
-    def __call__(self, h: Array, key_mask: Array | None, position_bias: Array | None,
-                 memory: CrossMemory | None, slots: LatentSlots, deterministic: bool,
-                 decode: bool) -> tuple[Array, Array | None]:
+    def __call__(
+        self,
+        h: Array,
+        key_mask: Array | None,
+        position_bias: Array | None,
+        memory: CrossMemory | None,
+        slots: LatentSlots,
+        deterministic: bool,
+        decode: bool,
+    ) -> tuple[Array, Array | None]:
         c = self.config
         drop = Dropout(c.dropout_rate)
-        y, position_bias = _AttentionSubLayer(c, "SelfAttention", self.owns_bias, self.causal, self.dtype,
-                                              self.attention, name="0")(h, mask=key_mask, position_bias=position_bias,
-                                                        slots=slots, deterministic=deterministic, decode=decode)
+        y, position_bias = _AttentionSubLayer(
+            c, "SelfAttention", self.owns_bias, self.causal, self.dtype, self.attention, name="0"
+        )(h, mask=key_mask, position_bias=position_bias, slots=slots, deterministic=deterministic, decode=decode)
         h = h + drop(y, deterministic=deterministic)
         if self.causal and memory is not None:
             y, _ = _AttentionSubLayer(c, "EncDecAttention", False, False, self.dtype, self.attention, name="1")(
-                h, memory.states, mask=memory.key_mask, deterministic=deterministic)
+                h, memory.states, mask=memory.key_mask, deterministic=deterministic
+            )
             h = h + drop(y, deterministic=deterministic)
         y = _FeedForwardSubLayer(c, self.dtype, name="2" if self.causal else "1")(h, deterministic)
         return h + drop(y, deterministic=deterministic), position_bias
@@ -189,6 +244,7 @@ class _BlockSlot(nn.Module):
 
     With ``remat`` (and not ``decode``) the block's activations are recomputed in the backward pass.
     """
+
     config: Any
     owns_bias: bool
     causal: bool
@@ -197,11 +253,21 @@ class _BlockSlot(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, h: Array, *, key_mask: Array | None, position_bias: Array | None, memory: CrossMemory | None,
-                 slots: LatentSlots, deterministic: bool, decode: bool) -> tuple[Array, Array | None]:
+    def __call__(
+        self,
+        h: Array,
+        *,
+        key_mask: Array | None,
+        position_bias: Array | None,
+        memory: CrossMemory | None,
+        slots: LatentSlots,
+        deterministic: bool,
+        decode: bool,
+    ) -> tuple[Array, Array | None]:
         block = nn.remat(T5Block, static_argnums=(6, 7)) if self.remat and not decode else T5Block
         return block(self.config, self.owns_bias, self.causal, self.dtype, self.attention, name="layer")(
-            h, key_mask, position_bias, memory, slots, deterministic, decode)
+            h, key_mask, position_bias, memory, slots, deterministic, decode
+        )
 
 
 class T5Stack(nn.Module):
@@ -209,6 +275,7 @@ class T5Stack(nn.Module):
 
     Block 0 owns the relative-position bias table; the later blocks reuse the bias it computes.
     """
+
     config: Any
     causal: bool = False
     dtype: Any = jnp.float32
@@ -216,8 +283,16 @@ class T5Stack(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, embeds: Array, key_mask: Array | None, *, memory: CrossMemory | None = None,
-                 slots: LatentSlots | None = None, deterministic: bool = True, decode: bool = False) -> Array:
+    def __call__(
+        self,
+        embeds: Array,
+        key_mask: Array | None,
+        *,
+        memory: CrossMemory | None = None,
+        slots: LatentSlots | None = None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
         """Hidden states [B, T, D] (after final_layer_norm) for input embeddings [B, T, D].
 
         Args:
@@ -242,6 +317,7 @@ class T5Stack(nn.Module):
 
 class _Blocks(nn.Module):
     """'block': the blocks '0', '1', ... of one stack; block 0 owns the relative bias, later blocks reuse it."""
+
     config: Any
     num_layers: int
     causal: bool
@@ -250,14 +326,28 @@ class _Blocks(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, h: Array, *, key_mask: Array | None, memory: CrossMemory | None, slots: LatentSlots,
-                 deterministic: bool, decode: bool) -> Array:
+    def __call__(
+        self,
+        h: Array,
+        *,
+        key_mask: Array | None,
+        memory: CrossMemory | None,
+        slots: LatentSlots,
+        deterministic: bool,
+        decode: bool,
+    ) -> Array:
         position_bias = None
         for i in range(self.num_layers):
             slot = _BlockSlot(self.config, i == 0, self.causal, self.dtype, self.attention, self.remat, name=str(i))
             h, position_bias = slot(
-                h, key_mask=key_mask, position_bias=position_bias, memory=memory, slots=slots.layer(i),
-                deterministic=deterministic, decode=decode)
+                h,
+                key_mask=key_mask,
+                position_bias=position_bias,
+                memory=memory,
+                slots=slots.layer(i),
+                deterministic=deterministic,
+                decode=decode,
+            )
         return h
 
 
@@ -273,6 +363,7 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
       remat: recompute each block's activations in the backward pass (less memory, more compute); no effect
         on values or gradients.
     """
+
     config: Any
     dtype: Any = jnp.float32
     attention: str = DEFAULT_ATTENTION
@@ -281,8 +372,13 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
     def setup(self):
         c = self.config
         options = dict(dtype=self.dtype, attention=check_attention(self.attention), remat=self.remat)
-        self.shared = nn.Embed(c.vocab_size, c.d_model, embedding_init=_normal(c.initializer_factor),
-                               dtype=self.dtype, param_dtype=jnp.float32)
+        self.shared = nn.Embed(
+            c.vocab_size,
+            c.d_model,
+            embedding_init=_normal(c.initializer_factor),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+        )
         self.encoder = T5Stack(c, causal=False, **options)
         self.decoder = T5Stack(c, causal=True, **options)
         if separate_head(c):
@@ -298,8 +394,7 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
         return int(self.config.d_kv)
 
     # ------------------------------------------------------------------ methods
-    def encode(self, input_ids: Array, attention_mask: Array | None = None, *,
-               deterministic: bool = True) -> Array:
+    def encode(self, input_ids: Array, attention_mask: Array | None = None, *, deterministic: bool = True) -> Array:
         """Encoder hidden states [B, S, D] (after final_layer_norm, compute dtype).
 
         Args:
@@ -314,14 +409,23 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
         hidden = hidden.astype(self.dtype)
         if separate_head(self.config):
             return self.lm_head(hidden)
-        hidden = hidden * jnp.asarray(self.config.d_model ** -0.5, self.dtype)
+        hidden = hidden * jnp.asarray(self.config.d_model**-0.5, self.dtype)
         return tied_logits(hidden, self.shared.embedding, self.dtype)
 
-    def decode(self, decoder_input_ids: Array, decoder_attention_mask: Array | None = None,
-               memory: Array | None = None, memory_mask: Array | None = None, *,
-               prefix_states: Array | None = None, prefix_mask: Array | None = None,
-               prefix_kv: Array | None = None, embed_offset: Array | None = None, deterministic: bool = True,
-               decode: bool = False) -> Array:
+    def decode(
+        self,
+        decoder_input_ids: Array,
+        decoder_attention_mask: Array | None = None,
+        memory: Array | None = None,
+        memory_mask: Array | None = None,
+        *,
+        prefix_states: Array | None = None,
+        prefix_mask: Array | None = None,
+        prefix_kv: Array | None = None,
+        embed_offset: Array | None = None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
         """Decoder logits.
 
         Args:
@@ -346,16 +450,35 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
         Returns:
           float32 logits [B, T, V].
         """
-        return self.lm_logits(self.decode_hidden(
-            decoder_input_ids, decoder_attention_mask, memory, memory_mask, prefix_states=prefix_states,
-            prefix_mask=prefix_mask, prefix_kv=prefix_kv, embed_offset=embed_offset, deterministic=deterministic,
-            decode=decode))
+        return self.lm_logits(
+            self.decode_hidden(
+                decoder_input_ids,
+                decoder_attention_mask,
+                memory,
+                memory_mask,
+                prefix_states=prefix_states,
+                prefix_mask=prefix_mask,
+                prefix_kv=prefix_kv,
+                embed_offset=embed_offset,
+                deterministic=deterministic,
+                decode=decode,
+            )
+        )
 
-    def decode_hidden(self, decoder_input_ids: Array, decoder_attention_mask: Array | None = None,
-                      memory: Array | None = None, memory_mask: Array | None = None, *,
-                      prefix_states: Array | None = None, prefix_mask: Array | None = None,
-                      prefix_kv: Array | None = None, embed_offset: Array | None = None,
-                      deterministic: bool = True, decode: bool = False) -> Array:
+    def decode_hidden(
+        self,
+        decoder_input_ids: Array,
+        decoder_attention_mask: Array | None = None,
+        memory: Array | None = None,
+        memory_mask: Array | None = None,
+        *,
+        prefix_states: Array | None = None,
+        prefix_mask: Array | None = None,
+        prefix_kv: Array | None = None,
+        embed_offset: Array | None = None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
         """The decoder's final hidden states [B, T, D] (compute dtype), what `decode` feeds to `lm_logits`.
 
         Arguments as `decode`.
@@ -365,10 +488,17 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
             offset = embed_offset if embed_offset.ndim == 3 else embed_offset[:, None, :]
             embeds = embeds + offset.astype(embeds.dtype)
         slots = LatentSlots(states=prefix_states, kv=prefix_kv, mask=prefix_mask).check(
-            self.num_decoder_layers, self.d_model, self.num_decoder_heads, self.decoder_head_dim)
+            self.num_decoder_layers, self.d_model, self.num_decoder_heads, self.decoder_head_dim
+        )
         cross = None if memory is None else CrossMemory(memory.astype(self.dtype), memory_mask)
-        return self.decoder(embeds, decoder_attention_mask, memory=cross, slots=slots.astype(self.dtype),
-                            deterministic=deterministic, decode=decode)
+        return self.decoder(
+            embeds,
+            decoder_attention_mask,
+            memory=cross,
+            slots=slots.astype(self.dtype),
+            deterministic=deterministic,
+            decode=decode,
+        )
 
     def lm_head_weights(self) -> LMHeadWeights:
         """The head `lm_logits` applies: lm_head kernel [D, V], or the shared embedding [V, D] after d_model**-0.5."""
@@ -376,14 +506,22 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
             return LMHeadWeights(head=self.lm_head.variables["params"]["kernel"], layout="dv")
         return LMHeadWeights(head=self.shared.embedding, layout="vd", scale=float(self.config.d_model) ** -0.5)
 
-    def __call__(self, input_ids: Array, attention_mask: Array | None, decoder_input_ids: Array,
-                 decoder_attention_mask: Array | None = None, *, deterministic: bool = True) -> Array:
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None,
+        decoder_input_ids: Array,
+        decoder_attention_mask: Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> Array:
         """Full seq2seq forward: float32 logits [B, T, V] (== HF T5ForConditionalGeneration logits)."""
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         memory = self.encode(input_ids, attention_mask, deterministic=deterministic)
-        return self.decode(decoder_input_ids, decoder_attention_mask, memory, attention_mask,
-                           deterministic=deterministic)
+        return self.decode(
+            decoder_input_ids, decoder_attention_mask, memory, attention_mask, deterministic=deterministic
+        )
 
 
 # ---------------------------------------------------------------------------------- PyTorch -> Flax
@@ -401,27 +539,35 @@ def torch_name_table(config) -> list[tuple[str, tuple[str, ...], bool, tuple[int
     d, inner, ff, v = config.d_model, config.num_heads * config.d_kv, config.d_ff, config.vocab_size
     gated, _ = _ffn_kind(config)
     table = [("shared.weight", ("shared", "embedding"), False, (v, d))]
-    for stack, n_layers, causal in (("encoder", config.num_layers, False),
-                                    ("decoder", config.num_decoder_layers, True)):
+    for stack, n_layers, causal in (
+        ("encoder", config.num_layers, False),
+        ("decoder", config.num_decoder_layers, True),
+    ):
         for i in range(n_layers):
             tl, fl = f"{stack}.block.{i}.layer", (stack, "block", str(i), "layer")
             attns = [("0", "SelfAttention")] + ([("1", "EncDecAttention")] if causal else [])
             for j, attn in attns:
                 for proj in "qkv":
-                    table.append((f"{tl}.{j}.{attn}.{proj}.weight", fl + (j, attn, proj, "kernel"), True,
-                                  (inner, d)))
+                    table.append((f"{tl}.{j}.{attn}.{proj}.weight", fl + (j, attn, proj, "kernel"), True, (inner, d)))
                 table.append((f"{tl}.{j}.{attn}.o.weight", fl + (j, attn, "o", "kernel"), True, (d, inner)))
                 table.append((f"{tl}.{j}.layer_norm.weight", fl + (j, "layer_norm", "weight"), False, (d,)))
             if i == 0:
-                table.append((f"{tl}.0.SelfAttention.relative_attention_bias.weight",
-                              fl + ("0", "SelfAttention", "relative_attention_bias", "embedding"), False,
-                              (config.relative_attention_num_buckets, config.num_heads)))
+                table.append(
+                    (
+                        f"{tl}.0.SelfAttention.relative_attention_bias.weight",
+                        fl + ("0", "SelfAttention", "relative_attention_bias", "embedding"),
+                        False,
+                        (config.relative_attention_num_buckets, config.num_heads),
+                    )
+                )
             j = "2" if causal else "1"
             for w in ("wi_0", "wi_1") if gated else ("wi",):
-                table.append((f"{tl}.{j}.DenseReluDense.{w}.weight", fl + (j, "DenseReluDense", w, "kernel"),
-                              True, (ff, d)))
-            table.append((f"{tl}.{j}.DenseReluDense.wo.weight", fl + (j, "DenseReluDense", "wo", "kernel"),
-                          True, (d, ff)))
+                table.append(
+                    (f"{tl}.{j}.DenseReluDense.{w}.weight", fl + (j, "DenseReluDense", w, "kernel"), True, (ff, d))
+                )
+            table.append(
+                (f"{tl}.{j}.DenseReluDense.wo.weight", fl + (j, "DenseReluDense", "wo", "kernel"), True, (d, ff))
+            )
             table.append((f"{tl}.{j}.layer_norm.weight", fl + (j, "layer_norm", "weight"), False, (d,)))
         table.append((f"{stack}.final_layer_norm.weight", (stack, "final_layer_norm", "weight"), False, (d,)))
     return table
@@ -470,6 +616,7 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
                 mismatched.append("lm_head.weight: differs from shared.weight, but the config ties the head")
     unexpected = sorted(set(sd) - used)
     if missing or unexpected or mismatched:
-        raise ValueError(mismatch_report("T5 PyTorch state dict does not match the config", missing,
-                                         unexpected, mismatched))
+        raise ValueError(
+            mismatch_report("T5 PyTorch state dict does not match the config", missing, unexpected, mismatched)
+        )
     return params
