@@ -57,7 +57,7 @@ from flax_textvae import (
 )
 from flax_textvae import export as export_lib
 from flax_textvae import workdir as rundir
-from flax_textvae.step import TrainState, make_optimizer, per_example_keys
+from flax_textvae.step import TrainState, apply_if_finite, make_optimizer, per_example_keys
 from flax_textvae.trainer import MetricsLog, NonFiniteLossError, PhaseContext, Preemption, Progress, TrainLoop
 
 __all__ = [
@@ -221,14 +221,7 @@ def pretrain_step(
     if axis_name is not None:
         grads, loss, ratio = jax.lax.pmean((grads, loss, ratio), axis_name)
         tokens, correct = jax.lax.psum((tokens, correct), axis_name)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    new_state = state.replace(
-        step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state)
-    )
+    new_state, grad_norm, ok = apply_if_finite(state, grads, loss, tx)
     metrics = {
         "loss": loss,
         "accuracy": correct / jnp.maximum(tokens, 1.0),

@@ -244,6 +244,24 @@ def accumulate_gradients(
     return loss / steps, aux, jax.tree.map(lambda g: g / steps, grads)
 
 
+def apply_if_finite(state: TrainState, grads, loss: jax.Array, tx: optax.GradientTransformation):
+    """One optimizer update of ``state`` by ``grads``, kept only when ``loss`` and the gradient norm are finite.
+
+    Returns:
+      ``(new_state, grad_norm, ok)``: the state one step on (its parameters and optimizer state unchanged
+      where ``ok`` is False), the global gradient norm, and whether the update was applied.
+    """
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state)
+    )
+    return new_state, grad_norm, ok
+
+
 def train_step(
     state: TrainState,
     batch: dict,
@@ -288,15 +306,8 @@ def train_step(
     if axis_name is not None:
         grads, loss, aux = jax.lax.pmean((grads, loss, aux), axis_name)
 
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
     # The norm of what the optimizer sees (frozen gradients are zero by stop_gradient anyway).
-    grad_norm = optax.global_norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    new_state = state.replace(
-        step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state)
-    )
+    new_state, grad_norm, ok = apply_if_finite(state, grads, loss, tx)
     metrics = {
         "loss": loss,
         "rec": aux["rec"],
