@@ -65,9 +65,8 @@ class Prefetcher:
 
     def __next__(self) -> tuple[Any, Any]:
         """``(local, placed)``: the next host batch and ``place(local)``."""
-        if self.depth == 0:
+        if self.depth == 0:  # the wrapped iterator itself is at the consumed position: nothing to record
             local = next(self.iterator)
-            self._consumed = copy.deepcopy(self.iterator.get_state())
             return local, self.place(local)
         if self._thread is None:
             self._start()
@@ -91,6 +90,8 @@ class Prefetcher:
     # ----------------------------------------------------------------------------------- positions
     def get_state(self) -> Any:
         """The wrapped iterator's state after the batches returned by ``next`` so far."""
+        if self.depth == 0:
+            return self.iterator.get_state()
         return copy.deepcopy(self._consumed)
 
     def set_state(self, state: Any) -> None:
