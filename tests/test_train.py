@@ -132,6 +132,22 @@ def _wait_for_checkpoint(workdir, proc, min_step, timeout=240):
     raise AssertionError("no checkpoint appeared")
 
 
+def _wait_for_logged_step(workdir, proc, min_step, timeout=240):
+    """Block until ``metrics.jsonl`` holds a training row at ``min_step`` or later (the loop is past it)."""
+    log = os.path.join(workdir, "metrics.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if os.path.exists(log):
+            rows = [json.loads(line) for line in open(log) if line.endswith("\n")]
+            done = [r["step"] for r in rows if r.get("split") != "eval"]
+            if done and max(done) >= min_step:
+                return max(done)
+        if proc.poll() is not None:
+            raise AssertionError("training ended before it could be interrupted:\n" + proc.stdout.read())
+        time.sleep(0.02)
+    raise AssertionError(f"no training row at step >= {min_step} appeared")
+
+
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     p = _cli(full, *RESUME_FLAGS)
@@ -162,12 +178,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     p = _cli(workdir, *RESUME_FLAGS, "--config.checkpoint_every=100000")
     # checkpoint_every is huge: the only checkpoints are the phase-1 end and the one SIGTERM makes.
     first = _wait_for_checkpoint(workdir, p, 100)
+    # Wait until phase 2 has logged a step past that checkpoint, so the SIGTERM save must be a later step.
+    logged = _wait_for_logged_step(workdir, p, first + 1)
     p.send_signal(signal.SIGTERM)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0, out
     assert "SIGTERM: saved the checkpoint of step" in out
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-    assert steps[-1] > first, (steps, out)
+    assert steps[-1] >= logged > first, (steps, logged, out)
 
 
 @pytest.mark.parametrize(
