@@ -20,7 +20,7 @@ Stages (the script calls itself):
   3. project venv: copy tokenizer files, drop everything else; the fixture stays under ~200 KB.
 
 `--fallback` skips stage 2 and writes flax_model.msgpack with flax.serialization.msgpack_serialize of
-`flax_textvae.models.bart.params_from_torch` (only for when transformers 4.x cannot be installed; that
+`flax_textvae.models.bart_weights.params_from_torch` (only for when transformers 4.x cannot be installed; that
 route does NOT test compatibility with real HF Flax files).
 """
 
@@ -101,10 +101,10 @@ def stage_fallback(src: str, out: str) -> None:
     from safetensors.numpy import load_file
     from transformers import AutoConfig
 
-    from flax_textvae.models import bart
+    from flax_textvae.models import bart_weights
 
     config = AutoConfig.from_pretrained(src)
-    params = bart.params_from_torch(load_file(os.path.join(src, "model.safetensors")), config)
+    params = bart_weights.params_from_torch(load_file(os.path.join(src, "model.safetensors")), config)
     params = {k: v for k, v in params.items()}
     with open(os.path.join(out, "flax_model.msgpack"), "wb") as f:
         f.write(
@@ -112,7 +112,7 @@ def stage_fallback(src: str, out: str) -> None:
         )
     shutil.copy(os.path.join(src, "config.json"), out)
     with open(os.path.join(out, "PRODUCED_BY.json"), "w") as f:
-        json.dump({"flax": flax.__version__, "route": "fallback: msgpack_serialize(bart.params_from_torch)"}, f)
+        json.dump({"flax": flax.__version__, "route": "fallback: msgpack_serialize(bart_weights.params_from_torch)"}, f)
 
 
 def main() -> None:

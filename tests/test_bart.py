@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from flax_textvae.models import bart, init_cache, init_params, load_pretrained
+from flax_textvae.models import bart_weights, init_cache, init_params, load_pretrained
 
 torch = pytest.importorskip("torch")
 
@@ -248,7 +248,7 @@ def test_tied_layouts_both_load(base):
     alias_only = {k: v for k, v in dup.items() if k != "model.shared.weight"}
     ref = flatten_dict(pre.params)
     for layout in (once, dup, alias_only):
-        got = flatten_dict(bart.params_from_torch(layout, pre.config))
+        got = flatten_dict(bart_weights.params_from_torch(layout, pre.config))
         assert set(got) == set(ref)
         for k in ref:
             np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(ref[k]))
@@ -262,7 +262,7 @@ def test_mapping_errors_list_every_bad_key(base):
     sd["model.encoder.layers.0.self_attn.q_proj.weight"] = np.zeros((3, 3), np.float32)
     sd["model.encoder.some_extra.weight"] = np.zeros(2, np.float32)
     with pytest.raises(ValueError) as err:
-        bart.params_from_torch(sd, pre.config)
+        bart_weights.params_from_torch(sd, pre.config)
     msg = str(err.value)
     for name in (
         "model.decoder.layers.1.fc2.bias",

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from flax.traverse_util import flatten_dict  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from flax_textvae.models import t5  # noqa: E402
+from flax_textvae.models import t5, t5_weights  # noqa: E402
 from flax_textvae.models.common import init_cache  # noqa: E402
 from tests.helpers_hf import make_tiny_t5, padded_batch  # noqa: E402
 
@@ -29,7 +29,7 @@ class Tiny:
         self.config = transformers.T5Config.from_pretrained(self.folder)
         self.state = load_file(os.path.join(self.folder, "model.safetensors"))
         self.module = t5.T5ForConditionalGeneration(self.config)
-        self.params = t5.params_from_torch(self.state, self.config)
+        self.params = t5_weights.params_from_torch(self.state, self.config)
 
 
 @pytest.fixture(scope="session")
@@ -132,14 +132,14 @@ def test_mapping_accepts_duplicated_tied_keys(tiny_v10):
     state.update(
         {"encoder.embed_tokens.weight": shared, "decoder.embed_tokens.weight": shared, "lm_head.weight": shared}
     )
-    params = t5.params_from_torch(state, tiny_v10.config)
+    params = t5_weights.params_from_torch(state, tiny_v10.config)
     assert _shapes(params) == _shapes(tiny_v10.params) and "lm_head" not in params
     np.testing.assert_array_equal(params["shared"]["embedding"], shared)
 
 
 def test_separate_head_copied_when_transformers5_saved_it_tied(tiny_v11):
     state = {k: v for k, v in tiny_v11.state.items() if k != "lm_head.weight"}
-    params = t5.params_from_torch(state, tiny_v11.config)
+    params = t5_weights.params_from_torch(state, tiny_v11.config)
     np.testing.assert_array_equal(params["lm_head"]["kernel"], state["shared.weight"].T)
 
 
@@ -151,7 +151,7 @@ def test_mapping_errors_list_every_bad_key(tiny_v10):
     state["decoder.extra.weight"] = np.zeros(2, np.float32)
     state["lm_head.weight"] = state["shared.weight"] + 1.0  # tied config, different head
     with pytest.raises(ValueError) as err:
-        t5.params_from_torch(state, tiny_v10.config)
+        t5_weights.params_from_torch(state, tiny_v10.config)
     msg = str(err.value)
     for key in (
         "decoder.block.1.layer.2.DenseReluDense.wo.weight",

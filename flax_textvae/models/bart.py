@@ -16,8 +16,7 @@ Public API:
     methods `__call__`, `encode`, `decode`, `decode_hidden`, `lm_logits`, `lm_head_weights` and properties
     `d_model`, `num_decoder_layers`, `vocab_size`, `pad_token_id`, `eos_token_id`, `decoder_start_token_id`
     (attention.py holds the attention, masks and KV cache).
-  * `params_from_torch(state_dict, config)`: PyTorch state dict (numpy arrays) -> params, by an explicit table.
-  * `torch_name_table(config)`: that table, [(torch name, flax path, transpose, torch shape)].
+  * The PyTorch -> Flax weight table (`params_from_torch`, `torch_name_table`) is in bart_weights.py.
   * `init_cache(module, batch_size, max_length)` (re-exported from common).
 
 Not implemented (training-time only in HF): LayerDrop (encoder_layerdrop / decoder_layerdrop).
@@ -26,12 +25,11 @@ Not implemented (training-time only in HF): LayerDrop (encoder_layerdrop / decod
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_textvae.models.attention import (
     DEFAULT_ATTENTION,
@@ -47,10 +45,8 @@ from flax_textvae.models.common import (
     LMHead,
     LMHeadWeights,
     Seq2SeqProperties,
-    apply_name_table,
     get_activation,
     init_cache,
-    mismatch_report,
     tied_logits,
 )
 
@@ -59,7 +55,7 @@ Dtype = Any
 POSITION_OFFSET = 2  # BART's learned positions are looked up at position + 2
 LN_EPS = 1e-5
 
-__all__ = ["BartForConditionalGeneration", "params_from_torch", "torch_name_table", "init_cache"]
+__all__ = ["BartForConditionalGeneration", "POSITION_OFFSET", "init_cache"]
 
 
 def _init(config) -> Any:
@@ -447,111 +443,3 @@ class BartForConditionalGeneration(Seq2SeqProperties, nn.Module):
         return self.decode(
             decoder_input_ids, decoder_attention_mask, memory, attention_mask, deterministic=deterministic
         )
-
-
-# ---------------------------------------------------------------------------------- PyTorch -> Flax
-_TIED_ALIASES = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
-
-
-def torch_name_table(config) -> list[tuple[str, tuple[str, ...], bool, tuple[int, ...]]]:
-    """Explicit PyTorch -> Flax name table for a BartConfig.
-
-    Returns:
-      [(torch name, flax path, transpose, expected torch shape)]. Linear weights [out, in] are transposed
-      to Flax kernels [in, out]; LayerNorm weight -> scale. Tied-embedding aliases are not listed (see
-      params_from_torch).
-    """
-    d, v = config.d_model, config.vocab_size
-    table = [
-        ("model.shared.weight", ("model", "shared", "embedding"), False, (v, d)),
-        ("final_logits_bias", ("final_logits_bias",), False, (1, v)),
-    ]
-    if not getattr(config, "tie_word_embeddings", True):
-        table.append(("lm_head.weight", ("lm_head", "kernel"), True, (v, d)))
-
-    def linear(tname, fpath, n_out, n_in):
-        table.append((f"{tname}.weight", fpath + ("kernel",), True, (n_out, n_in)))
-        table.append((f"{tname}.bias", fpath + ("bias",), False, (n_out,)))
-
-    def norm(tname, fpath):
-        table.append((f"{tname}.weight", fpath + ("scale",), False, (d,)))
-        table.append((f"{tname}.bias", fpath + ("bias",), False, (d,)))
-
-    stacks = (
-        ("encoder", config.encoder_layers, config.encoder_ffn_dim, ("self_attn",)),
-        ("decoder", config.decoder_layers, config.decoder_ffn_dim, ("self_attn", "encoder_attn")),
-    )
-    for stack, n_layers, ffn, attns in stacks:
-        t0, f0 = f"model.{stack}", ("model", stack)
-        table.append(
-            (
-                f"{t0}.embed_positions.weight",
-                f0 + ("embed_positions", "embedding"),
-                False,
-                (config.max_position_embeddings + POSITION_OFFSET, d),
-            )
-        )
-        norm(f"{t0}.layernorm_embedding", f0 + ("layernorm_embedding",))
-        for i in range(n_layers):
-            tl, fl = f"{t0}.layers.{i}", f0 + ("layers", str(i))
-            for attn in attns:
-                for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                    linear(f"{tl}.{attn}.{proj}", fl + (attn, proj), d, d)
-                norm(f"{tl}.{attn}_layer_norm", fl + (f"{attn}_layer_norm",))
-            linear(f"{tl}.fc1", fl + ("fc1",), ffn, d)
-            linear(f"{tl}.fc2", fl + ("fc2",), d, ffn)
-            norm(f"{tl}.final_layer_norm", fl + ("final_layer_norm",))
-    return table
-
-
-def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
-    """Maps a PyTorch BartForConditionalGeneration state dict to Flax params (float32 jax arrays).
-
-    Handles both layouts of the tied embedding: stored once as model.shared.weight (transformers 5) and the
-    older duplicated keys (model.encoder/decoder.embed_tokens.weight, lm_head.weight), which may also stand
-    in for a missing model.shared.weight. With tie_word_embeddings=False, lm_head.weight is the separate
-    head and the encoder/decoder embed_tokens copies must equal model.shared.weight. Keys with a '.version'
-    suffix are ignored.
-
-    Args:
-      state_dict: torch name -> numpy array (any float dtype).
-      config: the BartConfig.
-
-    Returns:
-      Nested params dict in the HF Flax layout.
-
-    Raises:
-      ValueError: listing every missing, unexpected and shape-mismatched tensor.
-    """
-    sd = {k: v for k, v in state_dict.items() if not k.endswith(".version")}
-    tied = getattr(config, "tie_word_embeddings", True)
-    aliases = _TIED_ALIASES if tied else _TIED_ALIASES[:2]
-    if "model.shared.weight" not in sd:
-        for alias in aliases:
-            if alias in sd:
-                sd["model.shared.weight"] = sd[alias]
-                break
-    params, used, missing, mismatched = apply_name_table(sd, torch_name_table(config))
-    d, v = config.d_model, config.vocab_size
-    for alias in aliases:  # duplicated copies of the input embedding: accept when the shape fits
-        if alias in sd and alias not in used:
-            used.add(alias)
-            if tuple(np.shape(sd[alias])) != (v, d):
-                mismatched.append(f"{alias}: got {tuple(np.shape(sd[alias]))}, expected {(v, d)}")
-            elif (
-                not tied
-                and "model.shared.weight" in sd
-                and not np.array_equal(np.asarray(sd[alias]), np.asarray(sd["model.shared.weight"]))
-            ):
-                # transformers 5 unties encoder/decoder input embeddings too when tie_word_embeddings=False;
-                # this model (like the HF Flax layout) has one input embedding, so they must agree.
-                mismatched.append(
-                    f"{alias}: differs from model.shared.weight (separate encoder/decoder "
-                    "input embeddings are not supported)"
-                )
-    unexpected = sorted(set(sd) - used)
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            mismatch_report("BART PyTorch state dict does not match the config", missing, unexpected, mismatched)
-        )
-    return params

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import transformers
 
-from flax_textvae.models import bart, t5
+from flax_textvae.models import bart, bart_weights, t5, t5_weights
 
 __all__ = ["Family", "TokenizerLayout", "FAMILIES", "get", "frozen_decoder_patterns"]
 
@@ -146,7 +146,7 @@ def _bart_export_table(config) -> tuple[list, list]:
         if tied
         else [(f"model.{stack}.embed_tokens.weight", "model.shared.weight") for stack in ("encoder", "decoder")]
     )
-    return bart.torch_name_table(config), aliases
+    return bart_weights.torch_name_table(config), aliases
 
 
 def _bart_positions(config) -> Optional[int]:
@@ -156,8 +156,8 @@ def _bart_positions(config) -> Optional[int]:
 BART = Family(
     model_type="bart",
     module_class=bart.BartForConditionalGeneration,
-    params_from_torch=bart.params_from_torch,
-    torch_name_table=bart.torch_name_table,
+    params_from_torch=bart_weights.params_from_torch,
+    torch_name_table=bart_weights.torch_name_table,
     export_table=_bart_export_table,
     decoder_params=("model/decoder/", "model/shared/", "final_logits_bias", "lm_head/"),
     tokenizer_layout=TokenizerLayout(
@@ -196,7 +196,7 @@ def _t5_scratch(s, tokenizer, max_length: int, shared: dict):
 
 def _t5_export_table(config) -> tuple[list, list]:
     """T5 v1.1 has its own LM head, which `torch_name_table` leaves out (transformers loads it untied)."""
-    rows = t5.torch_name_table(config)
+    rows = t5_weights.torch_name_table(config)
     if t5.separate_head(config):
         rows.append(("lm_head.weight", ("lm_head", "kernel"), True, (config.vocab_size, config.d_model)))
     return rows, []
@@ -210,8 +210,8 @@ def _no_position_limit(config) -> Optional[int]:
 T5 = Family(
     model_type="t5",
     module_class=t5.T5ForConditionalGeneration,
-    params_from_torch=t5.params_from_torch,
-    torch_name_table=t5.torch_name_table,
+    params_from_torch=t5_weights.params_from_torch,
+    torch_name_table=t5_weights.torch_name_table,
     export_table=_t5_export_table,
     decoder_params=("decoder/", "shared/", "lm_head/"),
     tokenizer_layout=TokenizerLayout(

@@ -18,19 +18,18 @@ Parameter tree (what transformers 4.x `FlaxT5ForConditionalGeneration` saved):
 Tied vs separate head. transformers 5 always reports `tie_word_embeddings=True` for T5 and keeps the
 saved flag as `config.scale_decoder_outputs` (transformers 4 configs: `tie_word_embeddings`). Original T5
 (flag True) rescales the decoder output and uses `shared` as the head; T5 v1.1 / Flan-T5 (flag False) have
-a separate `lm_head` and no rescale. The module follows the flag; `params_from_torch` copies `shared` into
+a separate `lm_head` and no rescale. The module follows the flag; `t5_weights.params_from_torch` copies `shared` into
 `lm_head` when a flag-False checkpoint stores no lm_head.weight (transformers 5 ties T5 heads on save).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_textvae.models.attention import (
     DEFAULT_ATTENTION,
@@ -47,10 +46,8 @@ from flax_textvae.models.common import (
     LMHead,
     LMHeadWeights,
     Seq2SeqProperties,
-    apply_name_table,
     get_activation,
     init_cache,
-    mismatch_report,
     tied_logits,
 )
 
@@ -59,8 +56,6 @@ _normal = jax.nn.initializers.normal
 
 __all__ = [
     "T5ForConditionalGeneration",
-    "params_from_torch",
-    "torch_name_table",
     "relative_position_bucket",
     "separate_head",
     "init_cache",
@@ -68,7 +63,7 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _ffn_kind(config) -> tuple[bool, str]:
+def ffn_kind(config) -> tuple[bool, str]:
     """(is_gated, activation name) from the config, as transformers derives them."""
     parts = config.feed_forward_proj.split("-")
     gated = getattr(config, "is_gated_act", parts[0] == "gated")
@@ -138,7 +133,7 @@ class T5DenseReluDense(nn.Module):
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
         c = self.config
-        gated, act = _ffn_kind(c)
+        gated, act = ffn_kind(c)
         dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
         wi_init = _normal(c.initializer_factor * c.d_model**-0.5)
         if gated:
@@ -522,101 +517,3 @@ class T5ForConditionalGeneration(Seq2SeqProperties, nn.Module):
         return self.decode(
             decoder_input_ids, decoder_attention_mask, memory, attention_mask, deterministic=deterministic
         )
-
-
-# ---------------------------------------------------------------------------------- PyTorch -> Flax
-_EMBED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-_IGNORED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
-
-
-def torch_name_table(config) -> list[tuple[str, tuple[str, ...], bool, tuple[int, ...]]]:
-    """Explicit PyTorch -> Flax name table for a T5Config (without the optional lm_head).
-
-    Returns:
-      [(torch name, flax path, transpose, expected torch shape)]. Linear weights [out, in] are transposed to
-      Flax kernels [in, out]; embeddings and layer-norm weights are copied.
-    """
-    d, inner, ff, v = config.d_model, config.num_heads * config.d_kv, config.d_ff, config.vocab_size
-    gated, _ = _ffn_kind(config)
-    table = [("shared.weight", ("shared", "embedding"), False, (v, d))]
-    for stack, n_layers, causal in (
-        ("encoder", config.num_layers, False),
-        ("decoder", config.num_decoder_layers, True),
-    ):
-        for i in range(n_layers):
-            tl, fl = f"{stack}.block.{i}.layer", (stack, "block", str(i), "layer")
-            attns = [("0", "SelfAttention")] + ([("1", "EncDecAttention")] if causal else [])
-            for j, attn in attns:
-                for proj in "qkv":
-                    table.append((f"{tl}.{j}.{attn}.{proj}.weight", fl + (j, attn, proj, "kernel"), True, (inner, d)))
-                table.append((f"{tl}.{j}.{attn}.o.weight", fl + (j, attn, "o", "kernel"), True, (d, inner)))
-                table.append((f"{tl}.{j}.layer_norm.weight", fl + (j, "layer_norm", "weight"), False, (d,)))
-            if i == 0:
-                table.append(
-                    (
-                        f"{tl}.0.SelfAttention.relative_attention_bias.weight",
-                        fl + ("0", "SelfAttention", "relative_attention_bias", "embedding"),
-                        False,
-                        (config.relative_attention_num_buckets, config.num_heads),
-                    )
-                )
-            j = "2" if causal else "1"
-            for w in ("wi_0", "wi_1") if gated else ("wi",):
-                table.append(
-                    (f"{tl}.{j}.DenseReluDense.{w}.weight", fl + (j, "DenseReluDense", w, "kernel"), True, (ff, d))
-                )
-            table.append(
-                (f"{tl}.{j}.DenseReluDense.wo.weight", fl + (j, "DenseReluDense", "wo", "kernel"), True, (d, ff))
-            )
-            table.append((f"{tl}.{j}.layer_norm.weight", fl + (j, "layer_norm", "weight"), False, (d,)))
-        table.append((f"{stack}.final_layer_norm.weight", (stack, "final_layer_norm", "weight"), False, (d,)))
-    return table
-
-
-def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
-    """Maps a PyTorch T5ForConditionalGeneration state dict to Flax params (float32 jax arrays).
-
-    The tied embedding may be stored once as shared.weight (transformers 5) or duplicated as
-    encoder/decoder.embed_tokens.weight (and lm_head.weight for tied T5), any of which may stand in for a
-    missing shared.weight. For a separate-head config (`separate_head`), lm_head.weight becomes 'lm_head'
-    (a copy of shared.weight when the file has none). The unused decoder EncDecAttention
-    relative_attention_bias is ignored, as HF does.
-
-    Args:
-      state_dict: torch name -> numpy array (any float dtype).
-      config: the T5Config.
-
-    Returns:
-      Nested params dict in the HF Flax layout.
-
-    Raises:
-      ValueError: listing every missing, unexpected and shape-mismatched tensor.
-    """
-    sd = {k: v for k, v in state_dict.items() if not k.endswith(".version") and k not in _IGNORED}
-    untied = separate_head(config)
-    aliases = _EMBED_ALIASES if untied else _EMBED_ALIASES + ("lm_head.weight",)
-    if "shared.weight" not in sd:
-        for alias in aliases:
-            if alias in sd:
-                sd["shared.weight"] = sd[alias]
-                break
-    table = torch_name_table(config)
-    if untied:
-        if "lm_head.weight" not in sd and "shared.weight" in sd:
-            sd["lm_head.weight"] = sd["shared.weight"]
-        table.append(("lm_head.weight", ("lm_head", "kernel"), True, (config.vocab_size, config.d_model)))
-    params, used, missing, mismatched = apply_name_table(sd, table)
-    expected = (config.vocab_size, config.d_model)
-    for alias in aliases:  # duplicated tied copies: accept when the shape fits
-        if alias in sd and alias not in used:
-            used.add(alias)
-            if tuple(np.shape(sd[alias])) != expected:
-                mismatched.append(f"{alias}: got {tuple(np.shape(sd[alias]))}, expected {expected}")
-            elif alias == "lm_head.weight" and not np.array_equal(sd[alias], sd["shared.weight"]):
-                mismatched.append("lm_head.weight: differs from shared.weight, but the config ties the head")
-    unexpected = sorted(set(sd) - used)
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            mismatch_report("T5 PyTorch state dict does not match the config", missing, unexpected, mismatched)
-        )
-    return params
