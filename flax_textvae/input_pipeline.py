@@ -24,8 +24,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 from flax_textvae import data as data_lib
 from flax_textvae.data.batching import Batch
-from flax_textvae.data.grain_pipeline import ArraySource, GrainEvalIterator, GrainTrainIterator, TfdsTokenSource
+from flax_textvae.data.grain_pipeline import GrainEvalIterator, GrainTrainIterator
 from flax_textvae.data.sources import TFDS_PREFIX
+from flax_textvae.data.token_sources import ArraySource, TfdsTokenSource
 from flax_textvae.validation import ConfigError
 
 
@@ -238,19 +239,15 @@ def make_pipeline(
       process_index, process_count: this process and the number of processes; each reads its
         ``batch_size / process_count`` rows of every global training batch.
       train: build the training iterator over ``data.train``.
-      eval_spec: the eval split (default ``data.eval``).
-      eval_batch_size: default ``batch_size``.
+      eval_spec, eval_batch_size: the eval split (default ``data.eval``) and its batch size (default ``batch_size``).
       with_eval: open the eval split.
       reader: a ``TextReader`` that may hold texts already read (default: a new one).
+
+    Returns:
+      The ``Pipeline`` with the training iterator (when ``train``) and the opened eval split (when ``with_eval``).
     """
     c = config.data
-    layout = dict(
-        pad_id=tokenizer.pad_token_id,
-        decoder_start_id=prompt[0],
-        bos_id=prompt[1] if len(prompt) > 1 else None,
-        max_length=c.max_length,
-        num_buckets=c.num_buckets,
-    )
+    layout = _batch_layout(c, tokenizer, prompt)
     opened = functools.partial(
         open_split,
         c,
@@ -273,3 +270,14 @@ def make_pipeline(
         pipeline.eval = opened(eval_spec or c.eval, name="eval")
         pipeline.eval_layout = dict(layout, batch_size=eval_batch_size or config.batch_size)
     return pipeline
+
+
+def _batch_layout(data_config: Any, tokenizer: Any, prompt: Sequence[int]) -> dict:
+    """The batch arguments that the training and the eval batches share: padding, decoder prompt ids, buckets."""
+    return dict(
+        pad_id=tokenizer.pad_token_id,
+        decoder_start_id=prompt[0],
+        bos_id=prompt[1] if len(prompt) > 1 else None,
+        max_length=data_config.max_length,
+        num_buckets=data_config.num_buckets,
+    )

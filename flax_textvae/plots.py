@@ -143,69 +143,90 @@ def _loss_panel(ax, runs) -> None:
     _train_lines(ax, runs, "rec", color="tab:blue", linewidth=0.8, alpha=0.8, label="train rec")
 
 
-def _panels(train_runs, train, evals):
+def _has(key: str, rows: Sequence[dict[str, Any]]) -> bool:
+    """Whether any row holds a finite number under ``key``."""
+    return bool(len(_series(rows, key)[0]))
+
+
+def _panels(train_runs, train, evals) -> list:
     """``[(title, draw(ax))]`` of the panels whose keys the rows hold."""
-    panels = []
-    has = lambda key, src: bool(len(_series(src, key)[0]))
-    if has("loss", train):
-        panels.append(
+    panels = _loss_panels(train_runs, train, evals)
+    for key, title in (("rec", "reconstruction rec (nats / example)"), ("kl", "KL (nats / example)")):
+        if _has(key, train) or _has(key, evals):
+            panels.append((title, _curve_drawer(key, train_runs, train, evals)))
+    return panels + _schedule_panels(train) + _au_panels(train, evals)
+
+
+def _loss_panels(train_runs, train, evals) -> list:
+    """The loss panel: train loss with its KL part, else the eval loss as markers, else none."""
+    if _has("loss", train):
+        return [
             (
                 "training loss = rec + kl_term (kl_term is the KL part of the objective)",
                 lambda ax: _loss_panel(ax, train_runs),
             )
-        )
-    elif has("loss", evals):
-        panels.append(("loss", lambda ax: ax.plot(*_series(evals, "loss"), **_EVAL_STYLE)))
+        ]
+    if _has("loss", evals):
+        return [("loss", lambda ax: ax.plot(*_series(evals, "loss"), **_EVAL_STYLE))]
+    return []
 
-    def curve(key):
-        def draw(ax):
-            _train_lines(ax, train_runs, key, color="tab:blue", linewidth=1.2, label="train")
-            if key == "kl":
-                _train_lines(
-                    ax,
-                    train_runs,
-                    "kl_term",
-                    color="tab:red",
-                    linewidth=1.0,
-                    linestyle="--",
-                    label="train kl_term (in the loss)",
-                )
-            s, v = _series(evals, key)
-            if len(s):
-                ax.plot(s, v, **_EVAL_STYLE)
-            if key == "kl" and _wide_range(np.concatenate([_series(train, "kl")[1], v])):
-                # phase 1 has no KL penalty, and its KL can be orders of magnitude above phase 2's
-                ax.set_yscale("symlog", linthresh=1.0)
-                ax.set_title("KL (nats / example, symmetric log axis)", fontsize=10)
 
-        return draw
+def _curve_drawer(key: str, train_runs, train, evals):
+    """``draw(ax)`` of the ``rec`` or ``kl`` panel: train lines per phase, eval markers (``kl``: with ``kl_term``)."""
 
-    for key, title in (("rec", "reconstruction rec (nats / example)"), ("kl", "KL (nats / example)")):
-        if has(key, train) or has(key, evals):
-            panels.append((title, curve(key)))
+    def draw(ax):
+        _train_lines(ax, train_runs, key, color="tab:blue", linewidth=1.2, label="train")
+        if key == "kl":
+            _train_lines(
+                ax,
+                train_runs,
+                "kl_term",
+                color="tab:red",
+                linewidth=1.0,
+                linestyle="--",
+                label="train kl_term (in the loss)",
+            )
+        s, v = _series(evals, key)
+        if len(s):
+            ax.plot(s, v, **_EVAL_STYLE)
+        if key == "kl" and _wide_range(np.concatenate([_series(train, "kl")[1], v])):
+            # phase 1 has no KL penalty, and its KL can be orders of magnitude above phase 2's
+            ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_title("KL (nats / example, symmetric log axis)", fontsize=10)
+
+    return draw
+
+
+def _schedule_panels(train) -> list:
+    """The KL weight / target C panel (one axis each when both are logged), or none."""
     sched = [(key, *_series(train, key)) for key in ("kl_weight", "kl_target")]
     sched = [(k, s, v) for k, s, v in sched if len(s) and (k == "kl_weight" or np.any(v != 0))]  # C: constraint only
     if len(sched) == 2:
-        panels.append(("KL weight / target C", lambda ax: _plot_two_scales(ax, sched)))
-    elif sched:
-        panels.append(
+        return [("KL weight / target C", lambda ax: _plot_two_scales(ax, sched))]
+    if sched:
+        return [
             (
                 sched[0][0],
                 lambda ax: ax.plot(sched[0][1], sched[0][2], "-", color="tab:blue", linewidth=1.2, label=sched[0][0]),
             )
-        )
-    au_src = evals if has("au", evals) else train
-    if has("au", au_src):
+        ]
+    return []
 
-        def draw_au(ax):
-            s, v = _series(au_src, "au")
-            ax.plot(s, v, **dict(_EVAL_STYLE, label="au"))
-            pad = max(1.0, 0.1 * float(v.max() - v.min()))  # room for integer ticks around a flat count
-            ax.set_ylim(max(float(v.min()) - pad, -0.5), float(v.max()) + pad)
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
-        panels.append(("active units au (eval)", draw_au))
-    return panels
+def _au_panels(train, evals) -> list:
+    """The active-units panel (eval rows when they hold ``au``, else train rows), or none."""
+    au_src = evals if _has("au", evals) else train
+    if not _has("au", au_src):
+        return []
+
+    def draw_au(ax):
+        s, v = _series(au_src, "au")
+        ax.plot(s, v, **dict(_EVAL_STYLE, label="au"))
+        pad = max(1.0, 0.1 * float(v.max() - v.min()))  # room for integer ticks around a flat count
+        ax.set_ylim(max(float(v.min()) - pad, -0.5), float(v.max()) + pad)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+    return [("active units au (eval)", draw_au)]
 
 
 def _wide_range(values: np.ndarray) -> bool:
@@ -305,61 +326,87 @@ def kl_per_dim_figure(
     kl = kl.reshape(-1)
     d = kl.shape[0]
     order = np.argsort(-kl, kind="stable")
-    vals = kl[order]
     var = None
     if mean_variance is not None:
         var = np.asarray(mean_variance, np.float64).reshape(-1)
         if var.shape != kl.shape:
             raise ValueError(f"mean_variance has {var.shape[0]} dims, kl_per_dim {d}")
-        on = var[order] > threshold
-        headline = (
-            f"{active_count(var, threshold)} / {d} active units (Var_x E[z_d|x] > {threshold:g}, "
-            f"as the metric au)  |  total KL {kl.sum():.3g} nats"
-        )
-    else:
-        on = vals > threshold
-        headline = f"{int(on.sum())} / {d} dims with mean KL > {threshold:g} nats  |  total KL {kl.sum():.3g} nats"
+    on, headline = _activity(kl, order, var, threshold)
     colors = np.where(on, "tab:blue", "tab:gray")
     width = max(6.0, min(16.0, 0.12 * d + 4.5))
     fig = _new_figure(width, 3.8 if var is None else 6.0)
     axes = fig.subplots(1 if var is None else 2, 1, sharex=True, squeeze=False)[:, 0]
     fig.suptitle(f"{title or 'KL per latent dimension'}\n{headline}", fontsize=10)
+    line_ax = _draw_bars(axes, kl[order], None if var is None else var[order], colors, threshold)
+    _threshold_legend(axes[0], line_ax, threshold, by_variance=var is not None)
+    _label_dimensions(axes[-1], order)
+    return fig
 
+
+def _activity(kl: np.ndarray, order: np.ndarray, var: Optional[np.ndarray], threshold: float) -> tuple[np.ndarray, str]:
+    """(whether each dimension, in ``order``, is active; the headline counting them)."""
+    if var is not None:
+        headline = (
+            f"{active_count(var, threshold)} / {kl.shape[0]} active units (Var_x E[z_d|x] > {threshold:g}, "
+            f"as the metric au)  |  total KL {kl.sum():.3g} nats"
+        )
+        return var[order] > threshold, headline
+    on = kl[order] > threshold
+    headline = (
+        f"{int(on.sum())} / {kl.shape[0]} dims with mean KL > {threshold:g} nats  |  total KL {kl.sum():.3g} nats"
+    )
+    return on, headline
+
+
+def _log_bars(ax, values: np.ndarray, colors: np.ndarray, threshold: float) -> None:
+    """Bars on a log axis whose range keeps ``threshold`` and every bar in view (0 is drawn as 1e-12)."""
+    shown = np.maximum(values, 1e-12)  # a log axis cannot show 0
+    ax.bar(np.arange(len(shown)), shown, color=colors, width=0.85, zorder=2)
+    ax.set_yscale("log")
+    ax.set_ylim(min(threshold / 10, shown.min() / 2), max(threshold * 10, shown.max() * 2))
+
+
+def _draw_bars(axes, vals: np.ndarray, var: Optional[np.ndarray], colors: np.ndarray, threshold: float):
+    """The KL bars on ``axes[0]`` and, with ``var`` (sorted as ``vals``), its bars on ``axes[1]``.
+
+    Returns the axis that holds the threshold line: the variance axis when there is one.
+    """
     ax = axes[0]
     if var is None:  # the threshold line sits near 0: a log axis keeps it, and the bars near it, visible
-        shown = np.maximum(vals, 1e-12)
-        ax.bar(np.arange(d), shown, color=colors, width=0.85, zorder=2)
-        ax.set_yscale("log")
-        ax.set_ylim(min(threshold / 10, shown.min() / 2), max(threshold * 10, shown.max() * 2))
+        _log_bars(ax, vals, colors, threshold)
     else:
-        ax.bar(np.arange(d), vals, color=colors, width=0.85, zorder=2)
+        ax.bar(np.arange(len(vals)), vals, color=colors, width=0.85, zorder=2)
     ax.set_ylabel("KL (nats)")
     ax.grid(True, axis="y", alpha=0.3, zorder=0)
-    line_label = f"active-unit threshold {threshold:g}" if var is not None else f"KL = {threshold:g} nats"
-    line_ax = ax
-    if var is not None:
-        line_ax = axes[1]
-        shown = np.maximum(var[order], 1e-12)  # a log axis cannot show 0
-        line_ax.bar(np.arange(d), shown, color=colors, width=0.85, zorder=2)
-        line_ax.set_yscale("log")
-        line_ax.set_ylim(min(threshold / 10, shown.min() / 2), max(threshold * 10, shown.max() * 2))
-        line_ax.set_ylabel("Var_x E[z_d|x]")
-        line_ax.grid(True, axis="y", alpha=0.3, zorder=0)
+    if var is None:
+        return ax
+    _log_bars(axes[1], var, colors, threshold)
+    axes[1].set_ylabel("Var_x E[z_d|x]")
+    axes[1].grid(True, axis="y", alpha=0.3, zorder=0)
+    return axes[1]
+
+
+def _threshold_legend(ax, line_ax, threshold: float, *, by_variance: bool) -> None:
+    """The dashed threshold line on ``line_ax`` and the legend (active / inactive / threshold) beside ``ax``."""
+    line_label = f"active-unit threshold {threshold:g}" if by_variance else f"KL = {threshold:g} nats"
     line_ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1.6, zorder=3, label=line_label)
     handles = [
-        Patch(color="tab:blue", label="active" if var is not None else f"KL > {threshold:g}"),
-        Patch(color="tab:gray", label="inactive" if var is not None else f"KL <= {threshold:g}"),
+        Patch(color="tab:blue", label="active" if by_variance else f"KL > {threshold:g}"),
+        Patch(color="tab:gray", label="inactive" if by_variance else f"KL <= {threshold:g}"),
         line_ax.get_legend_handles_labels()[0][0],
     ]
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    last = axes[-1]
+
+
+def _label_dimensions(last, order: np.ndarray) -> None:
+    """X axis of the bottom panel: the dimension numbers under the bars (up to 64 dims), else the rank."""
+    d = len(order)
     if d <= 64:
         last.set_xticks(np.arange(d))
         last.set_xticklabels([str(i) for i in order], fontsize=6 if d > 32 else 8)
         last.set_xlabel("latent dimension (sorted by KL)")
     else:
         last.set_xlabel("rank of latent dimension (sorted by KL)")
-    return fig
 
 
 def plot_kl_per_dim(

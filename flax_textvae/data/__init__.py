@@ -12,13 +12,7 @@ use: their modules also run with ``python -m``.
 """
 
 from flax_textvae.data.batching import Batch, bucket_index, collate, make_buckets, padding_fraction, round_up
-from flax_textvae.data.grain_pipeline import (
-    ArraySource,
-    Batcher,
-    GrainEvalIterator,
-    GrainTrainIterator,
-    TfdsTokenSource,
-)
+from flax_textvae.data.grain_pipeline import Batcher, GrainEvalIterator, GrainTrainIterator
 from flax_textvae.data.prepared import (
     PREPARED_PREFIX,
     DecodedTexts,
@@ -28,6 +22,7 @@ from flax_textvae.data.prepared import (
 )
 from flax_textvae.data.sources import DatasetNotBuiltError, parse_tfds_spec, read_examples
 from flax_textvae.data.synthetic import synthetic_sentences, synthetic_vocabulary
+from flax_textvae.data.token_sources import ArraySource, TfdsTokenSource
 from flax_textvae.data.tokenize import encode_texts, train_word_tokenizer
 
 __all__ = [

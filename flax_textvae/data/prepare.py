@@ -28,7 +28,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -244,13 +244,7 @@ def prepare_dataset(
     output = os.path.abspath(os.path.expanduser(output))
     files = resolve_inputs(inputs)
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    sources = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "sha256": fmt.file_sha256(p)} for p in files]
-    recipe = {
-        "tokenizer_hash": fmt.tokenizer_fingerprint(tok),
-        "max_length": int(max_length),
-        "column": column,
-        "sha256": [s["sha256"] for s in sources],
-    }
+    sources, recipe = _sources_and_recipe(files, tok, max_length, column)
     old = _up_to_date(output, recipe)
     if old is not None:
         if progress:
@@ -266,14 +260,33 @@ def prepare_dataset(
         )
         index["seconds"] = round(time.time() - t0, 2)
         fmt.write_json_atomic(os.path.join(tmp, fmt.INDEX_NAME), index)
-        old_dir = f"{output}.old-{os.getpid()}"
-        if os.path.exists(output):
-            os.rename(output, old_dir)
-        os.rename(tmp, output)
-        shutil.rmtree(old_dir, ignore_errors=True)
+        _replace_folder(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return index
+
+
+def _sources_and_recipe(
+    files: Sequence[str], tok: Any, max_length: int, column: int | None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(the index's ``sources``: path, size and SHA-256 of every input; the recipe ``_up_to_date`` compares)."""
+    sources = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "sha256": fmt.file_sha256(p)} for p in files]
+    recipe = {
+        "tokenizer_hash": fmt.tokenizer_fingerprint(tok),
+        "max_length": int(max_length),
+        "column": column,
+        "sha256": [s["sha256"] for s in sources],
+    }
+    return sources, recipe
+
+
+def _replace_folder(tmp: str, output: str) -> None:
+    """Renames the complete ``tmp`` to ``output``; an older ``output`` is moved aside first, then removed."""
+    old_dir = f"{output}.old-{os.getpid()}"
+    if os.path.exists(output):
+        os.rename(output, old_dir)
+    os.rename(tmp, output)
+    shutil.rmtree(old_dir, ignore_errors=True)
 
 
 def _tasks(files: Sequence[str], lines_per_shard: int):
@@ -291,15 +304,19 @@ def _tasks(files: Sequence[str], lines_per_shard: int):
 
 
 def _write_all(
-    files, sources, tok, tokenizer_name, recipe, tmp, num_workers, lines_per_shard, on_decode_error, progress
+    files: Sequence[str],
+    sources: list[dict[str, Any]],
+    tok: Any,
+    tokenizer_name: str,
+    recipe: dict[str, Any],
+    tmp: str,
+    num_workers: int | None,
+    lines_per_shard: int,
+    on_decode_error: str,
+    progress: bool,
 ) -> dict[str, Any]:
-    tok_folder = os.path.join(tmp, fmt.TOKENIZER_DIR)
-    tok.save_pretrained(tok_folder)  # the workers tokenize with this copy; it must be the same tokenizer
-    if fmt.tokenizer_fingerprint(AutoTokenizer.from_pretrained(tok_folder)) != recipe["tokenizer_hash"]:
-        raise ValueError(
-            f"tokenizer {tokenizer_name!r} changes when saved and loaded again "
-            "(save_pretrained / from_pretrained), so runs could not check prepared ids against it"
-        )
+    """Writes the tokenizer copy, the shards and the lengths into ``tmp``; returns the index (but ``seconds``)."""
+    tok_folder = _save_tokenizer(tok, tokenizer_name, recipe["tokenizer_hash"], tmp)
     dtype = "<u2" if len(tok) <= 1 << 16 else "<i4"
     settings = {
         "folder": tmp,
@@ -310,40 +327,10 @@ def _write_all(
     }
     workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
     bar = _Progress(sum(s["bytes"] for s in sources), progress)
-    results, done_bytes, done_lines = [], 0, 0
-
-    def collect(r: dict[str, Any]) -> None:
-        nonlocal done_bytes, done_lines
-        results.append(r)
-        done_bytes, done_lines = done_bytes + r["bytes"], done_lines + r["lines_read"]
-        bar.update(done_bytes, done_lines)
-
-    if workers <= 0:
-        _init_worker(tok_folder, settings)
-        for task in _tasks(files, lines_per_shard):
-            collect(_write_shard(task))
-    else:
-        methods = multiprocessing.get_all_start_methods()
-        # fork: workers start at once (nothing has started threads here); spawn elsewhere.
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(tok_folder, settings)) as pool:
-            pending: collections.deque = collections.deque()
-            for task in _tasks(files, lines_per_shard):  # at most 2 tasks per worker read ahead
-                pending.append(pool.apply_async(_write_shard, (task,)))
-                while len(pending) > 2 * workers:
-                    collect(pending.popleft().get())
-            while pending:
-                collect(pending.popleft().get())
-    bar.update(done_bytes, done_lines, final=True)
+    results = _collect(_shard_results(files, lines_per_shard, workers, tok_folder, settings), bar)
     lengths = np.concatenate([r["lengths"] for r in results] + [np.zeros(0, np.uint16)])
     np.save(os.path.join(tmp, fmt.LENGTHS_NAME), lengths)
-    stats = {
-        k: int(sum(r[k] for r in results)) for k in ("lines_read", "empty_skipped", "undecodable_skipped", "truncated")
-    }
-    stats["undecodable_locations"] = [x for r in results for x in r["undecodable_locations"]][:_MAX_LOCATIONS]
-    stats["tokens"] = int(lengths.sum(dtype=np.int64))
-    stats["max_length_seen"] = int(max([r["longest"] for r in results] + [0]))
-    stats["mean_length"] = stats["tokens"] / max(len(lengths), 1)
+    stats = _merged_stats(results, lengths)
     if stats["undecodable_skipped"] and progress:
         print(
             f"prepare: skipped {stats['undecodable_skipped']} line(s) that are not valid UTF-8: "
@@ -369,6 +356,67 @@ def _write_all(
         "stats": stats,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _save_tokenizer(tok: Any, tokenizer_name: str, tokenizer_hash: str, tmp: str) -> str:
+    """Saves the copy of the tokenizer the workers load into ``tmp``; returns its folder.
+
+    Raises:
+      ValueError: the tokenizer loaded back from the copy has another fingerprint.
+    """
+    tok_folder = os.path.join(tmp, fmt.TOKENIZER_DIR)
+    tok.save_pretrained(tok_folder)  # the workers tokenize with this copy; it must be the same tokenizer
+    if fmt.tokenizer_fingerprint(AutoTokenizer.from_pretrained(tok_folder)) != tokenizer_hash:
+        raise ValueError(
+            f"tokenizer {tokenizer_name!r} changes when saved and loaded again "
+            "(save_pretrained / from_pretrained), so runs could not check prepared ids against it"
+        )
+    return tok_folder
+
+
+def _shard_results(
+    files: Sequence[str], lines_per_shard: int, workers: int, tok_folder: str, settings: dict[str, Any]
+) -> Iterator[dict[str, Any]]:
+    """``_write_shard``'s result for every shard, in shard order: in this process (``workers <= 0``) or a pool."""
+    if workers <= 0:
+        _init_worker(tok_folder, settings)
+        for task in _tasks(files, lines_per_shard):
+            yield _write_shard(task)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    # fork: workers start at once (nothing has started threads here); spawn elsewhere.
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tok_folder, settings)) as pool:
+        pending: collections.deque = collections.deque()
+        for task in _tasks(files, lines_per_shard):  # at most 2 tasks per worker read ahead
+            pending.append(pool.apply_async(_write_shard, (task,)))
+            while len(pending) > 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _collect(results: Iterator[dict[str, Any]], bar: _Progress) -> list[dict[str, Any]]:
+    """All shard results, the progress line updated after each one and once more at the end."""
+    collected, done_bytes, done_lines = [], 0, 0
+    for r in results:
+        collected.append(r)
+        done_bytes, done_lines = done_bytes + r["bytes"], done_lines + r["lines_read"]
+        bar.update(done_bytes, done_lines)
+    bar.update(done_bytes, done_lines, final=True)
+    return collected
+
+
+def _merged_stats(results: Sequence[dict[str, Any]], lengths: np.ndarray) -> dict[str, Any]:
+    """The index's ``stats``: the shards' counters summed, their first undecodable lines, token counts."""
+    stats: dict[str, Any] = {
+        k: int(sum(r[k] for r in results)) for k in ("lines_read", "empty_skipped", "undecodable_skipped", "truncated")
+    }
+    stats["undecodable_locations"] = [x for r in results for x in r["undecodable_locations"]][:_MAX_LOCATIONS]
+    stats["tokens"] = int(lengths.sum(dtype=np.int64))
+    stats["max_length_seen"] = int(max([r["longest"] for r in results] + [0]))
+    stats["mean_length"] = stats["tokens"] / max(len(lengths), 1)
+    return stats
 
 
 def main(argv: Sequence[str] | None = None) -> int:
