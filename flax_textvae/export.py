@@ -240,7 +240,7 @@ def export_pretrained(
       params: the backbone parameters (HF Flax layout).
       hf_config: the backbone's transformers config.
       step: the step the parameters are from.
-      eval_metrics: the held-out metrics of ``flax_textvae.pretrain.make_evaluator`` at that step (or None).
+      eval_metrics: the held-out metrics of ``flax_textvae.pretrain_objective.make_evaluator`` at that step (or None).
       config: the run's config.
 
     Returns:

@@ -13,8 +13,8 @@ is logged to ``WORKDIR/metrics.jsonl`` at step 0, every ``eval_every`` steps and
 The run uses the library's own pieces: ``builders.build_run`` (tokenizer, from-scratch model of
 ``model.scratch``, the training and eval iterators), the workdir lock and resume rules of
 ``flax_textvae.workdir``, ``checkpoints.Checkpointer`` (a rerun with the same workdir resumes from the
-newest checkpoint: parameters, optimizer, step, rng and data position), ``MetricsLog`` / ``Preemption``
-(SIGTERM saves the current step and exits) and ``step.make_optimizer``, placed by
+newest checkpoint: parameters, optimizer, step, rng and data position), ``monitor.MetricsLog`` /
+``monitor.Preemption`` (SIGTERM saves the current step and exits) and ``step.make_optimizer``, placed by
 ``parallel.make_placement``.
 
 At the end the model is written as a Hugging Face folder (``WORKDIR/export`` unless ``--export=DIR``):
@@ -27,19 +27,16 @@ Rerunning a finished run re-evaluates it and writes the export again (to a new `
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -49,23 +46,20 @@ from flax_textvae import (
     cli,
     compile_cache,
     configuration,
-    denoise,
-    losses,
     models,
     parallel,
     validation,
 )
 from flax_textvae import export as export_lib
 from flax_textvae import workdir as rundir
-from flax_textvae.step import TrainState, apply_if_finite, make_optimizer, per_example_keys
-from flax_textvae.trainer import MetricsLog, NonFiniteLossError, PhaseContext, Preemption, Progress, TrainLoop
+from flax_textvae.monitor import MetricsLog, Preemption, Progress
+from flax_textvae.pretrain_objective import DenoisingConfig, make_evaluator, pretrain_step
+from flax_textvae.step import TrainState, make_optimizer
+from flax_textvae.trainer import NonFiniteLossError, PhaseContext, TrainLoop
 
 __all__ = [
     "pretrain_config",
     "config_problems",
-    "DenoisingConfig",
-    "pretrain_step",
-    "make_evaluator",
     "pretrain",
     "export_pretrained",
     "main",
@@ -78,7 +72,6 @@ INFO_NAME = export_lib.PRETRAIN_INFO_NAME
 export_pretrained = export_lib.export_pretrained
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_REPO, "configs", "pretrain_bart_small.py")
-_EVAL_STREAM = 7  # folded into the seed for the eval corruption, apart from the training streams
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
@@ -131,158 +124,6 @@ def config_problems(config: Any, *, check_data: bool = True, check_model_path: b
 
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# ------------------------------------------------------------------------------------------ the step
-@dataclasses.dataclass(frozen=True)
-class DenoisingConfig:
-    """Static (hashable) settings of the corruption.
-
-    Attributes:
-      rate: fraction of maskable tokens masked.
-      poisson_lambda: mean span length.
-      special_ids: ids never masked (BOS, EOS, PAD, mask, decoder start).
-      mask_id: the ``<mask>`` id.
-      pad_id: the padding id.
-    """
-
-    rate: float
-    poisson_lambda: float
-    special_ids: tuple
-    mask_id: int
-    pad_id: int
-
-    def corrupt(self, keys: jax.Array, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Text infilling of each row ``b`` of ``ids`` / ``mask`` [B, S] with its own key ``keys[b]``."""
-        return jax.vmap(
-            lambda k, i, m: denoise.infill_example(
-                k, i, m, self.rate, self.poisson_lambda, self.special_ids, self.mask_id, self.pad_id
-            )
-        )(keys, ids, mask)
-
-
-def _denoising_sums(params, batch: dict, enc_ids, enc_mask, *, module, deterministic: bool, dropout_rng=None):
-    """(summed target NLL, target tokens, correctly predicted target tokens) of one batch."""
-    rngs = None if deterministic else {"dropout": dropout_rng}
-    logits = module.apply(
-        {"params": params}, enc_ids, enc_mask, batch["decoder_input_ids"], deterministic=deterministic, rngs=rngs
-    )
-    weights = batch["label_weights"]
-    nll = jnp.sum(losses.token_nll(logits, batch["labels"], weights))
-    correct = jnp.sum(jnp.where(jnp.argmax(logits, axis=-1) == batch["labels"], weights, 0.0))
-    return nll, jnp.sum(weights), correct
-
-
-def pretrain_step(
-    state: TrainState,
-    batch: dict,
-    *,
-    module,
-    tx: optax.GradientTransformation,
-    cfg: DenoisingConfig,
-    lr_fn: Callable,
-    axis_name: str | None = None,
-):
-    """One optimizer step of the denoising objective (pure; jit over a mesh, or pmap with ``axis_name``).
-
-    Each example is corrupted with a key folded from the step's key and its global row, so the corruption
-    does not depend on the device count. The loss is the mean cross-entropy per target token of the batch
-    (under pmap: the mean of the per-device means). A non-finite loss or gradient leaves the state unchanged
-    and sets ``metrics['nonfinite']``.
-
-    Args:
-      state: the current ``step.TrainState`` (its ``params`` are the backbone's).
-      batch: a training batch of ``flax_textvae.data`` (``input_ids``, ``attention_mask``, ``labels``,
-        ``label_weights``, ``decoder_input_ids``).
-      module, tx, cfg, lr_fn: static: the seq2seq module, the optimizer, the corruption and the schedule.
-      axis_name: the pmap axis (None under jit).
-
-    Returns:
-      ``(new_state, metrics)`` with scalar ``loss``, ``accuracy``, ``num_tokens``, ``input_ratio`` (corrupted
-      over original encoder length), ``grad_norm``, ``param_norm``, ``learning_rate`` and ``nonfinite``.
-    """
-    b = batch["labels"].shape[0]
-    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b
-    rows = offset + jnp.arange(b)
-    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    noise_rng, dropout_rng = jax.random.split(step_rng)
-    if axis_name is not None:
-        dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
-    enc_ids, enc_mask = cfg.corrupt(per_example_keys(noise_rng, rows), batch["input_ids"], batch["attention_mask"])
-
-    def loss_fn(params):
-        nll, tokens, correct = _denoising_sums(
-            params, batch, enc_ids, enc_mask, module=module, deterministic=False, dropout_rng=dropout_rng
-        )
-        return nll / jnp.maximum(tokens, 1.0), (tokens, correct)
-
-    (loss, (tokens, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    ratio = jnp.sum(enc_mask) / jnp.maximum(jnp.sum(batch["attention_mask"]), 1)
-    if axis_name is not None:
-        grads, loss, ratio = jax.lax.pmean((grads, loss, ratio), axis_name)
-        tokens, correct = jax.lax.psum((tokens, correct), axis_name)
-    new_state, grad_norm, ok = apply_if_finite(state, grads, loss, tx)
-    metrics = {
-        "loss": loss,
-        "accuracy": correct / jnp.maximum(tokens, 1.0),
-        "num_tokens": tokens,
-        "input_ratio": ratio.astype(jnp.float32),
-        "grad_norm": grad_norm,
-        "param_norm": optax.global_norm(state.params),
-        "learning_rate": jnp.asarray(lr_fn(state.step), jnp.float32),
-        "nonfinite": (~ok).astype(jnp.int32),
-    }
-    return new_state, metrics
-
-
-def make_evaluator(module, cfg: DenoisingConfig, seed: int) -> Callable[[Any, Callable[[], Iterator[dict]]], dict]:
-    """``evaluate(params, batches_fn) -> metrics``: the held-out denoising loss over a split.
-
-    Example ``i`` of the split (its ``index`` in the eval batches) is corrupted with a key from ``seed`` and
-    ``i`` only, so every evaluation of a run scores the same corrupted inputs, whatever the batch layout.
-
-    Returns:
-      A function giving ``{'loss': nats per target token, 'ppl': exp(loss), 'accuracy': teacher-forced
-      next-token accuracy, 'num_examples', 'num_tokens'}``.
-    """
-    base = jax.random.fold_in(jax.random.key(seed), _EVAL_STREAM)
-
-    @jax.jit
-    def sums(params, batch):
-        keys = per_example_keys(base, jnp.maximum(batch["index"], 0))
-        enc_ids, enc_mask = cfg.corrupt(keys, batch["input_ids"], batch["attention_mask"])
-        nll, tokens, correct = _denoising_sums(params, batch, enc_ids, enc_mask, module=module, deterministic=True)
-        return jnp.stack([nll, tokens, correct, jnp.sum(batch["example_weight"])])
-
-    def evaluate(params, batches_fn) -> dict:
-        total = np.zeros(4, np.float64)
-        for batch in batches_fn():
-            batch = {
-                k: v
-                for k, v in batch.items()
-                if k
-                in (
-                    "input_ids",
-                    "attention_mask",
-                    "labels",
-                    "label_weights",
-                    "decoder_input_ids",
-                    "example_weight",
-                    "index",
-                )
-            }
-            total += np.asarray(jax.device_get(sums(params, batch)), np.float64)
-        nll, tokens, correct, examples = total
-        loss = float(nll / max(tokens, 1.0))
-        return {
-            "loss": loss,
-            "ppl": float(math.exp(min(loss, 700.0))),
-            "accuracy": float(correct / max(tokens, 1.0)),
-            "num_examples": int(round(examples)),
-            "num_tokens": int(round(tokens)),
-        }
-
-    return evaluate
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -375,33 +216,8 @@ def _pretrain_locked(config, workdir: str, export_dir: str, main: bool) -> dict:
     cfg = _denoising_config(config, run)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     log = MetricsLog(workdir)
-    meta = ckpt.read_meta()
-    if meta is not None:
-        run.train_iter.set_state(meta["data"])
-        progress.say(
-            f"{workdir} finished at step {meta['step']}: evaluating its final checkpoint"
-            if meta["step"] >= total
-            else f"Resuming from step {meta['step']} in {workdir}"
-        )
-        if main:
-            rundir.record_changes(config, workdir, meta["step"], changes)
-    log.truncate_after(meta["step"] if meta is not None else -1)
-
-    key = jax.random.key(config.seed)
-    params = run.backbone_params if run.backbone_params is not None else models.init_params(module, key)
-    tx, lr_fn = make_optimizer(config.optimizer, total, params)
-    fresh = lambda: TrainState(
-        step=jnp.asarray(0, jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        rng=jnp.array(jax.random.key_data(jax.random.fold_in(key, 1)), copy=True),
-    )
-    placement = parallel.make_placement(config.parallel, config.batch_size, jax.eval_shape(fresh))
-    step_fn = placement.compile(functools.partial(pretrain_step, module=module, tx=tx, cfg=cfg, lr_fn=lr_fn))
-    state = fresh()
-    if meta is not None:
-        state, _ = ckpt.restore(placement.abstract(state))
-    state = placement.place(state)
+    meta = _resume_position(config, workdir, run, ckpt, log, progress, changes, main)
+    placement, step_fn, state = _start_state(config, run, cfg, ckpt, meta)
     with Preemption() as preempt:
         ctx = PhaseContext(ckpt=ckpt, log=log, progress=progress, preempt=preempt)
         loop = _PretrainLoop(
@@ -429,6 +245,53 @@ def _pretrain_locked(config, workdir: str, export_dir: str, main: bool) -> dict:
     if main:
         export_pretrained(workdir, export_dir, params, module.config, step=loop.step, eval_metrics=final, config=config)
     return {"step": loop.step, "eval": final, "export": export_dir}
+
+
+def _resume_position(
+    config,
+    workdir: str,
+    run: builders.Run,
+    ckpt: checkpoints.Checkpointer,
+    log: MetricsLog,
+    progress: Progress,
+    changes: list,
+    main: bool,
+) -> dict | None:
+    """The newest checkpoint's meta (None without one); sets the data position, says so and cuts the log."""
+    meta = ckpt.read_meta()
+    if meta is not None:
+        run.train_iter.set_state(meta["data"])
+        progress.say(
+            f"{workdir} finished at step {meta['step']}: evaluating its final checkpoint"
+            if meta["step"] >= int(config.train_steps)
+            else f"Resuming from step {meta['step']} in {workdir}"
+        )
+        if main:
+            rundir.record_changes(config, workdir, meta["step"], changes)
+    log.truncate_after(meta["step"] if meta is not None else -1)
+    return meta
+
+
+def _start_state(
+    config, run: builders.Run, cfg: DenoisingConfig, ckpt: checkpoints.Checkpointer, meta: dict | None
+) -> tuple[Any, Callable, TrainState]:
+    """``(placement, compiled step, placed state)``: a fresh state, or the checkpoint's when ``meta``."""
+    module = run.model.backbone
+    key = jax.random.key(config.seed)
+    params = run.backbone_params if run.backbone_params is not None else models.init_params(module, key)
+    tx, lr_fn = make_optimizer(config.optimizer, int(config.train_steps), params)
+    fresh = lambda: TrainState(
+        step=jnp.asarray(0, jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jnp.array(jax.random.key_data(jax.random.fold_in(key, 1)), copy=True),
+    )
+    placement = parallel.make_placement(config.parallel, config.batch_size, jax.eval_shape(fresh))
+    step_fn = placement.compile(functools.partial(pretrain_step, module=module, tx=tx, cfg=cfg, lr_fn=lr_fn))
+    state = fresh()
+    if meta is not None:
+        state, _ = ckpt.restore(placement.abstract(state))
+    return placement, step_fn, placement.place(state)
 
 
 class _PretrainLoop(TrainLoop):

@@ -24,15 +24,15 @@ the backbone is built from scratch), the command line's ``--override`` / ``--mod
 Every cell config is built and validated before anything trains, so a mistyped key or a bad value in any
 cell stops the study at once (exit code 2, one message listing every problem).
 
-Layout of ``--workdir=DIR``: ``DIR/cells/NAME`` is each cell's run directory (``train_and_evaluate``
-resumes it after a kill), ``DIR/cells/NAME/eval/SPLIT.json`` its held-out metrics and
-``DIR/cells/NAME/study_cell.json`` what the study recorded: the config, the evaluation settings, steps and
-minutes. A cell whose record matches (the same config up to the loop-only fields a resume may change, the
-same held-out split, ``iw_samples`` and seed) and whose eval json exists is skipped; one trained with the
-same config but evaluated with other settings is only re-evaluated. ``DIR/study.md``, ``DIR/study.csv`` and
-the plots (``flax_textvae.study_report``) are rewritten after every cell. ``DIR/data/`` holds the cut
-splits. Minutes count the wall-clock time of the process that trained (and of the one that evaluated) the
-cell; a cell resumed after a kill reports the time of its last process only.
+Layout of ``--workdir=DIR``: ``DIR/cells/NAME`` is each cell's run directory (``train_and_evaluate`` resumes
+it after a kill), ``DIR/cells/NAME/eval/SPLIT.json`` its held-out metrics and
+``DIR/cells/NAME/study_cell.json`` what the study recorded (``flax_textvae.study_cell``): the config, the
+evaluation settings, steps and minutes. A cell whose record matches (the same config up to the loop-only
+fields a resume may change, the same held-out split, ``iw_samples`` and seed) and whose eval json exists is
+skipped; one trained with the same config but evaluated with other settings is only re-evaluated.
+``DIR/study.md``, ``DIR/study.csv`` and the plots (``flax_textvae.study_report``) are rewritten after every
+cell. ``DIR/data/`` holds the cut splits. Minutes count the wall-clock time of the process that trained (and
+of the one that evaluated) the cell; a cell resumed after a kill reports the time of its last process only.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -49,10 +48,9 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 from absl import flags, logging
 
-from flax_textvae import builders, cli, configuration, evaluate, plots, study_report, train, validation
+from flax_textvae import cli, configuration, study_report, validation
 from flax_textvae import workdir as rundir
-
-RECORD_NAME = "study_cell.json"
+from flax_textvae.study_cell import run_cell
 
 
 @dataclasses.dataclass
@@ -307,51 +305,6 @@ def cut_split(spec: str, n: int, folder: str) -> str:
     return out
 
 
-def _flat(tree: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _learned(config) -> dict:
-    """The config as a flat dict without the loop-only fields a resume may change."""
-    flat = _flat(config if isinstance(config, dict) else rundir.config_dict(config))
-    return {k: v for k, v in flat.items() if k not in rundir.SAFE_FIELDS and not k.startswith(rundir.SAFE_SECTIONS)}
-
-
-def eval_settings(study: Study, config) -> dict:
-    """What a cell's held-out evaluation depends on (compared with the record to decide on a rerun)."""
-    return {
-        "data": study.eval_data,
-        "max_examples": int(study.eval_max_examples),
-        "name": eval_name(study),
-        "iw_samples": int(study.iw_samples),
-        "seed": int(config.seed),
-    }
-
-
-def eval_name(study: Study) -> str:
-    """The held-out results' name: ``study.eval_name`` or the split's (``test.txt`` -> ``test``)."""
-    return study.eval_name or builders.split_name(study.eval_data)
-
-
-def read_record(cell_dir: str) -> dict | None:
-    """The study's record of a cell (None when absent or unreadable)."""
-    try:
-        with open(os.path.join(cell_dir, RECORD_NAME)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _write_record(cell_dir: str, record: dict) -> None:
-    rundir.write_atomic(os.path.join(cell_dir, RECORD_NAME), json.dumps(record, indent=2, sort_keys=True))
-
-
 def _check_resumable(cells, workdir: str) -> None:
     """Refuses, before anything trains, a cell folder holding a run of another config."""
     problems = []
@@ -367,16 +320,6 @@ def _check_resumable(cells, workdir: str) -> None:
                     for p in err.problems
                 ]
     _raise(problems)
-
-
-def _train_steps_done(cell_dir: str, default: int) -> int:
-    path = os.path.join(cell_dir, "metrics.jsonl")
-    steps = (
-        [r["step"] for r in plots.read_metrics_jsonl(path) if r.get("split", "train") == "train"]
-        if os.path.isfile(path)
-        else []
-    )
-    return int(max(steps)) if steps else int(default)
 
 
 def select_cells(study: Study, names: Sequence[str] | None) -> Study:
@@ -428,7 +371,7 @@ def run_study(
             log(note)
         rows, t_study = [], time.time()
         for i, (name, config) in enumerate(cells, 1):
-            row = _run_cell(
+            row = run_cell(
                 study,
                 config,
                 name,
@@ -446,54 +389,6 @@ def run_study(
             f"wrote {os.path.join(workdir, 'study.md')}"
         )
     return rows
-
-
-def _run_cell(study: Study, config, name: str, cell_dir: str, held_out: str, tag: str, log) -> dict | None:
-    """Trains (or resumes) and evaluates one cell; its row, or None when SIGTERM stopped the training."""
-    record = read_record(cell_dir) or {}
-    settings = eval_settings(study, config)
-    result_path = os.path.join(cell_dir, "eval", f"{settings['name']}.json")
-    trained = record.get("config") is not None and _learned(record["config"]) == _learned(config)
-    if trained and record.get("eval") == settings and os.path.isfile(result_path):
-        log(f"{tag}: finished earlier ({record.get('minutes', 0):.1f} min), skipped")
-        with open(result_path) as f:
-            return {
-                "cell": name,
-                "steps": record.get("steps"),
-                "minutes": record.get("minutes"),
-                "skipped": True,
-                **json.load(f),
-            }
-    t0 = time.time()
-    if not trained:
-        log(f"{tag}: training in {cell_dir}")
-        out = train.train_and_evaluate(config, cell_dir)
-        if out.get("preempted"):
-            log(f"{tag}: stopped by SIGTERM at step {out.get('step')}; rerun the study to resume it")
-            return None
-        record = {
-            "config": rundir.config_dict(config),
-            "train_minutes": (time.time() - t0) / 60,
-            "steps": _train_steps_done(cell_dir, config.train_steps),
-        }
-        _write_record(cell_dir, record)
-    log(
-        f"{tag}: evaluating on {study.eval_data}"
-        + (f" (first {study.eval_max_examples})" if study.eval_max_examples else "")
-        + f", iw_samples={study.iw_samples}"
-    )
-    t1 = time.time()
-    result = evaluate.evaluate(
-        config, cell_dir, data=held_out, name=settings["name"], iw_samples=study.iw_samples, seed=settings["seed"]
-    )
-    record.update(eval=settings, eval_minutes=(time.time() - t1) / 60)
-    record["minutes"] = record.get("train_minutes", 0.0) + record["eval_minutes"]
-    _write_record(cell_dir, record)
-    log(
-        f"{tag}: done in {(time.time() - t0) / 60:.1f} min  (rec {result['rec']:.2f}  kl {result['kl']:.2f}  "
-        f"au {result['au']})"
-    )
-    return {"cell": name, "steps": record["steps"], "minutes": record["minutes"], "skipped": False, **result}
 
 
 def _define_flags() -> None:

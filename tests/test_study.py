@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from flax_textvae import study, study_report, validation
+from flax_textvae import study, study_cell, study_report, validation
 from flax_textvae.evaluate import RESULT_KEYS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +39,7 @@ def finished(request, tmp_path_factory):
 
 
 def _eval_json(workdir, spec, cell):
-    with open(os.path.join(workdir, "cells", cell, "eval", f"{study.eval_name(spec)}.json")) as f:
+    with open(os.path.join(workdir, "cells", cell, "eval", f"{study_cell.eval_name(spec)}.json")) as f:
         return json.load(f)
 
 
