@@ -24,8 +24,9 @@ import jax
 
 from flax_textvae import builders, checkpoints, compile_cache, evaluate, parallel, validation
 from flax_textvae import workdir as rundir
+from flax_textvae.monitor import MetricsLog, Preemption, Progress
 from flax_textvae.step import TrainState, train_step
-from flax_textvae.trainer import MetricsLog, NonFiniteLossError, PhaseContext, Preemption, Progress, Trainer
+from flax_textvae.trainer import NonFiniteLossError, PhaseContext, Trainer
 
 __all__ = ["TrainState", "Trainer", "train_step", "train_and_evaluate", "NonFiniteLossError"]
 
@@ -64,6 +65,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _train_locked(config, workdir: str, main: bool) -> dict:
+    """:func:`train_and_evaluate` once the workdir lock is taken; ``main`` is True on process 0, which holds it."""
     resuming = bool(rundir.checkpoint_steps(workdir))
     changes = rundir.resume_changes(config, workdir) if resuming else []  # refuses before any write
     if main and not resuming:
@@ -108,19 +110,25 @@ def _train_locked(config, workdir: str, main: bool) -> dict:
                 return {"preempted": True, "step": int(trainer.host_state(state).step)}
     if not trained:  # the run had already finished: evaluate its final checkpoint
         params, _ = checkpoints.load_params(workdir)
-    progress.say(
-        f"Final evaluation on {run.eval_spec} ({len(run.eval_texts)} examples, greedy reconstructions for BLEU) ..."
-    )
-    start = time.time()
-    with progress.working("running the final evaluation"):
-        result = evaluate.evaluate_split(run, params, run.eval_batches, iw_samples=0, seed=config.seed, with_bleu=True)
-    progress.say(f"  done in {time.time() - start:.1f} s")
+    result = _final_evaluation(run, params, config.seed, progress)
     if trained or not log.has_row(int(config.train_steps), "eval"):  # a rerun of a finished run logs it once
         log.write({"step": int(config.train_steps), "phase": 2, "split": "eval", **result})
     if main:
         with progress.working("decoding the reconstructions"):
             _print_final(run, params, result)
     ckpt.close()
+    return result
+
+
+def _final_evaluation(run, params, seed: int, progress: Progress) -> dict:
+    """The metrics of ``params`` on the run's eval split (no IW ``nll``; BLEU of greedy reconstructions)."""
+    progress.say(
+        f"Final evaluation on {run.eval_spec} ({len(run.eval_texts)} examples, greedy reconstructions for BLEU) ..."
+    )
+    start = time.time()
+    with progress.working("running the final evaluation"):
+        result = evaluate.evaluate_split(run, params, run.eval_batches, iw_samples=0, seed=seed, with_bleu=True)
+    progress.say(f"  done in {time.time() - start:.1f} s")
     return result
 
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from flax_textvae import trainer
+from flax_textvae import monitor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_SILENCE_S = 10.0
@@ -52,7 +52,7 @@ _compiler.compile_or_get_cached = _slow_compile
 
 
 def test_working_prints_a_line_every_interval_until_the_block_ends(capsys):
-    progress = trainer.Progress(10, heartbeat_s=0.05)
+    progress = monitor.Progress(10, heartbeat_s=0.05)
     with progress.working("compiling the phase-1 step for batch shape [16, 32]"):
         time.sleep(0.4)
     lines = capsys.readouterr().out.splitlines()
@@ -64,7 +64,7 @@ def test_working_prints_a_line_every_interval_until_the_block_ends(capsys):
 
 
 def test_working_stops_when_the_block_raises_and_is_quiet_when_fast(capsys):
-    progress = trainer.Progress(10, heartbeat_s=0.05)
+    progress = monitor.Progress(10, heartbeat_s=0.05)
     with pytest.raises(RuntimeError, match="boom"):
         with progress.working("evaluating at step 5"):
             time.sleep(0.15)
@@ -74,17 +74,17 @@ def test_working_stops_when_the_block_raises_and_is_quiet_when_fast(capsys):
         pass
     time.sleep(0.15)
     assert capsys.readouterr().out == ""
-    assert trainer.Progress(10).heartbeat_s == trainer.HEARTBEAT_S == 5.0
+    assert monitor.Progress(10).heartbeat_s == monitor.HEARTBEAT_S == 5.0
 
 
 def test_working_prints_nothing_off_process_0_or_when_disabled(capsys):
-    quiet = trainer.Progress(10, heartbeat_s=0.05)
+    quiet = monitor.Progress(10, heartbeat_s=0.05)
     quiet.main = False  # another host of a multi-host run
-    off = trainer.Progress(10, heartbeat_s=0.0)
+    off = monitor.Progress(10, heartbeat_s=0.0)
     for progress in (quiet, off):
         with progress.working("compiling"):
             time.sleep(0.2)
-    with trainer.Progress(10, heartbeat_s=1.0).working("compiling", every=0.05):  # a per-call interval
+    with monitor.Progress(10, heartbeat_s=1.0).working("compiling", every=0.05):  # a per-call interval
         time.sleep(0.2)
     out = capsys.readouterr().out.splitlines()
     assert out and all(line.startswith("  still compiling: ") for line in out)

@@ -22,7 +22,7 @@ from flax_textvae import checkpoints, denoise, models, pretrain, train
 from flax_textvae import workdir as rundir
 from flax_textvae.configuration import with_overrides
 from flax_textvae.data import read_examples, synthetic_sentences, train_word_tokenizer
-from flax_textvae.trainer import MetricsLog
+from flax_textvae.monitor import MetricsLog
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import helpers_hf  # noqa: E402

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import flax_textvae
-from flax_textvae import checkpoints, evaluate, inference, train, trainer
+from flax_textvae import checkpoints, evaluate, inference, monitor, train
 from flax_textvae import workdir as rundir
 from flax_textvae.configuration import with_overrides
 from flax_textvae.validation import ConfigError
@@ -323,7 +323,7 @@ def test_metrics_hold_one_row_per_logged_step_across_random_kills(tmp_path, cli)
 
 
 def test_truncation_is_atomic_and_drops_torn_lines(tmp_path, monkeypatch):
-    log = trainer.MetricsLog(str(tmp_path))
+    log = monitor.MetricsLog(str(tmp_path))
     for s in (5, 10, 15):
         log.write({"step": s, "loss": 1.0})
     with open(log.path, "a") as f:
