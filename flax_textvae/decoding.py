@@ -375,6 +375,16 @@ def _program(
     )
 
 
+def _static_settings(
+    prompt: Sequence[int], eos_id: int, pad_id: int, max_length: int, cache: Any, inputs: Any
+) -> tuple[tuple[int, ...], int, int, int]:
+    """A search's static ``(prompt, eos_id, pad_id, max_length)`` as ints, checked, as are the rows of cache/inputs."""
+    prompt = tuple(int(t) for t in prompt)
+    cache_length(prompt, max_length)
+    _num_rows(cache, inputs)
+    return prompt, int(eos_id), int(pad_id), int(max_length)
+
+
 # ---------------------------------------------------------------------------------------------- public
 def decode(
     tokens_to_logits: TokensToLogits,
@@ -422,26 +432,16 @@ def decode(
       ``np.ndarray [B, max_length]`` int32 (continuation after the prompt, EOS included, ``pad_id`` after);
       with ``return_scores``, ``(tokens, scores)``.
     """
-    prompt = tuple(int(t) for t in prompt)
-    cache_length(prompt, max_length)  # validates prompt and max_length
-    _num_rows(cache, inputs)
+    fixed = _static_settings(prompt, eos_id, pad_id, max_length, cache, inputs)
     fn = _program(
-        tokens_to_logits,
-        method,
-        (prompt, int(eos_id), int(pad_id), int(max_length)),
-        rng=rng,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        beam_size=beam_size,
+        tokens_to_logits, method, fixed, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p, beam_size=beam_size
     )
     if method != "sample":
         rng = jax.random.PRNGKey(0)
     tokens, scores = fn(
         params, cache, inputs, rng, jnp.float32(temperature), jnp.float32(top_p), jnp.float32(length_penalty)
     )
-    tokens = np.asarray(tokens)
-    return (tokens, np.asarray(scores)) if return_scores else tokens
+    return (np.asarray(tokens), np.asarray(scores)) if return_scores else np.asarray(tokens)
 
 
 def sequence_log_probs(

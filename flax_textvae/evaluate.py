@@ -282,36 +282,41 @@ def evaluate(
     run = builders.build_run(config, workdir, train=False, eval_spec=spec, eval_batch_size=batch_size)
     load_params = exported.load_params if exported.is_exported(workdir) else checkpoints.load_params
     params, used_step = load_params(workdir, step)
-    mesh = None
-    if jax.device_count() > 1 and (batch_size or config.batch_size) % jax.device_count() == 0:
-        mesh = parallel.make_mesh(1)
+    mesh = _eval_mesh(batch_size or config.batch_size)
+    seed = config.seed if seed is None else seed
     result = evaluate_split(
-        run,
-        params,
-        run.eval_batches,
-        iw_samples=iw_samples,
-        seed=config.seed if seed is None else seed,
-        with_bleu=True,
-        name=name,
-        mesh=mesh,
+        run, params, run.eval_batches, iw_samples=iw_samples, seed=seed, with_bleu=True, name=name, mesh=mesh
     )
     result = dict(result, max_length=int(run.max_length), num_truncated=int(run.eval_stats.get("truncated", 0)))
     if report is not None:
         report(result)
     if jax.process_index() == 0:
-        out_dir = output_dir or os.path.join(workdir, "eval")
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-            checkpoints.save_json(os.path.join(out_dir, f"{name}.json"), result)
-            checkpoints.save_json(
-                os.path.join(out_dir, f"{name}.meta.json"),
-                {"step": used_step, "data": spec, "tokenizer": run.tokenizer_name},
-            )
-        except OSError as e:
-            raise ResultsNotWritten(
-                f"cannot write the evaluation results to {out_dir}: {e.strerror or e} ({e.filename or out_dir})"
-            ) from e
+        meta = {"step": used_step, "data": spec, "tokenizer": run.tokenizer_name}
+        _write_results(output_dir or os.path.join(workdir, "eval"), name, result, meta)
     return result
+
+
+def _eval_mesh(batch_size: int) -> jax.sharding.Mesh | None:
+    """A data-parallel mesh over every device when there are several and they divide ``batch_size``, else None."""
+    if jax.device_count() > 1 and batch_size % jax.device_count() == 0:
+        return parallel.make_mesh(1)
+    return None
+
+
+def _write_results(out_dir: str, name: str, result: dict, meta: dict) -> None:
+    """Writes ``result`` to ``OUT_DIR/NAME.json`` and ``meta`` to ``OUT_DIR/NAME.meta.json``, creating ``out_dir``.
+
+    Raises:
+      ResultsNotWritten: the folder cannot be created or a file cannot be written.
+    """
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        checkpoints.save_json(os.path.join(out_dir, f"{name}.json"), result)
+        checkpoints.save_json(os.path.join(out_dir, f"{name}.meta.json"), meta)
+    except OSError as e:
+        raise ResultsNotWritten(
+            f"cannot write the evaluation results to {out_dir}: {e.strerror or e} ({e.filename or out_dir})"
+        ) from e
 
 
 def format_table(result: dict) -> str:

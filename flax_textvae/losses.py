@@ -11,7 +11,7 @@ Conventions:
 """
 
 import functools
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -183,24 +183,22 @@ def chunked_token_nll(
 ) -> Array:
     """:func:`token_nll` of the logits ``(scale * hidden) @ head + bias``, without forming those logits.
 
-    The LM head is applied one vocabulary chunk at a time inside a scan that keeps, per position, a running
-    maximum, a running sum of exponentials (an online log-sum-exp) and the target's logit, so the float32
-    logits that exist at once are [B * T, chunk_size] instead of [B, T, V]. The gradient has its own rule
-    that recomputes each chunk's logits from the saved log-sum-exp, so the backward pass does not keep them
-    either. Matmuls run in the dtype of ``hidden`` (the head is cast to it chunk by chunk) with float32
-    accumulation; all softmax arithmetic is float32. ``V`` need not be a multiple of ``chunk_size``.
+    The LM head is applied one vocabulary chunk at a time inside a scan that keeps, per position, a running maximum,
+    a running sum of exponentials (an online log-sum-exp) and the target's logit, so the float32 logits that exist
+    at once are [B * T, chunk_size] instead of [B, T, V]. The gradient has its own rule that recomputes each chunk's
+    logits from the saved log-sum-exp, so the backward pass does not keep them either. Matmuls run in the dtype of
+    ``hidden`` (the head is cast to it chunk by chunk) with float32 accumulation; all softmax arithmetic is float32.
+    ``V`` need not be a multiple of ``chunk_size``.
 
-    How the models of ``flax_textvae.models`` map to the arguments (``params`` is the backbone's tree,
+    The models of ``flax_textvae.models`` map to the arguments as follows (``params`` is the backbone's tree,
     ``hidden`` the decoder output before ``lm_logits``):
 
-      * BART, tied head (``tie_word_embeddings`` True, the usual case): ``head =
-        params['model']['shared']['embedding']`` [V, D], ``head_layout='vd'``,
-        ``bias = params['final_logits_bias']`` ([1, V] is accepted), ``scale=1``.
-      * BART, untied: ``head = params['lm_head']['kernel']`` [D, V], ``head_layout='dv'``, the same bias.
-      * T5, tied (original T5): ``head = params['shared']['embedding']`` [V, D], ``head_layout='vd'``,
-        ``scale = d_model ** -0.5``, no bias.
-      * T5, untied (v1.1 / Flan-T5): ``head = params['lm_head']['kernel']`` [D, V], ``head_layout='dv'``,
-        ``scale=1``, no bias.
+      * BART, tied head (``tie_word_embeddings`` True, the usual case): ``head = params['model']['shared']
+        ['embedding']`` [V, D], ``head_layout='vd'``, ``bias = params['final_logits_bias']`` ([1, V] is accepted),
+        ``scale=1``. Untied: ``head = params['lm_head']['kernel']`` [D, V], ``head_layout='dv'``, the same bias.
+      * T5, tied (original T5): ``head = params['shared']['embedding']`` [V, D], ``head_layout='vd'``, ``scale =
+        d_model ** -0.5``, no bias. Untied (v1.1 / Flan-T5): ``head = params['lm_head']['kernel']`` [D, V],
+        ``head_layout='dv'``, ``scale=1``, no bias.
 
     Args:
       hidden: decoder hidden states [B, T, D] (float32 or bfloat16; the compute dtype).
@@ -213,9 +211,9 @@ def chunked_token_nll(
       chunk_size: vocabulary entries per chunk (clipped to V); a static Python int.
 
     Returns:
-      float32 [B]: ``sum_t weights[b, t] * -log softmax(logits[b, t])[targets[b, t]]``, equal to
-      :func:`token_nll` of the full logits. Positions with ``weights == 0`` influence neither the value nor
-      any gradient, whatever their hidden states hold.
+      float32 [B]: ``sum_t weights[b, t] * -log softmax(logits[b, t])[targets[b, t]]``, equal to :func:`token_nll`
+      of the full logits. Positions with ``weights == 0`` influence neither the value nor any gradient, whatever
+      their hidden states hold.
 
     Raises:
       ValueError: for an unknown ``head_layout``, a non-positive ``chunk_size`` or mismatched shapes.
@@ -224,21 +222,22 @@ def chunked_token_nll(
     batch, length, d_model = hidden.shape
     vocab = head.shape[vocab_axis]
     bias = jnp.zeros((vocab,), jnp.float32) if bias is None else jnp.reshape(bias, (vocab,))
+    hidden, targets, weights, valid = _mask_padding(hidden, targets, weights, scale)
+    size = min(int(chunk_size), vocab)
+    nll = _chunked_nll(hidden.reshape(batch * length, d_model), head, bias, targets.reshape(-1), size, vocab_axis)
+    return jnp.sum(jnp.where(valid, nll.reshape(batch, length) * weights, 0.0), axis=-1)
+
+
+def _mask_padding(hidden: Array, targets: Array, weights: Array, scale: Scalar) -> Tuple[Array, Array, Array, Array]:
+    """``(hidden, targets, weights, valid)`` for :func:`chunked_token_nll`: float32 ``weights``, ``valid = weights >
+    0``, and ``hidden`` (then multiplied by ``scale`` in its own dtype) and int32 ``targets`` zeroed on padding."""
     weights = jnp.asarray(weights, jnp.float32)
     valid = weights > 0
     hidden = jnp.where(valid[..., None], hidden, jnp.zeros((), hidden.dtype))
     if not (isinstance(scale, (int, float)) and scale == 1):
         hidden = hidden * jnp.asarray(scale, hidden.dtype)
     targets = jnp.where(valid, targets, 0).astype(jnp.int32)
-    nll = _chunked_nll(
-        hidden.reshape(batch * length, d_model),
-        head,
-        bias,
-        targets.reshape(-1),
-        min(int(chunk_size), vocab),
-        vocab_axis,
-    )
-    return jnp.sum(jnp.where(valid, nll.reshape(batch, length) * weights, 0.0), axis=-1)
+    return hidden, targets, weights, valid
 
 
 def _check_chunked_args(hidden: Array, head: Array, head_layout: str, chunk_size: int) -> int:
@@ -321,16 +320,16 @@ def vae_loss(
 ) -> Tuple[Array, Dict[str, Any]]:
     """Assembles the text-VAE objective ``loss = mean_x rec(x) + KL_term`` (docs/method.md).
 
-    ``rec(x)`` is the summed token NLL of example x; the mean is over examples (weighted by
-    ``example_weight``). ``KL_term`` depends on ``kind``:
+    ``rec(x)`` is the summed token NLL of example x; the mean is over examples (weighted by ``example_weight``).
+    ``KL_term`` depends on ``kind``:
 
       * ``'elbo'``: ``weight * mean_x sum_d kl_d(x)`` (plain or annealed ELBO).
       * ``'free_bits'``: ``weight * mean_x free_bits(kl(x), threshold, free_bits_mode)``.
       * ``'constraint'``: ``beta * |mean_x sum_d kl_d(x) - target|`` (``weight`` is not used).
 
-    ``weight``, ``threshold``, ``target`` and ``beta`` may be traced scalars (e.g. schedule values at the
-    current step); ``kind`` and ``free_bits_mode`` are static Python strings. :func:`vae_loss_from_nll` is the
-    same objective with the reconstruction computed by the caller (e.g. by :func:`chunked_token_nll`).
+    ``weight``, ``threshold``, ``target`` and ``beta`` may be traced scalars (e.g. schedule values at the current
+    step); ``kind`` and ``free_bits_mode`` are static Python strings. :func:`vae_loss_from_nll` is the same objective
+    with the reconstruction computed by the caller (e.g. by :func:`chunked_token_nll`).
 
     Args:
       logits: decoder logits [B, T, V].
@@ -344,34 +343,22 @@ def vae_loss(
       free_bits_mode: ``'per_example'`` or ``'batch'`` (see :func:`free_bits`).
       target: the constraint's C in nats per example (``'constraint'`` only).
       beta: the constraint's multiplier (``'constraint'`` only).
-      example_weight: optional [B] row weights; 0 for filler rows of a padded final batch. Rows with weight 0
-        have no effect on any value or gradient, whatever their contents.
+      example_weight: optional [B] row weights; 0 for filler rows of a padded final batch. Rows with weight 0 have
+        no effect on any value or gradient, whatever their contents.
 
     Returns:
-      ``(loss, aux)``: ``loss`` a float32 scalar; ``aux`` a dict of float32 scalars:
-        ``loss``; ``rec`` mean summed NLL per example; ``kl`` mean total KL per example (unclamped);
-        ``neg_elbo`` = rec + kl; ``kl_term`` the KL part of the loss; ``kl_weight`` the multiplier applied
-        (``weight``, or ``beta`` for ``'constraint'``); ``kl_target`` (``target`` for ``'constraint'``, else 0);
-        ``num_examples`` sum of example weights; ``num_tokens`` sum of token weights over real rows;
-        ``rec_sum`` and ``kl_sum`` weighted sums over examples (for exact aggregation over many batches);
-        ``nll_per_token`` = rec_sum / num_tokens.
+      ``(loss, aux)``: ``loss`` a float32 scalar; ``aux`` a dict of float32 scalars: ``loss``; ``rec`` mean summed NLL
+      per example; ``kl`` mean total KL per example (unclamped); ``neg_elbo`` = rec + kl; ``kl_term`` the KL part of
+      the loss; ``kl_weight`` the multiplier applied (``weight``, or ``beta`` for ``'constraint'``); ``kl_target``
+      (``target`` for ``'constraint'``, else 0); ``num_examples`` sum of example weights; ``num_tokens`` sum of token
+      weights over real rows; ``rec_sum`` and ``kl_sum`` weighted sums over examples (for exact aggregation over many
+      batches); ``nll_per_token`` = rec_sum / num_tokens.
 
     Raises:
       ValueError: for an unknown ``kind`` or ``free_bits_mode``.
     """
-    return vae_loss_from_nll(
-        lambda w: token_nll(logits, targets, w),
-        weights,
-        mean,
-        logvar,
-        kind=kind,
-        weight=weight,
-        threshold=threshold,
-        free_bits_mode=free_bits_mode,
-        target=target,
-        beta=beta,
-        example_weight=example_weight,
-    )
+    settings = _KLSettings(kind, weight, threshold, free_bits_mode, target, beta)
+    return _vae_objective(lambda w: token_nll(logits, targets, w), weights, mean, logvar, example_weight, settings)
 
 
 def vae_loss_from_nll(
@@ -403,10 +390,34 @@ def vae_loss_from_nll(
     Raises:
       ValueError: for an unknown ``kind`` or ``free_bits_mode``.
     """
-    if kind not in KINDS:
-        raise ValueError(f"vae_loss kind must be one of {KINDS}, got {kind!r}")
-    if free_bits_mode not in FREE_BITS_MODES:
-        raise ValueError(f"free_bits_mode must be one of {FREE_BITS_MODES}, got {free_bits_mode!r}")
+    settings = _KLSettings(kind, weight, threshold, free_bits_mode, target, beta)
+    return _vae_objective(nll_fn, weights, mean, logvar, example_weight, settings)
+
+
+class _KLSettings(NamedTuple):
+    """The KL-term arguments of :func:`vae_loss`: ``kind`` and ``free_bits_mode`` static, the others maybe traced."""
+
+    kind: str
+    weight: Scalar
+    threshold: Scalar
+    free_bits_mode: str
+    target: Scalar
+    beta: Scalar
+
+
+def _vae_objective(
+    nll_fn: Callable[[Array], Array],
+    weights: Array,
+    mean: Array,
+    logvar: Array,
+    example_weight: Optional[Array],
+    settings: _KLSettings,
+) -> Tuple[Array, Dict[str, Any]]:
+    """``(loss, aux)`` of :func:`vae_loss_from_nll` (and so of :func:`vae_loss`) for the KL ``settings``."""
+    if settings.kind not in KINDS:
+        raise ValueError(f"vae_loss kind must be one of {KINDS}, got {settings.kind!r}")
+    if settings.free_bits_mode not in FREE_BITS_MODES:
+        raise ValueError(f"free_bits_mode must be one of {FREE_BITS_MODES}, got {settings.free_bits_mode!r}")
     ew, weights, mean, logvar = _isolate_filler_rows(weights, mean, logvar, example_weight)
     nll = nll_fn(weights)  # [B]
     kl_dim = gaussian_kl(mean, logvar)  # [B, Dz]
@@ -417,18 +428,7 @@ def vae_loss_from_nll(
         "rec_sum": jnp.sum(ew * nll),
         "kl_sum": jnp.sum(ew * kl),
     }
-    kl_term, kl_weight, kl_target = _kl_term(
-        kind,
-        kl_dim,
-        kl,
-        ew,
-        sums["num_examples"],
-        weight=weight,
-        threshold=threshold,
-        free_bits_mode=free_bits_mode,
-        target=target,
-        beta=beta,
-    )
+    kl_term, kl_weight, kl_target = _kl_term(settings, kl_dim, kl, ew, sums["num_examples"])
     rec = _safe_div(sums["rec_sum"], sums["num_examples"])
     kl_mean = _safe_div(sums["kl_sum"], sums["num_examples"])
     loss = rec + kl_term
@@ -466,24 +466,14 @@ def _isolate_filler_rows(
 
 
 def _kl_term(
-    kind: str,
-    kl_dim: Array,
-    kl: Array,
-    ew: Array,
-    num_examples: Array,
-    *,
-    weight: Scalar,
-    threshold: Scalar,
-    free_bits_mode: str,
-    target: Scalar,
-    beta: Scalar,
+    settings: _KLSettings, kl_dim: Array, kl: Array, ew: Array, num_examples: Array
 ) -> Tuple[Array, Array, Array]:
-    """(KL part of the loss, the multiplier applied, the target C) for ``kind``; see :func:`vae_loss`."""
-    weight = jnp.asarray(weight, jnp.float32)
-    if kind == "elbo":
+    """(KL part of the loss, the multiplier applied, the target C) for ``settings``; see :func:`vae_loss`."""
+    weight = jnp.asarray(settings.weight, jnp.float32)
+    if settings.kind == "elbo":
         return weight * _safe_div(jnp.sum(ew * kl), num_examples), weight, jnp.zeros((), jnp.float32)
-    if kind == "free_bits":
-        fb = free_bits(kl_dim, threshold, free_bits_mode, example_weight=ew)
+    if settings.kind == "free_bits":
+        fb = free_bits(kl_dim, settings.threshold, settings.free_bits_mode, example_weight=ew)
         return weight * _safe_div(jnp.sum(ew * fb), num_examples), weight, jnp.zeros((), jnp.float32)
-    beta = jnp.asarray(beta, jnp.float32)
-    return kl_constraint(kl, target, beta, example_weight=ew), beta, jnp.asarray(target, jnp.float32)
+    beta = jnp.asarray(settings.beta, jnp.float32)
+    return kl_constraint(kl, settings.target, beta, example_weight=ew), beta, jnp.asarray(settings.target, jnp.float32)

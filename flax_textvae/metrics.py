@@ -388,13 +388,7 @@ def summarize(
         )
     total_tokens = float(tokens.sum())
     neg_elbo = rec + kl
-    if nll is not None:
-        nll = np.asarray(nll, np.float64).reshape(-1)
-        if nll.shape[0] != n:
-            raise ValueError(f"summarize: nll has {nll.shape[0]} examples, expected {n}")
-        nll_mean, ppl = float(nll.mean()), perplexity(float(nll.sum()), total_tokens)
-    else:
-        nll_mean, ppl = None, None
+    nll_mean, ppl = _iw_nll_and_ppl(nll, n, total_tokens)
     return {
         "rec": float(rec.mean()),
         "kl": float(kl.mean()),
@@ -409,6 +403,20 @@ def summarize(
         "num_tokens": int(round(total_tokens)),
         "iw_samples": int(iw_samples),
     }
+
+
+def _iw_nll_and_ppl(nll: Optional[np.ndarray], n: int, total_tokens: float) -> tuple[Optional[float], Optional[float]]:
+    """``(mean, perplexity)`` of the per-example IW estimates ``nll`` of :func:`summarize` (``(None, None)`` without).
+
+    Raises:
+      ValueError: if ``nll`` does not hold ``n`` examples.
+    """
+    if nll is None:
+        return None, None
+    nll = np.asarray(nll, np.float64).reshape(-1)
+    if nll.shape[0] != n:
+        raise ValueError(f"summarize: nll has {nll.shape[0]} examples, expected {n}")
+    return float(nll.mean()), perplexity(float(nll.sum()), total_tokens)
 
 
 __all__ = [

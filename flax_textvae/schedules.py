@@ -99,18 +99,7 @@ def cyclical(
     Raises:
       ValueError: for an inconsistent combination of arguments.
     """
-    if period is None:
-        if total_steps is None or num_cycles is None:
-            raise ValueError("cyclical schedule needs `period`, or `total_steps` and `num_cycles`")
-        if total_steps <= 0 or num_cycles <= 0:
-            raise ValueError(
-                f"cyclical schedule needs total_steps > 0 and num_cycles > 0, got {total_steps}, {num_cycles}"
-            )
-        period = total_steps / num_cycles
-    elif total_steps is not None or num_cycles is not None:
-        raise ValueError("cyclical schedule: give `period` or (`total_steps`, `num_cycles`), not both")
-    if period <= 0:
-        raise ValueError(f"cyclical schedule needs period > 0, got {period}")
+    period = _cyclical_period(period, total_steps, num_cycles)
     if not (0.0 < ratio_increase <= 1.0 and 0.0 <= ratio_zero and ratio_zero + ratio_increase <= 1.0):
         raise ValueError(
             f"cyclical schedule needs 0 < ratio_increase, 0 <= ratio_zero and "
@@ -127,6 +116,27 @@ def cyclical(
         return value.astype(jnp.float32)
 
     return schedule
+
+
+def _cyclical_period(period: Optional[float], total_steps: Optional[int], num_cycles: Optional[int]) -> float:
+    """The cycle length of :func:`cyclical`: ``period``, or ``total_steps / num_cycles`` when ``period`` is None.
+
+    Raises:
+      ValueError: unless exactly one of ``period`` and (``total_steps``, ``num_cycles``) is given, and positive.
+    """
+    if period is None:
+        if total_steps is None or num_cycles is None:
+            raise ValueError("cyclical schedule needs `period`, or `total_steps` and `num_cycles`")
+        if total_steps <= 0 or num_cycles <= 0:
+            raise ValueError(
+                f"cyclical schedule needs total_steps > 0 and num_cycles > 0, got {total_steps}, {num_cycles}"
+            )
+        period = total_steps / num_cycles
+    elif total_steps is not None or num_cycles is not None:
+        raise ValueError("cyclical schedule: give `period` or (`total_steps`, `num_cycles`), not both")
+    if period <= 0:
+        raise ValueError(f"cyclical schedule needs period > 0, got {period}")
+    return period
 
 
 def sigmoid(max_value: float = 1.0, midpoint: float = 0.0, steepness: float = 1.0) -> Schedule:

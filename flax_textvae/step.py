@@ -308,6 +308,20 @@ def train_step(
 
     # The norm of what the optimizer sees (frozen gradients are zero by stop_gradient anyway).
     new_state, grad_norm, ok = apply_if_finite(state, grads, loss, tx)
+    param_norm = optax.global_norm(state.params)
+    return new_state, _step_metrics(loss, aux, grad_norm, param_norm, lr_fn(phase_step), ok, axis_name)
+
+
+def _step_metrics(
+    loss: jax.Array,
+    aux: dict,
+    grad_norm: jax.Array,
+    param_norm: jax.Array,
+    learning_rate: jax.Array,
+    ok: jax.Array,
+    axis_name: str | None,
+) -> dict:
+    """The metrics ``train_step`` returns, from the (device-averaged) loss and ``aux`` of ``loss_and_metrics``."""
     metrics = {
         "loss": loss,
         "rec": aux["rec"],
@@ -317,14 +331,14 @@ def train_step(
         "kl_weight": jnp.asarray(aux["kl_weight"], jnp.float32),
         "kl_target": jnp.asarray(aux["kl_target"], jnp.float32),
         "grad_norm": grad_norm,
-        "param_norm": optax.global_norm(state.params),
-        "learning_rate": jnp.asarray(lr_fn(phase_step), jnp.float32),
+        "param_norm": param_norm,
+        "learning_rate": jnp.asarray(learning_rate, jnp.float32),
         "num_tokens": aux["num_tokens"],
         "nonfinite": (~ok).astype(jnp.int32),
     }
     if axis_name is not None:
         metrics["num_tokens"] = aux["num_tokens"] * jax.lax.psum(1, axis_name)  # pmean -> global sum
-    return new_state, metrics
+    return metrics
 
 
 def kl_weight_schedule(sched_cfg):
