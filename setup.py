@@ -26,6 +26,7 @@ INSTALL_REQUIRES = [
 
 TEST_REQUIRES = [
     "pytest>=8",
+    "pytest-xdist==3.8.0",
     "torch==2.13.0",
     "ruff==0.14.0",
 ]
