@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.beta = 1.0  # constraint strength, kind='constraint'
     c.loss.target = 5.0  # target KL C (nats per example), kind='constraint'
     c.loss.target_ramp_steps = 0  # steps to ramp C from 0 to target (0: constant)
-    c.loss.vocab_chunk_size = 0  # >0: training NLL applies the LM head to this many vocab entries at once (0: off)
+    c.loss.vocab_chunk_size = 0  # >0: training and eval NLL apply the LM head to this many vocab entries at once
     c.loss.kl_schedule = ml_collections.ConfigDict()  # KL weight over phase-2 steps (elbo, free_bits)
     c.loss.kl_schedule.kind = "linear"  # 'constant' | 'linear' | 'cyclical' | 'sigmoid'
     c.loss.kl_schedule.value = 1.0  # final / maximum weight

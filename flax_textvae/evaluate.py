@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import sacrebleu
 
-from flax_textvae import builders, checkpoints, compile_cache, exported, inference, losses, metrics, parallel
+from flax_textvae import builders, checkpoints, compile_cache, exported, inference, losses, metrics, parallel, step
 from flax_textvae.vae import TextVAE
 
 _LOGITS_BUDGET = 2**28  # floats of logits one IW chunk may hold (1 GiB in float32)
@@ -44,24 +44,29 @@ class ResultsNotWritten(OSError):
     """``evaluate`` computed the metrics but could not write them to its output folder."""
 
 
-def _compiled(model: TextVAE):
-    """Jitted per-batch functions for ``model`` (built once per model; compiled once per bucket shape)."""
-    hit = _COMPILED.get(id(model))
+def _compiled(model: TextVAE, vocab_chunk_size: int = 0):
+    """Jitted per-batch functions for ``model`` (built once per model and chunk size; compiled once per bucket
+    shape)."""
+    hit = _COMPILED.get((id(model), vocab_chunk_size))
     if hit is not None and hit[0] is model:
         return hit[1]
-    fns = _build(model)
-    _COMPILED[id(model)] = (model, fns)
+    fns = _build(model, vocab_chunk_size)
+    _COMPILED[(id(model), vocab_chunk_size)] = (model, fns)
     return fns
 
 
-def _build(model: TextVAE):
+def _build(model: TextVAE, vocab_chunk_size: int):
     def posterior(params, batch):
         return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], method=TextVAE.encode)
 
     def log_px(params, z, batch, reps):
         rep = lambda x: jnp.repeat(x, reps, axis=0)
-        logits = model.apply({"params": params}, z, rep(batch["decoder_input_ids"]), method=TextVAE.decode)
-        return -losses.token_nll(logits, rep(batch["labels"]), rep(batch["label_weights"]))
+        ids, labels, weights = rep(batch["decoder_input_ids"]), rep(batch["labels"]), rep(batch["label_weights"])
+        if vocab_chunk_size:  # the LM head by vocabulary chunks: never the [B * reps, T, V] logits
+            hidden = model.apply({"params": params}, z, ids, method=TextVAE.decode, hidden=True)
+            return -step.chunked_nll_fn(params, hidden, labels, model, vocab_chunk_size)(weights)
+        logits = model.apply({"params": params}, z, ids, method=TextVAE.decode)
+        return -losses.token_nll(logits, labels, weights)
 
     @jax.jit
     def stats(params, batch, key):
@@ -126,6 +131,7 @@ def evaluate_split(
     name: str = "eval",
     mi_au: bool = True,
     mesh=None,
+    vocab_chunk_size: int | None = None,
 ) -> dict:
     """The docs/metrics.md metrics of ``params`` over every example ``batches_fn()`` yields.
 
@@ -140,13 +146,15 @@ def evaluate_split(
       iw_chunk: samples per decoder pass (0: as many as fit a 1 GiB logits budget, at most 100).
       name: label for the progress line.
       mi_au: compute ``mi`` and ``au`` (needs every posterior; cheap).
-      mesh: a ``parallel.make_mesh`` mesh: batches are split over its devices, parameters replicated
-        (the batch size must be divisible by its size). None: the default device.
+      mesh: a ``parallel.make_mesh`` mesh: batches split over its devices (batch size divisible by its size),
+        parameters replicated. None: the default device.
+      vocab_chunk_size: > 0: -log p(x|z) through the LM head by this many vocabulary entries at a time (equal
+        to full logits within float tolerance); None: the run's ``loss.vocab_chunk_size``.
 
     Returns:
       dict with exactly the keys of ``metrics.SUMMARY_KEYS``.
     """
-    stats_fn, iw_fn = _compiled(run.model)
+    stats_fn, iw_fn, width = _eval_fns(run, vocab_chunk_size)
     params, place = _placement(params, mesh)
     k_rec, k_iw = jax.random.split(jax.random.key(seed))
     cols = {k: [] for k in ("index", "rec", "kl", "mean", "logvar", "z", "tokens", "nll")}
@@ -157,14 +165,13 @@ def evaluate_split(
         dev = place(batch)
         out = jax.device_get(stats_fn(params, dev, k_rec))
         if iw_samples > 0:
-            nll = _iw_nll(iw_fn, params, dev, out, k_iw, iw_samples, iw_chunk, run.vocab_size)
+            nll = _iw_nll(iw_fn, params, dev, out, k_iw, iw_samples, iw_chunk, width)
             cols["nll"].append(nll[keep])
         for k_ in ("rec", "kl", "mean", "logvar", "z", "tokens"):
             cols[k_].append(np.asarray(out[k_])[keep])
         cols["index"].append(np.asarray(batch["index"])[keep])
         if with_bleu:
-            # all B rows (one compile per split) and up to max_length, not the bucket length: which bucket an
-            # example lands in depends on the batch size, and so would the cut-off
+            # all B rows (one compile) up to max_length, not the bucket length, which depends on the batch size
             hyps += run.detokenize(_greedy(run, params, out["mean"])[keep])
             refs += run.detokenize(np.asarray(batch["labels"])[keep])
         done += int(keep.sum())
@@ -187,11 +194,19 @@ def _placement(params, mesh):
     )
 
 
-def _iw_nll(iw_fn, params, dev: dict, out: dict, key, iw_samples: int, iw_chunk: int, vocab_size: int):
+def _eval_fns(run, vocab_chunk_size: int | None) -> tuple[Callable, Callable, int]:
+    """The compiled per-batch functions for ``run`` and the logits per token one IW decoder pass holds."""
+    chunk = int(run.config.loss.get("vocab_chunk_size", 0)) if vocab_chunk_size is None else int(vocab_chunk_size)
+    width = min(chunk, run.vocab_size) if chunk else run.vocab_size
+    return (*_compiled(run.model, chunk), width)
+
+
+def _iw_nll(iw_fn, params, dev: dict, out: dict, key, iw_samples: int, iw_chunk: int, width: int):
     """``[B]`` importance-weighted -log p(x) of one batch from ``iw_samples`` posterior draws, ``iw_chunk``
-    per decoder pass (0: as many as fit the logits budget, at most 100), combined by a running log-sum-exp."""
+    per decoder pass (0: as many as fit the logits budget, at most 100, for ``width`` logits per token: the
+    vocabulary, or the vocabulary chunk), combined by a running log-sum-exp."""
     b, t = dev["labels"].shape
-    k = iw_chunk or int(max(1, min(100, _LOGITS_BUDGET // (b * t * vocab_size))))
+    k = iw_chunk or int(max(1, min(100, _LOGITS_BUDGET // (b * t * width))))
     state = metrics.iw_init(b)
     mean, logvar = jnp.asarray(out["mean"]), jnp.asarray(out["logvar"])
     for start in range(0, iw_samples, k):

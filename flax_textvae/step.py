@@ -165,7 +165,7 @@ def loss_and_metrics(
         hidden=chunked,
     )
     nll_fn = (
-        _chunked_nll_fn(params, out["hidden"], batch["labels"], model, cfg.vocab_chunk_size)
+        chunked_nll_fn(params, out["hidden"], batch["labels"], model, cfg.vocab_chunk_size)
         if chunked
         else lambda w: losses.token_nll(out["logits"], batch["labels"], w)
     )
@@ -185,8 +185,16 @@ def loss_and_metrics(
     return loss, aux
 
 
-def _chunked_nll_fn(params, hidden: jax.Array, labels: jax.Array, model: TextVAE, chunk_size: int) -> Callable:
-    """``token_weights -> [B]`` summed NLL of ``labels`` through the backbone's LM head, by vocabulary chunks."""
+def chunked_nll_fn(params, hidden: jax.Array, labels: jax.Array, model: TextVAE, chunk_size: int) -> Callable:
+    """``token_weights -> [B]`` summed NLL of ``labels`` through the backbone's LM head, by vocabulary chunks.
+
+    Args:
+      params: the VAE parameters (the head is read from ``params['backbone']``).
+      hidden: ``[B, T, D]`` decoder hidden states (``TextVAE.decode(..., hidden=True)``).
+      labels: ``[B, T]`` target ids.
+      model: the ``TextVAE``.
+      chunk_size: vocabulary entries per chunk (``losses.chunked_token_nll``); never the ``[B, T, V]`` logits.
+    """
     head = model.backbone.apply({"params": params["backbone"]}, method="lm_head_weights")
     return lambda w: losses.chunked_token_nll(
         hidden, head.head, labels, w, bias=head.bias, scale=head.scale, head_layout=head.layout, chunk_size=chunk_size

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from flax_textvae import builders, evaluate, plots, train
 from flax_textvae import workdir as rundir
@@ -19,19 +19,9 @@ from flax_textvae import workdir as rundir
 RECORD_NAME = "study_cell.json"
 
 
-def _flat(tree: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _learned(config) -> dict:
     """The config as a flat dict without the loop-only fields a resume may change."""
-    flat = _flat(config if isinstance(config, dict) else rundir.config_dict(config))
+    flat = rundir.dotted_keys(config if isinstance(config, dict) else rundir.config_dict(config))
     return {k: v for k, v in flat.items() if k not in rundir.SAFE_FIELDS and not k.startswith(rundir.SAFE_SECTIONS)}
 
 

@@ -26,7 +26,7 @@ import os
 import shutil
 import socket
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from flax_textvae import configuration
 from flax_textvae.validation import READER_PREFIXES, ConfigError
@@ -281,11 +281,12 @@ def config_dict(config: Any) -> dict:
     return json.loads(config.to_json()) if hasattr(config, "to_json") else json.loads(json.dumps(config))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def dotted_keys(tree: Mapping, prefix: str = "") -> dict:
+    """A nested mapping as one flat dict keyed by dotted paths: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     out = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+        if isinstance(value, Mapping):
+            out.update(dotted_keys(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -325,9 +326,9 @@ def resume_changes(config: Any, workdir: str) -> list[Change]:
     if not os.path.isfile(path):
         return []  # nothing to compare with; the start records the config it runs
     with open(path) as f:
-        saved = _flatten(json.load(f))
-    new = _flatten(config_dict(config))
-    defaults = _flatten(config_dict(configuration.base_config()))
+        saved = dotted_keys(json.load(f))
+    new = dotted_keys(config_dict(config))
+    defaults = dotted_keys(config_dict(configuration.base_config()))
     changes = []
     for field in sorted(set(saved) | set(new)):
         old_v = saved.get(field, defaults.get(field, _ABSENT))

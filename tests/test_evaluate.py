@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from _trained_run import trained_run
 
-from flax_textvae import builders, checkpoints, evaluate, metrics
+from flax_textvae import builders, checkpoints, evaluate, losses, metrics
 from flax_textvae.data import synthetic_sentences
 
 IW = 20  # importance samples: small, the checks below do not need the default of 500
@@ -123,3 +123,28 @@ def test_iw_nll_does_not_depend_on_the_chunk_size(tiny_run, heldout):
     assert whole["num_examples"] == 16
     np.testing.assert_allclose(chunked["nll"], whole["nll"], rtol=1e-5)
     assert chunked["rec"] == whole["rec"]
+
+
+def test_vocabulary_chunked_evaluation_equals_full_logits(tiny_run, heldout, monkeypatch):
+    """``vocab_chunk_size`` > 0 scores -log p(x|z) through the LM head by vocabulary chunks: the same metrics."""
+    traced = []
+    chunked_nll = losses.chunked_token_nll
+    monkeypatch.setattr(
+        losses, "chunked_token_nll", lambda *a, **k: traced.append(k["chunk_size"]) or chunked_nll(*a, **k)
+    )
+    config, workdir = tiny_run
+    path, _ = heldout
+    run = builders.build_run(config, workdir, train=False, eval_spec=path, eval_batch_size=16)
+    params, _ = checkpoints.load_params(workdir)
+    assert int(config.loss.get("vocab_chunk_size", 0)) == 0  # the run's default: full logits
+    kw = dict(iw_samples=6, seed=3, mi_au=False)
+    first16 = run.eval_subset(16)
+    full = evaluate.evaluate_split(run, params, first16, **kw)
+    chunk = max(1, run.vocab_size // 3)  # three chunks, the last one partial
+    assert run.vocab_size % chunk
+    chunked = evaluate.evaluate_split(run, params, first16, vocab_chunk_size=chunk, **kw)
+    assert full["num_examples"] == chunked["num_examples"] == 16
+    for key in ("rec", "nll", "neg_elbo", "kl", "ppl"):
+        np.testing.assert_allclose(chunked[key], full[key], rtol=1e-5, err_msg=key)
+    assert chunked["rec"] != 0
+    assert traced and set(traced) == {chunk}, "the chunked path was not the one evaluated"
