@@ -44,7 +44,7 @@ def measure(args) -> dict:
         num_buckets=args.num_buckets,
     )
     params = run.init_params(jax.random.key(0))
-    kw = dict(iw_samples=args.iw_samples, seed=0, iw_chunk=args.chunk)
+    kw = dict(iw_samples=args.iw_samples, seed=0, iw_chunk=args.chunk, vocab_chunk_size=args.vocab_chunk_size)
     t0 = time.perf_counter()
     evaluate.evaluate_split(run, params, batcher.eval_iterator, **kw)  # compiles every shape
     warm = time.perf_counter() - t0
@@ -60,6 +60,7 @@ def measure(args) -> dict:
         "batch": args.batch,
         "dtype": args.dtype,
         "attention": args.attention,
+        "vocab_chunk_size": args.vocab_chunk_size,
         "device": jax.devices()[0].device_kind,
         "first_pass_s": round(warm, 2),
         "steady_s": round(dt, 2),
@@ -77,6 +78,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iw-samples", type=int, default=500)
     p.add_argument("--chunk", type=int, default=0, help="samples per decoder pass (0: automatic)")
+    p.add_argument(
+        "--vocab-chunk-size", type=int, default=0, help="score by vocabulary chunks of this size (0: full logits)"
+    )
     p.add_argument("--lengths-from", default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--attention", default="dot_product", choices=["explicit", "dot_product"])

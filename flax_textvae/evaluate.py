@@ -196,7 +196,9 @@ def _placement(params, mesh):
 
 def _eval_fns(run, vocab_chunk_size: int | None) -> tuple[Callable, Callable, int]:
     """The compiled per-batch functions for ``run`` and the logits per token one IW decoder pass holds."""
-    chunk = int(run.config.loss.get("vocab_chunk_size", 0)) if vocab_chunk_size is None else int(vocab_chunk_size)
+    if vocab_chunk_size is None:  # the run's setting; a Run built without a config scores full logits
+        vocab_chunk_size = run.config.loss.get("vocab_chunk_size", 0) if run.config is not None else 0
+    chunk = int(vocab_chunk_size)
     width = min(chunk, run.vocab_size) if chunk else run.vocab_size
     return (*_compiled(run.model, chunk), width)
 

@@ -599,6 +599,9 @@ def test_device_suite_smoke_run_writes_json_with_figures(tmp_path):
         for key in keys:
             assert files[name][key] > 0, (name, key, files[name].get(key))
     assert 0 <= files["train_tiny_bfloat16_b8"]["padding_fraction"] < 1
+    assert (
+        1 <= files["train_tiny_bfloat16_b8"]["num_shapes"] <= 4
+    )  # a shape per bucket (the smoke run's few), never one per batch
     assert files["train_tiny_bfloat16_b8"]["dtype"] == "bfloat16"
     fast = files["train_tiny_float32_b8_fast"]
     assert (fast["attention"], fast["remat"], fast["vocab_chunk_size"]) == ("explicit", True, 64)

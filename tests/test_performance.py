@@ -1,8 +1,6 @@
 """Performance properties: one compile per bucket shape, bf16 training, gradient accumulation, the benchmark."""
 
-import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -11,7 +9,7 @@ import numpy as np
 from flax_textvae import builders, trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import REPO, _runner, fit_fixed_batch, tiny_config  # noqa: E402
+from test_train import _runner, fit_fixed_batch, tiny_config  # noqa: E402
 
 
 def test_step_compiles_once_per_bucket_shape_and_never_in_the_steady_loop(tmp_path, monkeypatch):
@@ -66,28 +64,3 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
         params[accum] = jax.device_get(state.params)
     for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[4])):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
-
-
-def test_throughput_benchmark_prints_json(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "benchmarks", "train_throughput.py"),
-            "--arch=tiny",
-            "--batch=8",
-            "--steps=6",
-            "--num-buckets=2",
-            "--json",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("examples_per_s", "real_tokens_per_s", "padding_fraction", "compile_s", "peak_memory_mb"):
-        assert key in result and result[key] is not None, key
-    assert 0 <= result["padding_fraction"] < 1 and result["examples_per_s"] > 0
-    assert result["num_shapes"] <= 3
