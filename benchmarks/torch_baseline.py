@@ -51,8 +51,10 @@ from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5F
 from transformers.cache_utils import DynamicCache
 
 try:  # imported as benchmarks.torch_baseline (tests) or run as a script (benchmarks/ is sys.path[0])
+    from benchmarks import archs
     from benchmarks import lengths as lengths_lib
 except ImportError:  # pragma: no cover - script mode
+    import archs
     import lengths as lengths_lib
 
 ARCHS = ("t5-small", "bart-base", "tiny-t5", "tiny-bart")
@@ -61,23 +63,7 @@ ARCHS = ("t5-small", "bart-base", "tiny-t5", "tiny-bart")
 def build_config(arch: str) -> T5Config | BartConfig:
     """The transformers config of ``arch`` (t5-small / bart-base shapes, or tiny ones for tests)."""
     if arch == "t5-small":
-        return T5Config(
-            vocab_size=32128,
-            d_model=512,
-            d_kv=64,
-            d_ff=2048,
-            num_layers=6,
-            num_decoder_layers=6,
-            num_heads=8,
-            feed_forward_proj="relu",
-            dropout_rate=0.1,
-            relative_attention_num_buckets=32,
-            relative_attention_max_distance=128,
-            tie_word_embeddings=True,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
+        return archs.hf_config(arch)
     if arch == "tiny-t5":
         return T5Config(
             vocab_size=128,
@@ -110,17 +96,7 @@ def build_config(arch: str) -> T5Config | BartConfig:
         max_position_embeddings=1024,
     )
     if arch == "bart-base":
-        return BartConfig(
-            vocab_size=50265,
-            d_model=768,
-            encoder_layers=6,
-            decoder_layers=6,
-            encoder_attention_heads=12,
-            decoder_attention_heads=12,
-            encoder_ffn_dim=3072,
-            decoder_ffn_dim=3072,
-            **common,
-        )
+        return archs.hf_config(arch, dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)
     if arch == "tiny-bart":
         return BartConfig(
             vocab_size=128,

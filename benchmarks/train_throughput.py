@@ -33,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+import archs  # noqa: E402
 import jax  # noqa: E402
 import lengths as lengths_lib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -59,36 +60,9 @@ def arch_config(arch: str):
     import transformers
 
     if arch == "t5-small":
-        return transformers.T5Config(
-            vocab_size=32128,
-            d_model=512,
-            d_kv=64,
-            d_ff=2048,
-            num_layers=6,
-            num_heads=8,
-            feed_forward_proj="relu",
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-            dropout_rate=0.1,
-        )
+        return archs.hf_config(arch, dropout_rate=0.1)
     if arch == "bart-base":
-        return transformers.BartConfig(
-            vocab_size=50265,
-            d_model=768,
-            encoder_layers=6,
-            decoder_layers=6,
-            encoder_attention_heads=12,
-            decoder_attention_heads=12,
-            encoder_ffn_dim=3072,
-            decoder_ffn_dim=3072,
-            max_position_embeddings=1024,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-            decoder_start_token_id=2,
-            dropout=0.1,
-        )
+        return archs.hf_config(arch, dropout=0.1)
     if arch == "tiny":
         return transformers.T5Config(
             vocab_size=128,

@@ -26,6 +26,8 @@ import helpers_hf  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import archs  # noqa: E402
 import bart_vae  # noqa: E402
 import park_lee_t5  # noqa: E402
 import t5_vae  # noqa: E402
@@ -33,68 +35,10 @@ import t5_vae  # noqa: E402
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
 
-# Sizes of the public config.json of each checkpoint (weights are random: no hub here).
+# The sizes of each checkpoint's public config.json (weights are random: no hub here), and its shipped config.
 ARCHS = {
-    "bart-base": (
-        "bart",
-        bart_vae,
-        dict(
-            vocab_size=50265,
-            d_model=768,
-            encoder_layers=6,
-            decoder_layers=6,
-            encoder_attention_heads=12,
-            decoder_attention_heads=12,
-            encoder_ffn_dim=3072,
-            decoder_ffn_dim=3072,
-            max_position_embeddings=1024,
-            activation_function="gelu",
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-            decoder_start_token_id=2,
-            forced_eos_token_id=2,
-            scale_embedding=False,
-        ),
-    ),
-    "t5-small": (
-        "t5",
-        t5_vae,
-        dict(
-            vocab_size=32128,
-            d_model=512,
-            d_kv=64,
-            d_ff=2048,
-            num_layers=6,
-            num_decoder_layers=6,
-            num_heads=8,
-            relative_attention_num_buckets=32,
-            feed_forward_proj="relu",
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-            tie_word_embeddings=True,
-        ),
-    ),
-    "t5-v1_1-small": (
-        "t5",
-        park_lee_t5,
-        dict(
-            vocab_size=32128,
-            d_model=512,
-            d_kv=64,
-            d_ff=1024,
-            num_layers=8,
-            num_decoder_layers=8,
-            num_heads=6,
-            relative_attention_num_buckets=32,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-            tie_word_embeddings=False,
-        ),
-    ),
+    name: (archs.SIZES[name][0], config_module, archs.SIZES[name][1])
+    for name, config_module in (("bart-base", bart_vae), ("t5-small", t5_vae), ("t5-v1_1-small", park_lee_t5))
 }
 
 
