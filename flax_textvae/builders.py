@@ -52,6 +52,7 @@ class Run:
     vocab_size: int
     data: input_pipeline.Pipeline = dataclasses.field(default_factory=input_pipeline.Pipeline)
     _unused: tuple | None = dataclasses.field(default=None, repr=False)
+    _init_fns: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def train_iter(self) -> Any:
@@ -87,22 +88,35 @@ class Run:
 
         The backbone always carries every tensor of the pretrained architecture, cross-attention included,
         even where the configured injection never calls it, so a trained run contains the whole backbone
-        (and can be exported whole). The pretrained weights replace the random backbone when there are any;
-        from scratch, the tensors the VAE uses keep the VAE's own initialisation and the unused rest comes
-        from the backbone's. ``unused_param_patterns`` lists what the forward pass never reads.
+        (and can be exported whole). The pretrained weights replace the random backbone when there are any
+        (the random one is then never computed: the initialising program returns only the VAE's own
+        tensors); from scratch, the tensors the VAE uses keep the VAE's own initialisation and the unused
+        rest comes from the backbone's. ``unused_param_patterns`` lists what the forward pass never reads.
         """
-        b, s = 2, 8
-        ids = jnp.ones((b, s), jnp.int32)
-        params = jax.jit(lambda k: self.model.init({"params": k}, ids, ids, ids, sample=False)["params"])(key)
         if self.backbone_params is not None:
             full = models.param_shapes(self.model.backbone)
-            models.loading.check_params(self.backbone_params, full, "pretrained backbone")
-            return dict(params, backbone=self.backbone_params)
+            models.loading.verify_params(self.backbone_params, full, "pretrained backbone")
+            return dict(self._init_fn(without_backbone=True)(key), backbone=self.backbone_params)
+        params = self._init_fn()(key)
         if not self.unused_param_patterns():
             return params
         full = flatten_dict(models.init_params(self.model.backbone, jax.random.fold_in(key, 1)), sep="/")
         full.update(flatten_dict(params["backbone"], sep="/"))
         return dict(params, backbone=unflatten_dict(full, sep="/"))
+
+    def _init_fn(self, without_backbone: bool = False) -> Callable[[jax.Array], Any]:
+        """The jitted ``key -> VAE params``, or only its non-backbone subtrees (XLA then drops the random
+        backbone); made once per Run, so one trace of the whole initialisation serves ``init_params`` and
+        ``unused_param_patterns``."""
+        if without_backbone not in self._init_fns:
+            if without_backbone:
+                full = self._init_fn()
+                fn = jax.jit(lambda k: {n: v for n, v in full(k).items() if n != "backbone"})
+            else:
+                ids = jnp.ones((2, 8), jnp.int32)
+                fn = jax.jit(lambda k: self.model.init({"params": k}, ids, ids, ids, sample=False)["params"])
+            self._init_fns[without_backbone] = fn
+        return self._init_fns[without_backbone]
 
     def unused_param_patterns(self) -> tuple[str, ...]:
         """Anchored regexes of the backbone tensors the VAE's forward pass never reads.
@@ -111,13 +125,7 @@ class Run:
         called; their weights stay in the tree, get no gradient, no optimizer update and no weight decay.
         """
         if self._unused is None:
-            b, s = 2, 8
-            ids = jnp.ones((b, s), jnp.int32)
-            used = jax.eval_shape(
-                lambda: self.model.init({"params": jax.random.key(0)}, ids, ids, ids, sample=False)["params"][
-                    "backbone"
-                ]
-            )
+            used = jax.eval_shape(self._init_fn(), jax.random.key(0))["backbone"]
             full = models.param_shapes(self.model.backbone)
             unused = set(flatten_dict(full, sep="/")) - set(flatten_dict(used, sep="/"))
             self._unused = tuple("^" + re.escape("backbone/" + k) + "$" for k in sorted(unused))

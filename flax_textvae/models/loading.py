@@ -18,6 +18,7 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -118,16 +119,33 @@ def init_params(module: nn.Module, rng: jax.Array, config: Any = None) -> Any:
 
 
 def param_shapes(module: nn.Module) -> Any:
-    """Parameter shapes/dtypes of `module` as jax.ShapeDtypeStruct (no computation)."""
+    """Parameter shapes/dtypes of `module` as jax.ShapeDtypeStruct (no computation).
+
+    The shapes follow from the module's fields alone, so the (whole-model) trace is made once per distinct
+    set of fields and reused, also for the same module bound inside a VAE; each call returns its own copy.
+    """
+    fields = tuple(
+        (f.name, getattr(module, f.name)) for f in dataclasses.fields(module) if f.name not in ("parent", "name")
+    )
+    try:
+        shapes = _param_shapes_of(type(module), fields)
+    except TypeError:  # a module with an unhashable field
+        shapes = _trace_param_shapes(module)
+    return jax.tree.map(lambda x: x, shapes)
+
+
+def _trace_param_shapes(module: nn.Module) -> Any:
     return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *_dummy_inputs()))["params"]
 
 
-def check_params(params: Any, expected: Any, source: str = "params") -> Any:
-    """Verifies `params` against `expected` shapes; returns float32 jax arrays.
+@functools.lru_cache(maxsize=16)
+def _param_shapes_of(cls: type, fields: tuple) -> Any:
+    return _trace_param_shapes(cls(**dict(fields)))
 
-    Raises:
-      ValueError listing every missing, unexpected and shape-mismatched parameter path.
-    """
+
+def verify_params(params: Any, expected: Any, source: str = "params") -> None:
+    """Raises ValueError listing every missing, unexpected and shape-mismatched path of `params` against the
+    `expected` shapes (nothing is copied or converted)."""
     got = flatten_dict(params, sep="/")
     want = flatten_dict(expected, sep="/")
     missing = sorted(set(want) - set(got))
@@ -139,6 +157,16 @@ def check_params(params: Any, expected: Any, source: str = "params") -> Any:
     ]
     if missing or unexpected or mismatched:
         raise ValueError(mismatch_report(f"{source} does not match the model", missing, unexpected, mismatched))
+
+
+def check_params(params: Any, expected: Any, source: str = "params") -> Any:
+    """Verifies `params` against `expected` shapes (:func:`verify_params`); returns float32 jax arrays.
+
+    Raises:
+      ValueError listing every missing, unexpected and shape-mismatched parameter path.
+    """
+    verify_params(params, expected, source)
+    got = flatten_dict(params, sep="/")
     return unflatten_dict({k: jnp.asarray(np.asarray(v, np.float32)) for k, v in got.items()}, sep="/")
 
 
