@@ -95,6 +95,23 @@ def enable(directory: Optional[str] = None, *, min_compile_time_secs: float = 0.
     return path
 
 
+_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_hits = [0]
+
+
+def _count_hit(event: str, **kwargs) -> None:
+    if event == _HIT_EVENT:
+        _hits[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_hit)
+
+
+def hits() -> int:
+    """How many programs this process has loaded from the persistent cache instead of compiling them."""
+    return _hits[0]
+
+
 def is_enabled() -> bool:
     """True when jax will read and write a persistent cache folder in this process."""
     return bool(jax.config.jax_compilation_cache_dir) and bool(jax.config.jax_enable_compilation_cache)

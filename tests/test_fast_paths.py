@@ -561,6 +561,43 @@ def test_compile_cache_env_variable_and_off(tmp_path):
     assert not off_home.exists(), "'off' writes nothing"
 
 
+_TRAIN_TWICE = """
+import sys
+import jax
+sys.path.insert(0, sys.argv[1])
+import tiny
+from flax_textvae.configuration import with_overrides
+from flax_textvae.train import train_and_evaluate
+config = with_overrides(tiny.get_config(), **{"train_steps": 4, "phase1.steps": 2, "log_every": 2,
+                        "eval_every": 0, "checkpoint_every": 4, "data.eval": "synthetic:16:1"})
+for name in ("first", "second"):
+    print("== " + name, flush=True)
+    train_and_evaluate(config, sys.argv[2] + "/" + name)
+    jax.clear_caches()  # the second run finds nothing in memory: only the folder can spare its compiles
+"""
+
+
+def test_a_repeated_run_says_its_steps_came_from_the_compilation_cache(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", _TRAIN_TWICE, os.path.join(REPO, "configs"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=dict(os.environ, **{compile_cache.ENV_VAR: str(tmp_path / "cache")}),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    first, second = (part.splitlines() for part in out.stdout.split("== second"))
+
+    def outcomes(lines):  # the line after each "compiling the phase-N step for batch shape ..." line
+        return [lines[i + 1].strip() for i, line in enumerate(lines) if line.startswith("compiling the phase-")]
+
+    compiled, loaded = outcomes(first), outcomes(second)
+    assert len(compiled) >= 2 and all(line.startswith("compiled in ") for line in compiled), first
+    assert len(loaded) == len(compiled), second
+    assert all(line.startswith("loaded from the compilation cache in ") for line in loaded), second
+
+
 # ---------------------------------------------------------------------------------- device suite
 def test_device_suite_refuses_to_run_without_an_accelerator(tmp_path):
     out = subprocess.run(
