@@ -11,7 +11,12 @@ Other modes: --mode=reconstruct (--input=FILE or --text=...), --mode=sample (--n
 --output=FILE writes the sentences to a text file.
 """
 
+import os
 import sys
+
+# Without PyTorch, transformers announces that its own models are unavailable; this CLI uses only its
+# tokenizers and configs, so the notice would only mislead.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from absl import app, flags, logging
 

@@ -12,6 +12,10 @@ every field with its meaning. A bad config, a missing data file or model ends wi
 import os
 import sys
 
+# Without PyTorch, transformers announces that its own models are unavailable; this CLI uses only its
+# tokenizers and configs, so the notice would only mislead.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
