@@ -11,9 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 from flax import serialization
+from flax.traverse_util import flatten_dict
 
-from flax_textvae.models import FOLDER_CONTENTS, bart, build_module, load_pretrained
+from flax_textvae.models import FOLDER_CONTENTS, bart, build_module, load_pretrained, param_shapes
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "tiny_bart_flax"
 ARRAYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
@@ -106,3 +108,23 @@ def test_unsupported_model_type():
 
     with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
         build_module(GPT2Config(n_layer=1, n_embd=8, n_head=2))
+
+
+def test_param_shapes_follow_the_config_not_a_cached_earlier_module():
+    def module(**sizes):
+        fields = dict(vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, max_position_embeddings=32)
+        fields.update(encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32)
+        return build_module(transformers.BartConfig(**{**fields, **sizes}))
+
+    def sizes(tree):
+        return {k: v.shape for k, v in flatten_dict(tree, sep="/").items()}
+
+    small = sizes(param_shapes(module()))
+    assert small == sizes(param_shapes(module())), "an equal config gives the same shapes"
+    wider = sizes(param_shapes(module(d_model=24)))
+    assert wider["model/shared/embedding"] == (40, 24) and small["model/shared/embedding"] == (40, 16)
+    deeper = sizes(param_shapes(module(encoder_layers=2)))
+    assert len(deeper) > len(small)
+    tree = param_shapes(module())
+    tree.clear()  # each call hands out its own tree
+    assert sizes(param_shapes(module())) == small

@@ -18,7 +18,6 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from typing import Any
@@ -121,26 +120,32 @@ def init_params(module: nn.Module, rng: jax.Array, config: Any = None) -> Any:
 def param_shapes(module: nn.Module) -> Any:
     """Parameter shapes/dtypes of `module` as jax.ShapeDtypeStruct (no computation).
 
-    The shapes follow from the module's fields alone, so the (whole-model) trace is made once per distinct
-    set of fields and reused, also for the same module bound inside a VAE; each call returns its own copy.
+    The shapes follow from the module's fields alone (its transformers config by its full JSON text), so the
+    whole-model trace is made once per distinct set of fields and reused, also for the same module bound
+    inside a VAE; each call returns its own copy of the tree.
     """
-    fields = tuple(
-        (f.name, getattr(module, f.name)) for f in dataclasses.fields(module) if f.name not in ("parent", "name")
+    key = (type(module),) + tuple(
+        (f.name, _hashable(getattr(module, f.name)))
+        for f in dataclasses.fields(module)
+        if f.name not in ("parent", "name")
     )
+    if key not in _SHAPES:
+        if len(_SHAPES) >= 16:
+            _SHAPES.pop(next(iter(_SHAPES)))
+        _SHAPES[key] = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *_dummy_inputs()))["params"]
+    return jax.tree.map(lambda x: x, _SHAPES[key])
+
+
+_SHAPES: dict = {}  # param_shapes' traces, oldest first
+
+
+def _hashable(value: Any) -> Any:
+    """`value` itself where it hashes, else its type and repr (a transformers config's repr is its JSON)."""
     try:
-        shapes = _param_shapes_of(type(module), fields)
-    except TypeError:  # a module with an unhashable field
-        shapes = _trace_param_shapes(module)
-    return jax.tree.map(lambda x: x, shapes)
-
-
-def _trace_param_shapes(module: nn.Module) -> Any:
-    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *_dummy_inputs()))["params"]
-
-
-@functools.lru_cache(maxsize=16)
-def _param_shapes_of(cls: type, fields: tuple) -> Any:
-    return _trace_param_shapes(cls(**dict(fields)))
+        hash(value)
+        return value
+    except TypeError:
+        return (type(value), repr(value))
 
 
 def verify_params(params: Any, expected: Any, source: str = "params") -> None:
