@@ -139,12 +139,16 @@ def global_devices(num: int = 0) -> list:
     return [d for p in range(jax.process_count()) for d in [x for x in jax.devices() if x.process_index == p][:num]]
 
 
-def replicate_for_pmap(tree, devices=None):
-    """Copies a pytree onto ``devices`` (default: all local ones) for ``pmap``."""
+def replicate_for_pmap(tree, devices=None, axis_name: str = "batch"):
+    """Copies a pytree onto ``devices`` (default: all local ones) for a ``pmap`` over ``axis_name``.
+
+    The copies carry the sharding the step's own outputs have (a mesh over the same axis name), so the
+    step's second call finds the program of its first instead of tracing and compiling it again.
+    """
     devices = devices or jax.local_devices()
     n = len(devices)
     stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
-    return jax.pmap(lambda x: x, devices=devices)(stacked)
+    return jax.pmap(lambda x: x, axis_name=axis_name, devices=devices)(stacked)
 
 
 def unreplicate(tree):
@@ -218,7 +222,7 @@ class PmapPlacement:
         )
 
     def place(self, state):
-        return replicate_for_pmap(state, self.devices)
+        return replicate_for_pmap(state, self.devices, self.axis_name)
 
     def abstract(self, state):
         """Restore target: host-local and unreplicated (``place`` replicates it afterwards)."""

@@ -78,6 +78,34 @@ def test_phase1_leaves_the_decoder_bit_identical(tmp_path):
     assert not any("['encoder']" in jax.tree_util.keystr(p) and lab == "frozen" for p, lab in flat(labels))
 
 
+_BACKEND_COMPILES = []
+
+
+def _count_compile(name: str, secs: float, **kwargs) -> None:
+    if name == "/jax/core/compile/backend_compile_duration":
+        _BACKEND_COMPILES.append(secs)
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+@pytest.mark.parametrize("mode", ["mesh", "pmap"])
+def test_the_step_compiles_once_per_shape_from_the_placed_state(tmp_path, mode):
+    config = tiny_config(**{"parallel.mode": mode, "data.num_buckets": 1})
+    run = builders.build_run(config, str(tmp_path))
+    runner, state = _runner(config, run, 1, config.phase1.steps)
+    batch = runner.batch(next(run.train_iter))
+    placed = [x.sharding for x in jax.tree.leaves(state)]
+    state, _ = runner.step(state, batch)
+    jax.block_until_ready(state)
+    assert [x.sharding for x in jax.tree.leaves(state)] == placed, "the step's output is placed like its input"
+    before = len(_BACKEND_COMPILES)
+    for _ in range(2):
+        state, _ = runner.step(state, runner.batch(next(run.train_iter)))
+    jax.block_until_ready(state)
+    assert len(_BACKEND_COMPILES) == before, "later steps reuse the first step's program"
+
+
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from flax_textvae import step as step_lib
 
