@@ -245,25 +245,35 @@ class TrainLoop:
     def _train_step(self, state):
         local, placed = next(self.batches)
         shape = tuple(local["input_ids"].shape)
-        new_shape = shape not in self.shapes
-        if new_shape:
-            self.shapes.add(shape)
-            known = getattr(self.train_iter, "num_shapes", None)
-            of = f" ({len(self.shapes)} of at most {known})" if known else f" ({len(self.shapes)} so far)"
-            what = f"compiling the {self.label} for batch shape {list(shape)}"
-            self.ctx.progress.say(f"{what}{of} ...")
-            start, hits = time.time(), compile_cache.hits()
-            with self.ctx.progress.working(what):
-                # Ahead of the call, so the time is the compile's alone; the call below reuses the program.
-                self.step_fn.lower(state, placed).compile()
-            took = time.time() - start
-            self.compile_s += took
-            how = "loaded from the compilation cache" if compile_cache.hits() > hits else "compiled"
-            self.ctx.progress.say(f"  {how} in {took:.1f} s")
-        state, m = self.step_fn(state, placed)
+        if shape in self.shapes:
+            state, m = self.step_fn(state, placed)
+        else:
+            state, m = self._first_call(state, placed, shape)
         self.pending.append((self.step, m))
         self.step += 1
         return state
+
+    def _first_call(self, state, placed, shape: tuple):
+        """The step on a batch shape not seen before, saying what its compile took and whether the program
+        came from the persistent compilation cache."""
+        self.shapes.add(shape)
+        known = getattr(self.train_iter, "num_shapes", None)
+        of = f" ({len(self.shapes)} of at most {known})" if known else f" ({len(self.shapes)} so far)"
+        what = f"compiling the {self.label} for batch shape {list(shape)}"
+        self.ctx.progress.say(f"{what}{of} ...")
+        start, hits = time.time(), compile_cache.hits()
+        ahead = self.placement.mesh is not None  # a jit; a pmapped function would compile again on its call
+        with self.ctx.progress.working(what):
+            if ahead:  # compiled before the call, so the time is the compile's alone; the call reuses it
+                self.step_fn.lower(state, placed).compile()
+            else:  # timed with its first call
+                state, m = self.step_fn(state, placed)
+                jax.block_until_ready(m)
+        took = time.time() - start
+        self.compile_s += took
+        how = "loaded from the compilation cache" if compile_cache.hits() > hits else "compiled"
+        self.ctx.progress.say(f"  {how} in {took:.1f} s")
+        return self.step_fn(state, placed) if ahead else (state, m)
 
     def _fetch(self) -> None:
         """This interval's device metrics, fetched; never checkpoint past a non-finite step."""

@@ -6,6 +6,7 @@ per-layer rematerialisation, the compilation cache and the device suite.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -577,6 +578,9 @@ for name in ("first", "second"):
 """
 
 
+READY_LINE = re.compile(r"^  (compiled|loaded from the compilation cache) in [\d.]+ s$")
+
+
 def test_a_repeated_run_says_its_steps_came_from_the_compilation_cache(tmp_path):
     out = subprocess.run(
         [sys.executable, "-c", _TRAIN_TWICE, os.path.join(REPO, "configs"), str(tmp_path)],
@@ -589,8 +593,9 @@ def test_a_repeated_run_says_its_steps_came_from_the_compilation_cache(tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     first, second = (part.splitlines() for part in out.stdout.split("== second"))
 
-    def outcomes(lines):  # the line after each "compiling the phase-N step for batch shape ..." line
-        return [lines[i + 1].strip() for i, line in enumerate(lines) if line.startswith("compiling the phase-")]
+    def outcomes(lines):  # what each "compiling the phase-N step ..." line ended with (past its heartbeats)
+        ends = [line.strip() for line in lines if line.startswith("compiling the phase-") or READY_LINE.match(line)]
+        return [end for start, end in zip(ends, ends[1:]) if start.startswith("compiling the phase-")]
 
     compiled, loaded = outcomes(first), outcomes(second)
     assert len(compiled) >= 2 and all(line.startswith("compiled in ") for line in compiled), first
