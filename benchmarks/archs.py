@@ -2,7 +2,8 @@
 
 ``SIZES`` holds, per public checkpoint name, its family and the fields of its public ``config.json`` that set
 its shape and special ids (nothing is downloaded); ``hf_config(arch, **overrides)`` makes the transformers
-config, with a script's own settings (dropout rates) as overrides.
+config, with a script's own settings (dropout rates) as overrides; ``save_random_model(arch, folder)`` writes
+such a model with random weights as a checkpoint folder.
 """
 
 from __future__ import annotations
@@ -75,3 +76,16 @@ def hf_config(arch: str, **overrides) -> transformers.PretrainedConfig:
     family, sizes = SIZES[arch]
     cls = transformers.BartConfig if family == "bart" else transformers.T5Config
     return cls(**{**sizes, **overrides})
+
+
+def save_random_model(arch: str, folder: str):
+    """Writes ``arch`` with random weights (torch seed 0) to ``folder`` with ``save_pretrained``; returns the
+    PyTorch model. The tokenizer files are the caller's."""
+    import torch  # an optional dependency: only writing checkpoints needs it
+
+    family, _ = SIZES[arch]
+    torch.manual_seed(0)
+    cls = transformers.BartForConditionalGeneration if family == "bart" else transformers.T5ForConditionalGeneration
+    model = cls(hf_config(arch))
+    model.save_pretrained(folder)
+    return model

@@ -56,7 +56,6 @@ sys.path.insert(0, REPO)
 
 import archs  # noqa: E402
 import jax  # noqa: E402
-import transformers  # noqa: E402
 
 from flax_textvae import compile_cache  # noqa: E402
 from flax_textvae.configuration import with_overrides  # noqa: E402
@@ -90,14 +89,9 @@ def overrides(pairs: list[str]) -> dict:
 
 def make_checkpoint(arch: str, folder: str, texts: list[str]) -> str:
     """Writes ``arch`` with random weights and a word tokenizer of ``texts`` to ``folder``; returns it."""
-    import torch  # an optional dependency: only --arch needs it
-
-    family, _ = archs.SIZES[arch]
-    hf_config = archs.hf_config(arch)
-    train_word_tokenizer(texts, folder, family=family, vocab_size=min(hf_config.vocab_size, 30000))
-    torch.manual_seed(0)
-    cls = transformers.BartForConditionalGeneration if family == "bart" else transformers.T5ForConditionalGeneration
-    cls(hf_config).save_pretrained(folder)
+    family, sizes = archs.SIZES[arch]
+    train_word_tokenizer(texts, folder, family=family, vocab_size=min(sizes["vocab_size"], 30000))
+    archs.save_random_model(arch, folder)
     return folder
 
 

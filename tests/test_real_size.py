@@ -42,17 +42,10 @@ ARCHS = {
 }
 
 
-def _save_checkpoint(folder: str, family: str, sizes: dict) -> int:
-    """Writes a random model of ``sizes`` + a word tokenizer with ``save_pretrained``; returns #parameters."""
-    import transformers
-
+def _save_checkpoint(folder: str, arch: str, family: str, sizes: dict) -> int:
+    """Writes a random model of ``arch`` + a word tokenizer with ``save_pretrained``; returns #parameters."""
     helpers_hf.make_word_tokenizer(folder, synthetic_vocabulary(), family)
-    torch.manual_seed(0)
-    if family == "bart":
-        model = transformers.BartForConditionalGeneration(transformers.BartConfig(**sizes))
-    else:
-        model = transformers.T5ForConditionalGeneration(transformers.T5Config(**sizes))
-    model.save_pretrained(folder)
+    model = archs.save_random_model(arch, folder)
     # BART's final_logits_bias is a buffer in PyTorch and a parameter here; transformers 5 ties a T5 v1.1
     # head to the input embedding, which the separate-head module here holds as its own lm_head.
     extra = model.final_logits_bias.numel() if family == "bart" else 0
@@ -66,7 +59,7 @@ def _save_checkpoint(folder: str, family: str, sizes: dict) -> int:
 def test_real_size_architecture_loads_steps_and_round_trips(arch, tmp_path):
     family, config_module, sizes = ARCHS[arch]
     folder = str(tmp_path / arch)
-    n_torch = _save_checkpoint(folder, family, sizes)
+    n_torch = _save_checkpoint(folder, arch, family, sizes)
 
     pre = models.load_pretrained(folder)
     leaves = jax.tree.leaves(pre.params)
