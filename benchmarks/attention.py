@@ -1,8 +1,10 @@
-"""The two attention implementations (``model.attention``) side by side: time, XLA's cost figures, equality.
+"""The attention implementations (``model.attention``) side by side: time, XLA's cost figures, equality.
 
     python benchmarks/attention.py --arch=t5-small --batch=16 --length=32 --repeats=30 [--dtype=bfloat16] --json
 
-Two programs per implementation, jitted, interleaved call by call so both see the same machine load:
+The implementations are 'explicit' (the reference) and 'dot_product', plus 'cudnn' on a CUDA GPU in bfloat16
+(``--implementations`` picks others). Two programs per implementation, jitted, interleaved call by call so
+all see the same machine load:
 
   * ``layer``: one decoder self-attention layer of ``--arch`` (T5: relative bias and no query scaling; BART:
     scaled queries), causal plus key padding, forward and backward (gradient of the parameters and input);
@@ -10,8 +12,12 @@ Two programs per implementation, jitted, interleaved call by call so both see th
     importance-weighted evaluation and decoding run), forward only.
 
 Reports per program and implementation the median wall and CPU (process) milliseconds per call, XLA's FLOP
-and bytes-accessed counts, its temporary buffer size, and the largest difference of the outputs from the
-explicit path. With ``--json`` the last line printed is one JSON object.
+and bytes-accessed counts, its temporary buffer size, and the largest difference of the outputs (the layer's
+loss and every gradient; the model's logits) from the explicit path, also relative to the largest explicit
+value (``max_rel_diff_vs_explicit``), and whether that is within the dtype's tolerance
+(``agrees_with_explicit``: 5e-2 in bfloat16, 1e-4 in float32). An odd ``--length`` exercises the padding
+to even lengths of the cuDNN path (the model's memory slot adds one key, so there an even length does).
+With ``--json`` the last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -30,10 +36,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-IMPLEMENTATIONS = ("explicit", "dot_product")
+TOLERANCE = {"bfloat16": 5e-2, "float32": 1e-4}
 
 
-def _layer_programs(hf, args, dtype):
+def default_implementations(dtype: str) -> tuple[str, ...]:
+    """'explicit' and 'dot_product', and 'cudnn' where jax has a CUDA GPU and the dtype is bfloat16."""
+    cudnn = jax.default_backend() == "gpu" and dtype == "bfloat16"
+    return ("explicit", "dot_product") + (("cudnn",) if cudnn else ())
+
+
+def _layer_programs(hf, args, dtype, implementations):
     from flax_textvae.models import attention as attn_lib
 
     t5 = hf.model_type == "t5"
@@ -51,7 +63,7 @@ def _layer_programs(hf, args, dtype):
     lengths = r.randint(args.length // 4, args.length + 1, (args.batch, 1))
     mask = attn_lib.padding_mask(jnp.asarray((np.arange(args.length)[None] < lengths).astype(np.int32)))
     programs, params = {}, None
-    for impl in IMPLEMENTATIONS:
+    for impl in implementations:
         m = attn_lib.MultiHeadAttention(
             num_heads=heads,
             head_dim=head_dim,
@@ -72,16 +84,16 @@ def _layer_programs(hf, args, dtype):
     return programs
 
 
-def _model_programs(hf, args, dtype):
+def _model_programs(hf, args, dtype, implementations):
     from flax_textvae import models
     from flax_textvae.vae import TextVAE
 
     r = np.random.RandomState(1)
-    ids = jnp.asarray(r.randint(5, 1000, (args.batch, args.length)), jnp.int32)
+    ids = jnp.asarray(r.randint(5, min(1000, hf.vocab_size), (args.batch, args.length)), jnp.int32)
     lengths = r.randint(args.length // 4, args.length + 1, (args.batch, 1))
     mask = jnp.asarray((np.arange(args.length)[None] < lengths).astype(np.int32))
     programs, params = {}, None
-    for impl in IMPLEMENTATIONS:
+    for impl in implementations:
         vae = TextVAE(models.build_module(hf, dtype).clone(attention=impl), latent_size=32, dtype=dtype)
         if params is None:
             params = jax.jit(lambda k, vae=vae: vae.init({"params": k}, ids, mask, ids, sample=False)["params"])(
@@ -92,7 +104,7 @@ def _model_programs(hf, args, dtype):
     return programs
 
 
-def _measure(programs, repeats: int) -> dict:
+def _measure(programs, repeats: int, tolerance: float) -> dict:
     rows, outs = {}, {}
     for impl, (fn, inputs) in programs.items():
         compiled = fn.lower(*inputs).compile()
@@ -117,9 +129,14 @@ def _measure(programs, repeats: int) -> dict:
     for impl, row in rows.items():
         row["wall_ms"] = round(float(np.median(row.pop("wall"))) * 1e3, 2)
         row["cpu_ms"] = round(float(np.median(row.pop("cpu"))) * 1e3, 2)
-        row["max_abs_diff_vs_explicit"] = max(
-            float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
-            for a, b in zip(jax.tree.leaves(outs[impl]), ref)
+        pairs = [(a.astype(jnp.float32), b.astype(jnp.float32)) for a, b in zip(jax.tree.leaves(outs[impl]), ref)]
+        row["max_abs_diff_vs_explicit"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in pairs)
+        # each output (the loss, a gradient, the logits) against its own scale
+        row["max_rel_diff_vs_explicit"] = max(
+            float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30)) for a, b in pairs
+        )
+        row["agrees_with_explicit"] = bool(np.isfinite(row["max_rel_diff_vs_explicit"])) and (
+            row["max_rel_diff_vs_explicit"] <= tolerance
         )
     return rows
 
@@ -133,11 +150,23 @@ def main(argv=None) -> dict:
     p.add_argument("--length", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument(
+        "--implementations",
+        default=None,
+        help="comma-separated, 'explicit' first (default: explicit,dot_product, and cudnn on a GPU in bfloat16)",
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     hf = arch_config(args.arch)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    if args.implementations:
+        implementations = tuple(args.implementations.split(","))
+    else:
+        implementations = default_implementations(args.dtype)
+    if implementations[0] != "explicit":
+        p.error(f"--implementations={args.implementations}: the first must be 'explicit' (the reference)")
+    tol = TOLERANCE[args.dtype]
     load = os.getloadavg()[0]
     result = {
         "arch": args.arch,
@@ -146,8 +175,10 @@ def main(argv=None) -> dict:
         "dtype": args.dtype,
         "device": jax.devices()[0].device_kind,
         "repeats": args.repeats,
-        "layer": _measure(_layer_programs(hf, args, dtype), args.repeats),
-        "model": _measure(_model_programs(hf, args, dtype), max(args.repeats // 3, 3)),
+        "implementations": list(implementations),
+        "tolerance": tol,
+        "layer": _measure(_layer_programs(hf, args, dtype, implementations), args.repeats, tol),
+        "model": _measure(_model_programs(hf, args, dtype, implementations), max(args.repeats // 3, 3), tol),
         "load_avg_1m_before_after": [round(load, 2), round(os.getloadavg()[0], 2)],
     }
     for program in ("layer", "model"):
@@ -155,7 +186,8 @@ def main(argv=None) -> dict:
             print(
                 f"{program:>5s} {impl:>11s}: wall {row['wall_ms']:8.2f} ms  cpu {row['cpu_ms']:8.2f} ms  "
                 f"bytes {row['bytes_accessed'] / 2**20:8.1f} MiB  temp {row['temp_mb']} MB  "
-                f"max |diff| {row['max_abs_diff_vs_explicit']:.2e}"
+                f"max |diff| {row['max_abs_diff_vs_explicit']:.2e} (rel {row['max_rel_diff_vs_explicit']:.1e}"
+                f"{'' if row['agrees_with_explicit'] else ', OVER TOLERANCE'})"
             )
     if args.out:
         with open(args.out, "w") as f:

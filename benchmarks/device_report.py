@@ -3,9 +3,10 @@
     python benchmarks/device_report.py benchmarks/results/NVIDIA_H200
 
 Reads every ``*.json`` in the folder: ``environment.json`` and one file per run, named by kind
-(``train_*``, ``torch_*``, ``xent_*``, ``eval_*``, ``second_start*``, ``prefetch*``). A run that failed or was
-skipped holds ``{"error": ...}`` or ``{"skipped": ...}`` instead of figures and is listed at the end. Exits 1
-when a run failed (skipped runs are not failures).
+(``train_*``, ``torch_*``, ``xent_*``, ``eval_*``, ``attn_*``, ``second_start*``, ``prefetch*``). A run that
+failed or was skipped holds ``{"error": ...}`` or ``{"skipped": ...}`` instead of figures and is listed at the
+end. Exits 1 when a run failed (skipped runs are not failures) or an attention implementation disagreed with
+the explicit path beyond its tolerance.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ REQUIRED = {
     "torch_": ("arch", "batch", "real_tokens_per_s", "examples_per_s", "padding_fraction", "peak_memory_mb"),
     "xent_": ("batch", "length", "d_model", "vocab", "dtype", "paths"),
     "eval_": ("arch", "dtype", "examples", "iw_samples", "examples_per_s", "decoded_tokens_per_s", "first_pass_s"),
+    "attn_": ("arch", "dtype", "batch", "length", "tolerance", "layer", "model"),
     "second_start": ("config", "steps", "starts", "speedup_first_step"),
     "prefetch": ("config", "steps", "depths"),
 }
@@ -231,6 +233,30 @@ def report(folder: str) -> tuple[str, int]:
             ),
         ]
 
+    disagree = 0
+    for name, r in sorted(ok.items()):
+        if not name.startswith("attn_"):
+            continue
+        rows = []
+        for program in ("layer", "model"):
+            for impl, v in r[program].items():
+                disagree += not v["agrees_with_explicit"]
+                rows.append(
+                    [
+                        program,
+                        impl,
+                        _fmt(v["wall_ms"], 2),
+                        f"{v['max_rel_diff_vs_explicit']:.1e}",
+                        "yes" if v["agrees_with_explicit"] else "**NO**",
+                    ]
+                )
+        out += [
+            "",
+            f"Attention implementations ({r['arch']}, {r['dtype']}, B={r['batch']}, T={r['length']}; layer: one "
+            "decoder self-attention fwd+bwd, model: the VAE's forward):",
+            _table(["program", "attention", "ms", "max rel. diff vs explicit", f"within {r['tolerance']}"], rows),
+        ]
+
     for name, r in sorted(ok.items()):
         if name.startswith("second_start"):
             s = r["starts"]
@@ -245,7 +271,7 @@ def report(folder: str) -> tuple[str, int]:
             out += ["", f"Training loop ({r['config']}, {r['steps']} steps, median of the logged rates): {rates}."]
 
     bad = {k: v for k, v in runs.items() if k not in ok}
-    failed = sum("error" in v for v in bad.values())
+    failed = sum("error" in v for v in bad.values()) + disagree
     if bad:
         out += ["", "Not measured:"] + [
             f"  {k}: {v.get('error') or 'skipped: ' + str(v.get('skipped'))}" for k, v in sorted(bad.items())

@@ -17,6 +17,9 @@
 #      bfloat16 (its attention has no dropout, so the fused path runs in training too): the explicit
 #      attention and chunked cross-entropy at batch 256, per-layer rematerialisation at batch 1024 (peak
 #      memory), and the K = 500 evaluation of 4 with the explicit attention;
+#      on a CUDA GPU also cuDNN flash attention (model.attention=cudnn): its equality with the explicit path
+#      (one attention layer fwd+bwd and the whole VAE's forward, t5-small and bart-base shapes, bfloat16, an
+#      odd length) and the bart-base bfloat16 training row at batch 256 with it;
 #   6. training step, float32, the same grid as 1;
 #   7. time to the first step of a fresh process with an empty / a filled compilation cache (tiny config);
 #   8. steps/s of the real training loop (tiny config) without and with host-to-device prefetching.
@@ -182,9 +185,18 @@ fi
 
 # 5. the step's fast paths
 if [[ $SMOKE == 1 ]]; then
+  run attn_tiny_float32 60 "$PY" benchmarks/attention.py --json --arch=tiny --batch=2 --length=7 --repeats=2
   run train_tiny_float32_b8_fast 60 "$PY" benchmarks/train_throughput.py --json --arch=tiny --batch=8 --steps=4 \
       --num-buckets=1 --max-length=32 --attention=explicit --vocab-chunk=64 --remat
 else
+  if [[ "$BACKEND" == "gpu" ]]; then
+    for arch in t5-small bart-base; do
+      run "attn_${arch}_bfloat16" 90 "$PY" benchmarks/attention.py --json --arch="$arch" --batch=64 --length=33 \
+          --dtype=bfloat16 --repeats=20
+    done
+    run train_bart-base_bfloat16_b256_cudnn 150 "$PY" "${TT[@]}" --arch=bart-base --batch=256 --steps=12 \
+        --dtype=bfloat16 --attention=cudnn
+  fi
   run train_bart-base_bfloat16_b256_explicit 150 "$PY" "${TT[@]}" --arch=bart-base --batch=256 --steps=12 \
       --dtype=bfloat16 --attention=explicit
   run train_bart-base_bfloat16_b256_chunked 150 "$PY" "${TT[@]}" --arch=bart-base --batch=256 --steps=12 \

@@ -83,7 +83,7 @@ def main(argv=None):
     )
     p.add_argument("--lengths-from", default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--attention", default="dot_product", choices=["explicit", "dot_product"])
+    p.add_argument("--attention", default="dot_product", choices=["explicit", "dot_product", "cudnn"])
     p.add_argument("--num-buckets", type=int, default=2)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)

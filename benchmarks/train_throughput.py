@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py --arch=t5-small --batch=16 --steps=20 \
         --lengths-from=../shared/data/ptb/test.txt [--dtype=bfloat16] [--pad=bucket|256] \
-        [--attention=dot_product|explicit] [--remat] [--vocab-chunk=N] --json
+        [--attention=dot_product|explicit|cudnn] [--remat] [--vocab-chunk=N] --json
 
 The sentences are those the PyTorch baseline (``torch_baseline.py``) sees for the same ``--seed``: the
 multiset of lengths from ``lengths.batches_of_lengths``, with random token ids. ``--pad=bucket`` (default)
@@ -246,7 +246,7 @@ def parse(argv=None):
     p.add_argument("--num-buckets", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--attention", default="dot_product", choices=["explicit", "dot_product"])
+    p.add_argument("--attention", default="dot_product", choices=["explicit", "dot_product", "cudnn"])
     p.add_argument("--remat", action="store_true", help="recompute each layer's activations in the backward pass")
     p.add_argument("--vocab-chunk", type=int, default=0, help="chunked cross-entropy over N vocabulary entries")
     p.add_argument("--seed", type=int, default=0)

@@ -166,9 +166,11 @@ def _load_backbone(config, workdir: str, train: bool, train_texts: Callable[[], 
     dtype = DTYPES.get(config.model.dtype)
     if dtype is None:
         raise ValueError(f"model.dtype={config.model.dtype!r}; choose one of {sorted(DTYPES)}")
-    # configs saved before these fields existed get the defaults
+    # configs saved before these fields existed get the defaults; evaluation and inference of a run trained
+    # with cuDNN attention run on the XLA path where there is no CUDA GPU (training there is refused earlier)
+    attention = config.model.get("attention", models.attention.DEFAULT_ATTENTION)
     options = {
-        "attention": config.model.get("attention", models.attention.DEFAULT_ATTENTION),
+        "attention": attention if train else models.attention.resolve_attention(attention),
         "remat": bool(config.model.get("remat", False)),
     }
     folder = _model_folder(workdir)

@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name_or_path = "facebook/bart-base"  # hub id, local folder, or 'scratch' (build from model.scratch)
     c.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
-    c.model.attention = "dot_product"  # jax.nn.dot_product_attention where no attn dropout is drawn | 'explicit'
+    c.model.attention = "dot_product"  # jax.nn.dot_product_attention | 'explicit' | 'cudnn' (CUDA GPU, bfloat16)
     c.model.remat = False  # recompute each layer's activations in the backward pass (saves memory on GPU/TPU)
     c.model.scratch = ml_collections.ConfigDict()  # used only when name_or_path == 'scratch'
     c.model.scratch.family = "bart"  # 'bart' or 't5' architecture for the from-scratch model

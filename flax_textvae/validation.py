@@ -21,6 +21,8 @@ import os
 import re
 from typing import Any, Callable, Sequence
 
+import jax
+
 from flax_textvae.configuration import base_config
 from flax_textvae.data.sources import SYNTHETIC_PREFIX, TFDS_PREFIX
 from flax_textvae.losses import FREE_BITS_MODES, KINDS
@@ -288,13 +290,32 @@ def _check_model(c: _Checks, check_path: bool = True) -> None:
 def _check_fast_paths(c: _Checks) -> None:
     """The speed / memory switches; each is checked when present (configs saved before they existed lack them)."""
     if c.has("model.attention"):
-        c.choice("model.attention", ATTENTION_IMPLEMENTATIONS)
+        if c.choice("model.attention", ATTENTION_IMPLEMENTATIONS) == "cudnn":
+            _check_cudnn(c)
     if c.has("model.remat"):
         c.boolean("model.remat")
     if c.has("data.prefetch"):
         c.integer("data.prefetch", lo=0)
     if c.has("loss.vocab_chunk_size"):
         c.integer("loss.vocab_chunk_size", lo=0)
+
+
+def _check_cudnn(c: _Checks) -> None:
+    """cuDNN attention trains only on a CUDA GPU and in a half-precision compute dtype."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        c.report(
+            "model.attention",
+            "cudnn",
+            f"needs a CUDA GPU, and jax's backend here is {backend!r}",
+            "use --config.model.attention=dot_product (the default)",
+        )
+    elif c.get("model.dtype") != "bfloat16":
+        c.problems.append(
+            f"model.attention='cudnn' with model.dtype={_show(c.get('model.dtype'))}: cuDNN attention runs in "
+            f"bfloat16; e.g. --config.model.dtype=bfloat16 (parameters stay float32), or "
+            f"--config.model.attention=dot_product"
+        )
 
 
 def _check_vae(c: _Checks) -> None:

@@ -231,7 +231,7 @@ def test_dot_product_attention_equals_explicit(case, dtype, rtol):
         impl: jax.jit(jax.value_and_grad(lambda p, x, i=impl: loss(i, p, x), argnums=(0, 1), has_aux=True))(
             params, a["x"]
         )
-        for impl in attn_lib.ATTENTION_IMPLEMENTATIONS
+        for impl in ("explicit", "dot_product")  # 'cudnn' needs a GPU: tests/test_attention_cudnn.py
     }
     (_, out_ref), grads_ref = results["explicit"]
     (_, out_dot), grads_dot = results["dot_product"]
@@ -636,7 +636,7 @@ def test_device_suite_smoke_run_writes_json_with_figures(tmp_path):
         "torch_tiny-t5_b4": ("real_tokens_per_s", "examples_per_s", "peak_memory_mb"),
         "eval_tiny_k4": ("examples_per_s", "decoded_tokens_per_s", "first_pass_s"),
     }
-    assert set(expected) | {"xent_tiny"} == set(files), sorted(files)
+    assert set(expected) | {"xent_tiny", "attn_tiny_float32"} == set(files), sorted(files)
     for name, keys in expected.items():
         for key in keys:
             assert files[name][key] > 0, (name, key, files[name].get(key))
@@ -652,3 +652,10 @@ def test_device_suite_smoke_run_writes_json_with_figures(tmp_path):
     for path, row in files["xent_tiny"]["paths"].items():
         assert row["step_ms"] > 0 and row["temp_mb"] >= 0, path
     assert "| tiny | bfloat16 | 8 |" in out.stdout, out.stdout[-2000:]
+    attn = files["attn_tiny_float32"]
+    assert attn["implementations"] == ["explicit", "dot_product"]  # no cudnn without a GPU
+    for program in ("layer", "model"):
+        row = attn[program]["dot_product"]
+        assert row["wall_ms"] > 0 and row["agrees_with_explicit"], (program, row)
+        assert row["max_rel_diff_vs_explicit"] <= attn["tolerance"]
+    assert "| layer | dot_product |" in out.stdout, out.stdout[-2000:]

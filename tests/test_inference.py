@@ -1,5 +1,7 @@
 """flax_textvae.load(workdir) (alias TextVAE.load): the text-level inference API on a real (tiny) trained run."""
 
+import json
+import shutil
 import warnings
 
 import numpy as np
@@ -113,3 +115,18 @@ def test_known_and_half_known_inputs_do_not_warn(vae, train_texts):
         vae.reconstruct(list(train_texts))
         vae.encode([half])
         vae.interpolate(train_texts[0], train_texts[1], steps=N)
+
+
+def test_a_run_trained_with_cudnn_attention_loads_on_the_xla_path_here(vae, tiny_run, train_texts, tmp_path):
+    """Its config says model.attention='cudnn'; without a CUDA GPU the model is built with 'dot_product'."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(tiny_run[1], workdir, ignore=shutil.ignore_patterns(".lock"))
+    path = f"{workdir}/config.json"
+    with open(path) as f:
+        saved = json.load(f)
+    saved["model"]["attention"] = "cudnn"
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    moved = TextVAE.load(workdir)
+    assert moved.run.model.backbone.attention == "dot_product"
+    np.testing.assert_allclose(moved.encode(train_texts)[0], vae.encode(train_texts)[0], rtol=1e-5, atol=1e-6)

@@ -29,6 +29,12 @@ Implementations (`MultiHeadAttention.attention`, one of `ATTENTION_IMPLEMENTATIO
       (deterministic calls or dropout_rate 0), the explicit path otherwise. Equal to 'explicit' within float
       rounding; for a query that sees no key at all (only filler rows) both give the values' uniform average,
       but only the explicit path passes a gradient back into its masked scores.
+  * 'cudnn': cuDNN flash attention on a CUDA GPU (`cudnn_attention`: `jax.nn.dot_product_attention` with
+      implementation='cudnn'), in the bfloat16 / float16 compute dtype it requires; the mask and bias are
+      folded into one additive bias of full [.., Q, K] shape and odd lengths padded to even ones, as the
+      kernel's training path needs. Incremental decoding (a cache) and drawn attention dropout take the
+      'dot_product' / explicit paths. Checked against 'explicit' by `benchmarks/attention.py` on a GPU; on
+      other backends `resolve_attention` maps it to 'dot_product' for evaluation and inference.
 
 Relative positions (T5):
   * `relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance)`.
@@ -68,9 +74,16 @@ __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
     "DEFAULT_ATTENTION",
     "check_attention",
+    "resolve_attention",
+    "cudnn_attention",
 ]
 
-ATTENTION_IMPLEMENTATIONS = ("explicit", "dot_product")
+ATTENTION_IMPLEMENTATIONS = ("explicit", "dot_product", "cudnn")
+# The fused kernel's compute dtypes.
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+# The additive bias of a masked score on the cuDNN path: large enough to vanish in the softmax, small enough
+# that a bias plus it stays finite in bfloat16 / float16 (the most negative finite value would not).
+_CUDNN_MASKED = -(2.0**14)
 # The default: equal in value to the explicit path and as fast on XLA:CPU (benchmarks/RESULTS.md), and the
 # entry point through which jax hands attention to a fused kernel on backends that have one.
 DEFAULT_ATTENTION = "dot_product"
@@ -81,6 +94,57 @@ def check_attention(name: str) -> str:
     if name not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {name!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
     return name
+
+
+def resolve_attention(name: str, backend: str | None = None) -> str:
+    """The implementation to build for ``backend`` (default: jax's): 'cudnn' becomes 'dot_product' where
+    there is no CUDA GPU (a run trained with cuDNN attention is evaluated or loaded elsewhere); the others are
+    returned as they are. Raises ValueError for an unknown name."""
+    check_attention(name)
+    backend = jax.default_backend() if backend is None else backend
+    return "dot_product" if name == "cudnn" and backend != "gpu" else name
+
+
+def cudnn_attention(
+    query: Array, key: Array, value: Array, *, mask: Optional[Array], bias: Optional[Array], scale: float
+) -> Array:
+    """Attention through cuDNN's fused kernel, for shapes its training path takes.
+
+    The kernel wants one additive bias of the scores' full length on both axes and, with a bias in training,
+    even query and key lengths. So the boolean ``mask`` and the float ``bias`` become one bias in the query's
+    dtype (masked scores at a large finite negative value), an odd key length gets one more key that no query
+    sees, and an odd query length one more query whose output is dropped. Equal to the unpadded attention up
+    to the bias's rounding to the compute dtype.
+
+    Args:
+      query: [B, Q, H, Dh] in bfloat16 or float16 (cuDNN refuses float32).
+      key, value: [B, K, H, Dh].
+      mask: bool, broadcastable to [B, 1, Q, K]: True where the key is visible; or None.
+      bias: float, broadcastable to [B, H, Q, K]; or None.
+      scale: multiplier of the scores.
+
+    Returns:
+      [B, Q, H, Dh] in the query's dtype.
+    """
+    q_len, k_len = query.shape[1], key.shape[1]
+    add = jnp.zeros((1, 1, q_len, k_len), jnp.float32)
+    if bias is not None:
+        add = add + bias.astype(jnp.float32)
+    if mask is not None:
+        add = jnp.where(mask, add, _CUDNN_MASKED)
+    pad_q, pad_k = q_len % 2, k_len % 2
+    if pad_k:
+        key = jnp.pad(key, ((0, 0), (0, 1), (0, 0), (0, 0)))
+        value = jnp.pad(value, ((0, 0), (0, 1), (0, 0), (0, 0)))
+        add = jnp.pad(add, ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=_CUDNN_MASKED)
+    if pad_q:
+        query = jnp.pad(query, ((0, 0), (0, 1), (0, 0), (0, 0)))
+        add = jnp.pad(add, ((0, 0), (0, 0), (0, 1), (0, 0)))
+    add = jnp.broadcast_to(add, add.shape[:2] + (q_len + pad_q, k_len + pad_k)).astype(query.dtype)
+    out = jax.nn.dot_product_attention(
+        query, key.astype(query.dtype), value.astype(query.dtype), bias=add, scale=scale, implementation="cudnn"
+    )
+    return out[:, :q_len]
 
 
 # ----------------------------------------------------------------------------------------------- masks
@@ -328,7 +392,7 @@ class MultiHeadAttention(nn.Module):
       q_kernel_init / o_kernel_init: optional initializers for the query / output projections.
       relative_bias: a `RelativePositionBias` for a layer that owns the bias table, or None.
       dtype: compute dtype; param_dtype: parameter dtype.
-      attention: 'explicit' or 'dot_product' (`ATTENTION_IMPLEMENTATIONS`).
+      attention: 'explicit', 'dot_product' or 'cudnn' (`ATTENTION_IMPLEMENTATIONS`).
     """
 
     num_heads: int
@@ -395,10 +459,27 @@ class MultiHeadAttention(nn.Module):
         return jnp.transpose(table(buckets), (2, 0, 1))[None].astype(jnp.float32)
 
     def _attend(
-        self, query: Array, key: Array, value: Array, mask: Optional[Array], bias: Optional[Array], deterministic: bool
+        self,
+        query: Array,
+        key: Array,
+        value: Array,
+        mask: Optional[Array],
+        bias: Optional[Array],
+        deterministic: bool,
+        decode: bool = False,
     ) -> Array:
         """softmax(q k^T [/ sqrt(Dh)] + bias + mask) v in float32 scores; [B, Q, H * Dh] in `dtype`."""
-        if check_attention(self.attention) == "dot_product" and (deterministic or self.dropout_rate == 0.0):
+        implementation = check_attention(self.attention)
+        fused = implementation != "explicit" and (deterministic or self.dropout_rate == 0.0)
+        if fused and implementation == "cudnn" and not decode:
+            if self.dtype not in CUDNN_DTYPES:
+                raise ValueError(
+                    f"attention='cudnn' runs in bfloat16 or float16, not {jnp.dtype(self.dtype).name}; set "
+                    "--config.model.dtype=bfloat16, or use --config.model.attention=dot_product"
+                )
+            out = cudnn_attention(query.astype(self.dtype), key, value, mask=mask, bias=bias, scale=self._scale)
+            return out.reshape(out.shape[:2] + (self.num_heads * self.head_dim,))
+        if fused:
             out = jax.nn.dot_product_attention(
                 query, key.astype(query.dtype), value.astype(query.dtype), bias=bias, mask=mask, scale=self._scale
             )
@@ -477,5 +558,5 @@ class MultiHeadAttention(nn.Module):
             key, value, mask, bias = _prepend_slots(
                 key, value, mask, bias, slots.kv, slots.kv, slots.mask, q_len, bias_has_slots=True
             )
-        out = self._attend(query, key, value, mask, bias, deterministic)
+        out = self._attend(query, key, value, mask, bias, deterministic, decode)
         return self._dense(self.out_features, o_name, self.o_kernel_init)(out), position_bias
