@@ -43,6 +43,7 @@ FLAGS = (
 )
 
 
+@pytest.mark.slow  # the default set kills and resumes a text-file run (test_train.py)
 def test_sigkill_then_resume_on_prepared_data_matches_an_uninterrupted_run(prepared, tmp_path):
     prep, _ = prepared
     flags = (*FLAGS, f"--config.data.train=prepared:{prep}", f"--config.data.eval=prepared:{prep}")

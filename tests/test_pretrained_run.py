@@ -17,7 +17,8 @@ import helpers_hf  # noqa: E402
 from test_train import tiny_config  # noqa: E402
 
 
-@pytest.mark.parametrize("family", ["bart", "t5"])
+# T5 checkpoints go through the shipped-config runs of the default set too (test_shipped_configs.py)
+@pytest.mark.parametrize("family", ["bart", pytest.param("t5", marks=pytest.mark.slow)])
 def test_train_from_a_local_checkpoint_then_evaluate_and_load(tmp_path, family):
     folder = str(tmp_path / f"tiny_{family}")
     words = synthetic_vocabulary()  # the tokenizer covers the synthetic corpus: no <unk> in the data

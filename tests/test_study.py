@@ -28,7 +28,11 @@ def study_file(name):
     return os.path.join(REPO, "configs", "studies", f"{name}.py")
 
 
-@pytest.fixture(scope="module", params=sorted(STUDIES))
+# The first study in the default set, the others with the slow ones (each trains its own smoke cells).
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(n, marks=[pytest.mark.slow] if i else []) for i, n in enumerate(sorted(STUDIES))],
+)
 def finished(request, tmp_path_factory):
     """(study, workdir, rows) of a smoke study after training the test's subset of its cells."""
     name = request.param

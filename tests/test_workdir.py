@@ -271,6 +271,7 @@ def _newest_row_step(workdir):
     return max(steps)
 
 
+@pytest.mark.slow  # ten kills and restarts, about two minutes; the default set keeps test_train's kill + resume
 def test_metrics_hold_one_row_per_logged_step_across_random_kills(tmp_path, cli):
     """SIGKILL at random moments, restart, repeat; then finish the run and rerun the finished run.
 
