@@ -167,7 +167,7 @@ def _load_backbone(config, workdir: str, train: bool, train_texts: Callable[[], 
     if dtype is None:
         raise ValueError(f"model.dtype={config.model.dtype!r}; choose one of {sorted(DTYPES)}")
     # configs saved before these fields existed get the defaults; evaluation and inference of a run trained
-    # with cuDNN attention run on the XLA path where there is no CUDA GPU (training there is refused earlier)
+    # with cuDNN attention run on the XLA path where cuDNN cannot (training there is refused earlier)
     attention = config.model.get("attention", models.attention.DEFAULT_ATTENTION)
     options = {
         "attention": attention if train else models.attention.resolve_attention(attention),
@@ -240,6 +240,26 @@ def _vae(config, module) -> TextVAE:
         memory_style=v.get("memory_style", "hidden"),
         posterior_bias=v.get("posterior_bias", True),
         dtype=DTYPES[config.model.dtype],
+    )
+
+
+def attention_note(run: Run) -> str | None:
+    """A console line when the cuDNN attention asked for cannot run in the training step, else None.
+
+    A backbone that draws attention dropout (T5's ``dropout_rate``, BART's ``attention_dropout``) attends on
+    the explicit path while training, whatever ``model.attention`` says; evaluation, the importance-weighted
+    bound and decoding still use the fused kernel.
+    """
+    backbone = run.model.backbone
+    if backbone.attention != "cudnn":
+        return None
+    rate = models.families.get(backbone.config.model_type).attention_dropout(backbone.config)
+    if rate <= 0:
+        return None
+    return (
+        f"note: model.attention='cudnn', but this {backbone.config.model_type} backbone draws attention dropout "
+        f"({rate:g}) in training, so the training step attends on the explicit path (the fused kernel has no "
+        "dropout here); evaluation and decoding use cuDNN"
     )
 
 

@@ -158,6 +158,7 @@ def pretrain(config, workdir: str, *, export_dir: str | None = None) -> dict:
     _check_export_dir(export_dir, workdir)
     compile_cache.enable(config.get("compile_cache_dir", "auto"))
     parallel.initialize_distributed(config.parallel)
+    validation.check_devices(config)  # starts the backend: after the distributed initialisation
     os.makedirs(workdir, exist_ok=True)
     main = jax.process_index() == 0
     with rundir.WorkdirLock(workdir) if main else contextlib.nullcontext():

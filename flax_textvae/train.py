@@ -57,6 +57,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     validation.validate(config, workdir=workdir)  # every config / data-file problem at once, before any write
     compile_cache.enable(config.get("compile_cache_dir", "auto"))  # before the first compile
     parallel.initialize_distributed(config.parallel)
+    validation.check_devices(config)  # starts the backend: after the distributed initialisation
     os.makedirs(workdir, exist_ok=True)
     main = jax.process_index() == 0
     # Process 0 holds the lock for the whole run: the other processes of a multi-host run write nothing.
@@ -74,6 +75,9 @@ def _train_locked(config, workdir: str, main: bool) -> dict:
     progress = Progress(config.train_steps)
     with progress.working("loading the model, the tokenizer and the data"):
         run = builders.build_run(config, workdir)
+    note = builders.attention_note(run)
+    if note:
+        progress.say(note)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     log = MetricsLog(workdir)
     meta = ckpt.read_meta()

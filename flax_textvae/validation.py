@@ -27,6 +27,7 @@ from flax_textvae.configuration import base_config
 from flax_textvae.data.sources import SYNTHETIC_PREFIX, TFDS_PREFIX
 from flax_textvae.losses import FREE_BITS_MODES, KINDS
 from flax_textvae.models import FOLDER_CONTENTS, families
+from flax_textvae.models import attention as attn_lib
 from flax_textvae.models.attention import ATTENTION_IMPLEMENTATIONS
 from flax_textvae.vae import DTYPES, INJECTIONS, MEMORY_STYLES, POOLINGS
 
@@ -301,21 +302,36 @@ def _check_fast_paths(c: _Checks) -> None:
 
 
 def _check_cudnn(c: _Checks) -> None:
-    """cuDNN attention trains only on a CUDA GPU and in a half-precision compute dtype."""
-    backend = jax.default_backend()
-    if backend != "gpu":
-        c.report(
-            "model.attention",
-            "cudnn",
-            f"needs a CUDA GPU, and jax's backend here is {backend!r}",
-            "use --config.model.attention=dot_product (the default)",
-        )
-    elif c.get("model.dtype") != "bfloat16":
+    """cuDNN attention runs in a half-precision compute dtype (the device is checked by `device_problems`)."""
+    if c.get("model.dtype") != "bfloat16":
         c.problems.append(
             f"model.attention='cudnn' with model.dtype={_show(c.get('model.dtype'))}: cuDNN attention runs in "
             f"bfloat16; e.g. --config.model.dtype=bfloat16 (parameters stay float32), or "
             f"--config.model.attention=dot_product"
         )
+
+
+def device_problems(config: Any) -> list[str]:
+    """What the config asks of the devices that these lack, as ``field=value: ...`` lines.
+
+    Separate from `config_problems` because it starts jax's backend, which a multi-host run may do only after
+    ``jax.distributed.initialize``; training calls it right after that.
+    """
+    if _lookup(config, "model.attention") != "cudnn" or attn_lib.cudnn_available():
+        return []
+    device = jax.devices()[0]
+    return [
+        f"model.attention='cudnn': needs a CUDA GPU of compute capability 8.0 or newer, and this machine's "
+        f"device is {device.device_kind!r} ({device.platform}); use --config.model.attention=dot_product "
+        "(the default)"
+    ]
+
+
+def check_devices(config: Any) -> None:
+    """Raises ConfigError listing `device_problems`, if any."""
+    problems = device_problems(config)
+    if problems:
+        raise ConfigError(problems)
 
 
 def _check_vae(c: _Checks) -> None:

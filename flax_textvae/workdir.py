@@ -35,8 +35,18 @@ LOCK_NAME = ".lock"
 CONFIG_NAME = "config.json"
 FINGERPRINT_NAME = "data_fingerprint.json"
 CHANGES_NAME = "config_changes.jsonl"
-# Fields a resumed run may change: they steer the loop, not what is learned. ``train_steps`` may grow.
-SAFE_FIELDS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "data.eval", "data.eval_max_examples")
+# Fields a resumed run may change: they steer the loop or how the step is computed (the attention
+# implementation, rematerialisation: equal within float rounding), not what is learned. ``train_steps`` may grow.
+SAFE_FIELDS = (
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "data.eval",
+    "data.eval_max_examples",
+    "model.attention",
+    "model.remat",
+)
 SAFE_SECTIONS = ("parallel.",)
 # What a start that never reached a checkpoint leaves, and the next first start removes.
 _RUN_FILES = ("metrics.jsonl", CHANGES_NAME, FINGERPRINT_NAME)

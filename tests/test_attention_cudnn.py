@@ -6,12 +6,17 @@ padded to even ones, the dtype rule, the fallbacks (decoding, drawn dropout) and
 kernel is replaced by jax's XLA formulation of the same call, so the numbers must equal the explicit path's.
 """
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_checks
 
-from flax_textvae import configuration, validation
+from flax_textvae import builders, configuration, models, validation
+from flax_textvae import workdir as rundir
 from flax_textvae.models import attention as attn_lib
 
 _KERNEL = jax.nn.dot_product_attention
@@ -19,10 +24,19 @@ _KERNEL = jax.nn.dot_product_attention
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Replaces the fused kernel by XLA's version of the same call; records what each call was given."""
+    """Replaces the fused kernel by XLA's version of the same call; records what each call was given.
+
+    A cuDNN call first goes through jax's own layout check of the fused kernel (ranks, dtypes, matching
+    shapes, the bias's lengths), which needs no GPU.
+    """
     calls = []
 
     def stand_in(query, key, value, bias=None, mask=None, *, scale=None, implementation=None, **kw):
+        if implementation == "cudnn":
+            # the exactness tests run in float32, which the kernel refuses: its checks see them as bfloat16
+            half = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16 if x.dtype == jnp.float32 else x.dtype)
+            layout = cudnn_checks.AttentionLayout.BTNH
+            cudnn_checks.check_layout(*map(half, (query, key, value, bias)), *[None] * 6, layout)
         calls.append(
             dict(
                 implementation=implementation,
@@ -84,24 +98,29 @@ def test_cudnn_attention_equals_the_written_out_attention_in_value_and_gradient(
     assert call["dtypes"] == {jnp.dtype(jnp.float32)}
 
 
-def test_cudnn_attention_bias_stays_finite_in_half_precision(kernel_calls):
-    """A masked score plus a large bias must not overflow to -inf in bfloat16 / float16 (a row of -inf is NaN)."""
-    q = jnp.ones((1, 2, 1, 8), jnp.float16)
-    kv = jnp.ones((1, 2, 1, 8), jnp.float16)
-    mask = jnp.asarray([[[[False, False], [True, False]]]])
-    bias = jnp.full((1, 1, 2, 2), -6e4, jnp.float32)  # near float16's most negative value
-    out = attn_lib.cudnn_attention(q, kv, kv, mask=mask, bias=bias, scale=1.0)
-    assert out.dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(out)))
-    assert kernel_calls[0]["dtypes"] == {jnp.dtype(jnp.float16)}
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_cudnn_attention_in_half_precision_is_finite_and_close_to_float32(kernel_calls, dtype):
+    """The masked value stays finite in the kernel's dtypes (the most negative one would overflow to -inf and
+    a row of -inf is NaN); a fully masked row (row 0 of the queries) is finite too."""
+    r = np.random.RandomState(3)
+    q, k, v = (jnp.asarray(r.randn(2, 3, 2, 8), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(np.array([[False] * 3, [True, False, False], [True, True, False]])[None, None])
+    bias = jnp.asarray(r.randn(1, 2, 3, 3) * 30 - 200, jnp.float32)
+    out = attn_lib.cudnn_attention(q.astype(dtype), k, v, mask=mask, bias=bias, scale=0.35)
+    assert out.dtype == dtype and bool(jnp.all(jnp.isfinite(out)))
+    want = _reference(q, k, v, mask, bias, 0.35)
+    np.testing.assert_allclose(np.asarray(out[:, 1:], np.float32), np.asarray(want[:, 1:]), atol=0.05)
+    assert kernel_calls[0]["dtypes"] == {jnp.dtype(dtype)}
 
 
 def _layer_inputs(q_len):
+    """x [2, q_len, 16], key padding, one head-space slot for H=2 heads of Dh=8 (cuDNN's smallest head size)."""
     r = np.random.RandomState(1)
     key_mask = np.array([[1] * q_len, [1] * 3 + [0] * (q_len - 3)], np.int32)
     return (
         jnp.asarray(r.randn(2, q_len, 16), jnp.float32),
         attn_lib.padding_mask(key_mask),
-        attn_lib.LatentSlots(kv=jnp.asarray(r.randn(2, 1, 4, 4), jnp.float32), mask=jnp.ones((2, 1), jnp.int32)),
+        attn_lib.LatentSlots(kv=jnp.asarray(r.randn(2, 1, 2, 8), jnp.float32), mask=jnp.ones((2, 1), jnp.int32)),
     )
 
 
@@ -111,8 +130,8 @@ def test_a_layer_with_cudnn_attention_equals_the_explicit_layer_in_bfloat16(kern
     t5 = family == "t5"
     relative = attn_lib.RelativePositionBias(8, 16, bidirectional=False, init_std=1.0) if t5 else None
     make = lambda impl: attn_lib.MultiHeadAttention(
-        num_heads=4,
-        head_dim=4,
+        num_heads=2,
+        head_dim=8,
         out_features=16,
         use_bias=not t5,
         scale_query=not t5,
@@ -147,7 +166,7 @@ def test_cudnn_attention_decodes_and_draws_dropout_on_the_other_paths(kernel_cal
     """A cache (decoding) goes through XLA's dot_product; drawn attention dropout through the explicit path."""
     x, mask, _ = _layer_inputs(4)
     m = attn_lib.MultiHeadAttention(
-        num_heads=4, head_dim=4, out_features=16, dtype=jnp.bfloat16, attention="cudnn", dropout_rate=0.2
+        num_heads=2, head_dim=8, out_features=16, dtype=jnp.bfloat16, attention="cudnn", dropout_rate=0.2
     )
     variables = m.init(jax.random.key(0), x, causal=True, decode=True)
     kernel_calls.clear()
@@ -159,33 +178,106 @@ def test_cudnn_attention_decodes_and_draws_dropout_on_the_other_paths(kernel_cal
     assert kernel_calls == []
 
 
+def test_cudnn_attention_with_a_head_size_the_kernel_lacks_is_refused_with_the_fix():
+    x, mask, _ = _layer_inputs(4)
+    m = attn_lib.MultiHeadAttention(num_heads=4, head_dim=4, out_features=16, attention="cudnn", dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"multiple of 8.*this model's is 4; use --config\.model\.attention="):
+        m.init(jax.random.key(0), x, mask=mask)
+
+
 def test_cudnn_attention_in_float32_is_refused_with_the_fix():
     x, mask, _ = _layer_inputs(4)
-    m = attn_lib.MultiHeadAttention(num_heads=4, head_dim=4, out_features=16, attention="cudnn")
+    m = attn_lib.MultiHeadAttention(num_heads=2, head_dim=8, out_features=16, attention="cudnn")
     with pytest.raises(ValueError, match=r"bfloat16 or float16, not float32.*--config\.model\.dtype=bfloat16"):
         m.init(jax.random.key(0), x, mask=mask)
 
 
-def test_resolve_attention_maps_cudnn_off_gpus_only():
-    assert attn_lib.resolve_attention("cudnn", "cpu") == "dot_product"
-    assert attn_lib.resolve_attention("cudnn", "tpu") == "dot_product"
-    assert attn_lib.resolve_attention("cudnn", "gpu") == "cudnn"
-    assert attn_lib.resolve_attention("explicit", "cpu") == "explicit"
+def _device(platform, version, capability):
+    return types.SimpleNamespace(
+        platform=platform, client=types.SimpleNamespace(platform_version=version), compute_capability=capability
+    )
+
+
+def test_cudnn_is_available_on_cuda_gpus_from_compute_capability_8_only():
+    assert attn_lib.cudnn_available(_device("gpu", "PJRT C API\ncuda 12080", "9.0"))
+    assert attn_lib.cudnn_available(_device("gpu", "cuda 12040", "8.0"))
+    assert not attn_lib.cudnn_available(_device("gpu", "cuda 12040", "7.5"))  # before Ampere
+    assert not attn_lib.cudnn_available(_device("gpu", "rocm 60200", "gfx90a"))
+    assert not attn_lib.cudnn_available(_device("tpu", "TFRT TPU v5", None))
+    assert not attn_lib.cudnn_available()  # this machine's CPU
+
+
+def test_resolve_attention_maps_cudnn_where_it_cannot_run_only():
+    assert attn_lib.resolve_attention("cudnn") == "dot_product"  # here
+    assert attn_lib.resolve_attention("cudnn", cudnn=False) == "dot_product"
+    assert attn_lib.resolve_attention("cudnn", cudnn=True) == "cudnn"
+    assert attn_lib.resolve_attention("explicit", cudnn=False) == "explicit"
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
-        attn_lib.resolve_attention("flash", "gpu")
+        attn_lib.resolve_attention("flash", cudnn=True)
 
 
-def test_training_config_with_cudnn_attention_needs_a_gpu_and_bfloat16(monkeypatch):
+def _cudnn_config():
     c = configuration.base_config()
     c.model.name_or_path = "scratch"
     c.model.attention = "cudnn"
-    problems = validation.config_problems(c, check_data=False)
-    assert problems == [
-        "model.attention='cudnn': needs a CUDA GPU, and jax's backend here is 'cpu'; "
-        "use --config.model.attention=dot_product (the default)"
-    ]
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    return c
+
+
+def test_a_cudnn_config_needs_bfloat16_and_its_check_starts_no_backend(monkeypatch):
+    """config_problems runs before a multi-host run's distributed initialisation: it must not touch devices."""
+
+    def no_backend(*args, **kwargs):
+        raise AssertionError("config_problems started jax's backend")
+
+    monkeypatch.setattr(jax, "devices", no_backend)
+    monkeypatch.setattr(jax, "default_backend", no_backend)
+    monkeypatch.setattr(attn_lib, "cudnn_available", no_backend)
+    c = _cudnn_config()
     (problem,) = validation.config_problems(c, check_data=False)
     assert "with model.dtype=float32:" in problem and "--config.model.dtype=bfloat16" in problem
     c.model.dtype = "bfloat16"
     assert validation.config_problems(c, check_data=False) == []
+
+
+def test_training_with_cudnn_attention_off_a_cuda_gpu_is_a_config_error(monkeypatch, tmp_path):
+    c = _cudnn_config()
+    c.model.dtype = "bfloat16"
+    assert validation.device_problems(c) == [
+        "model.attention='cudnn': needs a CUDA GPU of compute capability 8.0 or newer, and this machine's device "
+        "is 'cpu' (cpu); use --config.model.attention=dot_product (the default)"
+    ]
+    with pytest.raises(validation.ConfigError, match="needs a CUDA GPU"):
+        validation.check_devices(c)
+    c.model.attention = "dot_product"
+    assert validation.device_problems(c) == []
+    monkeypatch.setattr(attn_lib, "cudnn_available", lambda device=None: True)
+    c.model.attention = "cudnn"
+    assert validation.device_problems(c) == []
+
+
+def test_a_resumed_run_may_switch_the_attention_implementation(tmp_path):
+    """The fix the refusal names (dot_product) must be accepted by a resume of a run trained with cuDNN."""
+    c = _cudnn_config()
+    c.model.dtype = "bfloat16"
+    c.data.train = "synthetic:64"
+    rundir.record_start(c, str(tmp_path))
+    c.model.attention, c.model.remat = "dot_product", True
+    changes = rundir.resume_changes(c, str(tmp_path))
+    assert {ch.field for ch in changes} == {"model.attention", "model.remat"}
+
+
+def test_a_t5_backbone_that_draws_attention_dropout_says_cudnn_will_not_run_in_training():
+    t5 = transformers.T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    bart = transformers.BartConfig(
+        vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, attention_dropout=0.0,
+    )  # fmt: skip
+
+    def run(hf, attention):
+        backbone = models.build_module(hf, jnp.bfloat16, attention=attention)
+        return types.SimpleNamespace(model=types.SimpleNamespace(backbone=backbone))
+
+    note = builders.attention_note(run(t5, "cudnn"))
+    assert note and "draws attention dropout (0.1)" in note and "explicit path" in note
+    assert builders.attention_note(run(t5, "dot_product")) is None
+    assert builders.attention_note(run(bart, "cudnn")) is None

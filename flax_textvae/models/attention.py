@@ -33,8 +33,10 @@ Implementations (`MultiHeadAttention.attention`, one of `ATTENTION_IMPLEMENTATIO
       implementation='cudnn'), in the bfloat16 / float16 compute dtype it requires; the mask and bias are
       folded into one additive bias of full [.., Q, K] shape and odd lengths padded to even ones, as the
       kernel's training path needs. Incremental decoding (a cache) and drawn attention dropout take the
-      'dot_product' / explicit paths. Checked against 'explicit' by `benchmarks/attention.py` on a GPU; on
-      other backends `resolve_attention` maps it to 'dot_product' for evaluation and inference.
+      'dot_product' / explicit paths. Checked against 'explicit' by `benchmarks/attention.py` on a GPU; where
+      `cudnn_available()` is False `resolve_attention` maps it to 'dot_product' for evaluation and inference.
+      A query that sees no key at all (a filler row) gets a softmax-weighted average of the values rather than
+      the uniform one; no loss reads such rows.
 
 Relative positions (T5):
   * `relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance)`.
@@ -75,6 +77,7 @@ __all__ = [
     "DEFAULT_ATTENTION",
     "check_attention",
     "resolve_attention",
+    "cudnn_available",
     "cudnn_attention",
 ]
 
@@ -82,8 +85,11 @@ ATTENTION_IMPLEMENTATIONS = ("explicit", "dot_product", "cudnn")
 # The fused kernel's compute dtypes.
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # The additive bias of a masked score on the cuDNN path: large enough to vanish in the softmax, small enough
-# that a bias plus it stays finite in bfloat16 / float16 (the most negative finite value would not).
+# that the kernel's sums stay finite in bfloat16 / float16 (the most negative finite value would not). A visible
+# score with a bias below it would rank under masked ones; no bias of the library comes near it.
 _CUDNN_MASKED = -(2.0**14)
+# Head sizes the fused kernel takes (a multiple of 8, at most 128; 256 from Hopper on).
+_CUDNN_HEAD_DIM_MULTIPLE, _CUDNN_MAX_HEAD_DIM = 8, 256
 # The default: equal in value to the explicit path and as fast on XLA:CPU (benchmarks/RESULTS.md), and the
 # entry point through which jax hands attention to a fused kernel on backends that have one.
 DEFAULT_ATTENTION = "dot_product"
@@ -96,13 +102,26 @@ def check_attention(name: str) -> str:
     return name
 
 
-def resolve_attention(name: str, backend: str | None = None) -> str:
-    """The implementation to build for ``backend`` (default: jax's): 'cudnn' becomes 'dot_product' where
-    there is no CUDA GPU (a run trained with cuDNN attention is evaluated or loaded elsewhere); the others are
+def cudnn_available(device: Any = None) -> bool:
+    """True where ``device`` (default: jax's first) is a CUDA GPU of compute capability 8.0 or newer, the
+    devices cuDNN's flash attention runs on (not a CPU, a TPU or a ROCm GPU)."""
+    device = jax.devices()[0] if device is None else device
+    if device.platform != "gpu" or "cuda" not in str(getattr(device.client, "platform_version", "")).lower():
+        return False
+    try:
+        return tuple(int(x) for x in str(device.compute_capability).split(".")) >= (8, 0)
+    except (AttributeError, ValueError):
+        return False
+
+
+def resolve_attention(name: str, cudnn: bool | None = None) -> str:
+    """The implementation to build: 'cudnn' becomes 'dot_product' where cuDNN attention cannot run (``cudnn``,
+    default `cudnn_available()`), so a run trained with it is evaluated or loaded anywhere; the others are
     returned as they are. Raises ValueError for an unknown name."""
     check_attention(name)
-    backend = jax.default_backend() if backend is None else backend
-    return "dot_product" if name == "cudnn" and backend != "gpu" else name
+    if name != "cudnn":
+        return name
+    return "cudnn" if (cudnn_available() if cudnn is None else cudnn) else "dot_product"
 
 
 def cudnn_attention(
@@ -476,6 +495,12 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(
                     f"attention='cudnn' runs in bfloat16 or float16, not {jnp.dtype(self.dtype).name}; set "
                     "--config.model.dtype=bfloat16, or use --config.model.attention=dot_product"
+                )
+            if self.head_dim % _CUDNN_HEAD_DIM_MULTIPLE or self.head_dim > _CUDNN_MAX_HEAD_DIM:
+                raise ValueError(
+                    f"attention='cudnn' needs a head size that is a multiple of {_CUDNN_HEAD_DIM_MULTIPLE} (at most "
+                    f"128 before Hopper GPUs, {_CUDNN_MAX_HEAD_DIM} from them), and this model's is {self.head_dim}; "
+                    "use --config.model.attention=dot_product"
                 )
             out = cudnn_attention(query.astype(self.dtype), key, value, mask=mask, bias=bias, scale=self._scale)
             return out.reshape(out.shape[:2] + (self.num_heads * self.head_dim,))

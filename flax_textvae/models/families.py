@@ -73,6 +73,8 @@ class Family:
         positions), None where positions are relative.
       build_scratch_config: ``(scratch_cfg, tokenizer, max_length, shared_kwargs) -> config``; use
         `scratch_config`, which checks the sizes and fills ``shared_kwargs``.
+      attention_dropout: ``config -> float``: the dropout rate on the attention probabilities (drawn in
+        training, where it sends attention through the explicit path).
     """
 
     model_type: str
@@ -84,6 +86,7 @@ class Family:
     tokenizer_layout: TokenizerLayout
     max_decode_positions: Callable[[Any], Optional[int]]
     build_scratch_config: Callable[..., Any]
+    attention_dropout: Callable[[Any], float]
 
     def build_module(self, config, dtype: Any = jnp.float32, **options) -> nn.Module:
         """The family module for ``config``, computing in ``dtype`` (parameters stay float32); ``options``:
@@ -174,6 +177,7 @@ BART = Family(
     ),
     max_decode_positions=_bart_positions,
     build_scratch_config=_bart_scratch,
+    attention_dropout=lambda config: float(config.attention_dropout),
 )
 
 
@@ -222,6 +226,7 @@ T5 = Family(
     ),
     max_decode_positions=_no_position_limit,
     build_scratch_config=_t5_scratch,
+    attention_dropout=lambda config: float(config.dropout_rate),  # T5 uses one rate everywhere
 )
 
 
