@@ -40,8 +40,10 @@ TOLERANCE = {"bfloat16": 5e-2, "float32": 1e-4}
 
 
 def default_implementations(dtype: str) -> tuple[str, ...]:
-    """'explicit' and 'dot_product', and 'cudnn' where jax has a CUDA GPU and the dtype is bfloat16."""
-    cudnn = jax.default_backend() == "gpu" and dtype == "bfloat16"
+    """'explicit' and 'dot_product', and 'cudnn' where it can run (a CUDA GPU) and the dtype is bfloat16."""
+    from flax_textvae.models import attention as attn_lib
+
+    cudnn = dtype == "bfloat16" and attn_lib.cudnn_available()
     return ("explicit", "dot_product") + (("cudnn",) if cudnn else ())
 
 
