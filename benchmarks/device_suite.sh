@@ -13,15 +13,15 @@
 #   2. the same VAE in PyTorch + transformers (bfloat16 autocast), batch 64 / 256, when torch sees a GPU;
 #   3. cross-entropy with the LM head: full float32 logits vs losses.chunked_token_nll, bart-base shapes;
 #   4. importance-weighted evaluation, K = 500 samples, t5-small, bfloat16 and float32;
-#   5. the fast paths against the rows of 1 and 4 (which use the default dot_product attention), bart-base
+#   5. time to the first step of a fresh process with an empty / a filled compilation cache (tiny config);
+#   6. the fast paths against the rows of 1 and 4 (which use the default dot_product attention), bart-base
 #      bfloat16 (its attention has no dropout, so the fused path runs in training too): the explicit
 #      attention and chunked cross-entropy at batch 256, per-layer rematerialisation at batch 1024 (peak
 #      memory), and the K = 500 evaluation of 4 with the explicit attention;
 #      on a CUDA GPU also cuDNN flash attention (model.attention=cudnn): its equality with the explicit path
 #      (one attention layer fwd+bwd and the whole VAE's forward, t5-small and bart-base shapes, bfloat16, an
 #      odd length) and the bart-base bfloat16 training row at batch 256 with it;
-#   6. training step, float32, the same grid as 1;
-#   7. time to the first step of a fresh process with an empty / a filled compilation cache (tiny config);
+#   7. training step, float32, the same grid as 1;
 #   8. steps/s of the real training loop (tiny config) without and with host-to-device prefetching.
 # Every run has a time cap, and runs that would start after --budget-s (default 420 s) are skipped and
 # listed, so the suite ends in time; a run that fails (e.g. out of memory) is recorded with its error and
@@ -183,7 +183,12 @@ else
   done
 fi
 
-# 5. the step's fast paths
+# 5. second start with the persistent compilation cache
+if [[ $SMOKE == 0 ]]; then
+  run second_start_tiny 150 "$PY" benchmarks/second_start.py --json --steps=10
+fi
+
+# 6. the step's fast paths
 if [[ $SMOKE == 1 ]]; then
   run attn_tiny_float32 60 "$PY" benchmarks/attention.py --json --arch=tiny --batch=2 --length=7 --repeats=2
   run train_tiny_float32_b8_fast 60 "$PY" benchmarks/train_throughput.py --json --arch=tiny --batch=8 --steps=4 \
@@ -212,10 +217,8 @@ else
 fi
 
 if [[ $SMOKE == 0 ]]; then
-  # 6. training, float32
+  # 7. training, float32
   train_grid float32
-  # 7. second start with the persistent compilation cache
-  run second_start_tiny 150 "$PY" benchmarks/second_start.py --json --steps=10
   # 8. the training loop with and without prefetching
   run prefetch_tiny 150 "$PY" benchmarks/prefetch_loop.py --json --steps=400 --depths=0,2 --repeats=1
 fi
