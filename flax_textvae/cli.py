@@ -19,12 +19,12 @@ import numpy as np
 from absl import app
 from absl import flags as absl_flags
 
-from flax_textvae import builders, checkpoints, configuration, evaluate, exported, inference, plots, validation
+from flax_textvae import builders, checkpoints, configuration, data, evaluate, exported, inference, plots, validation
 
 USER_ERROR_EXIT = 2
 VERBOSE_HELP = "On a user error (bad config, missing file), show the Python traceback instead of a short message."
 # User errors that can surface while main runs; each carries a message written for the user.
-USER_ERRORS = (validation.ConfigError, OSError, app.UsageError)
+USER_ERRORS = (validation.ConfigError, OSError, app.UsageError, data.DataSpecError)
 _HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
 
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 from flax_textvae.configuration import base_config
+from flax_textvae.data import sources
 from flax_textvae.data.sources import SYNTHETIC_PREFIX, TFDS_PREFIX
 from flax_textvae.losses import FREE_BITS_MODES, KINDS
 from flax_textvae.models import FOLDER_CONTENTS, families
@@ -305,8 +306,8 @@ def _check_cudnn(c: _Checks) -> None:
     """cuDNN attention runs in a half-precision compute dtype (the device is checked by `device_problems`)."""
     if c.get("model.dtype") != "bfloat16":
         c.problems.append(
-            f"model.attention='cudnn' with model.dtype={_show(c.get('model.dtype'))}: cuDNN attention runs in "
-            f"bfloat16; e.g. --config.model.dtype=bfloat16 (parameters stay float32), or "
+            f"model.attention='cudnn' with model.dtype={_show(c.get('model.dtype'))}: cuDNN attention runs "
+            f"in bfloat16, and only on a CUDA GPU; e.g. --config.model.dtype=bfloat16 (parameters stay float32), or "
             f"--config.model.attention=dot_product"
         )
 
@@ -371,6 +372,9 @@ def _check_data(c: _Checks, check_data: bool) -> None:
         spec = c.text(field, nonempty=True)
         if spec is not None and check_data:
             c.problems.extend(check_data_spec(spec, field, column=column))
+            if spec.startswith(TFDS_PREFIX):  # not built: refused now, before the workdir is written
+                problem = sources.tfds_problem(spec, data_dir=c.get("data.tfds_data_dir") or None)
+                c.problems.extend([f"{field}={problem}"] if problem else [])  # it starts with the spec
     c.text("data.text_field")
     c.text("data.tfds_data_dir")
     c.integer("data.max_length", lo=2)

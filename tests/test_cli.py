@@ -111,9 +111,10 @@ def test_plot_writes_training_and_kl_pngs(tiny_run, tmp_path):
 from flax_textvae import cli  # noqa: E402
 
 
-def run_cli(script, *flags, timeout=120):
-    """Runs run_train.py / run_eval.py (or ``-c CODE``) from the repository root; returns the process."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+def run_cli(script, *flags, timeout=120, env=None):
+    """Runs run_train.py / run_eval.py (or ``-c CODE``) from the repository root, with ``env`` added to the
+    environment; returns the process."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
     args = ["-c", script] if "\n" in script else [script]
     return subprocess.run(
         [sys.executable, *args, *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
@@ -218,6 +219,22 @@ def test_missing_and_binary_data_files_are_short_errors(tmp_path):
         "binary",
         "give the path of a UTF-8 text file",
     )
+
+
+def test_a_tfds_spec_that_is_not_built_is_a_short_error_before_anything_is_written(tmp_path, tiny_run):
+    empty = tmp_path / "tfds"
+    empty.mkdir()
+    spec, workdir = "tfds:text_vae_corpora/ptb:train", tmp_path / "run"
+    env = {"TFDS_DATA_DIR": str(empty)}
+    p = run_cli(
+        "run_train.py", "--config=configs/tiny.py", f"--workdir={workdir}", f"--config.data.train={spec}", env=env
+    )
+    assert_user_error(
+        p, f"data.train='{spec}': TFDS data set", "is not built", "python -m flax_textvae.data.textvae_corpora"
+    )
+    assert not workdir.exists()
+    p = run_cli("run_eval.py", f"--workdir={tiny_run[1]}", "--data=tfds:text_vae_corpora/ptb:test", env=env)
+    assert_user_error(p, "'tfds:text_vae_corpora/ptb:test': TFDS data set", "is not built")
 
 
 def test_a_missing_model_folder_is_a_short_error(tmp_path):

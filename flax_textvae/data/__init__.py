@@ -20,7 +20,7 @@ from flax_textvae.data.prepared import (
     is_prepared_spec,
     tokenizer_fingerprint,
 )
-from flax_textvae.data.sources import DatasetNotBuiltError, parse_tfds_spec, read_examples
+from flax_textvae.data.sources import DatasetNotBuiltError, DataSpecError, parse_tfds_spec, read_examples
 from flax_textvae.data.synthetic import synthetic_sentences, synthetic_vocabulary
 from flax_textvae.data.token_sources import ArraySource, TfdsTokenSource
 from flax_textvae.data.tokenize import encode_texts, train_word_tokenizer
@@ -28,6 +28,7 @@ from flax_textvae.data.tokenize import encode_texts, train_word_tokenizer
 __all__ = [
     "Batch",
     "DatasetNotBuiltError",
+    "DataSpecError",
     "bucket_index",
     "collate",
     "make_buckets",

@@ -27,12 +27,14 @@ Bad input is handled as follows (the behaviour is part of the API):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import warnings
 from typing import Any, Sequence
 
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 
 from flax_textvae.data.synthetic import synthetic_sentences
 
@@ -43,7 +45,12 @@ _MAX_LOCATIONS = 20
 _READ_CHUNK = 4096
 
 
-class DatasetNotBuiltError(ValueError):
+class DataSpecError(ValueError):
+    """A ``tfds:`` spec names data that is not there (not known to TFDS, or not prepared as array_record):
+    a user error, with the command that fixes it in the message."""
+
+
+class DatasetNotBuiltError(DataSpecError):
     """A ``tfds:`` spec names a data set that is not built (prepared) in the TFDS data directory."""
 
 
@@ -263,6 +270,26 @@ def record_value(record: Any, field: str) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """absl logging at ERROR and above inside the block."""
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
+def tfds_problem(spec: str, *, data_dir: str | os.PathLike | None = None) -> str | None:
+    """What is wrong with a ``tfds:`` spec's data (the `DataSpecError` message), or None when it opens."""
+    try:
+        open_tfds(spec, data_dir=data_dir)
+    except DataSpecError as err:
+        return str(err)
+    return None
+
+
 def open_tfds(
     spec: str, *, data_dir: str | os.PathLike | None = None, text_field: str | None = None
 ) -> tuple[Any, str]:
@@ -284,22 +311,24 @@ def open_tfds(
     resolved = data_dir or os.path.expanduser(os.fspath(tfds.core.constants.DATA_DIR))
     builder = None
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
-        # Checked first: reading an unbuilt data set fails deep inside tfds (a KeyError on empty splits).
-        if not builder.is_prepared():
+        with _quiet_absl():  # tfds logs a warning for each version folder it finds missing
+            builder = tfds.builder(name, data_dir=data_dir)
+            # Checked first: reading an unbuilt data set fails deep inside tfds (a KeyError on empty splits).
+            prepared = builder.is_prepared()
+        if not prepared:
             raise DatasetNotBuiltError(_not_built_message(spec, name, resolved, builder))
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except DatasetNotBuiltError:
         raise
     except tfds.core.registered.DatasetNotFoundError as err:
-        raise ValueError(
+        raise DataSpecError(
             f"{spec!r}: TFDS data set {name!r} is not known and not prepared in {where}; "
             f"{_prepare_hint(name, data_dir)}"
         ) from err
     except KeyError as err:  # tfds: "`splits` is empty", i.e. the data set has not been generated
         raise DatasetNotBuiltError(_not_built_message(spec, name, resolved, builder)) from err
     except (AssertionError, NotImplementedError, FileNotFoundError) as err:
-        raise ValueError(
+        raise DataSpecError(
             f"{spec!r}: TFDS data set {name!r} is not prepared as array_record in {where} "
             f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
             f"{_prepare_hint(name, data_dir)}"
