@@ -1,8 +1,9 @@
 """Up-front checks of a run's config: every problem at once, before anything is built or written.
 
 ``validate(config)`` looks at every field of ``configuration.base_config()`` (type, range, allowed names),
-at the combinations of fields the training loop needs, and at the text files named by ``data.train`` /
-``data.eval``. It raises ONE :class:`ConfigError` whose message lists each problem on its own line as
+at the combinations of fields the training loop needs, and at the data named by ``data.train`` /
+``data.eval`` (a text file's contents; whether a ``tfds:`` data set is built). It raises ONE
+:class:`ConfigError` whose message lists each problem on its own line as
 ``field=value: what is wrong; how to fix it``, so a user fixes a config in one go instead of meeting one
 crash at a time. Fields a config adds beyond the base schema are left alone (``vae.memory_style`` and
 ``vae.posterior_bias`` are checked when present).
