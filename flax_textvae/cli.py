@@ -3,7 +3,9 @@
 ``run(main)`` wraps ``absl.app.run``: ``--help`` exits 0; a user error (a bad flag or ``--config.FIELD``
 override, a :class:`~flax_textvae.validation.ConfigError`, a missing or unreadable file, model folder or
 hub id) prints one ``error: ...`` paragraph on stderr and exits 2, with the traceback only under
-``--verbose``; anything else is a bug and keeps its traceback.
+``--verbose``; Ctrl-C that reaches ``main`` (a training loop turns the first one into a save, see
+``monitor.Preemption``) prints ``interrupted (Ctrl-C)`` and exits 130; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from absl import flags as absl_flags
 from flax_textvae import builders, checkpoints, configuration, data, evaluate, exported, inference, plots, validation
 
 USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130  # what a shell reports for a process ended by Ctrl-C (128 + SIGINT)
 VERBOSE_HELP = "On a user error (bad config, missing file), show the Python traceback instead of a short message."
 # User errors that can surface while main runs; each carries a message written for the user.
 USER_ERRORS = (validation.ConfigError, OSError, app.UsageError, data.DataSpecError)
@@ -144,6 +147,11 @@ def _guarded(main: Callable[[list[str]], int | None], argv: list[str]) -> int | 
         if "verbose" in absl_flags.FLAGS and absl_flags.FLAGS.verbose:
             raise
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop, or a second one inside it
+        if "verbose" in absl_flags.FLAGS and absl_flags.FLAGS.verbose:
+            raise
+        print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED_EXIT)
 
 
 def _write_lines(path: str | None, lines: list[str]) -> None:

@@ -1,6 +1,7 @@
 """What a running job writes and hears besides its state: :class:`MetricsLog` (``WORKDIR/metrics.jsonl`` and
 TensorBoard events), :class:`Progress` (the console lines: compiles, training rows with an ETA, heartbeats while
-a long stage runs) and :class:`Preemption` (SIGTERM as a flag the loop checks between steps).
+a long stage runs) and :class:`Preemption` (SIGTERM and Ctrl-C as a stop the loop asks for between steps,
+agreed by every process of a multi-host run).
 
 Everything here acts on process 0 only, so multi-host runs write one log and print one console.
 """
@@ -15,6 +16,7 @@ import threading
 import time
 
 import jax
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from flax_textvae import workdir as rundir
@@ -25,25 +27,67 @@ HEARTBEAT_S = 5.0  # seconds between the "still ..." lines of Progress.working
 
 
 class Preemption:
-    """Turns SIGTERM into a flag (``requested``) the loop checks between steps."""
+    """SIGTERM and Ctrl-C as a stop the loop asks for between steps: :meth:`stop_at`.
+
+    One process: SIGTERM, or a first Ctrl-C (SIGINT), sets :attr:`requested`; the loop saves the step it is on
+    and exits. A second Ctrl-C quits at once, without saving (``KeyboardInterrupt``).
+
+    Several processes (``jax.distributed`` initialised): every process must save the same step, or the save's
+    collectives wait for each other for ever. The stop then goes through JAX's preemption service: its handler
+    of SIGTERM (installed by ``jax.distributed.initialize``) tells every process, they agree on a step past the
+    one each has reached, and :meth:`stop_at` is True on all of them at that step. SIGTERM is left to that
+    handler; a first Ctrl-C is turned into a SIGTERM of this process, so it stops every process the same way.
+    Without the service (``jax_enable_preemption_service`` off) the flag is per process, as with one process.
+    """
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.reason = "SIGTERM"
+        self._old: dict = {}
+        self._sync = None
 
     def __enter__(self) -> "Preemption":
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
+        if jax.process_count() > 1:
+            from jax._src import distributed  # where JAX keeps its preemption service (None when off)
+
+            self._sync = getattr(getattr(distributed, "global_state", None), "preemption_sync_manager", None)
+        signals = {signal.SIGINT: self._interrupt}
+        if self._sync is None:
+            signals[signal.SIGTERM] = self._terminate
+        for signum, handler in signals.items():
+            try:
+                self._old[signum] = signal.signal(signum, handler)
+            except ValueError:  # not the main thread: signals stay as they were
+                pass
         return self
 
-    def _handle(self, signum, frame):
+    def stop_at(self, step: int) -> bool:
+        """Whether the loop, which has just finished ``step``, should save it and stop.
+
+        Every process of a multi-process run calls this once per step with the same steps (the service
+        tracks where each one is), and gets the same answer.
+        """
+        if self._sync is not None:
+            return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+        return self.requested
+
+    def _terminate(self, signum, frame):
         self.requested = True
 
+    def _interrupt(self, signum, frame):
+        if self.requested:  # the second Ctrl-C
+            raise KeyboardInterrupt
+        self.requested, self.reason = True, "Ctrl-C"
+        if jax.process_index() == 0:
+            # os.write, not print: a handler can run while the main thread is inside print.
+            os.write(2, b"\nCtrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again: quit, no save)\n")
+        if self._sync is not None:
+            os.kill(os.getpid(), signal.SIGTERM)  # to the preemption service, which stops every process
+
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
+        self._old = {}
 
 
 class MetricsLog:

@@ -14,7 +14,7 @@ The run uses the library's own pieces: ``builders.build_run`` (tokenizer, from-s
 ``model.scratch``, the training and eval iterators), the workdir lock and resume rules of
 ``flax_textvae.workdir``, ``checkpoints.Checkpointer`` (a rerun with the same workdir resumes from the
 newest checkpoint: parameters, optimizer, step, rng and data position), ``monitor.MetricsLog`` /
-``monitor.Preemption`` (SIGTERM saves the current step and exits) and ``step.make_optimizer``, placed by
+``monitor.Preemption`` (SIGTERM or Ctrl-C saves the current step and exits) and ``step.make_optimizer``, placed by
 ``parallel.make_placement``.
 
 At the end the model is written as a Hugging Face folder (``WORKDIR/export`` unless ``--export=DIR``):
@@ -142,7 +142,7 @@ def pretrain(config, workdir: str, *, export_dir: str | None = None) -> dict:
 
     Returns:
       ``{'step', 'eval' (the final held-out metrics), 'export' (the folder)}``, or ``{'preempted': True,
-      'step': N}`` after SIGTERM.
+      'step': N}`` after SIGTERM or Ctrl-C.
 
     Raises:
       flax_textvae.validation.ConfigError: a bad config (before anything is written), or a resume that

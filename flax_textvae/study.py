@@ -354,7 +354,7 @@ def run_study(
 
     Returns:
       One row per cell: ``{'cell', 'steps', 'minutes', 'skipped', **metrics}`` with the held-out metrics of
-      ``flax_textvae.evaluate.RESULT_KEYS``; fewer rows when SIGTERM stopped a cell's training (its
+      ``flax_textvae.evaluate.RESULT_KEYS``; fewer rows when SIGTERM or Ctrl-C stopped a cell's training (its
       checkpoint is saved and a rerun resumes it).
 
     Raises:

@@ -99,11 +99,11 @@ def _skipped_row(name: str, record: dict, result_path: str) -> dict:
 
 
 def _train_cell(config: Any, cell_dir: str, tag: str, log: Callable[[str], None], t0: float) -> dict | None:
-    """Trains (or resumes) the cell and writes its new record; the record, or None after SIGTERM."""
+    """Trains (or resumes) the cell and writes its new record; the record, or None after SIGTERM or Ctrl-C."""
     log(f"{tag}: training in {cell_dir}")
     out = train.train_and_evaluate(config, cell_dir)
     if out.get("preempted"):
-        log(f"{tag}: stopped by SIGTERM at step {out.get('step')}; rerun the study to resume it")
+        log(f"{tag}: stopped (SIGTERM or Ctrl-C) at step {out.get('step')}; rerun the study to resume it")
         return None
     record = {
         "config": rundir.config_dict(config),
@@ -129,7 +129,7 @@ def run_cell(
       log: where progress lines go.
 
     Returns:
-      Its row ``{'cell', 'steps', 'minutes', 'skipped', **metrics}``, or None when SIGTERM stopped the training.
+      Its row ``{'cell', 'steps', 'minutes', 'skipped', **metrics}``, or None when SIGTERM or Ctrl-C stopped it.
     """
     record = read_record(cell_dir) or {}
     settings = eval_settings(study, config)

@@ -8,7 +8,7 @@ collapse remedy (``config.loss``). ``config.train_steps`` counts the steps of bo
 Robustness: one training process per workdir (``WORKDIR/.lock``, see ``flax_textvae.workdir``); rerunning
 with the same workdir resumes from the newest checkpoint (state, phase, data-iterator position) when the config
 continues the same run, and starts afresh, discarding what an earlier start left, when there is no checkpoint;
-``metrics.jsonl`` holds exactly one row per logged step across restarts; SIGTERM saves a checkpoint of the
+``metrics.jsonl`` holds exactly one row per logged step across restarts; SIGTERM or Ctrl-C saves a checkpoint of the
 current step and returns; a non-finite loss stops the run naming the step, and the checkpoints on disk stay
 those of the last good state. Only process 0 writes logs.
 """
@@ -52,7 +52,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       workdir: the run directory.
 
     Returns:
-      The final evaluation metrics on ``config.data.eval``, or ``{'preempted': True, 'step': N}`` after SIGTERM.
+      The final metrics on ``config.data.eval``, or ``{'preempted': True, 'step': N}`` after SIGTERM / Ctrl-C.
     """
     validation.validate(config, workdir=workdir)  # every config / data-file problem at once, before any write
     compile_cache.enable(config.get("compile_cache_dir", "auto"))  # before the first compile

@@ -1,6 +1,6 @@
 """The public training pieces: :class:`Trainer` (one phase: optimizer, compiled step, placement, the loop) and
 :class:`TrainLoop` (the loop any objective's compiled step runs in: cadences, metrics fetches, rates, compile
-lines, checkpoints, SIGTERM). The log, the console and the SIGTERM flag it drives are in
+lines, checkpoints, SIGTERM / Ctrl-C). The log, the console and the stop signal it drives are in
 :mod:`flax_textvae.monitor`. ``flax_textvae.pretrain`` runs its denoising objective in a :class:`TrainLoop` of
 its own.
 
@@ -138,7 +138,7 @@ class Trainer:
         """Steps until ``self.end``, logging, evaluating and checkpointing on the config's cadence.
 
         Returns:
-          ``(state, stopped)``; ``stopped`` is True when SIGTERM ended the phase early (after a save).
+          ``(state, stopped)``; ``stopped`` is True when SIGTERM or Ctrl-C ended the phase early (after a save).
         """
         return _PhaseLoop(self, ctx, int(self.host_state(state).step)).run(state)
 
@@ -148,8 +148,8 @@ class TrainLoop:
 
     Metrics stay on the device until a log or checkpoint step fetches them (the only host sync); a row's
     losses are averaged over its interval and its rates leave compile time out; a checkpoint is never written
-    past a non-finite step; SIGTERM saves the current step and ends the loop. A new batch shape's compile is
-    announced and timed, with :meth:`Progress.working` lines while it lasts. Subclasses say what an
+    past a non-finite step; SIGTERM or Ctrl-C saves the current step and ends the loop. A new batch shape's
+    compile is announced and timed, with :meth:`Progress.working` lines while it lasts. Subclasses say what an
     evaluation does (:meth:`evaluate`), when it runs (:meth:`evaluates`), what a row adds (:meth:`row_fields`,
     :meth:`say_row`) and what a checkpoint records beside the state (:meth:`meta`).
 
@@ -159,7 +159,7 @@ class TrainLoop:
       placement: a ``flax_textvae.parallel`` placement (``batch``, ``metrics``, ``host``).
       train_iter: the training iterator (``next``, ``get_state``, ``num_shapes``).
       config: the run's config (``log_every``, ``eval_every``, ``checkpoint_every``, ``batch_size``).
-      ctx: checkpointer, log, progress display and SIGTERM flag.
+      ctx: checkpointer, log, progress display and stop signal.
       step, end: the global step the loop starts at and the one it stops at.
     """
 
@@ -203,7 +203,7 @@ class TrainLoop:
 
     # ------------------------------------------------------------------------------------------ the loop
     def run(self, state) -> tuple[object, bool]:
-        """Steps until :attr:`end`; returns ``(state, stopped)``, ``stopped`` when SIGTERM ended it (after a save).
+        """Steps until :attr:`end`; returns ``(state, stopped)``, ``stopped`` after SIGTERM or Ctrl-C (saved).
 
         With ``data.prefetch = N > 0`` a background thread draws and places the next N batches while the loop
         waits for the device; checkpoints record the position of the batches stepped on, and at the end the
@@ -221,7 +221,8 @@ class TrainLoop:
         while self.step < self.end:
             state = self._train_step(state)
             last = self.step == self.end
-            do_ckpt = self.step % c.checkpoint_every == 0 or last or ctx.preempt.requested
+            stop = ctx.preempt.stop_at(self.step)
+            do_ckpt = self.step % c.checkpoint_every == 0 or last or stop
             if self.step % c.log_every == 0 or do_ckpt:
                 self._fetch()  # the only host sync
                 if self.step % c.log_every == 0 or last:
@@ -230,12 +231,13 @@ class TrainLoop:
                 self.evaluate(state)
             if do_ckpt:
                 self.save(state)
-            if ctx.preempt.requested:
-                if not do_ckpt:  # SIGTERM came after this step's save decision (during the evaluation, say)
+            if stop or ctx.preempt.stop_at(self.step):
+                if not do_ckpt:  # the stop came after this step's save decision (during the evaluation, say)
                     self._fetch()
                     self.save(state)
                 ctx.progress.say(
-                    f"SIGTERM: saved the checkpoint of step {ctx.ckpt.latest_step()} in {ctx.ckpt.workdir}; exiting."
+                    f"{ctx.preempt.reason}: saved the checkpoint of step {ctx.ckpt.latest_step()} in "
+                    f"{ctx.ckpt.workdir}; exiting (rerun the same command to resume)."
                 )
                 return state, True
             if not self.pending and not self.fetched:

@@ -11,6 +11,9 @@ Run by the tests (never imported by pytest), because the device count must be fi
   joined by ``jax.distributed`` (through ``parallel.initialize_distributed``), ``d`` CPU devices each. Every
   process feeds its own rows of each global batch; after the steps it writes ``DIR/multi_<i>.npz`` (its
   addressable copy of the replicated parameters) and prints a JSON digest line.
+* ``preempt --process_id i --num_processes n --port P --out DIR --signal_at S``: the whole of
+  ``train.train_and_evaluate`` in one workdir shared by the ``n`` processes (``DIR/run``, process 0 writes it);
+  only process 1 sends itself SIGTERM right after step ``S``. Prints ``RESULT <json>`` (what the call returned).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    p.add_argument("command", choices=["single", "multi"])
+    p.add_argument("command", choices=["single", "multi", "preempt"])
     p.add_argument("--out", required=True)
     p.add_argument("--devices", type=int, default=4, help="CPU devices in this process")
     p.add_argument("--steps", type=int, default=4)
@@ -33,6 +36,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--mode", default="mesh", help="multi: parallel.mode")
     p.add_argument("--fsdp", type=int, default=1, help="multi: parallel.fsdp")
+    p.add_argument("--signal_at", type=int, default=-1, help="preempt: process 1 gets SIGTERM after this step")
     return p.parse_args()
 
 
@@ -186,5 +190,37 @@ def multi(args) -> None:
     jax.distributed.shutdown()
 
 
+def preempt(args) -> None:
+    import signal
+
+    from flax_textvae import trainer
+
+    config = make_config(
+        args.steps,
+        **{
+            "parallel.coordinator_address": f"127.0.0.1:{args.port}",
+            "parallel.num_processes": args.num_processes,
+            "parallel.process_id": args.process_id,
+            "checkpoint_every": 1000,  # only the last step and the stop save
+            "log_every": 1,
+            "eval_every": 0,
+        },
+    )
+    parallel.initialize_distributed(config.parallel)
+    step = trainer.TrainLoop._train_step
+
+    def step_then_signal(self, state):
+        state = step(self, state)
+        jax.block_until_ready(state)  # one step at a time (collectives over few cores)
+        if args.process_id == 1 and self.step == args.signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return state
+
+    trainer.TrainLoop._train_step = step_then_signal
+    result = train.train_and_evaluate(config, os.path.join(args.out, "run"))
+    print("RESULT " + json.dumps({"process": args.process_id, **result}), flush=True)
+    jax.distributed.shutdown()
+
+
 if __name__ == "__main__":
-    {"single": single, "multi": multi}[ARGS.command](ARGS)
+    {"single": single, "multi": multi, "preempt": preempt}[ARGS.command](ARGS)

@@ -1,5 +1,6 @@
 """Parallel training gives the same parameters on 1 device, a 4-device mesh (data, data x fsdp), pmap over 4
-devices, and two processes joined by ``jax.distributed``.
+devices, and two processes joined by ``jax.distributed``; a SIGTERM that reaches one process of two stops both
+at the same step, with its checkpoint saved.
 
 The device count is fixed when JAX starts, so the training runs in subprocesses (tests/parallel_worker.py)
 with ``--xla_force_host_platform_device_count``; this file only starts them and compares what they write.
@@ -27,8 +28,8 @@ def _env() -> dict:
     return env
 
 
-def _start(out, *args) -> subprocess.Popen:
-    cmd = [sys.executable, WORKER, *args, "--out", str(out), "--steps", str(STEPS)]
+def _start(out, *args, steps: int = STEPS) -> subprocess.Popen:
+    cmd = [sys.executable, WORKER, *args, "--out", str(out), "--steps", str(steps)]
     return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -124,3 +125,28 @@ def test_two_processes_train_together_and_match_one_process(single, tmp_path, mo
     assert _max_diff(params[0], params[1]) < TOL
     for p in params:
         assert _max_diff(p, baseline) < TOL
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_with_its_checkpoint(tmp_path):
+    """Every process must save the same step (the save is collective): the stop goes through JAX's preemption
+    service, so a SIGTERM that only process 1 gets (after step 10) stops both at one agreed step."""
+    from flax_textvae import workdir as rundir
+
+    port, signal_at, steps = str(_free_port()), 10, 40
+    procs = []
+    try:
+        for i in range(2):
+            args = ("preempt", "--devices", "1", "--process_id", str(i), "--num_processes", "2", "--port", port)
+            procs.append(_start(tmp_path, *args, "--signal_at", str(signal_at), steps=steps))
+    finally:
+        outs = _finish(procs)
+    results = [
+        json.loads(line[len("RESULT ") :]) for out in outs for line in out.splitlines() if line.startswith("RESULT ")
+    ]
+    assert [r["process"] for r in results] == [0, 1], outs
+    assert results[0]["preempted"] and results[1]["preempted"], results
+    stop = results[0]["step"]
+    assert results[1]["step"] == stop and signal_at <= stop < steps, results
+    assert f"SIGTERM: saved the checkpoint of step {stop} in" in outs[0], outs[0][-3000:]
+    assert rundir.checkpoint_steps(str(tmp_path / "run")) == [stop]  # checkpoint_every=1000: only the stop's

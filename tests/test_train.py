@@ -1,7 +1,8 @@
-"""Training: the loss goes down, phase 1 freezes the decoder, NaN stops the run, resume is exact, SIGTERM saves."""
+"""Training: the loss goes down, phase 1 freezes the decoder, NaN stops the run, resume is exact, a stop saves."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from flax_textvae import builders, checkpoints, train
+from flax_textvae import workdir as rundir
 from flax_textvae.configuration import with_overrides
 from flax_textvae.step import param_labels
 
@@ -144,6 +146,7 @@ RESUME_FLAGS = (
     "--config.log_every=20",
     "--config.denoise.delete_rate=0.3",
     "--config.model.scratch.dropout=0.1",
+    "--config.data.num_buckets=1",  # one compiled shape per phase (bucketing has tests of its own)
 )
 
 
@@ -201,19 +204,52 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert steps == sorted(set(steps)), "rows logged after the last checkpoint are dropped on resume"
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize(
+    "signum,name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")], ids=["sigterm", "ctrl-c"]
+)
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum, name):
     workdir = str(tmp_path / "run")
     p = _cli(workdir, *RESUME_FLAGS, "--config.checkpoint_every=100000")
-    # checkpoint_every is huge: the only checkpoints are the phase-1 end and the one SIGTERM makes.
+    # checkpoint_every is huge: the only checkpoints are the phase-1 end and the one the signal makes.
     first = _wait_for_checkpoint(workdir, p, 100)
-    # Wait until phase 2 has logged a step past that checkpoint, so the SIGTERM save must be a later step.
+    # Wait until phase 2 has logged a step past that checkpoint, so the signal's save must be a later step.
     logged = _wait_for_logged_step(workdir, p, first + 1)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(signum)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0, out
-    assert "SIGTERM: saved the checkpoint of step" in out
+    saved = re.search(rf"{name}: saved the checkpoint of step (\d+) in", out)
+    assert saved, out
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-    assert steps[-1] >= logged > first, (steps, logged, out)
+    assert steps[-1] == int(saved.group(1)) >= logged > first, (steps, logged, out)
+    assert "Traceback" not in out, out
+
+
+def test_a_second_ctrl_c_quits_without_saving_and_the_cli_exits_130(tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C asks for a save after the step; a second one, before that save, quits at once."""
+    from flax_textvae import cli, trainer
+
+    workdir = str(tmp_path / "run")
+    config = tiny_config(**{"phase1.steps": 0, "train_steps": 40, "checkpoint_every": 20, "log_every": 5})
+    config = with_overrides(config, **{"eval_every": 0, "data.num_buckets": 1})
+    step = trainer.TrainLoop._train_step
+
+    def step_then_two_interrupts(self, state):
+        state = step(self, state)
+        if self.step == 25:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return state
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(trainer.TrainLoop, "_train_step", step_then_two_interrupts)
+    with pytest.raises(SystemExit) as exit_:
+        cli._guarded(lambda argv: train.train_and_evaluate(config, workdir), [])
+    assert exit_.value.code == cli.INTERRUPTED_EXIT == 130
+    err = capsys.readouterr().err
+    assert "interrupted (Ctrl-C)" in err and "Traceback" not in err, err
+    assert rundir.checkpoint_steps(workdir) == [20]  # no save after the interrupts
+    assert signal.getsignal(signal.SIGINT) is before  # the run's handler is gone
+    assert not open(os.path.join(workdir, ".lock")).read()  # the lock was let go (its holder record emptied)
 
 
 @pytest.mark.parametrize(
