@@ -22,8 +22,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
 import tiny  # noqa: E402  (configs/tiny.py)
 
-# A short single-phase run: one compiled step, checkpoints and log rows that do not line up.
-SHORT = {"phase1.steps": 0, "train_steps": 10, "log_every": 5, "checkpoint_every": 5, "eval_every": 0}
+# A short single-phase run: one compiled step (one length bucket), checkpoints and log rows that do not line up.
+SHORT = {
+    "phase1.steps": 0,
+    "train_steps": 10,
+    "log_every": 5,
+    "checkpoint_every": 5,
+    "eval_every": 0,
+    "data.num_buckets": 1,
+}
 
 
 def tiny_config(**overrides):
