@@ -432,8 +432,14 @@ def test_build_run_reads_prepared_specs(corpus, tmp_path):
         builders.build_run(config, str(tmp_path / "c"))
     # examples truncated at MAX_LEN are not what a run with a longer max_length reads
     config = _tiny(**{"data.train": str(text), "data.eval": spec, "data.max_length": MAX_LEN + 8})
-    with pytest.raises(validation.ConfigError, match=f"max_length={MAX_LEN}"):
+    with pytest.raises(validation.ConfigError) as refused:
         builders.build_run(config, str(tmp_path / "d"))
+    # both fixes, the one an evaluation can take (prepare again) first
+    message = str(refused.value)
+    assert f"prepared with max_length={MAX_LEN}" in message and f"data.max_length={MAX_LEN + 8}" in message
+    assert message.index(f"prepare it again with --max_length={MAX_LEN + 8}") < message.index(
+        f"train with data.max_length={MAX_LEN}"
+    ), message
 
 
 def test_build_run_reads_tfds_specs_through_their_token_source(three_sources, tmp_path):

@@ -208,8 +208,9 @@ def compatibility_problems(
     if prepared_max != max_length and not fits:
         problems.append(
             f"{spec!r} was prepared with max_length={prepared_max} ({stats['truncated']} examples "
-            f"truncated, longest {stats['max_length_seen']} tokens), but data.max_length={max_length}; "
-            f"set data.max_length={prepared_max} or prepare it again with --max_length={max_length}"
+            f"truncated, longest {stats['max_length_seen']} tokens), but the run's data.max_length={max_length}; "
+            f"prepare it again with --max_length={max_length}, or train with data.max_length={prepared_max} "
+            "(an evaluation uses the max_length its run was trained with)"
         )
     return problems
 
