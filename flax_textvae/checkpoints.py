@@ -190,6 +190,8 @@ def check_finite(params: Any, step: int, where: str = "") -> None:
 
 
 def _manager(directory: str, keep: int | None) -> ocp.CheckpointManager:
+    # Synchronous saves: orbax asks JAX's preemption service about the step it saves, from this thread, so in a
+    # multi-host run that step is the one the loop has just reported (monitor.Preemption).
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
 

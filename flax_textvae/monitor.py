@@ -21,36 +21,62 @@ from tensorboardX import SummaryWriter
 
 from flax_textvae import workdir as rundir
 
-__all__ = ["MetricsLog", "Progress", "Preemption", "HEARTBEAT_S"]
+__all__ = ["MetricsLog", "Progress", "Preemption", "note_start_step", "HEARTBEAT_S"]
 
 HEARTBEAT_S = 5.0  # seconds between the "still ..." lines of Progress.working
+
+
+def _sync_manager():
+    """JAX's preemption service of this multi-process run, or None (one process, or the service off)."""
+    if jax.process_count() == 1:
+        return None
+    from jax._src import distributed  # where JAX keeps it (None when jax_enable_preemption_service is off)
+
+    return getattr(getattr(distributed, "global_state", None), "preemption_sync_manager", None)
+
+
+def note_start_step(step: int) -> None:
+    """Tells JAX's preemption service where this run starts (``step``: its newest checkpoint, 0 at first).
+
+    The service agrees on a stop one step past the last step each process reported (0 until a loop reports
+    one); a resumed run that got a SIGTERM while loading would otherwise be asked to stop at step 1, which it
+    never reaches. Call it as soon as the start step is known; an upper bound of it is fine (the stop then comes
+    a little later). Does nothing in a one-process run.
+    """
+    if _sync_manager() is not None:
+        multihost_utils.reached_preemption_sync_point(int(step))
 
 
 class Preemption:
     """SIGTERM and Ctrl-C as a stop the loop asks for between steps: :meth:`stop_at`.
 
     One process: SIGTERM, or a first Ctrl-C (SIGINT), sets :attr:`requested`; the loop saves the step it is on
-    and exits. A second Ctrl-C quits at once, without saving (``KeyboardInterrupt``).
+    and exits. A second Ctrl-C raises ``KeyboardInterrupt`` (as soon as Python runs again: not inside a compile)
+    and nothing more is saved.
 
     Several processes (``jax.distributed`` initialised): every process must save the same step, or the save's
     collectives wait for each other for ever. The stop then goes through JAX's preemption service: its handler
-    of SIGTERM (installed by ``jax.distributed.initialize``) tells every process, they agree on a step past the
-    one each has reached, and :meth:`stop_at` is True on all of them at that step. SIGTERM is left to that
-    handler; a first Ctrl-C is turned into a SIGTERM of this process, so it stops every process the same way.
-    Without the service (``jax_enable_preemption_service`` off) the flag is per process, as with one process.
+    of SIGTERM (installed by ``jax.distributed.initialize``; it notices a signal within about a second) tells
+    every process, they agree on the step after the furthest one any has reached, and :meth:`stop_at` is True
+    on all of them at that step. SIGTERM is left to that handler, which also holds it outside the loop (a
+    SIGTERM during the final evaluation does not end the process); a first Ctrl-C is turned into a SIGTERM of
+    this process, so it stops every process the same way. Without the service (``jax_enable_preemption_service``
+    off) the flag is per process, as with one process, and a stop that reaches only some processes hangs the
+    save. Checkpoints are written synchronously (``checkpoints.Checkpointer``), so orbax's own questions to the
+    service name the step being saved, the one the loop has just asked about.
     """
 
     def __init__(self):
         self.requested = False
         self.reason = "SIGTERM"
+        self._interrupts = 0
         self._old: dict = {}
         self._sync = None
+        self._main = True
 
     def __enter__(self) -> "Preemption":
-        if jax.process_count() > 1:
-            from jax._src import distributed  # where JAX keeps its preemption service (None when off)
-
-            self._sync = getattr(getattr(distributed, "global_state", None), "preemption_sync_manager", None)
+        self._sync = _sync_manager()
+        self._main = jax.process_index() == 0  # asked here: the handlers call nothing in JAX
         signals = {signal.SIGINT: self._interrupt}
         if self._sync is None:
             signals[signal.SIGTERM] = self._terminate
@@ -75,12 +101,14 @@ class Preemption:
         self.requested = True
 
     def _interrupt(self, signum, frame):
-        if self.requested:  # the second Ctrl-C
+        self._interrupts += 1
+        if self._interrupts > 1:
             raise KeyboardInterrupt
         self.requested, self.reason = True, "Ctrl-C"
-        if jax.process_index() == 0:
+        if self._main:
+            when = "at a step every process agrees on" if self._sync is not None else "after this step"
             # os.write, not print: a handler can run while the main thread is inside print.
-            os.write(2, b"\nCtrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again: quit, no save)\n")
+            _write_stderr(f"\nCtrl-C: saving a checkpoint {when}, then exiting (Ctrl-C again: quit, no save)\n")
         if self._sync is not None:
             os.kill(os.getpid(), signal.SIGTERM)  # to the preemption service, which stops every process
 
@@ -88,6 +116,14 @@ class Preemption:
         for signum, old in self._old.items():
             signal.signal(signum, old)
         self._old = {}
+
+
+def _write_stderr(text: str) -> None:
+    """Writes to stderr's file descriptor; a closed console (``| tee`` ended by the same Ctrl-C) is ignored."""
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
 
 
 class MetricsLog:
@@ -163,11 +199,18 @@ class Progress:
         self.rate = None
         self.heartbeat_s = heartbeat_s
         self._print_lock = threading.Lock()  # the heartbeat thread and the loop print whole lines
+        self._console_gone = False
 
     def say(self, text: str) -> None:
-        if self.main:
+        """Prints ``text`` as one line (process 0). A console that went away (the reader of a ``| tee`` pipe
+        ended by the Ctrl-C that also reached this process) ends the printing, not the run: the save the stop
+        asked for still happens."""
+        if self.main and not self._console_gone:
             with self._print_lock:
-                print(text, flush=True)
+                try:
+                    print(text, flush=True)
+                except BrokenPipeError:
+                    self._console_gone = True
 
     @contextlib.contextmanager
     def working(self, what: str, every: float | None = None):

@@ -52,7 +52,7 @@ from flax_textvae import (
 )
 from flax_textvae import export as export_lib
 from flax_textvae import workdir as rundir
-from flax_textvae.monitor import MetricsLog, Preemption, Progress
+from flax_textvae.monitor import MetricsLog, Preemption, Progress, note_start_step
 from flax_textvae.pretrain_objective import DenoisingConfig, make_evaluator, pretrain_step
 from flax_textvae.step import TrainState, make_optimizer
 from flax_textvae.trainer import NonFiniteLossError, PhaseContext, TrainLoop
@@ -204,7 +204,9 @@ def _denoising_config(config, run) -> DenoisingConfig:
 
 
 def _pretrain_locked(config, workdir: str, export_dir: str, main: bool) -> dict:
-    resuming = bool(rundir.checkpoint_steps(workdir))
+    steps = rundir.checkpoint_steps(workdir)
+    note_start_step(max(steps, default=0))  # multi-host: a SIGTERM while loading then stops at a reachable step
+    resuming = bool(steps)
     changes = rundir.resume_changes(config, workdir) if resuming else []  # refuses before any write
     if main and not resuming:
         rundir.discard_unfinished(workdir)

@@ -24,7 +24,7 @@ import jax
 
 from flax_textvae import builders, checkpoints, compile_cache, evaluate, parallel, validation
 from flax_textvae import workdir as rundir
-from flax_textvae.monitor import MetricsLog, Preemption, Progress
+from flax_textvae.monitor import MetricsLog, Preemption, Progress, note_start_step
 from flax_textvae.step import TrainState, train_step
 from flax_textvae.trainer import NonFiniteLossError, PhaseContext, Trainer
 
@@ -67,7 +67,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def _train_locked(config, workdir: str, main: bool) -> dict:
     """:func:`train_and_evaluate` once the workdir lock is taken; ``main`` is True on process 0, which holds it."""
-    resuming = bool(rundir.checkpoint_steps(workdir))
+    steps = rundir.checkpoint_steps(workdir)
+    note_start_step(max(steps, default=0))  # multi-host: a SIGTERM while loading then stops at a reachable step
+    resuming = bool(steps)
     changes = rundir.resume_changes(config, workdir) if resuming else []  # refuses before any write
     if main and not resuming:
         rundir.discard_unfinished(workdir)

@@ -13,7 +13,8 @@ Run by the tests (never imported by pytest), because the device count must be fi
   addressable copy of the replicated parameters) and prints a JSON digest line.
 * ``preempt --process_id i --num_processes n --port P --out DIR --signal_at S``: the whole of
   ``train.train_and_evaluate`` in one workdir shared by the ``n`` processes (``DIR/run``, process 0 writes it);
-  only process 1 sends itself SIGTERM right after step ``S``. Prints ``RESULT <json>`` (what the call returned).
+  only process 1 sends itself SIGTERM, right after step ``S`` (``S = 0``: while the run is being built, before
+  any step). Prints ``RESULT <json>`` (what the call returned).
 """
 
 from __future__ import annotations
@@ -207,16 +208,28 @@ def preempt(args) -> None:
         },
     )
     parallel.initialize_distributed(config.parallel)
-    step = trainer.TrainLoop._train_step
+    step, build = trainer.TrainLoop._train_step, builders.build_run
+
+    def signal_and_wait():
+        # JAX's service notices a SIGTERM within about a second: wait, so that the stop is agreed on before the
+        # tiny run could reach its end (the other process waits in the next collective meanwhile).
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(3)
 
     def step_then_signal(self, state):
         state = step(self, state)
         jax.block_until_ready(state)  # one step at a time (collectives over few cores)
         if args.process_id == 1 and self.step == args.signal_at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal_and_wait()
         return state
 
+    def signal_then_build(*a, **kw):
+        if args.process_id == 1 and args.signal_at == 0:
+            signal_and_wait()
+        return build(*a, **kw)
+
     trainer.TrainLoop._train_step = step_then_signal
+    train.builders.build_run = signal_then_build
     result = train.train_and_evaluate(config, os.path.join(args.out, "run"))
     print("RESULT " + json.dumps({"process": args.process_id, **result}), flush=True)
     jax.distributed.shutdown()

@@ -91,6 +91,26 @@ def test_working_prints_nothing_off_process_0_or_when_disabled(capsys):
     assert len(out) <= 5
 
 
+def test_a_console_that_went_away_ends_the_printing_not_the_run(monkeypatch):
+    """`run_train.py ... | tee log` and Ctrl-C: tee dies with the same signal; the run still saves and exits."""
+
+    class ClosedPipe:
+        writes = 0
+
+        def write(self, text):
+            ClosedPipe.writes += 1
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    progress = monitor.Progress(10)
+    progress.say("SIGTERM: saved the checkpoint of step 7 in runs/x; exiting")
+    progress.say("the next line")
+    assert ClosedPipe.writes == 1  # tried once, then left alone
+
+
 def _timed_lines(cmd, cwd, env, timeout):
     """Runs ``cmd``; returns (exit code, [(seconds since start, line)], seconds from start to exit)."""
     start = time.monotonic()

@@ -127,14 +127,9 @@ def test_two_processes_train_together_and_match_one_process(single, tmp_path, mo
         assert _max_diff(p, baseline) < TOL
 
 
-@pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_with_its_checkpoint(tmp_path):
-    """Every process must save the same step (the save is collective): the stop goes through JAX's preemption
-    service, so a SIGTERM that only process 1 gets (after step 10) stops both at one agreed step."""
-    from flax_textvae import workdir as rundir
-
-    port, signal_at, steps = str(_free_port()), 10, 40
-    procs = []
+def _preempt_run(tmp_path, signal_at: int, steps: int) -> tuple[list[dict], list[str]]:
+    """Both processes of a 2-process ``train_and_evaluate`` on tmp_path/run; process 1 gets SIGTERM."""
+    port, procs = str(_free_port()), []
     try:
         for i in range(2):
             args = ("preempt", "--devices", "1", "--process_id", str(i), "--num_processes", "2", "--port", port)
@@ -145,8 +140,27 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_with_its_checkpo
         json.loads(line[len("RESULT ") :]) for out in outs for line in out.splitlines() if line.startswith("RESULT ")
     ]
     assert [r["process"] for r in results] == [0, 1], outs
-    assert results[0]["preempted"] and results[1]["preempted"], results
+    return results, outs
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_with_its_checkpoint(tmp_path):
+    """Every process must save the same step (the save is collective): the stop goes through JAX's preemption
+    service, so a SIGTERM that only process 1 gets stops both at one agreed step; also when it comes while a
+    resumed run is still loading (before its first step)."""
+    from flax_textvae import workdir as rundir
+
+    steps = 40
+    results, outs = _preempt_run(tmp_path, 10, steps)  # after step 10
+    assert all(r.get("preempted") for r in results), results
     stop = results[0]["step"]
-    assert results[1]["step"] == stop and signal_at <= stop < steps, results
+    assert results[1]["step"] == stop and 10 <= stop < steps, results
     assert f"SIGTERM: saved the checkpoint of step {stop} in" in outs[0], outs[0][-3000:]
     assert rundir.checkpoint_steps(str(tmp_path / "run")) == [stop]  # checkpoint_every=1000: only the stop's
+
+    results, outs = _preempt_run(tmp_path, 0, steps)  # the rerun resumes from `stop`: SIGTERM while it loads
+    assert "Resuming from step" in outs[0], outs[0][-3000:]
+    assert all(r.get("preempted") for r in results), results
+    again = results[0]["step"]
+    assert results[1]["step"] == again and stop < again < steps, results
+    assert rundir.checkpoint_steps(str(tmp_path / "run")) == [stop, again]

@@ -224,7 +224,7 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum
     assert "Traceback" not in out, out
 
 
-def test_a_second_ctrl_c_quits_without_saving_and_the_cli_exits_130(tmp_path, monkeypatch, capsys):
+def test_a_second_ctrl_c_quits_without_saving_and_the_cli_exits_130(tmp_path, monkeypatch, capfd):
     """The first Ctrl-C asks for a save after the step; a second one, before that save, quits at once."""
     from flax_textvae import cli, trainer
 
@@ -245,7 +245,8 @@ def test_a_second_ctrl_c_quits_without_saving_and_the_cli_exits_130(tmp_path, mo
     with pytest.raises(SystemExit) as exit_:
         cli._guarded(lambda argv: train.train_and_evaluate(config, workdir), [])
     assert exit_.value.code == cli.INTERRUPTED_EXIT == 130
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
+    assert "Ctrl-C: saving a checkpoint after this step" in err, err  # the first one was the run's
     assert "interrupted (Ctrl-C)" in err and "Traceback" not in err, err
     assert rundir.checkpoint_steps(workdir) == [20]  # no save after the interrupts
     assert signal.getsignal(signal.SIGINT) is before  # the run's handler is gone
