@@ -229,8 +229,8 @@ def test_a_second_ctrl_c_quits_without_saving_and_the_cli_exits_130(tmp_path, mo
     from flax_textvae import cli, trainer
 
     workdir = str(tmp_path / "run")
-    config = tiny_config(**{"phase1.steps": 0, "train_steps": 40, "checkpoint_every": 20, "log_every": 5})
-    config = with_overrides(config, **{"eval_every": 0, "data.num_buckets": 1})
+    overrides = {"phase1.steps": 0, "train_steps": 40, "checkpoint_every": 20, "log_every": 5, "eval_every": 0}
+    config = tiny_config(**overrides, **{"data.num_buckets": 1})
     step = trainer.TrainLoop._train_step
 
     def step_then_two_interrupts(self, state):
