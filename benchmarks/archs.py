@@ -79,13 +79,15 @@ def hf_config(arch: str, **overrides) -> transformers.PretrainedConfig:
 
 
 def save_random_model(arch: str, folder: str):
-    """Writes ``arch`` with random weights (torch seed 0) to ``folder`` with ``save_pretrained``; returns the
-    PyTorch model. The tokenizer files are the caller's."""
+    """Writes ``arch`` with random weights (torch seed 0) to ``folder`` with ``save_pretrained``, as the hub
+    stores it: BART as the bare ``BartModel`` (the architecture facebook/bart-base's config.json names: no
+    LM head, no final_logits_bias, names without ``model.``), T5 as ``T5ForConditionalGeneration``. Returns
+    the PyTorch model saved. The tokenizer files are the caller's."""
     import torch  # an optional dependency: only writing checkpoints needs it
 
     family, _ = SIZES[arch]
     torch.manual_seed(0)
-    cls = transformers.BartForConditionalGeneration if family == "bart" else transformers.T5ForConditionalGeneration
-    model = cls(hf_config(arch))
+    cls = transformers.BartModel if family == "bart" else transformers.T5ForConditionalGeneration
+    model = cls(hf_config(arch, **({"architectures": ["BartModel"]} if family == "bart" else {})))
     model.save_pretrained(folder)
     return model

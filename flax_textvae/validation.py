@@ -31,6 +31,7 @@ from flax_textvae.losses import FREE_BITS_MODES, KINDS
 from flax_textvae.models import FOLDER_CONTENTS, families
 from flax_textvae.models import attention as attn_lib
 from flax_textvae.models.attention import ATTENTION_IMPLEMENTATIONS
+from flax_textvae.models.loading import folder_problems
 from flax_textvae.vae import DTYPES, INJECTIONS, MEMORY_STYLES, POOLINGS
 
 LR_DECAYS = ("linear", "cosine", "constant")  # step.learning_rate_fn
@@ -265,13 +266,13 @@ def _check_model(c: _Checks, check_path: bool = True) -> None:
             return
         # A hub id is checked when it is fetched; a local path that is not a folder can be refused now.
         path = os.path.expanduser(name) if name else ""
+        fix = "pass such a folder, a hub id (e.g. --config.model.name_or_path=facebook/bart-base) or 'scratch'"
         if path and not os.path.isdir(path) and (os.path.exists(path) or path.startswith((".", "/", "~"))):
-            c.report(
-                "model.name_or_path",
-                name,
-                f"is not a checkpoint folder ({FOLDER_CONTENTS})",
-                "pass such a folder, a hub id (e.g. --config.model.name_or_path=facebook/bart-base) or 'scratch'",
-            )
+            c.report("model.name_or_path", name, f"is not a checkpoint folder ({FOLDER_CONTENTS})", fix)
+        elif path and os.path.isdir(path):
+            problems = folder_problems(path)
+            if problems:
+                c.report("model.name_or_path", name, f"{'; '.join(problems)} ({FOLDER_CONTENTS})", fix)
         return
     c.choice("model.scratch.family", SCRATCH_FAMILIES)
     d_model = c.integer("model.scratch.d_model", lo=1)

@@ -9,6 +9,11 @@ Functions:
   * `make_word_tokenizer(folder, vocab_words, family="bart")` -> PreTrainedTokenizerFast saved to folder.
   * `make_tiny_bart(folder, vocab_words=None, **overrides)` -> torch BartForConditionalGeneration.
   * `make_tiny_t5(folder, v1_1=False, tie=None, vocab_words=None, **overrides)` -> torch T5ForConditionalGeneration.
+  * `make_hub_bart(folder, texts, **overrides)` / `make_hub_t5(folder, texts, **overrides)`: a tiny checkpoint
+    in the files the hub holds for facebook/bart-base / t5-small: BART's weights saved from the bare
+    `BartModel` with a byte-level BPE as vocab.json + merges.txt; T5 with a sentencepiece spiece.model (plus
+    its 100 extra ids) smaller than the embedding; no tokenizer_config.json. Each returns the LM as
+    transformers itself reads the folder.
   * `padded_batch(rng, lengths, vocab_size, pad_id, low=...)` -> (ids [B, L] int32, mask [B, L] int32).
 """
 
@@ -202,3 +207,110 @@ def padded_batch(
         ids[b, :n] = rng.integers(low, vocab_size, size=n)
         mask[b, :n] = 1
     return ids, mask
+
+
+def make_bpe_tokenizer_files(folder: str | os.PathLike, texts: Sequence[str], vocab_size: int = 400) -> int:
+    """Writes vocab.json + merges.txt of a byte-level BPE learned from ``texts`` (the tokenizer files of
+    facebook/bart-base: <s> <pad> </s> <unk> are ids 0..3, <mask> the last id); returns the vocabulary size."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(list(texts), vocab_size=vocab_size, special_tokens=BART_SPECIALS)
+    bpe.add_special_tokens(["<mask>"])
+    bpe.save_model(str(folder))
+    return bpe.get_vocab_size()
+
+
+def make_spiece_model(folder: str | os.PathLike, texts: Sequence[str], vocab_size: int = 200) -> None:
+    """Writes spiece.model, a unigram sentencepiece learned from ``texts`` with t5-small's special ids
+    (<pad> 0, </s> 1, <unk> 2, no BOS)."""
+    import sentencepiece as spm
+
+    os.makedirs(folder, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)),
+        model_prefix=os.path.join(str(folder), "spiece"),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    os.remove(os.path.join(str(folder), "spiece.vocab"))
+
+
+def make_hub_bart(folder: str | os.PathLike, texts: Sequence[str], seed: int = 0, **overrides):
+    """A tiny BART in facebook/bart-base's files: config.json naming ``BartModel``, model.safetensors of the
+    bare encoder-decoder (no ``model.`` prefix, no final_logits_bias), vocab.json + merges.txt.
+
+    Returns:
+      The torch BartForConditionalGeneration that transformers builds from the folder (eval mode).
+    """
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration, BartModel
+
+    vocab = make_bpe_tokenizer_files(folder, texts)
+    kw = dict(
+        vocab_size=vocab,
+        d_model=16,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=128,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=2,
+        architectures=["BartModel"],
+    )
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = BartModel(BartConfig(**kw))
+    with torch.no_grad():  # random (non-zero) biases so their mapping is tested
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(str(folder))
+    return BartForConditionalGeneration.from_pretrained(str(folder)).eval()
+
+
+def make_hub_t5(folder: str | os.PathLike, texts: Sequence[str], seed: int = 0, **overrides):
+    """A tiny T5 in t5-small's files: config.json, model.safetensors of T5ForConditionalGeneration (tied head),
+    spiece.model; the tokenizer (pieces + 100 extra ids) is smaller than the embedding, as t5-small's 32100
+    tokens are than its 32128 rows.
+
+    Returns:
+      The torch T5ForConditionalGeneration that transformers builds from the folder (eval mode).
+    """
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+
+    make_spiece_model(folder, texts)
+    tokens = len(T5Tokenizer.from_pretrained(str(folder)))
+    kw = dict(
+        vocab_size=tokens + 28,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        feed_forward_proj="relu",
+    )
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    T5ForConditionalGeneration(T5Config(**kw)).save_pretrained(str(folder))
+    return T5ForConditionalGeneration.from_pretrained(str(folder)).eval()

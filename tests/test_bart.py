@@ -258,7 +258,7 @@ def test_mapping_errors_list_every_bad_key(base):
     pre, torch_model = base
     sd = _state_dict(torch_model)
     del sd["model.decoder.layers.1.fc2.bias"]
-    del sd["final_logits_bias"]
+    sd["final_logits_bias"] = np.zeros((1, 3), np.float32)
     sd["model.encoder.layers.0.self_attn.q_proj.weight"] = np.zeros((3, 3), np.float32)
     sd["model.encoder.some_extra.weight"] = np.zeros(2, np.float32)
     with pytest.raises(ValueError) as err:

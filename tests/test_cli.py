@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 
+import helpers_hf
 import pytest
 from _trained_run import REPO, trained_run
 
@@ -246,6 +247,29 @@ def test_a_missing_model_folder_is_a_short_error(tmp_path):
         f"--config.model.name_or_path={folder}",
     )
     assert_user_error(p, f"model.name_or_path='{folder}'", "config.json", "hub id")
+
+    # A folder without weights or tokenizer: refused by the config check, before the workdir exists.
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "bart"}')
+    p = run_cli(
+        "run_train.py", "--config=configs/bart_vae.py", f"--workdir={tmp_path / 'run'}",
+        f"--config.model.name_or_path={folder}", "--config.data.train=synthetic:32", "--config.data.eval=synthetic:8",
+    )  # fmt: skip
+    assert_user_error(p, f"model.name_or_path='{folder}'", "has no weights", "has no tokenizer vocabulary")
+    assert not (tmp_path / "run").exists()
+
+
+def test_weights_that_do_not_fit_their_config_are_a_short_error(tmp_path):
+    folder = tmp_path / "ckpt"
+    helpers_hf.make_tiny_bart(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, d_model=32)))
+    p = run_cli(
+        "run_train.py", "--config=configs/bart_vae.py", f"--workdir={tmp_path / 'run'}",
+        f"--config.model.name_or_path={folder}", "--config.data.train=synthetic:32", "--config.data.eval=synthetic:8",
+    )  # fmt: skip
+    assert_user_error(p, f"the weights in {folder} do not fit its config.json", "shape mismatch", "save_pretrained")
+    assert len(p.stderr.splitlines()) < 50
 
 
 def test_an_uncached_hub_id_offline_is_a_short_error(tmp_path):

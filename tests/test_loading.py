@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import time
 
@@ -15,7 +16,9 @@ import transformers
 from flax import serialization
 from flax.traverse_util import flatten_dict
 
-from flax_textvae.models import FOLDER_CONTENTS, bart, build_module, load_pretrained, param_shapes
+from flax_textvae.data import synthetic_sentences
+from flax_textvae.models import FOLDER_CONTENTS, CheckpointError, bart, build_module, load_pretrained, param_shapes
+from flax_textvae.models.loading import folder_problems
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "tiny_bart_flax"
 ARRAYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
@@ -101,6 +104,93 @@ def test_missing_folder_and_missing_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_pretrained(str(folder))
     assert "tokenizer" in FOLDER_CONTENTS
+
+
+def _torch_logits(model, ids, mask, dec, dmask):
+    import torch
+
+    with torch.no_grad():
+        return model(
+            input_ids=torch.from_numpy(ids).long(),
+            attention_mask=torch.from_numpy(mask).long(),
+            decoder_input_ids=torch.from_numpy(dec).long(),
+            decoder_attention_mask=torch.from_numpy(dmask).long(),
+        ).logits.numpy()
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_the_hubs_files_load_as_transformers_reads_them(family, tmp_path):
+    """facebook/bart-base keeps the bare BartModel's weights (no `model.` prefix, no final_logits_bias) beside
+    vocab.json + merges.txt; t5-small a tied T5 with spiece.model. Both give the logits transformers gives."""
+    folder = tmp_path / family
+    make = helpers_hf.make_hub_bart if family == "bart" else helpers_hf.make_hub_t5
+    model = make(folder, synthetic_sentences(200))
+    if family == "bart":
+        from safetensors.numpy import load_file
+
+        names = set(load_file(str(folder / "model.safetensors")))
+        assert "shared.weight" in names and "final_logits_bias" not in names
+        assert not any(n.startswith("model.") for n in names)
+    assert not (folder / "tokenizer_config.json").exists()
+    pre = load_pretrained(str(folder))
+    pad = pre.tokenizer.pad_token_id
+    texts = synthetic_sentences(2, seed=3)
+    enc = pre.tokenizer(texts, padding=True, return_tensors="np")
+    ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+    dec, dmask = helpers_hf.padded_batch(np.random.default_rng(0), [6, 3], len(pre.tokenizer), pad, low=3)
+    np.testing.assert_allclose(
+        _logits(pre, ids, mask, dec, dmask), _torch_logits(model, ids, mask, dec, dmask), atol=1e-4
+    )
+    assert pre.tokenizer.decode(ids[0], skip_special_tokens=True).strip() == texts[0]
+    if family == "bart":
+        assert not np.any(np.asarray(pre.params["final_logits_bias"]))
+
+        # The HF Flax file of a bare FlaxBartModel (shared / encoder / decoder at the top) loads the same.
+        flax_folder = tmp_path / "flax"
+        shutil.copytree(folder, flax_folder)
+        (flax_folder / "model.safetensors").unlink()
+        bare = jax.tree.map(np.asarray, pre.params["model"])
+        (flax_folder / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(bare))
+        again = load_pretrained(str(flax_folder))
+        got, want = flatten_dict(again.params, sep="/"), flatten_dict(pre.params, sep="/")
+        assert set(got) == set(want)
+        for path, a in want.items():
+            np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(a), err_msg=path)
+
+
+def test_weights_of_another_config_are_a_checkpoint_error_naming_the_fix(tmp_path):
+    folder = tmp_path / "wide"
+    helpers_hf.make_tiny_bart(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(d_model=24, encoder_layers=3)  # the weights are d_model 16, 2 layers
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(str(folder))
+    assert isinstance(err.value, OSError) and isinstance(err.value, ValueError)  # a user error; a mismatch
+    msg = str(err.value)
+    assert f"the weights in {folder} do not fit its config.json" in msg and "save_pretrained" in msg
+    assert "missing (16):" in msg and "model.encoder.layers.2.fc1.weight" in msg
+    assert re.search(r"shape mismatch \((\d+)\):", msg) and "... and " in msg  # every tensor, 12 shown
+    assert len(msg.splitlines()) < 50
+
+
+def test_folder_problems_are_found_without_reading_weights(tmp_path):
+    helpers_hf.make_tiny_bart(tmp_path / "good")
+    assert folder_problems(str(tmp_path / "good")) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert folder_problems(str(empty)) == ["has no config.json"]
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "gpt2"}')
+    problems = folder_problems(str(other))
+    assert len(problems) == 3 and "model_type 'gpt2'" in problems[0]
+    assert "has no weights" in problems[1] and "tokenizer vocabulary" in problems[2]
+    (other / "config.json").write_text("[1, 2]")
+    assert "not a JSON object" in folder_problems(str(other))[0]
+    with pytest.raises(CheckpointError, match="model_type 'gpt2' is not supported"):
+        (other / "config.json").write_text('{"model_type": "gpt2"}')
+        load_pretrained(str(other))
 
 
 def test_unsupported_model_type():

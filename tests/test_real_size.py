@@ -46,9 +46,10 @@ def _save_checkpoint(folder: str, arch: str, family: str, sizes: dict) -> int:
     """Writes a random model of ``arch`` + a word tokenizer with ``save_pretrained``; returns #parameters."""
     helpers_hf.make_word_tokenizer(folder, synthetic_vocabulary(), family)
     model = archs.save_random_model(arch, folder)
-    # BART's final_logits_bias is a buffer in PyTorch and a parameter here; transformers 5 ties a T5 v1.1
-    # head to the input embedding, which the separate-head module here holds as its own lm_head.
-    extra = model.final_logits_bias.numel() if family == "bart" else 0
+    # BART is saved as the bare BartModel (as the hub has bart-base), whose LM here adds final_logits_bias;
+    # transformers 5 ties a T5 v1.1 head to the input embedding, which the separate-head module here holds as
+    # its own lm_head.
+    extra = model.config.vocab_size if family == "bart" else 0
     if family == "t5" and not sizes.get("tie_word_embeddings", True):
         if model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr():
             extra += model.lm_head.weight.numel()

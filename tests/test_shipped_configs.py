@@ -1,11 +1,13 @@
 """Every shipped config that names a pretrained model trains on checkpoints written by transformers.
 
-For each file in ``configs/`` whose ``model.name_or_path`` is not ``'scratch'`` and each family it can load
-(BART; T5 v1.0; T5 v1.1 with gated FFN and untied head), a tiny real-layout checkpoint folder (what
-``save_pretrained`` writes) goes through what a user runs: ``train_and_evaluate`` (phase 1 -> phase 2, the
-config's own injection, memory style, loss, denoising and frozen set), ``run_eval.py`` in a subprocess,
-``flax_textvae.load`` -> ``reconstruct``. Only the sizes are shrunk. A new config file is picked up without
-editing this test.
+For each file in ``configs/`` whose ``model.name_or_path`` is not ``'scratch'`` and each family it can load, a
+tiny checkpoint folder goes through what a user runs. BART and T5 v1.0 come in the files the hub holds for
+facebook/bart-base and t5-small (BART: the bare ``BartModel``'s weights and a byte-level BPE as vocab.json +
+merges.txt; T5: a sentencepiece spiece.model smaller than the embedding; neither has a tokenizer_config.json);
+T5 v1.1 (gated FFN, untied head) is what ``save_pretrained`` of the LM and a word tokenizer write. The run:
+``train_and_evaluate`` (phase 1 -> phase 2, the config's own injection, memory style, loss, denoising and
+frozen set), ``run_eval.py`` in a subprocess, ``flax_textvae.load`` -> ``reconstruct``. Only the sizes are
+shrunk. A new config file is picked up without editing this test.
 
 The default run covers every config once and every family at least once; the rest of the cross product is
 marked slow (``.ci/run`` runs it).
@@ -84,16 +86,18 @@ def test_the_pretrained_configs_are_discovered():
 @pytest.fixture(scope="module")
 def checkpoints_by_family(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
-    words = synthetic_vocabulary()  # the tokenizers cover the synthetic corpus
+    texts = synthetic_sentences(400, seed=7)  # the tokenizers are learned from the synthetic corpus
     built = {}
 
     def get(family):
         if family not in built:
             folder = str(root / family)
             if family == "bart":
-                helpers_hf.make_tiny_bart(folder, vocab_words=words)
+                helpers_hf.make_hub_bart(folder, texts)
+            elif family == "t5":
+                helpers_hf.make_hub_t5(folder, texts)
             else:
-                helpers_hf.make_tiny_t5(folder, v1_1=family == "t5_v1_1", vocab_words=words)
+                helpers_hf.make_tiny_t5(folder, v1_1=True, vocab_words=synthetic_vocabulary())
             built[family] = folder
         return built[family]
 

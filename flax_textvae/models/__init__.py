@@ -9,6 +9,7 @@ from flax_textvae.models import families
 from flax_textvae.models.common import init_cache
 from flax_textvae.models.loading import (
     FOLDER_CONTENTS,
+    CheckpointError,
     Pretrained,
     build_module,
     init_params,
@@ -18,6 +19,7 @@ from flax_textvae.models.loading import (
 )
 
 __all__ = [
+    "CheckpointError",
     "Pretrained",
     "load_pretrained",
     "build_module",

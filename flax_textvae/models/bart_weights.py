@@ -3,6 +3,12 @@
 * `torch_name_table(config)`: [(torch name, flax path, transpose, torch shape)] for a BartConfig.
 * `params_from_torch(state_dict, config)`: a PyTorch state dict (numpy arrays) -> the Flax params of
   `bart.BartForConditionalGeneration`, checked against that table.
+* `params_from_flax(params, config)`: a Flax params tree of the LM or of the bare encoder-decoder -> the LM's.
+
+Both accept the weights of the bare encoder-decoder (`BartModel`) as well as those of the LM: that is how the
+hub stores `facebook/bart-base` and `facebook/bart-large` (config.json `"architectures": ["BartModel"]`, names
+without the `model.` prefix, no `final_logits_bias`). The LM's head is the tied input embedding and its bias
+starts at zeros, as transformers does when it loads such a checkpoint into `BartForConditionalGeneration`.
 """
 
 from __future__ import annotations
@@ -15,6 +21,17 @@ from flax_textvae.models.bart import POSITION_OFFSET
 from flax_textvae.models.common import apply_name_table, mismatch_report
 
 _TIED_ALIASES = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
+_BARE_MODEL_ROOTS = ("shared", "encoder", "decoder")  # the top-level modules of `BartModel`
+
+
+def _lm_names(state_dict: Mapping[str, np.ndarray], config) -> dict[str, np.ndarray]:
+    """`state_dict` under the LM's names: a bare encoder-decoder's names get their `model.` prefix, and a
+    missing `final_logits_bias` is zeros [1, V] (the LM's starting value; a bare model has none)."""
+    roots = tuple(f"{r}." for r in _BARE_MODEL_ROOTS)
+    sd = {(f"model.{k}" if k.startswith(roots) else k): v for k, v in state_dict.items()}
+    if "final_logits_bias" not in sd:
+        sd["final_logits_bias"] = np.zeros((1, config.vocab_size), np.float32)
+    return sd
 
 
 def torch_name_table(config) -> list[tuple[str, tuple[str, ...], bool, tuple[int, ...]]]:
@@ -69,13 +86,15 @@ def torch_name_table(config) -> list[tuple[str, tuple[str, ...], bool, tuple[int
 
 
 def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
-    """Maps a PyTorch BartForConditionalGeneration state dict to Flax params (float32 jax arrays).
+    """Maps a PyTorch BartForConditionalGeneration (or bare BartModel) state dict to Flax params (float32).
 
-    Handles both layouts of the tied embedding: stored once as model.shared.weight (transformers 5) and the
-    older duplicated keys (model.encoder/decoder.embed_tokens.weight, lm_head.weight), which may also stand
-    in for a missing model.shared.weight. With tie_word_embeddings=False, lm_head.weight is the separate
-    head and the encoder/decoder embed_tokens copies must equal model.shared.weight. Keys with a '.version'
-    suffix are ignored.
+    A bare encoder-decoder's names (no `model.` prefix, no `final_logits_bias`) are read as the LM's (see
+    the module docstring). Handles both layouts of the tied embedding: stored once as model.shared.weight
+    (transformers 5) and the older duplicated keys (model.encoder/decoder.embed_tokens.weight,
+    lm_head.weight), which may also stand in for a missing model.shared.weight. With
+    tie_word_embeddings=False, lm_head.weight is the separate head and the encoder/decoder embed_tokens copies
+    must equal model.shared.weight. A missing final_logits_bias is zeros. Keys with a '.version' suffix are
+    ignored.
 
     Args:
       state_dict: torch name -> numpy array (any float dtype).
@@ -87,7 +106,7 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
     Raises:
       ValueError: listing every missing, unexpected and shape-mismatched tensor.
     """
-    sd = {k: v for k, v in state_dict.items() if not k.endswith(".version")}
+    sd = _lm_names({k: v for k, v in state_dict.items() if not k.endswith(".version")}, config)
     tied = getattr(config, "tie_word_embeddings", True)
     aliases = _TIED_ALIASES if tied else _TIED_ALIASES[:2]
     if "model.shared.weight" not in sd:
@@ -119,3 +138,16 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
             mismatch_report("BART PyTorch state dict does not match the config", missing, unexpected, mismatched)
         )
     return params
+
+
+def params_from_flax(params: Mapping, config) -> dict:
+    """A Flax params tree (HF Flax layout) of `FlaxBartForConditionalGeneration`, or of the bare `FlaxBartModel`
+    (top-level shared / encoder / decoder), as the LM's tree; a missing `final_logits_bias` is zeros [1, V].
+    Shapes are checked by the caller against the module's."""
+    tree = dict(params)
+    if "model" not in tree and set(_BARE_MODEL_ROOTS) & set(tree):
+        bare = {k: tree.pop(k) for k in _BARE_MODEL_ROOTS if k in tree}
+        tree["model"] = bare
+    if "final_logits_bias" not in tree:
+        tree["final_logits_bias"] = np.zeros((1, config.vocab_size), np.float32)
+    return tree

@@ -20,7 +20,7 @@ Incremental decoding:
 Checkpoint mapping:
   * `apply_name_table(state_dict, table)`: a Flax params tree from a PyTorch state dict by an explicit table.
   * `mismatch_report(title, missing, unexpected, mismatched) -> str`: the text of the ValueError raised by
-      params_from_torch / the loader, listing every bad name.
+      params_from_torch / the loader: how many names of each kind are bad, and the first of them.
 
 Properties:
   * `Seq2SeqProperties`: d_model, decoder layers / heads / head size, vocabulary and special ids of a
@@ -109,13 +109,18 @@ def init_cache(module: nn.Module, batch_size: int, max_length: int) -> Any:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def mismatch_report(title: str, missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str]) -> str:
-    """Multi-line message listing every missing / unexpected / shape-mismatched tensor name."""
+def mismatch_report(
+    title: str, missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str], *, show: int = 12
+) -> str:
+    """Multi-line message: how many tensor names are missing / unexpected / of the wrong shape, and the first
+    `show` of each kind (a checkpoint of another layout would otherwise list hundreds)."""
     lines = [f"{title}:"]
     for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
         if items:
             lines.append(f"  {label} ({len(items)}):")
-            lines.extend(f"    {item}" for item in items)
+            lines.extend(f"    {item}" for item in items[:show])
+            if len(items) > show:
+                lines.append(f"    ... and {len(items) - show} more")
     return "\n".join(lines)
 
 

@@ -62,6 +62,8 @@ class Family:
       model_type: the transformers ``config.model_type``.
       module_class: the linen seq2seq LM, built as ``module_class(config, dtype=...)``.
       params_from_torch: ``(state_dict, config) -> params`` (the explicit PyTorch -> Flax table).
+      params_from_flax: ``(params, config) -> params``: a flax_model.msgpack tree in the module's layout (a
+        checkpoint of the bare encoder-decoder gets the LM's nesting).
       torch_name_table: ``config -> [(torch name, flax path, transpose, torch shape)]``.
       export_table: ``config -> (rows, aliases)``: the table for writing the backbone under PyTorch names
         (`torch_name_table` completed with any tensor it leaves out) and ``(extra torch name, table torch
@@ -80,6 +82,7 @@ class Family:
     model_type: str
     module_class: type
     params_from_torch: Callable[[Mapping[str, Any], Any], dict]
+    params_from_flax: Callable[[Mapping[str, Any], Any], dict]
     torch_name_table: Callable[[Any], list]
     export_table: Callable[[Any], tuple[list, list]]
     decoder_params: tuple[str, ...]
@@ -160,6 +163,7 @@ BART = Family(
     model_type="bart",
     module_class=bart.BartForConditionalGeneration,
     params_from_torch=bart_weights.params_from_torch,
+    params_from_flax=bart_weights.params_from_flax,
     torch_name_table=bart_weights.torch_name_table,
     export_table=_bart_export_table,
     decoder_params=("model/decoder/", "model/shared/", "final_logits_bias", "lm_head/"),
@@ -215,6 +219,7 @@ T5 = Family(
     model_type="t5",
     module_class=t5.T5ForConditionalGeneration,
     params_from_torch=t5_weights.params_from_torch,
+    params_from_flax=lambda params, config: dict(params),  # T5's LM and bare model share their top level
     torch_name_table=t5_weights.torch_name_table,
     export_table=_t5_export_table,
     decoder_params=("decoder/", "shared/", "lm_head/"),

@@ -40,6 +40,8 @@ from flax_textvae.models.common import mismatch_report
 Dtype = Any
 
 __all__ = [
+    "CheckpointError",
+    "folder_problems",
     "Pretrained",
     "load_pretrained",
     "build_module",
@@ -66,6 +68,9 @@ TOKENIZER_PATTERNS = [
     "sentencepiece.bpe.model",
     "generation_config.json",
 ]
+# The files that hold a tokenizer's vocabulary (tokenizer_config.json and special_tokens_map.json only
+# describe one): at least one of them must be in a checkpoint folder.
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "vocab.txt")
 _MODEL_TYPES = " or ".join(repr(t) for t in families.FAMILIES)
 FOLDER_CONTENTS = (
     f"a local checkpoint folder must contain: config.json (model_type {_MODEL_TYPES}); weights as "
@@ -73,6 +78,14 @@ FOLDER_CONTENTS = (
     "tokenizer files (tokenizer.json + tokenizer_config.json, or vocab.json + merges.txt, or spiece.model). "
     "Such a folder is what `save_pretrained` of a transformers model and its tokenizer writes."
 )
+
+
+class CheckpointError(OSError, ValueError):
+    """A checkpoint folder whose weights do not fit its own config.json (names or shapes).
+
+    An OSError, like every other unusable model folder or hub id (the command-line tools report it as a user
+    error), and a ValueError, like the name-table mismatch it carries.
+    """
 
 
 @dataclasses.dataclass
@@ -187,7 +200,27 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def load_params(folder: str, config, module: nn.Module) -> Any:
-    """Reads the weights in `folder` (safetensors preferred, else flax_model.msgpack) as float32 params."""
+    """Reads the weights in `folder` (safetensors preferred, else flax_model.msgpack) as float32 params.
+
+    Raises:
+      CheckpointError: the weights do not fit `config` (the message lists what is missing, unexpected or of
+        the wrong shape, and what the folder should hold).
+      FileNotFoundError: `folder` has no weights.
+    """
+    try:
+        return _load_params(folder, config, module)
+    except CheckpointError:
+        raise
+    except ValueError as err:
+        raise CheckpointError(
+            f"the weights in {folder} do not fit its config.json (model_type {config.model_type!r}). {err}\n"
+            "Pass the folder that `save_pretrained` wrote for this config: the weights of the seq2seq LM "
+            "(BartForConditionalGeneration, T5ForConditionalGeneration) or of the bare encoder-decoder "
+            "(BartModel, T5Model) beside the config.json they were saved with."
+        ) from None
+
+
+def _load_params(folder: str, config, module: nn.Module) -> Any:
     family = families.get(getattr(config, "model_type", None))
     index = os.path.join(folder, SAFETENSORS_INDEX_NAME)
     single = os.path.join(folder, SAFETENSORS_NAME)
@@ -208,11 +241,42 @@ def load_params(folder: str, config, module: nn.Module) -> Any:
             params = serialization.msgpack_restore(f.read())
         if set(params) == {"params"}:
             params = params["params"]
+        params = family.params_from_flax(params, config)
         return check_params(params, param_shapes(module), source=f"{msgpack}")
     raise FileNotFoundError(
         f"no weights in {folder}: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} "
         f"or {MSGPACK_NAME}; {FOLDER_CONTENTS}"
     )
+
+
+def folder_problems(folder: str) -> list[str]:
+    """What keeps a local checkpoint folder from loading, found without reading its weights: config.json
+    missing, unreadable or of an unsupported model_type; no weights file; no tokenizer vocabulary.
+
+    Args:
+      folder: an existing local folder.
+
+    Returns:
+      One short clause per problem (empty when the folder looks loadable), e.g. ``"has no config.json"``.
+    """
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        return [f"has no {CONFIG_NAME}"]
+    problems = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        problems.append(f"its {CONFIG_NAME} is not a JSON object ({type(err).__name__}: {err})")
+    else:
+        if model_type not in families.FAMILIES:
+            problems.append(f"its {CONFIG_NAME} has model_type {model_type!r}; supported: {_MODEL_TYPES}")
+    names = set(os.listdir(folder))
+    if not names & {SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, MSGPACK_NAME}:
+        problems.append(f"has no weights ({SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} or {MSGPACK_NAME})")
+    if not names & set(TOKENIZER_VOCABULARIES):
+        problems.append(f"has no tokenizer vocabulary (one of {', '.join(TOKENIZER_VOCABULARIES)})")
+    return problems
 
 
 def _offline() -> bool:
@@ -316,6 +380,10 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: Dtype = jnp.float
     if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}; {FOLDER_CONTENTS}")
     config = AutoConfig.from_pretrained(folder)
+    if getattr(config, "model_type", None) not in families.FAMILIES:
+        raise CheckpointError(
+            f"{os.path.join(folder, CONFIG_NAME)}: model_type {config.model_type!r} is not supported; {FOLDER_CONTENTS}"
+        )
     module = build_module(config, dtype, **options)
     params = load_params(folder, config, module)
     try:
