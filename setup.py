@@ -3,7 +3,7 @@
 import setuptools
 
 INSTALL_REQUIRES = [
-    "jax==0.10.2",
+    "jax==0.10.2",  # JAX_VERSION
     "jaxlib==0.10.2",
     "flax==0.12.8",
     "optax==0.2.8",
@@ -24,6 +24,11 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
 ]
 
+JAX_VERSION = "0.10.2"
+# jax's accelerator builds (the plain pin above computes on the CPU only): pip install -e '.[cuda12]' on an
+# NVIDIA GPU with a CUDA 12 driver, '.[cuda13]' with a CUDA 13 one, '.[tpu]' on a Cloud TPU VM.
+ACCELERATORS = {name: [f"jax[{name}]=={JAX_VERSION}"] for name in ("cuda12", "cuda13", "tpu")}
+
 TEST_REQUIRES = [
     "pytest>=8",
     "pytest-xdist==3.8.0",
@@ -38,5 +43,5 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["flax_textvae", "flax_textvae.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, **ACCELERATORS},
 )

@@ -75,6 +75,8 @@ def _train_locked(config, workdir: str, main: bool) -> dict:
         rundir.discard_unfinished(workdir)
         rundir.record_start(config, workdir)
     progress = Progress(config.train_steps)
+    for line in parallel.device_lines():
+        progress.say(line)
     with progress.working("loading the model, the tokenizer and the data"):
         run = builders.build_run(config, workdir)
     note = builders.attention_note(run)

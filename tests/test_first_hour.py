@@ -1,10 +1,12 @@
-"""What a new user sees in the first hour: `python run_train.py` never goes quiet for long.
+"""What a new user sees in the first hour: `python run_train.py` never goes quiet for long, and it says what it
+computes on (with the install command where a GPU / TPU sits unused).
 
 The heartbeat (``Progress.working``) prints a "still ..." line every few seconds while a compile or an
 evaluation runs. The end-to-end test makes three compiles artificially slow (a ``sitecustomize`` module on
 ``PYTHONPATH`` wraps JAX's compile entry point) and times every console line of a tiny training run.
 """
 
+import ast
 import os
 import re
 import subprocess
@@ -12,9 +14,10 @@ import sys
 import threading
 import time
 
+import jax
 import pytest
 
-from flax_textvae import monitor
+from flax_textvae import monitor, parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_SILENCE_S = 10.0
@@ -49,6 +52,35 @@ def _slow_compile(backend, computation, *args, **kwargs):
 
 _compiler.compile_or_get_cached = _slow_compile
 '''
+
+
+def _setup_extras() -> tuple[dict, list]:
+    """setup.py read from its source: (extras_require as {name: [requirements]}, INSTALL_REQUIRES)."""
+    tree = ast.parse(open(os.path.join(REPO, "setup.py")).read())
+    env: dict = {}
+    for node in tree.body:  # the module-level constants, evaluated in order
+        if isinstance(node, ast.Assign):
+            code = compile(ast.Module(body=[node], type_ignores=[]), "setup.py", "exec")
+            exec(code, env)
+    return {"test": env["TEST_REQUIRES"], **env["ACCELERATORS"]}, env["INSTALL_REQUIRES"]
+
+
+def test_the_run_names_its_devices_and_a_gpu_it_cannot_use(tmp_path, monkeypatch):
+    extras, install = _setup_extras()
+    jax_pin = next(r for r in install if r.startswith("jax=="))
+    assert jax_pin == f"jax=={jax.__version__}"
+    for pattern, what, command in parallel._ACCELERATOR_FILES:
+        names = re.findall(r"\.\[([a-z0-9]+)\]", command)
+        assert names, command
+        for name in names:  # the note's install command names extras that pin jax's own build of this jax
+            assert extras[name] == [jax_pin.replace("jax==", f"jax[{name}]==")], (name, extras)
+
+    monkeypatch.setattr(parallel, "_ACCELERATOR_FILES", ((str(tmp_path / "nvidia[0-9]*"), "an NVIDIA GPU", "X"),))
+    assert parallel.device_lines() == [f"devices: {jax.device_count()} x cpu (cpu); jax {jax.__version__}"]
+    (tmp_path / "nvidia0").write_text("")
+    lines = parallel.device_lines()
+    assert len(lines) == 2 and "this machine has an NVIDIA GPU" in lines[1] and "computes on the CPU" in lines[1]
+    assert lines[1].endswith("Install jax's build for it: X; jax.default_backend() then names it.")
 
 
 def test_working_prints_a_line_every_interval_until_the_block_ends(capsys):
