@@ -2,9 +2,10 @@
 
 import setuptools
 
+JAX_VERSION = "0.10.2"
 INSTALL_REQUIRES = [
-    "jax==0.10.2",  # JAX_VERSION
-    "jaxlib==0.10.2",
+    f"jax=={JAX_VERSION}",
+    f"jaxlib=={JAX_VERSION}",
     "flax==0.12.8",
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
@@ -24,7 +25,6 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
 ]
 
-JAX_VERSION = "0.10.2"
 # jax's accelerator builds (the plain pin above computes on the CPU only): pip install -e '.[cuda12]' on an
 # NVIDIA GPU with a CUDA 12 driver, '.[cuda13]' with a CUDA 13 one, '.[tpu]' on a Cloud TPU VM.
 ACCELERATORS = {name: [f"jax[{name}]=={JAX_VERSION}"] for name in ("cuda12", "cuda13", "tpu")}

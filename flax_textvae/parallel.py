@@ -17,7 +17,6 @@ device count draws the same numbers for the same example.
 from __future__ import annotations
 
 import functools
-import glob
 import logging
 import os
 from typing import Any
@@ -53,47 +52,6 @@ def initialize_distributed(parallel_cfg) -> None:
         jax.distributed.initialize(**kwargs)
     elif os.environ.get("JAX_AUTO_DISTRIBUTED") == "1":
         jax.distributed.initialize()
-
-
-# Device files that a driver creates for hardware jax computes on only with its accelerator build.
-_ACCELERATOR_FILES = (
-    ("/dev/nvidia[0-9]*", "an NVIDIA GPU", "pip install -e '.[cuda12]'  (or '.[cuda13]' for a CUDA 13 driver)"),
-    ("/dev/accel[0-9]*", "a Google TPU", "pip install -e '.[tpu]'"),
-)
-
-
-def describe_devices() -> str:
-    """One line naming what the run computes on, e.g. ``devices: 8 x TPU v4 (tpu), 2 processes; jax 0.10.2``.
-
-    Starts jax's backend: call it after :func:`initialize_distributed`.
-    """
-    devices = jax.devices()
-    kinds = sorted({d.device_kind for d in devices})
-    procs = jax.process_count()
-    hosts = f", {procs} processes" if procs > 1 else ""
-    return f"devices: {len(devices)} x {' + '.join(kinds)} ({jax.default_backend()}){hosts}; jax {jax.__version__}"
-
-
-def idle_accelerator_note() -> str | None:
-    """When jax computes on the CPU while the machine shows an NVIDIA GPU or a TPU (its driver's device files),
-    the note saying so and how to install jax's build for it; else None."""
-    if jax.default_backend() != "cpu":
-        return None
-    for pattern, what, install in _ACCELERATOR_FILES:
-        if glob.glob(pattern):
-            return (
-                f"note: this machine has {what} ({pattern}), but the installed jax has no backend for it, so "
-                f"the run computes on the CPU. Install jax's build for it: {install}; "
-                "jax.default_backend() then names it."
-            )
-    return None
-
-
-def device_lines() -> list[str]:
-    """What a run prints about its devices: :func:`describe_devices`, then :func:`idle_accelerator_note`
-    where there is one."""
-    note = idle_accelerator_note()
-    return [describe_devices()] + ([note] if note else [])
 
 
 def make_mesh(fsdp: int = 1, devices=None) -> Mesh:

@@ -46,6 +46,7 @@ from flax_textvae import (
     cli,
     compile_cache,
     configuration,
+    hardware,
     models,
     parallel,
     validation,
@@ -213,7 +214,7 @@ def _pretrain_locked(config, workdir: str, export_dir: str, main: bool) -> dict:
         rundir.record_start(config, workdir)
     total = int(config.train_steps)
     progress = Progress(total)
-    for line in parallel.device_lines():
+    for line in hardware.device_lines():
         progress.say(line)
     with progress.working("loading the tokenizer and the data"):
         run = builders.build_run(config, workdir)

@@ -22,7 +22,7 @@ import time
 
 import jax
 
-from flax_textvae import builders, checkpoints, compile_cache, evaluate, parallel, validation
+from flax_textvae import builders, checkpoints, compile_cache, evaluate, hardware, parallel, validation
 from flax_textvae import workdir as rundir
 from flax_textvae.monitor import MetricsLog, Preemption, Progress, note_start_step
 from flax_textvae.step import TrainState, train_step
@@ -75,7 +75,7 @@ def _train_locked(config, workdir: str, main: bool) -> dict:
         rundir.discard_unfinished(workdir)
         rundir.record_start(config, workdir)
     progress = Progress(config.train_steps)
-    for line in parallel.device_lines():
+    for line in hardware.device_lines():
         progress.say(line)
     with progress.working("loading the model, the tokenizer and the data"):
         run = builders.build_run(config, workdir)

@@ -90,7 +90,8 @@ def config_problems(config: Any, *, check_data: bool = True, check_model_path: b
     Args:
       config: as for :func:`validate`.
       check_data: as for :func:`validate`.
-      check_model_path: refuse a local ``model.name_or_path`` that is not a folder.
+      check_model_path: refuse a local ``model.name_or_path`` that is not a folder, or a folder that would
+        not load (``models.loading.folder_problems``: config.json, weights' names and shapes, tokenizer).
 
     Returns:
       One ``field=value: what is wrong; how to fix it`` string per problem.
@@ -270,9 +271,10 @@ def _check_model(c: _Checks, check_path: bool = True) -> None:
         if path and not os.path.isdir(path) and (os.path.exists(path) or path.startswith((".", "/", "~"))):
             c.report("model.name_or_path", name, f"is not a checkpoint folder ({FOLDER_CONTENTS})", fix)
         elif path and os.path.isdir(path):
-            problems = folder_problems(path)
+            problems = "; ".join(folder_problems(path))
             if problems:
-                c.report("model.name_or_path", name, f"{'; '.join(problems)} ({FOLDER_CONTENTS})", fix)
+                sep = "\n    " if "\n" in problems else " "  # after a list of tensor names: on a line of its own
+                c.report("model.name_or_path", name, f"{problems}{sep}({FOLDER_CONTENTS})", fix)
         return
     c.choice("model.scratch.family", SCRATCH_FAMILIES)
     d_model = c.integer("model.scratch.d_model", lo=1)

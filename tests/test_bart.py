@@ -258,7 +258,7 @@ def test_mapping_errors_list_every_bad_key(base):
     pre, torch_model = base
     sd = _state_dict(torch_model)
     del sd["model.decoder.layers.1.fc2.bias"]
-    sd["final_logits_bias"] = np.zeros((1, 3), np.float32)
+    del sd["final_logits_bias"]  # an LM's state dict must have it
     sd["model.encoder.layers.0.self_attn.q_proj.weight"] = np.zeros((3, 3), np.float32)
     sd["model.encoder.some_extra.weight"] = np.zeros(2, np.float32)
     with pytest.raises(ValueError) as err:
@@ -274,6 +274,16 @@ def test_mapping_errors_list_every_bad_key(base):
         "shape mismatch",
     ):
         assert name in msg, msg
+
+    # A bare BartModel's names (no `model.`, no final_logits_bias) are read as the LM's, the bias at zeros;
+    # a state dict with both kinds of names is not: its bare names are unexpected, not silently used.
+    sd = _state_dict(torch_model)
+    bare = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
+    params = bart_weights.params_from_torch(bare, pre.config)
+    assert not np.any(np.asarray(params["final_logits_bias"]))
+    np.testing.assert_array_equal(params["model"]["shared"]["embedding"], sd["model.shared.weight"])
+    with pytest.raises(ValueError, match=r"unexpected \(1\):\n    shared.weight"):
+        bart_weights.params_from_torch({**sd, "shared.weight": np.ones_like(sd["model.shared.weight"])}, pre.config)
 
 
 def test_bfloat16_compute_close_to_float32(tiny_barts, base):

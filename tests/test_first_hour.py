@@ -17,7 +17,7 @@ import time
 import jax
 import pytest
 
-from flax_textvae import monitor, parallel
+from flax_textvae import hardware, monitor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_SILENCE_S = 10.0
@@ -65,22 +65,37 @@ def _setup_extras() -> tuple[dict, list]:
     return {"test": env["TEST_REQUIRES"], **env["ACCELERATORS"]}, env["INSTALL_REQUIRES"]
 
 
-def test_the_run_names_its_devices_and_a_gpu_it_cannot_use(tmp_path, monkeypatch):
+def test_the_run_names_its_devices_and_an_accelerator_jax_does_not_use(tmp_path):
+    assert hardware.device_lines()[0] == f"devices: {jax.device_count()} x cpu (cpu); jax {jax.__version__}"
     extras, install = _setup_extras()
     jax_pin = next(r for r in install if r.startswith("jax=="))
     assert jax_pin == f"jax=={jax.__version__}"
-    for pattern, what, command in parallel._ACCELERATOR_FILES:
-        names = re.findall(r"\.\[([a-z0-9]+)\]", command)
-        assert names, command
-        for name in names:  # the note's install command names extras that pin jax's own build of this jax
+    for key, (what, distributions, names) in hardware.ACCELERATORS.items():
+        for name in names:  # the extras the note names pin jax's build of this very jax version
             assert extras[name] == [jax_pin.replace("jax==", f"jax[{name}]==")], (name, extras)
+        note = hardware.accelerator_note("cpu", None, [key], {})
+        assert note.startswith(f"note: this machine has {what}, but the installed jax has only its CPU build")
+        assert f"pip install -e '.[{names[0]}]'" in note
+        installed = hardware.accelerator_note("cpu", "", [key], {distributions[0]: "1.2.3"})
+        assert f"({distributions[0]} 1.2.3), but it did not start" in installed
+    assert "'.[cuda13]' for the other driver" in hardware.accelerator_note("cpu", None, ["nvidia"], {})
+    # No note on an accelerator, when the CPU was asked for (JAX_PLATFORMS), or beside no accelerator.
+    assert hardware.accelerator_note("gpu", None, ["nvidia"], {}) is None
+    assert hardware.accelerator_note("cpu", "cpu", ["nvidia"], {}) is None
+    assert hardware.accelerator_note("cpu", None, [], {}) is None
 
-    monkeypatch.setattr(parallel, "_ACCELERATOR_FILES", ((str(tmp_path / "nvidia[0-9]*"), "an NVIDIA GPU", "X"),))
-    assert parallel.device_lines() == [f"devices: {jax.device_count()} x cpu (cpu); jax {jax.__version__}"]
-    (tmp_path / "nvidia0").write_text("")
-    lines = parallel.device_lines()
-    assert len(lines) == 2 and "this machine has an NVIDIA GPU" in lines[1] and "computes on the CPU" in lines[1]
-    assert lines[1].endswith("Install jax's build for it: X; jax.default_backend() then names it.")
+    # What the machine shows: NVIDIA's device nodes; a PCI function of Google's vendor id that is a TPU chip
+    # (a v5e here), not Google's network card.
+    assert hardware.visible_accelerators(str(tmp_path)) == []
+    for name, device in (("0000:00:04.0", "0x0042"), ("0000:00:05.0", "0x0063")):
+        folder = tmp_path / "sys" / "bus" / "pci" / "devices" / name
+        folder.mkdir(parents=True)
+        (folder / "vendor").write_text("0x1ae0\n")
+        (folder / "device").write_text(f"{device}\n")
+        assert hardware.visible_accelerators(str(tmp_path)) == ([] if device == "0x0042" else ["tpu"])
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "nvidia0").write_text("")
+    assert hardware.visible_accelerators(str(tmp_path)) == ["nvidia", "tpu"]
 
 
 def test_working_prints_a_line_every_interval_until_the_block_ends(capsys):

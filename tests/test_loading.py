@@ -185,12 +185,40 @@ def test_folder_problems_are_found_without_reading_weights(tmp_path):
     (other / "config.json").write_text('{"model_type": "gpt2"}')
     problems = folder_problems(str(other))
     assert len(problems) == 3 and "model_type 'gpt2'" in problems[0]
-    assert "has no weights" in problems[1] and "tokenizer vocabulary" in problems[2]
+    assert "has no weights" in problems[1] and "has no tokenizer files" in problems[2]
     (other / "config.json").write_text("[1, 2]")
     assert "not a JSON object" in folder_problems(str(other))[0]
     with pytest.raises(CheckpointError, match="model_type 'gpt2' is not supported"):
         (other / "config.json").write_text('{"model_type": "gpt2"}')
         load_pretrained(str(other))
+    (other / "config.json").write_text('{"model_type": "no-such-model"}')  # unknown to transformers too
+    with pytest.raises(CheckpointError, match="no-such-model"):
+        load_pretrained(str(other))
+
+    # Weights of another config, found from the safetensors header (no tensor read), then at load time.
+    wide = tmp_path / "wide"
+    shutil.copytree(tmp_path / "good", wide)
+    config = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps(dict(config, decoder_layers=3)))
+    (problem,) = folder_problems(str(wide))
+    assert problem.startswith("its weights do not fit its config.json (bart):\n      missing (26):")
+    with pytest.raises(CheckpointError, match="missing \\(26\\)"):
+        load_pretrained(str(wide))
+
+    # A sharded checkpoint whose index names a shard that is not there; a damaged weights file.
+    sharded = tmp_path / "sharded"
+    helpers_hf.make_tiny_bart(sharded).save_pretrained(str(sharded), max_shard_size="40KB")
+    (sharded / "model.safetensors").unlink(missing_ok=True)
+    shard = sorted(sharded.glob("model-*-of-*.safetensors"))[-1]
+    shard.unlink()
+    (problem,) = folder_problems(str(sharded))
+    assert "cannot be read (FileNotFoundError" in problem and shard.name in problem
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "good", broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:1000])
+    assert "its weights cannot be read" in folder_problems(str(broken))[0]
+    with pytest.raises(CheckpointError, match="cannot read the weights file .*model.safetensors"):
+        load_pretrained(str(broken))
 
 
 def test_unsupported_model_type():

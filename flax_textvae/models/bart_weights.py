@@ -25,12 +25,14 @@ _BARE_MODEL_ROOTS = ("shared", "encoder", "decoder")  # the top-level modules of
 
 
 def _lm_names(state_dict: Mapping[str, np.ndarray], config) -> dict[str, np.ndarray]:
-    """`state_dict` under the LM's names: a bare encoder-decoder's names get their `model.` prefix, and a
-    missing `final_logits_bias` is zeros [1, V] (the LM's starting value; a bare model has none)."""
+    """`state_dict` under the LM's names. A bare encoder-decoder's state dict (no name starts with `model.`,
+    and there is no `lm_head.weight`) gets the `model.` prefix and the LM's starting `final_logits_bias`,
+    zeros [1, V]; any other state dict is returned as it is, so a name missing there is reported."""
     roots = tuple(f"{r}." for r in _BARE_MODEL_ROOTS)
+    if any(k.startswith("model.") for k in state_dict) or "lm_head.weight" in state_dict:
+        return dict(state_dict)
     sd = {(f"model.{k}" if k.startswith(roots) else k): v for k, v in state_dict.items()}
-    if "final_logits_bias" not in sd:
-        sd["final_logits_bias"] = np.zeros((1, config.vocab_size), np.float32)
+    sd.setdefault("final_logits_bias", np.zeros((1, config.vocab_size), np.float32))
     return sd
 
 
@@ -85,7 +87,7 @@ def torch_name_table(config) -> list[tuple[str, tuple[str, ...], bool, tuple[int
     return table
 
 
-def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
+def params_from_torch(state_dict: Mapping[str, np.ndarray], config, *, check_only: bool = False) -> dict:
     """Maps a PyTorch BartForConditionalGeneration (or bare BartModel) state dict to Flax params (float32).
 
     A bare encoder-decoder's names (no `model.` prefix, no `final_logits_bias`) are read as the LM's (see
@@ -93,15 +95,15 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
     (transformers 5) and the older duplicated keys (model.encoder/decoder.embed_tokens.weight,
     lm_head.weight), which may also stand in for a missing model.shared.weight. With
     tie_word_embeddings=False, lm_head.weight is the separate head and the encoder/decoder embed_tokens copies
-    must equal model.shared.weight. A missing final_logits_bias is zeros. Keys with a '.version' suffix are
-    ignored.
+    must equal model.shared.weight. Keys with a '.version' suffix are ignored.
 
     Args:
       state_dict: torch name -> numpy array (any float dtype).
       config: the BartConfig.
+      check_only: only match names and shapes (any values with a ``shape``); returns ``{}``.
 
     Returns:
-      Nested params dict in the HF Flax layout.
+      Nested params dict in the HF Flax layout ({} with ``check_only``).
 
     Raises:
       ValueError: listing every missing, unexpected and shape-mismatched tensor.
@@ -114,7 +116,7 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
             if alias in sd:
                 sd["model.shared.weight"] = sd[alias]
                 break
-    params, used, missing, mismatched = apply_name_table(sd, torch_name_table(config))
+    params, used, missing, mismatched = apply_name_table(sd, torch_name_table(config), check_only=check_only)
     d, v = config.d_model, config.vocab_size
     for alias in aliases:  # duplicated copies of the input embedding: accept when the shape fits
         if alias in sd and alias not in used:
@@ -124,6 +126,7 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
             elif (
                 not tied
                 and "model.shared.weight" in sd
+                and not check_only
                 and not np.array_equal(np.asarray(sd[alias]), np.asarray(sd["model.shared.weight"]))
             ):
                 # transformers 5 unties encoder/decoder input embeddings too when tie_word_embeddings=False;
@@ -141,13 +144,12 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
 
 
 def params_from_flax(params: Mapping, config) -> dict:
-    """A Flax params tree (HF Flax layout) of `FlaxBartForConditionalGeneration`, or of the bare `FlaxBartModel`
-    (top-level shared / encoder / decoder), as the LM's tree; a missing `final_logits_bias` is zeros [1, V].
-    Shapes are checked by the caller against the module's."""
+    """A Flax params tree (HF Flax layout) of `FlaxBartForConditionalGeneration` as it is, or of the bare
+    `FlaxBartModel` (shared / encoder / decoder at the top, no `model`) nested as the LM's, with the LM's
+    starting `final_logits_bias`, zeros [1, V]. Shapes are checked by the caller against the module's."""
     tree = dict(params)
-    if "model" not in tree and set(_BARE_MODEL_ROOTS) & set(tree):
-        bare = {k: tree.pop(k) for k in _BARE_MODEL_ROOTS if k in tree}
-        tree["model"] = bare
-    if "final_logits_bias" not in tree:
-        tree["final_logits_bias"] = np.zeros((1, config.vocab_size), np.float32)
+    if "model" in tree or not set(_BARE_MODEL_ROOTS) & set(tree):
+        return tree
+    tree["model"] = {k: tree.pop(k) for k in _BARE_MODEL_ROOTS if k in tree}
+    tree.setdefault("final_logits_bias", np.zeros((1, config.vocab_size), np.float32))
     return tree

@@ -124,12 +124,13 @@ def mismatch_report(
     return "\n".join(lines)
 
 
-def apply_name_table(state_dict: Mapping[str, Any], table) -> tuple[dict, set, list, list]:
+def apply_name_table(state_dict: Mapping[str, Any], table, *, check_only: bool = False) -> tuple[dict, set, list, list]:
     """Builds a Flax params tree from a PyTorch state dict through an explicit name table.
 
     Args:
-      state_dict: PyTorch name -> array.
+      state_dict: PyTorch name -> array (anything with a ``shape`` under ``check_only``).
       table: iterable of ``(torch_name, flax_path_tuple, transpose, expected_torch_shape)``.
+      check_only: only match names and shapes; the params tree stays empty.
 
     Returns:
       ``(params, used_names, missing, mismatched)``; float32 arrays, Linear weights transposed to kernels.
@@ -140,11 +141,13 @@ def apply_name_table(state_dict: Mapping[str, Any], table) -> tuple[dict, set, l
             missing.append(tname)
             continue
         used.add(tname)
-        arr = np.asarray(state_dict[tname])
-        if tuple(arr.shape) != tuple(shape):
-            mismatched.append(f"{tname}: got {tuple(arr.shape)}, expected {tuple(shape)}")
+        got = tuple(np.shape(state_dict[tname]))
+        if got != tuple(shape):
+            mismatched.append(f"{tname}: got {got}, expected {tuple(shape)}")
             continue
-        arr = arr.astype(np.float32)
+        if check_only:
+            continue
+        arr = np.asarray(state_dict[tname]).astype(np.float32)
         node = params
         for part in fpath[:-1]:
             node = node.setdefault(part, {})

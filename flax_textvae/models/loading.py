@@ -30,7 +30,7 @@ from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file
 from transformers import AutoConfig, AutoTokenizer
 
@@ -42,6 +42,7 @@ Dtype = Any
 __all__ = [
     "CheckpointError",
     "folder_problems",
+    "weights_problems",
     "Pretrained",
     "load_pretrained",
     "build_module",
@@ -68,9 +69,16 @@ TOKENIZER_PATTERNS = [
     "sentencepiece.bpe.model",
     "generation_config.json",
 ]
-# The files that hold a tokenizer's vocabulary (tokenizer_config.json and special_tokens_map.json only
-# describe one): at least one of them must be in a checkpoint folder.
-TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "vocab.txt")
+# A checkpoint folder holds at least one of these (a byte-level tokenizer such as ByT5's has only its
+# tokenizer_config.json); which ones a tokenizer needs is for AutoTokenizer to say.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.txt",
+)
 _MODEL_TYPES = " or ".join(repr(t) for t in families.FAMILIES)
 FOLDER_CONTENTS = (
     f"a local checkpoint folder must contain: config.json (model_type {_MODEL_TYPES}); weights as "
@@ -81,7 +89,8 @@ FOLDER_CONTENTS = (
 
 
 class CheckpointError(OSError, ValueError):
-    """A checkpoint folder whose weights do not fit its own config.json (names or shapes).
+    """A checkpoint folder that cannot make a model: weights that do not fit its own config.json (names or
+    shapes), a weights file that cannot be read, a config.json of a model this library does not build.
 
     An OSError, like every other unusable model folder or hub id (the command-line tools report it as a user
     error), and a ValueError, like the name-table mismatch it carries.
@@ -188,15 +197,73 @@ def check_params(params: Any, expected: Any, source: str = "params") -> Any:
     return unflatten_dict({k: jnp.asarray(np.asarray(v, np.float32)) for k, v in got.items()}, sep="/")
 
 
+_MISMATCH_FIX = (
+    "Pass a checkpoint folder as `save_pretrained` writes it, beside the config.json its weights were saved "
+    "with: the weights of the seq2seq LM, or, where the head is tied to the input embedding, of the bare "
+    "encoder-decoder. Nothing else loads here: no task heads (classification, question answering), no "
+    "separate encoder and decoder input embeddings, no untied model without its LM head."
+)
+
+
+def _unreadable(path: str, err: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"cannot read the weights file {path} ({type(err).__name__}: {err}); it is damaged or not in the format "
+        "its name says: write or download it again"
+    )
+
+
+def _weights_files(folder: str) -> tuple[str, list[str]]:
+    """The weights in `folder`: ``('safetensors', [files])`` (one file, or the shards its index names) or
+    ``('msgpack', [file])``.
+
+    Raises:
+      FileNotFoundError: no weights file, or shards the index names are not in the folder.
+      CheckpointError: an index that is not JSON or has no ``weight_map``.
+    """
+    index = os.path.join(folder, SAFETENSORS_INDEX_NAME)
+    single = os.path.join(folder, SAFETENSORS_NAME)
+    if os.path.isfile(single):
+        return "safetensors", [single]
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise _unreadable(index, err) from err
+        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are not in {folder}: {', '.join(missing)}")
+        return "safetensors", [os.path.join(folder, s) for s in shards]
+    if os.path.isfile(os.path.join(folder, MSGPACK_NAME)):
+        return "msgpack", [os.path.join(folder, MSGPACK_NAME)]
+    raise FileNotFoundError(
+        f"no weights in {folder}: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} "
+        f"or {MSGPACK_NAME}; {FOLDER_CONTENTS}"
+    )
+
+
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     try:
-        return load_file(path)
-    except (TypeError, ValueError):  # e.g. bfloat16 tensors, which numpy cannot hold
-        out = {}
-        with safe_open(path, framework="flax") as f:
-            for name in f.keys():
-                out[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
-        return out
+        try:
+            return load_file(path)
+        except (TypeError, ValueError):  # e.g. bfloat16 tensors, which numpy cannot hold
+            out = {}
+            with safe_open(path, framework="flax") as f:
+                for name in f.keys():
+                    out[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
+            return out
+    except SafetensorError as err:
+        raise _unreadable(path, err) from err
+
+
+def _read_msgpack(path: str) -> Any:
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        params = serialization.msgpack_restore(data)
+    except Exception as err:  # msgpack's and flax's decoding errors: the file's content, not this code
+        raise _unreadable(path, err) from err
+    return params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
 
 
 def load_params(folder: str, config, module: nn.Module) -> Any:
@@ -204,78 +271,96 @@ def load_params(folder: str, config, module: nn.Module) -> Any:
 
     Raises:
       CheckpointError: the weights do not fit `config` (the message lists what is missing, unexpected or of
-        the wrong shape, and what the folder should hold).
-      FileNotFoundError: `folder` has no weights.
+        the wrong shape, and what the folder should hold), or a weights file cannot be read.
+      FileNotFoundError: `folder` has no weights, or lacks shards its index names.
     """
+    family = families.get(getattr(config, "model_type", None))
+    expected = param_shapes(module)
+    kind, files = _weights_files(folder)
     try:
-        return _load_params(folder, config, module)
+        if kind == "safetensors":
+            state = {}
+            for path in files:
+                state.update(_read_safetensors(path))
+            return check_params(family.params_from_torch(state, config), expected, f"{folder} (safetensors)")
+        params = family.params_from_flax(_read_msgpack(files[0]), config)
+        return check_params(params, expected, files[0])
     except CheckpointError:
         raise
-    except ValueError as err:
-        raise CheckpointError(
-            f"the weights in {folder} do not fit its config.json (model_type {config.model_type!r}). {err}\n"
-            "Pass the folder that `save_pretrained` wrote for this config: the weights of the seq2seq LM "
-            "(BartForConditionalGeneration, T5ForConditionalGeneration) or of the bare encoder-decoder "
-            "(BartModel, T5Model) beside the config.json they were saved with."
-        ) from None
+    except ValueError as err:  # the name table's or the shape check's report
+        raise _mismatch(folder, config, err) from err
 
 
-def _load_params(folder: str, config, module: nn.Module) -> Any:
-    family = families.get(getattr(config, "model_type", None))
-    index = os.path.join(folder, SAFETENSORS_INDEX_NAME)
-    single = os.path.join(folder, SAFETENSORS_NAME)
-    msgpack = os.path.join(folder, MSGPACK_NAME)
-    if os.path.isfile(single) or os.path.isfile(index):
-        if os.path.isfile(single):
-            state = _read_safetensors(single)
-        else:
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            state = {}
-            for shard in shards:
-                state.update(_read_safetensors(os.path.join(folder, shard)))
-        params = family.params_from_torch(state, config)
-        return check_params(params, param_shapes(module), source=f"{folder} (safetensors)")
-    if os.path.isfile(msgpack):
-        with open(msgpack, "rb") as f:
-            params = serialization.msgpack_restore(f.read())
-        if set(params) == {"params"}:
-            params = params["params"]
-        params = family.params_from_flax(params, config)
-        return check_params(params, param_shapes(module), source=f"{msgpack}")
-    raise FileNotFoundError(
-        f"no weights in {folder}: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} "
-        f"or {MSGPACK_NAME}; {FOLDER_CONTENTS}"
+def _mismatch(folder: str, config, err: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"the weights in {folder} do not fit its config.json (model_type {config.model_type!r}). {err}\n{_MISMATCH_FIX}"
     )
 
 
+def weights_problems(folder: str) -> list[str]:
+    """Whether the safetensors weights in `folder` fit its config.json, from the files' headers alone (names
+    and shapes; no tensor is read), through the family's name table.
+
+    Args:
+      folder: a local folder whose config.json has a supported model_type.
+
+    Returns:
+      ``[]``, or one problem: the mismatch report (msgpack weights are checked when they are loaded).
+    """
+    try:
+        kind, files = _weights_files(folder)
+        if kind != "safetensors":
+            return []
+        shapes = {}
+        for path in files:
+            with safe_open(path, framework="numpy") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, SafetensorError) as err:
+        return [f"its weights cannot be read ({type(err).__name__}: {err})"]
+    zero = np.zeros((), np.float32)
+    stand_ins = {name: np.broadcast_to(zero, shape) for name, shape in shapes.items()}  # shapes, no memory
+    try:
+        families.get(config.model_type).params_from_torch(stand_ins, config, check_only=True)
+    except ValueError as err:  # the report: a title line, then the names by kind
+        listing = "\n".join(f"    {line}" for line in str(err).splitlines()[1:])
+        return [f"its weights do not fit its config.json ({config.model_type}):\n{listing}"]
+    return []
+
+
 def folder_problems(folder: str) -> list[str]:
-    """What keeps a local checkpoint folder from loading, found without reading its weights: config.json
-    missing, unreadable or of an unsupported model_type; no weights file; no tokenizer vocabulary.
+    """What keeps a local checkpoint folder from loading, found without reading a tensor: config.json
+    missing, unreadable or of an unsupported model_type; no weights, or shards missing; safetensors weights
+    whose names or shapes do not fit the config (:func:`weights_problems`); no tokenizer files.
 
     Args:
       folder: an existing local folder.
 
     Returns:
-      One short clause per problem (empty when the folder looks loadable), e.g. ``"has no config.json"``.
+      One problem per item (empty when the folder looks loadable), e.g. ``"has no config.json"``.
     """
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
         return [f"has no {CONFIG_NAME}"]
     problems = []
+    supported = False
     try:
         with open(path, encoding="utf-8") as f:
             model_type = json.load(f).get("model_type")
     except (OSError, ValueError, AttributeError) as err:
         problems.append(f"its {CONFIG_NAME} is not a JSON object ({type(err).__name__}: {err})")
     else:
-        if model_type not in families.FAMILIES:
+        supported = model_type in families.FAMILIES
+        if not supported:
             problems.append(f"its {CONFIG_NAME} has model_type {model_type!r}; supported: {_MODEL_TYPES}")
     names = set(os.listdir(folder))
     if not names & {SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, MSGPACK_NAME}:
         problems.append(f"has no weights ({SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} or {MSGPACK_NAME})")
-    if not names & set(TOKENIZER_VOCABULARIES):
-        problems.append(f"has no tokenizer vocabulary (one of {', '.join(TOKENIZER_VOCABULARIES)})")
+    elif supported:
+        problems += weights_problems(folder)
+    if not names & set(TOKENIZER_FILES):
+        problems.append(f"has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
     return problems
 
 
@@ -379,7 +464,10 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: Dtype = jnp.float
     folder = resolve_folder(str(name_or_path))
     if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}; {FOLDER_CONTENTS}")
-    config = AutoConfig.from_pretrained(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except ValueError as err:  # a model_type transformers does not know, or none
+        raise CheckpointError(f"{os.path.join(folder, CONFIG_NAME)}: {err}; {FOLDER_CONTENTS}") from err
     if getattr(config, "model_type", None) not in families.FAMILIES:
         raise CheckpointError(
             f"{os.path.join(folder, CONFIG_NAME)}: model_type {config.model_type!r} is not supported; {FOLDER_CONTENTS}"

@@ -64,7 +64,7 @@ def torch_name_table(config) -> list[tuple[str, tuple[str, ...], bool, tuple[int
     return table
 
 
-def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
+def params_from_torch(state_dict: Mapping[str, np.ndarray], config, *, check_only: bool = False) -> dict:
     """Maps a PyTorch T5ForConditionalGeneration state dict to Flax params (float32 jax arrays).
 
     The tied embedding may be stored once as shared.weight (transformers 5) or duplicated as
@@ -76,9 +76,10 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
     Args:
       state_dict: torch name -> numpy array (any float dtype).
       config: the T5Config.
+      check_only: only match names and shapes (any values with a ``shape``); returns ``{}``.
 
     Returns:
-      Nested params dict in the HF Flax layout.
+      Nested params dict in the HF Flax layout ({} with ``check_only``).
 
     Raises:
       ValueError: listing every missing, unexpected and shape-mismatched tensor.
@@ -96,14 +97,14 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict:
         if "lm_head.weight" not in sd and "shared.weight" in sd:
             sd["lm_head.weight"] = sd["shared.weight"]
         table.append(("lm_head.weight", ("lm_head", "kernel"), True, (config.vocab_size, config.d_model)))
-    params, used, missing, mismatched = apply_name_table(sd, table)
+    params, used, missing, mismatched = apply_name_table(sd, table, check_only=check_only)
     expected = (config.vocab_size, config.d_model)
     for alias in aliases:  # duplicated tied copies: accept when the shape fits
         if alias in sd and alias not in used:
             used.add(alias)
             if tuple(np.shape(sd[alias])) != expected:
                 mismatched.append(f"{alias}: got {tuple(np.shape(sd[alias]))}, expected {expected}")
-            elif alias == "lm_head.weight" and not np.array_equal(sd[alias], sd["shared.weight"]):
+            elif alias == "lm_head.weight" and not check_only and not np.array_equal(sd[alias], sd["shared.weight"]):
                 mismatched.append("lm_head.weight: differs from shared.weight, but the config ties the head")
     unexpected = sorted(set(sd) - used)
     if missing or unexpected or mismatched:
