@@ -133,12 +133,18 @@ def _restore_intact(
 
     Raises:
       CheckpointError: the given step, or every step, is broken (the message lists what is wrong with each).
-      FileNotFoundError: there is no checkpoint at all.
+      FileNotFoundError: there is no checkpoint at all, or none of the given step.
     """
     folder = str(mgr.directory)
     candidates = [step] if step is not None else sorted(mgr.all_steps(), reverse=True)
     if not candidates:
         raise FileNotFoundError(f"no checkpoint in {folder}")
+    if step is not None and not os.path.exists(_step_dir(mgr, step)):  # a step that was never saved (or kept)
+        steps = ", ".join(str(s) for s in sorted(mgr.all_steps())) or "none"
+        raise FileNotFoundError(
+            f"no checkpoint of step {step} in {folder} (its steps: {steps}); ask for one of those, or for none "
+            "to take the newest"
+        )
     checked = {} if checked is None else checked
     reported = set() if reported is None else reported
     problems = []

@@ -181,14 +181,33 @@ def check_trained_run(workdir: str) -> None:
         )
 
 
+def eval_flag_problems(flags) -> list[str]:
+    """What is wrong with ``run_eval.py``'s flags for their ``--mode``, one ``--flag=value: ...; fix`` each."""
+    problems = []
+    if flags.data:
+        problems += validation.check_data_spec(flags.data, "--data")
+    name = flags.name
+    if name is not None and (not name.strip() or name in (".", "..") or any(c in name for c in "/\\")):
+        problems.append(
+            f"--name={name!r}: is the name of the results file, not a path; e.g. --name=test, and "
+            "--output_dir=DIR for another folder"
+        )
+    if flags.mode == "sample" and flags.num < 1:
+        problems.append(f"--num={flags.num}: sample needs at least one sentence; e.g. --num=10")
+    if flags.mode == "interpolate" and flags.steps < 2:
+        problems.append(f"--steps={flags.steps}: interpolate needs at least the two end points; e.g. --steps=5")
+    if flags.mode in ("reconstruct", "interpolate"):
+        problems += [f"--text={t!r}: is empty; give a sentence" for t in flags.text if not t.strip()]
+    return problems
+
+
 def run_eval_main(flags) -> int:
     """Dispatches ``run_eval.py --mode=...``; returns the process exit code."""
     workdir = flags.workdir
     check_trained_run(workdir)
-    if flags.data:
-        problems = validation.check_data_spec(flags.data, "--data")
-        if problems:
-            raise validation.ConfigError(problems, subject="--data")
+    problems = eval_flag_problems(flags)
+    if problems:
+        raise validation.ConfigError(problems, subject="the command line")
     if flags.mode == "metrics":
         config = inference.load_config(workdir)
         try:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 from flax_textvae.configuration import base_config
-from flax_textvae.data import sources
+from flax_textvae.data import prepared, sources
 from flax_textvae.data.sources import SYNTHETIC_PREFIX, TFDS_PREFIX
 from flax_textvae.losses import FREE_BITS_MODES, KINDS
 from flax_textvae.models import FOLDER_CONTENTS, families
@@ -131,9 +131,25 @@ def check_data_spec(spec: Any, field: str, *, column: int | None = None) -> list
             f"'synthetic:N[:SEED]' or 'prepared:DIR' spec; e.g. {field}=synthetic:20000"
         ]
     if spec.startswith(READER_PREFIXES):
-        return []
+        what = _reader_spec_problem(spec)
+        return [f"{field}={spec!r}: {what}"] if what else []
     what = _text_file_problem(os.path.expanduser(spec), column)
     return [f"{field}={spec!r}: {what}"] if what else []
+
+
+def _reader_spec_problem(spec: str) -> str | None:
+    """A ``synthetic:`` or ``tfds:`` spec that does not parse, or a ``prepared:`` folder that is not a whole
+    prepared data set; None otherwise (whether a ``tfds:`` data set is built is checked separately)."""
+    try:
+        if spec.startswith(SYNTHETIC_PREFIX):
+            sources.parse_synthetic_spec(spec)
+        elif spec.startswith(TFDS_PREFIX):
+            sources.parse_tfds_spec(spec)
+        else:
+            prepared.read_index(spec)
+    except (OSError, ValueError) as err:
+        return str(err)
+    return None
 
 
 # ------------------------------------------------------------------------------------------ field checks
@@ -375,8 +391,9 @@ def _check_data(c: _Checks, check_data: bool) -> None:
     for field in ("data.train", "data.eval"):
         spec = c.text(field, nonempty=True)
         if spec is not None and check_data:
-            c.problems.extend(check_data_spec(spec, field, column=column))
-            if spec.startswith(TFDS_PREFIX):  # not built: refused now, before the workdir is written
+            problems = check_data_spec(spec, field, column=column)
+            c.problems.extend(problems)
+            if spec.startswith(TFDS_PREFIX) and not problems:  # not built: refused now, before any write
                 problem = sources.tfds_problem(spec, data_dir=c.get("data.tfds_data_dir") or None)
                 c.problems.extend([f"{field}={problem}"] if problem else [])  # it starts with the spec
     c.text("data.text_field")

@@ -26,6 +26,34 @@ import numpy as np
 
 BART_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3 as in facebook/bart-base
 T5_SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0..2 as in t5-small
+# The tiny sizes and the special ids (those of facebook/bart-base / t5-small) of every test checkpoint.
+TINY_BART = dict(
+    d_model=16,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=32,
+    decoder_ffn_dim=32,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    decoder_start_token_id=2,
+    forced_eos_token_id=2,
+)
+TINY_T5 = dict(
+    d_model=16,
+    d_kv=8,
+    d_ff=32,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=2,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
 
 
 def word_vocab(n_words: int) -> list[str]:
@@ -94,20 +122,9 @@ def make_tiny_bart(folder: str | os.PathLike, vocab_words: Sequence[str] | None 
     words = list(vocab_words) if vocab_words is not None else word_vocab(59)
     tokenizer = make_word_tokenizer(folder, words, "bart")
     kw = dict(
+        TINY_BART,
         vocab_size=len(tokenizer),
-        d_model=16,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
         max_position_embeddings=64,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        forced_eos_token_id=2,
         dropout=0.1,
         attention_dropout=0.1,
         activation_dropout=0.1,
@@ -156,19 +173,9 @@ def make_tiny_t5(
     words = list(vocab_words) if vocab_words is not None else word_vocab(61)
     tokenizer = make_word_tokenizer(folder, words, "t5")
     kw = dict(
+        TINY_T5,
         vocab_size=len(tokenizer),
-        d_model=16,
-        d_kv=8,
-        d_ff=32,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
         dropout_rate=0.1,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
         feed_forward_proj="gated-gelu" if v1_1 else "relu",
         tie_word_embeddings=(not v1_1) if tie is None else tie,
     )
@@ -254,24 +261,7 @@ def make_hub_bart(folder: str | os.PathLike, texts: Sequence[str], seed: int = 0
     from transformers import BartConfig, BartForConditionalGeneration, BartModel
 
     vocab = make_bpe_tokenizer_files(folder, texts)
-    kw = dict(
-        vocab_size=vocab,
-        d_model=16,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=128,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        forced_eos_token_id=2,
-        architectures=["BartModel"],
-    )
-    kw.update(overrides)
+    kw = {**TINY_BART, "vocab_size": vocab, "max_position_embeddings": 128, "architectures": ["BartModel"], **overrides}
     torch.manual_seed(seed)
     model = BartModel(BartConfig(**kw))
     with torch.no_grad():  # random (non-zero) biases so their mapping is tested
@@ -295,22 +285,7 @@ def make_hub_t5(folder: str | os.PathLike, texts: Sequence[str], seed: int = 0, 
 
     make_spiece_model(folder, texts)
     tokens = len(T5Tokenizer.from_pretrained(str(folder)))
-    kw = dict(
-        vocab_size=tokens + 28,
-        d_model=16,
-        d_kv=8,
-        d_ff=32,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        feed_forward_proj="relu",
-    )
-    kw.update(overrides)
+    kw = {**TINY_T5, "vocab_size": tokens + 28, "feed_forward_proj": "relu", **overrides}
     torch.manual_seed(seed)
     T5ForConditionalGeneration(T5Config(**kw)).save_pretrained(str(folder))
     return T5ForConditionalGeneration.from_pretrained(str(folder)).eval()

@@ -302,6 +302,25 @@ def test_eval_of_a_missing_data_file_is_a_short_error(tmp_path):
     assert_user_error(p, "--data=", "test.txt", "no such file")
 
 
+def test_bad_eval_flags_are_one_short_error_before_any_work(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a run's outline is enough: the flags are refused first
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+    workdir = f"--workdir={tmp_path}"
+    p = run_cli(
+        "run_eval.py", workdir, "--mode=interpolate", "--text=a b", "--text= ", "--steps=1", "--name=../x",
+        "--data=synthetic:0",
+    )  # fmt: skip
+    assert_user_error(p, "the command line has 4 problems", "--steps=1", "--text=' '", "--name='../x'", "N >= 1")
+    p = run_cli("run_eval.py", workdir, "--mode=sample", "--num=0")
+    assert_user_error(p, "--num=0: sample needs at least one sentence")
+
+
+def test_eval_of_a_step_that_was_never_saved_names_the_steps_there(tiny_run):
+    p = run_cli("run_eval.py", f"--workdir={tiny_run[1]}", "--step=999", "--iw_samples=1")
+    assert_user_error(p, "no checkpoint of step 999 in", "(its steps: ")
+    assert "incomplete" not in p.stderr
+
+
 BUG_SCRIPT = """
 from flax_textvae import cli
 def main(argv):

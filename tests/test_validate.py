@@ -258,9 +258,21 @@ def test_a_missing_column_is_refused(tmp_path):
     assert "2 tab-separated column(s)" in problems[0] and "data.column=2" in problems[0]
 
 
-def test_reader_specs_are_left_to_their_readers():
-    for spec in ("tfds:not_there/x:valid", "synthetic:10", "prepared:/no/such/dir"):
+def test_reader_specs_are_parsed_and_their_data_left_to_their_readers(tmp_path):
+    for spec in ("tfds:not_there/x:valid", "synthetic:10", "synthetic:10:3"):
         assert validation.check_data_spec(spec, "data.train") == []
+    bad = {
+        "synthetic:0": "N >= 1",
+        "synthetic:ten": "bad synthetic spec",
+        "synthetic:5:-1": "SEED >= 0",
+        "tfds:": "bad TFDS spec",
+        "tfds:a/b/c:train": "bad TFDS spec",
+        "prepared:/no/such/dir": "does not exist; prepare it with: python -m flax_textvae.data.prepare",
+        f"prepared:{tmp_path}": "is not a (completely) prepared data set",
+    }
+    for spec, needle in bad.items():
+        (problem,) = validation.check_data_spec(spec, "data.eval")
+        assert problem.startswith(f"data.eval={spec!r}: ") and needle in problem, problem
 
 
 def test_data_files_of_the_config_are_checked_and_can_be_skipped(tmp_path):

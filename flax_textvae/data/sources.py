@@ -46,8 +46,9 @@ _READ_CHUNK = 4096
 
 
 class DataSpecError(ValueError):
-    """A ``tfds:`` spec names data that is not there (not known to TFDS, or not prepared as array_record):
-    a user error, with the command that fixes it in the message."""
+    """A data spec that cannot be read: malformed (``synthetic:N[:SEED]``, ``tfds:NAME[/CONFIG][:SPLIT]``), or a
+    ``tfds:`` spec naming data that is not there (not known to TFDS, or not prepared as array_record): a user
+    error, with the fix in the message."""
 
 
 class DatasetNotBuiltError(DataSpecError):
@@ -187,19 +188,29 @@ def _read_text_file(
     return texts, stats
 
 
-def _read_synthetic(spec: str, *, max_examples: int | None) -> tuple[list[str], dict[str, Any]]:
-    parts = spec[len(SYNTHETIC_PREFIX) :].split(":")
+def parse_synthetic_spec(spec: str) -> tuple[int, int]:
+    """``'synthetic:N[:SEED]'`` -> ``(N, SEED)`` (SEED 0 when left out).
+
+    Raises:
+      DataSpecError: not of that form, N < 1 or SEED < 0.
+    """
+    parts = spec[len(SYNTHETIC_PREFIX) :].split(":") if spec.startswith(SYNTHETIC_PREFIX) else []
     try:
         if not 1 <= len(parts) <= 2:
             raise ValueError
         n, seed = int(parts[0]), int(parts[1]) if len(parts) == 2 else 0
-        if n < 0 or seed < 0:
+        if n < 1 or seed < 0:
             raise ValueError
     except ValueError:
-        raise ValueError(
-            f"bad synthetic spec {spec!r}; expected 'synthetic:N[:SEED]' with integers >= 0, "
+        raise DataSpecError(
+            f"bad synthetic spec {spec!r}; expected 'synthetic:N[:SEED]' with N >= 1 examples and a SEED >= 0, "
             "e.g. 'synthetic:20000' or 'synthetic:500:1'"
         ) from None
+    return n, seed
+
+
+def _read_synthetic(spec: str, *, max_examples: int | None) -> tuple[list[str], dict[str, Any]]:
+    n, seed = parse_synthetic_spec(spec)
     texts = synthetic_sentences(n if max_examples is None else min(n, max_examples), seed)
     stats = new_stats()
     stats["lines_read"] = stats["examples"] = len(texts)
@@ -212,7 +223,7 @@ def parse_tfds_spec(spec: str) -> tuple[str, str]:
     name, _, split = body.partition(":")
     name, split = name.strip(), (split.strip() or "train")
     if not name or name.count("/") > 1 or ":" in split:
-        raise ValueError(
+        raise DataSpecError(
             f"bad TFDS spec {spec!r}; expected 'tfds:NAME[/CONFIG][:SPLIT]', e.g. 'tfds:text_vae_corpora/ptb:valid'"
         )
     return name, split
