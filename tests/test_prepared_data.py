@@ -130,6 +130,13 @@ def test_cli_and_user_errors(corpus, tmp_path, capsys):
         == 2
     )
     assert "matches nothing" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    for tokenizer, needle in ((tmp_path / "nope", "no such folder"), (tmp_path / "empty", "cannot load a tokenizer")):
+        flags = [f"--input={text}", f"--tokenizer={tokenizer}", "--max_length=8", f"--output={tmp_path / 'o'}"]
+        assert prep.main(flags) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --tokenizer='{tokenizer}': {needle}") and "hub id" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_column_and_int32_ids(tmp_path):

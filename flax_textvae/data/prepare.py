@@ -243,7 +243,7 @@ def prepare_dataset(
     _check_settings(max_length, column, on_decode_error, lines_per_shard)
     output = os.path.abspath(os.path.expanduser(output))
     files = resolve_inputs(inputs)
-    tok = AutoTokenizer.from_pretrained(tokenizer)
+    tok = _load_tokenizer(tokenizer)
     sources, recipe = _sources_and_recipe(files, tok, max_length, column)
     old = _up_to_date(output, recipe)
     if old is not None:
@@ -356,6 +356,19 @@ def _write_all(
         "stats": stats,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _load_tokenizer(name: str) -> Any:
+    """``AutoTokenizer.from_pretrained(name)``, with a message naming the fix when it cannot load."""
+    path = os.path.expanduser(str(name))
+    fix = "pass a checkpoint folder (or a run's WORKDIR/model) that holds the tokenizer files, or a hub id"
+    if not os.path.isdir(path) and (os.path.exists(path) or path.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"--tokenizer={name!r}: no such folder; {fix}")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise OSError(f"--tokenizer={name!r}: cannot load a tokenizer from it ({first}); {fix}") from err
 
 
 def _save_tokenizer(tok: Any, tokenizer_name: str, tokenizer_hash: str, tmp: str) -> str:
