@@ -243,6 +243,9 @@ class TrainedTextVAE:
 
     def _encode(self, texts, stacklevel: int):
         texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            empty = np.zeros((0, self.latent_size), np.float32)
+            return empty, empty.copy()
         self._warn_unknown(texts, stacklevel + 1)
         return self.run.encode_texts(self.params, texts)
 
@@ -276,7 +279,8 @@ class TrainedTextVAE:
             frac, words = self.unknown_fraction(text)
             if frac > UNKNOWN_WARN_FRACTION:
                 which = f": {', '.join(repr(w) for w in dict.fromkeys(words))}" if words else ""
-                bad.append(f"{text!r} ({frac:.0%} of its tokens unknown{which})")
+                shown = text if len(text) <= 80 else text[:77] + "..."
+                bad.append(f"{shown!r} ({frac:.0%} of its tokens unknown{which})")
         if bad:
             shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
             warnings.warn(
@@ -300,6 +304,8 @@ class TrainedTextVAE:
         z = np.atleast_2d(np.asarray(z, np.float32))
         if z.shape[-1] != self.latent_size:
             raise ValueError(f"z has {z.shape[-1]} dims; this model's latent_size is {self.latent_size}")
+        if not len(z):
+            return []
         ids = decode_from_z(
             self.run.model,
             self.params,

@@ -55,6 +55,10 @@ def test_encode_shapes_and_determinism(vae, train_texts):
     np.testing.assert_allclose(m1[0], mean[0], rtol=1e-5, atol=1e-6)  # padding to the batch's longest is masked
     single, _ = vae.encode(train_texts[0])  # a bare string is one text
     assert single.shape == (1, vae.latent_size)
+    # no texts: empty results of the right shapes, not an error from the batcher
+    empty_mean, empty_logvar = vae.encode([])
+    assert empty_mean.shape == empty_logvar.shape == (0, vae.latent_size)
+    assert vae.reconstruct([]) == [] and vae.decode(np.zeros((0, vae.latent_size))) == []
 
 
 def test_reconstruct_sample_interpolate(vae, train_texts):
@@ -104,6 +108,9 @@ def test_a_mostly_unknown_input_warns_naming_it_and_the_fraction(vae):
         for word in UNKNOWN:
             assert repr(word) in message
         assert caught[0].filename == __file__  # it points at the caller's line
+    long = " ".join(UNKNOWN * 40)  # a long text is named by its first 77 characters
+    with pytest.warns(UserWarning, match=repr(long[:77] + "...")):
+        vae.encode([long])
 
 
 def test_known_and_half_known_inputs_do_not_warn(vae, train_texts):
