@@ -31,7 +31,7 @@ from flax_textvae.losses import FREE_BITS_MODES, KINDS
 from flax_textvae.models import FOLDER_CONTENTS, families
 from flax_textvae.models import attention as attn_lib
 from flax_textvae.models.attention import ATTENTION_IMPLEMENTATIONS
-from flax_textvae.models.loading import folder_problems
+from flax_textvae.models.loading import folder_problems, names_a_local_path
 from flax_textvae.vae import DTYPES, INJECTIONS, MEMORY_STYLES, POOLINGS
 
 LR_DECAYS = ("linear", "cosine", "constant")  # step.learning_rate_fn
@@ -284,7 +284,7 @@ def _check_model(c: _Checks, check_path: bool = True) -> None:
         # A hub id is checked when it is fetched; a local path that is not a folder can be refused now.
         path = os.path.expanduser(name) if name else ""
         fix = "pass such a folder, a hub id (e.g. --config.model.name_or_path=facebook/bart-base) or 'scratch'"
-        if path and not os.path.isdir(path) and (os.path.exists(path) or path.startswith((".", "/", "~"))):
+        if path and not os.path.isdir(path) and names_a_local_path(path):
             c.report("model.name_or_path", name, f"is not a checkpoint folder ({FOLDER_CONTENTS})", fix)
         elif path and os.path.isdir(path):
             problems = "; ".join(folder_problems(path))

@@ -36,6 +36,7 @@ from transformers import AutoTokenizer
 
 from flax_textvae.data import prepared as fmt
 from flax_textvae.data.prepared import encode_ids
+from flax_textvae.models.loading import names_a_local_path
 
 DEFAULT_LINES_PER_SHARD = 100_000
 WRITER_OPTIONS = "group_size:1,uncompressed"
@@ -362,7 +363,7 @@ def _load_tokenizer(name: str) -> Any:
     """``AutoTokenizer.from_pretrained(name)``, with a message naming the fix when it cannot load."""
     path = os.path.expanduser(str(name))
     fix = "pass a checkpoint folder (or a run's WORKDIR/model) that holds the tokenizer files, or a hub id"
-    if not os.path.isdir(path) and (os.path.exists(path) or path.startswith((".", "/", "~"))):
+    if not os.path.isdir(path) and names_a_local_path(path):
         raise FileNotFoundError(f"--tokenizer={name!r}: no such folder; {fix}")
     try:
         return AutoTokenizer.from_pretrained(path)

@@ -28,9 +28,9 @@ def _lm_names(state_dict: Mapping[str, np.ndarray], config) -> dict[str, np.ndar
     """`state_dict` under the LM's names. A bare encoder-decoder's state dict (no name starts with `model.`,
     and there is no `lm_head.weight`) gets the `model.` prefix and the LM's starting `final_logits_bias`,
     zeros [1, V]; any other state dict is returned as it is, so a name missing there is reported."""
-    roots = tuple(f"{r}." for r in _BARE_MODEL_ROOTS)
     if any(k.startswith("model.") for k in state_dict) or "lm_head.weight" in state_dict:
         return dict(state_dict)
+    roots = tuple(f"{r}." for r in _BARE_MODEL_ROOTS)
     sd = {(f"model.{k}" if k.startswith(roots) else k): v for k, v in state_dict.items()}
     sd.setdefault("final_logits_bias", np.zeros((1, config.vocab_size), np.float32))
     return sd

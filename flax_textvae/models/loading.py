@@ -43,6 +43,7 @@ __all__ = [
     "CheckpointError",
     "folder_problems",
     "weights_problems",
+    "names_a_local_path",
     "Pretrained",
     "load_pretrained",
     "build_module",
@@ -364,6 +365,12 @@ def folder_problems(folder: str) -> list[str]:
     return problems
 
 
+def names_a_local_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path, not a hub id: it exists, or starts with '.', '/' or '~'."""
+    path = os.path.expanduser(str(name))
+    return os.path.exists(path) or path.startswith((".", "/", "~"))
+
+
 def _offline() -> bool:
     """Whether hub access is switched off.
 
@@ -421,7 +428,7 @@ def resolve_folder(name_or_path: str) -> str:
     path = os.path.expanduser(str(name_or_path))
     if os.path.isdir(path):
         return path
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+    if names_a_local_path(path) or path.count("/") > 1:
         raise FileNotFoundError(f"{name_or_path!r} is not a checkpoint folder; {FOLDER_CONTENTS}")
     offline = _offline()
     patterns = [CONFIG_NAME, SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, SAFETENSORS_SHARD_PATTERN] + TOKENIZER_PATTERNS
