@@ -97,12 +97,19 @@ class Run:
             full = models.param_shapes(self.model.backbone)
             models.loading.verify_params(self.backbone_params, full, "pretrained backbone")
             return dict(self._init_fn(without_backbone=True)(key), backbone=self.backbone_params)
-        params = self._init_fn()(key)
         if not self.unused_param_patterns():
-            return params
-        full = flatten_dict(models.init_params(self.model.backbone, jax.random.fold_in(key, 1)), sep="/")
-        full.update(flatten_dict(params["backbone"], sep="/"))
-        return dict(params, backbone=unflatten_dict(full, sep="/"))
+            return self._init_fn()(key)
+        if "complete" not in self._init_fns:
+            vae_init, backbone = self._init_fn(), self.model.backbone
+
+            def complete(k):  # one program: the VAE's tensors, the rest from a random backbone's
+                params = vae_init(k)
+                full = flatten_dict(models.loading.random_params(backbone, jax.random.fold_in(k, 1)), sep="/")
+                full.update(flatten_dict(params["backbone"], sep="/"))
+                return dict(params, backbone=unflatten_dict(full, sep="/"))
+
+            self._init_fns["complete"] = jax.jit(complete)
+        return self._init_fns["complete"](key)
 
     def _init_fn(self, without_backbone: bool = False) -> Callable[[jax.Array], Any]:
         """The jitted ``key -> VAE params``, or only its non-backbone subtrees (XLA then drops the random

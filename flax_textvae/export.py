@@ -23,9 +23,9 @@ import sys
 from typing import Any, Sequence
 
 import numpy as np
+import transformers
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
-from transformers import AutoConfig
 
 from flax_textvae import checkpoints, cli, exported, model_card
 from flax_textvae import workdir as rundir
@@ -124,7 +124,7 @@ def export(workdir: str, output: str, *, step: int | None = None) -> str:
     _check_output(output, workdir)
     with open(os.path.join(workdir, "config.json")) as f:
         config = json.load(f)
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    hf_config = transformers.AutoConfig.from_pretrained(model_dir)
     print(f"export: reading the checkpoint of {workdir}", flush=True)
     params, used_step = checkpoints.load_params(workdir, step)
     params = dict(params)

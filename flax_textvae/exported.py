@@ -23,9 +23,9 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import transformers
 from flax.traverse_util import unflatten_dict
 from safetensors.numpy import load_file
-from transformers import AutoConfig
 
 from flax_textvae import models
 
@@ -96,7 +96,7 @@ def load_params(folder: str, step: int | None = None) -> tuple[Any, int]:
     weights = os.path.join(folder, VAE_WEIGHTS_NAME)
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"{weights} not found: the exported folder {folder} is incomplete")
-    hf_config = AutoConfig.from_pretrained(folder)
+    hf_config = transformers.AutoConfig.from_pretrained(folder)
     backbone = models.load_params(folder, hf_config, models.build_module(hf_config))
     vae = unflatten_dict({k: jnp.asarray(np.asarray(v, np.float32)) for k, v in load_file(weights).items()}, sep="/")
     if "backbone" in vae:

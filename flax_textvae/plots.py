@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn: importing it costs about 0.5 s
+    from matplotlib.figure import Figure
 
 _EVAL_SPLITS = ("eval", "valid", "validation", "test")
 _PHASE_TINTS = ("tab:orange", "tab:blue", "tab:green", "tab:purple")
@@ -92,6 +91,9 @@ def _phase_spans(rows: Sequence[dict[str, Any]], boundaries: Sequence[tuple[floa
 
 
 def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -224,6 +226,8 @@ def _au_panels(train, evals) -> list:
         ax.plot(s, v, **dict(_EVAL_STYLE, label="au"))
         pad = max(1.0, 0.1 * float(v.max() - v.min()))  # room for integer ticks around a flat count
         ax.set_ylim(max(float(v.min()) - pad, -0.5), float(v.max()) + pad)
+        from matplotlib.ticker import MaxNLocator
+
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
     return [("active units au (eval)", draw_au)]
@@ -390,6 +394,8 @@ def _threshold_legend(ax, line_ax, threshold: float, *, by_variance: bool) -> No
     """The dashed threshold line on ``line_ax`` and the legend (active / inactive / threshold) beside ``ax``."""
     line_label = f"active-unit threshold {threshold:g}" if by_variance else f"KL = {threshold:g} nats"
     line_ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1.6, zorder=3, label=line_label)
+    from matplotlib.patches import Patch
+
     handles = [
         Patch(color="tab:blue", label="active" if by_variance else f"KL > {threshold:g}"),
         Patch(color="tab:gray", label="inactive" if by_variance else f"KL <= {threshold:g}"),

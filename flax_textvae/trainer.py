@@ -101,6 +101,10 @@ class Trainer:
         fn = functools.partial(
             train_step, model=run.model, tx=self.tx, cfg=self.step_config, kl_weight_fn=wfn, kl_target_fn=tfn, lr_fn=lr
         )
+        # One program for the fresh optimizer state and counters (op by op, each zeros_like would be its own).
+        self._fresh = jax.jit(
+            lambda params, step, key: (jnp.asarray(step, jnp.int32), self.tx.init(params), jax.random.key_data(key))
+        )
         abstract = jax.eval_shape(lambda: self.new_state(init_params, 0, jax.random.key(0)))
         self.placement = parallel.make_placement(config.parallel, config.batch_size, abstract)
         self.step = self.placement.compile(fn)
@@ -108,12 +112,8 @@ class Trainer:
 
     def new_state(self, params, step: int, key) -> TrainState:
         """A fresh host-side state at ``step`` (fresh optimizer state); ``place`` it before stepping."""
-        return TrainState(
-            step=jnp.asarray(step, jnp.int32),
-            params=params,
-            opt_state=self.tx.init(params),
-            rng=jnp.array(jax.random.key_data(key), copy=True),
-        )
+        step, opt_state, rng = self._fresh(params, step, key)
+        return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
 
     def place(self, state: TrainState) -> TrainState:
         return self.placement.place(state)

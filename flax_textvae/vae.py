@@ -224,3 +224,13 @@ class TextVAE(nn.Module):
             z = reparameterize(mean, logvar, eps)
         out = self.decode(z, decoder_input_ids, decoder_attention_mask, deterministic=deterministic, hidden=hidden)
         return {"hidden" if hidden else "logits": out, "mean": mean, "logvar": logvar, "z": z}
+
+
+def _load_trained(path: str, *, step: int | None = None):
+    """``TextVAE.load``: an alias of ``flax_textvae.load`` (a trained run's workdir or an exported folder)."""
+    from flax_textvae.inference import load  # on use: inference imports the tokenizers and checkpointing
+
+    return load(path, step=step)
+
+
+TextVAE.load = staticmethod(_load_trained)

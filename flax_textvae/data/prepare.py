@@ -31,8 +31,8 @@ import time
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import transformers
 from array_record.python.array_record_module import ArrayRecordWriter
-from transformers import AutoTokenizer
 
 from flax_textvae.data import prepared as fmt
 from flax_textvae.data.prepared import encode_ids
@@ -93,7 +93,7 @@ def clean_lines(
 
 def _init_worker(tokenizer_folder: str, settings: dict[str, Any]) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
-    _worker.update(settings, tokenizer=AutoTokenizer.from_pretrained(tokenizer_folder))
+    _worker.update(settings, tokenizer=transformers.AutoTokenizer.from_pretrained(tokenizer_folder))
 
 
 def _write_shard(task: tuple[int, str, int, bytes]) -> dict[str, Any]:
@@ -366,7 +366,7 @@ def _load_tokenizer(name: str) -> Any:
     if not os.path.isdir(path) and names_a_local_path(path):
         raise FileNotFoundError(f"--tokenizer={name!r}: no such folder; {fix}")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [""])[0][:300]
         raise OSError(f"--tokenizer={name!r}: cannot load a tokenizer from it ({first}); {fix}") from err
@@ -380,7 +380,7 @@ def _save_tokenizer(tok: Any, tokenizer_name: str, tokenizer_hash: str, tmp: str
     """
     tok_folder = os.path.join(tmp, fmt.TOKENIZER_DIR)
     tok.save_pretrained(tok_folder)  # the workers tokenize with this copy; it must be the same tokenizer
-    if fmt.tokenizer_fingerprint(AutoTokenizer.from_pretrained(tok_folder)) != tokenizer_hash:
+    if fmt.tokenizer_fingerprint(transformers.AutoTokenizer.from_pretrained(tok_folder)) != tokenizer_hash:
         raise ValueError(
             f"tokenizer {tokenizer_name!r} changes when saved and loaded again "
             "(save_pretrained / from_pretrained), so runs could not check prepared ids against it"

@@ -16,8 +16,9 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
+import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from flax_textvae.models import families
 
@@ -120,4 +121,4 @@ def train_word_tokenizer(
     )
     os.makedirs(folder, exist_ok=True)
     wrapped.save_pretrained(os.fspath(folder))
-    return AutoTokenizer.from_pretrained(os.fspath(folder))
+    return transformers.AutoTokenizer.from_pretrained(os.fspath(folder))

@@ -18,6 +18,7 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -26,13 +27,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
 from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file
-from transformers import AutoConfig, AutoTokenizer
 
 from flax_textvae.models import families
 from flax_textvae.models.common import mismatch_report
@@ -137,7 +138,12 @@ def init_params(module: nn.Module, rng: jax.Array, config: Any = None) -> Any:
       config: unused (kept for the interface contract; the module carries its config).
     """
     del config
-    return jax.jit(module.init)(rng, *_dummy_inputs())["params"]
+    return jax.jit(functools.partial(random_params, module))(rng)
+
+
+def random_params(module: nn.Module, rng: jax.Array) -> Any:
+    """The computation of :func:`init_params`, not jitted: for use inside a larger jitted program."""
+    return module.init(rng, *_dummy_inputs())["params"]
 
 
 def param_shapes(module: nn.Module) -> Any:
@@ -317,7 +323,7 @@ def weights_problems(folder: str) -> list[str]:
             with safe_open(path, framework="numpy") as f:
                 for name in f.keys():
                     shapes[name] = tuple(f.get_slice(name).get_shape())
-        config = AutoConfig.from_pretrained(folder)
+        config = transformers.AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, SafetensorError) as err:
         return [f"its weights cannot be read ({type(err).__name__}: {err})"]
     zero = np.zeros((), np.float32)
@@ -472,7 +478,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: Dtype = jnp.float
     if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}; {FOLDER_CONTENTS}")
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = transformers.AutoConfig.from_pretrained(folder)
     except ValueError as err:  # a model_type transformers does not know, or none
         raise CheckpointError(f"{os.path.join(folder, CONFIG_NAME)}: {err}; {FOLDER_CONTENTS}") from err
     if getattr(config, "model_type", None) not in families.FAMILIES:
@@ -482,7 +488,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: Dtype = jnp.float
     module = build_module(config, dtype, **options)
     params = load_params(folder, config, module)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except Exception as err:
         raise OSError(f"cannot load the tokenizer from {folder} ({err}); {FOLDER_CONTENTS}") from err
     return Pretrained(module=module, params=params, config=config, tokenizer=tokenizer, path=folder)
