@@ -23,6 +23,8 @@ from flax_textvae import data as data_lib
 from flax_textvae import exported, input_pipeline, models
 from flax_textvae.vae import DTYPES, TextVAE
 
+ENCODE_BATCH = 64  # texts per encoder call in Run.encode_texts
+
 
 def split_name(spec: str) -> str:
     """Default eval name of a split spec: 'a/test.txt' -> 'test', 'tfds:x/y:validation' -> 'validation'."""
@@ -53,6 +55,7 @@ class Run:
     data: input_pipeline.Pipeline = dataclasses.field(default_factory=input_pipeline.Pipeline)
     _unused: tuple | None = dataclasses.field(default=None, repr=False)
     _init_fns: dict = dataclasses.field(default_factory=dict, repr=False)
+    _encode_fn: Callable | None = dataclasses.field(default=None, repr=False)
 
     @property
     def train_iter(self) -> Any:
@@ -138,22 +141,38 @@ class Run:
             self._unused = tuple("^" + re.escape("backbone/" + k) + "$" for k in sorted(unused))
         return self._unused
 
-    def encode_texts(self, params, texts: list[str]):
-        """(mean, logvar) numpy ``[N, Dz]`` for raw texts."""
+    def encode_texts(self, params, texts: list[str], batch_size: int = ENCODE_BATCH):
+        """(mean, logvar) numpy ``[N, Dz]`` for raw texts.
+
+        The texts are encoded ``batch_size`` at a time by one jitted program per batch shape: the rows
+        rounded up to a power of two (filled with copies of the first text, then dropped), the length to a
+        multiple of 8 (at most ``max_length``). So any number of texts takes bounded memory, and the
+        programs are few and reused (and persistently cached where the compilation cache is on).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         ids, _ = data_lib.encode_texts(self.tokenizer, list(texts), self.max_length)
-        batch = data_lib.collate(
-            ids,
-            pad_id=self.pad_id,
-            decoder_start_id=self.prompt[0],
-            bos_id=self.prompt[1] if len(self.prompt) > 1 else None,
-        )
-        mean, logvar = self.model.apply(
-            {"params": params},
-            jnp.asarray(batch["input_ids"]),
-            jnp.asarray(batch["attention_mask"]),
-            method=TextVAE.encode,
-        )
-        return np.asarray(mean), np.asarray(logvar)
+        if self._encode_fn is None:
+            model = self.model
+            self._encode_fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, method=TextVAE.encode))
+        means, logvars = [], []
+        for start in range(0, len(ids), batch_size):
+            chunk = list(ids[start : start + batch_size])
+            rows = 1 << (len(chunk) - 1).bit_length()
+            longest = max(len(x) for x in chunk)
+            batch = data_lib.collate(
+                chunk + chunk[:1] * (rows - len(chunk)),
+                pad_id=self.pad_id,
+                decoder_start_id=self.prompt[0],
+                seq_len=max(longest, min(-(-longest // 8) * 8, self.max_length)),
+            )
+            mean, logvar = self._encode_fn(params, batch["input_ids"], batch["attention_mask"])
+            means.append(np.asarray(mean)[: len(chunk)])
+            logvars.append(np.asarray(logvar)[: len(chunk)])
+        if not means:
+            empty = np.zeros((0, self.model.latent_size), np.float32)
+            return empty, empty.copy()
+        return np.concatenate(means), np.concatenate(logvars)
 
     def detokenize(self, ids) -> list[str]:
         """Token ids -> text, special tokens and padding dropped."""

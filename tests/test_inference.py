@@ -61,6 +61,33 @@ def test_encode_shapes_and_determinism(vae, train_texts):
     assert vae.reconstruct([]) == [] and vae.decode(np.zeros((0, vae.latent_size))) == []
 
 
+def test_encode_of_many_texts_batches_them_and_equals_each_text_alone(vae, tiny_run):
+    """Any number of texts goes through a few jitted batch shapes (rows a power of two, lengths a multiple of
+    8), each text's code equal to what the module gives for that text alone, unpadded and not jitted."""
+    import jax.numpy as jnp
+
+    from flax_textvae import data as data_lib
+    from flax_textvae.vae import TextVAE as Module
+
+    config, _ = tiny_run
+    texts = read_examples(config.data.train)[0][:37]  # 37 = 16 + 16 + 5 at batch 16: a short last batch
+    run = vae.run
+    run._encode_fn = None  # count only this call's programs (the module's other tests share the run)
+    mean, logvar = run.encode_texts(vae.params, texts, batch_size=16)
+    assert mean.shape == logvar.shape == (37, vae.latent_size)
+    ids, _ = data_lib.encode_texts(run.tokenizer, texts, run.max_length)
+    assert len({len(x) for x in ids}) > 3  # the texts differ in length, so padding is exercised
+    for i in (0, 15, 16, 31, 32, 36):
+        x = jnp.asarray(np.asarray(ids[i], np.int32)[None])
+        m, lv = run.model.apply({"params": vae.params}, x, jnp.ones_like(x), method=Module.encode)
+        np.testing.assert_allclose(mean[i], np.asarray(m)[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(logvar[i], np.asarray(lv)[0], rtol=1e-5, atol=1e-5)
+    # three batches, at most one program per (rows, length) shape: 16 rows twice, 8 rows for the last five
+    assert run._encode_fn._cache_size() <= 3
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        run.encode_texts(vae.params, texts, batch_size=0)
+
+
 def test_reconstruct_sample_interpolate(vae, train_texts):
     _strings(vae.reconstruct(train_texts), N)
     _strings(vae.sample(N, seed=0), N)
