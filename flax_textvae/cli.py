@@ -192,6 +192,11 @@ def eval_flag_problems(flags) -> list[str]:
             f"--name={name!r}: is the name of the results file, not a path; e.g. --name=test, and "
             "--output_dir=DIR for another folder"
         )
+    batch_size = getattr(flags, "batch_size", None)
+    if batch_size is not None and batch_size < 1:
+        problems.append(
+            f"--batch_size={batch_size}: must be >= 1; e.g. --batch_size=64, or leave it out for the config's"
+        )
     if flags.mode == "sample" and flags.num < 1:
         problems.append(f"--num={flags.num}: sample needs at least one sentence; e.g. --num=10")
     if flags.mode == "interpolate" and flags.steps < 2:

@@ -313,7 +313,7 @@ class TrainedTextVAE:
             prompt=self.run.prompt,
             eos_id=self.run.eos_id,
             pad_id=self.run.pad_id,
-            max_length=max_length or self.run.max_length,
+            max_length=self.run.max_length if max_length is None else max_length,
             method=method,
             rng=jax.random.key(seed),
             **kwargs,

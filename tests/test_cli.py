@@ -313,6 +313,8 @@ def test_bad_eval_flags_are_one_short_error_before_any_work(tmp_path):
     assert_user_error(p, "the command line has 4 problems", "--steps=1", "--text=' '", "--name='../x'", "N >= 1")
     p = run_cli("run_eval.py", workdir, "--mode=sample", "--num=0")
     assert_user_error(p, "--num=0: sample needs at least one sentence")
+    p = run_cli("run_eval.py", workdir, "--batch_size=-4")  # was a traceback (a ValueError from the batcher)
+    assert_user_error(p, "--batch_size=-4: must be >= 1")
 
 
 def test_eval_of_a_step_that_was_never_saved_names_the_steps_there(tiny_run):

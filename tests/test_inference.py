@@ -103,6 +103,12 @@ def test_interpolation_end_points_are_the_reconstructions(vae, train_texts):
     assert line[0] == rec[0] and line[-1] == rec[1]
 
 
+def test_decode_max_length_zero_is_refused_not_the_default(vae):
+    z = np.zeros((1, vae.latent_size), np.float32)
+    with pytest.raises(ValueError, match="max_length must be >= 1, got 0"):
+        vae.decode(z, max_length=0)
+
+
 def test_decode_rejects_a_wrong_latent_size(vae):
     with pytest.raises(ValueError, match=f"latent_size is {vae.latent_size}"):
         vae.decode(np.zeros((2, vae.latent_size + 1), np.float32))
