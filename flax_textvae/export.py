@@ -214,8 +214,13 @@ def _assemble(output: str, model_dir: str, tensors: dict, texts: dict) -> str:
         for fname in sorted(os.listdir(model_dir)):
             if os.path.isfile(os.path.join(model_dir, fname)):
                 shutil.copy2(os.path.join(model_dir, fname), os.path.join(tmp, fname))
+        umask = os.umask(0)
+        os.umask(umask)
         for fname, (arrays, tag) in tensors.items():
             save_file(arrays, os.path.join(tmp, fname), metadata={"format": tag})
+            # safetensors writes its files readable by their owner only; the folder is for sharing, so the
+            # weights get the permissions of every other file written here (0666 less the umask)
+            os.chmod(os.path.join(tmp, fname), 0o666 & ~umask)
         for fname, text in texts.items():
             with open(os.path.join(tmp, fname), "w") as f:
                 f.write(text)

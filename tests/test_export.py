@@ -109,6 +109,10 @@ def test_folder_layout(exported_run):
     with open(os.path.join(d, "config.json")) as f:
         assert json.load(f)["model_type"] == exported_run["family"]
     assert not [f for f in os.listdir(os.path.dirname(d)) if ".tmp-" in f]  # the staging folder is gone
+    # the weights are as readable as the rest (safetensors alone writes them 0600): the folder is for sharing
+    card_mode = os.stat(os.path.join(d, "README.md")).st_mode & 0o777
+    for name in ("model.safetensors", "vae.safetensors"):
+        assert os.stat(os.path.join(d, name)).st_mode & 0o777 == card_mode, name
 
 
 def test_transformers_loads_the_backbone_with_equal_logits(exported_run):
