@@ -164,7 +164,7 @@ class Run:
                 chunk + chunk[:1] * (rows - len(chunk)),
                 pad_id=self.pad_id,
                 decoder_start_id=self.prompt[0],
-                seq_len=max(longest, min(-(-longest // 8) * 8, self.max_length)),
+                seq_len=max(longest, min(data_lib.round_up(longest, 8), self.max_length)),
             )
             mean, logvar = self._encode_fn(params, batch["input_ids"], batch["attention_mask"])
             means.append(np.asarray(mean)[: len(chunk)])
